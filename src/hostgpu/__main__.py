@@ -1,0 +1,3 @@
+from hostgpu.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""The `hostgpu` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from hostgpu.cli import gateway, jobs, local, tokens, worker
+from hostgpu.cli.common import err
+from hostgpu.cli.doctor import doctor
+from hostgpu.errors import HostGPUError
+
+app = typer.Typer(
+    name="hostgpu",
+    help="Run accelerator work where the accelerator really is.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command(help="What accelerators this process can use, and why not the others.")(doctor)
+app.command("gateway", help="Run the gateway (HTTP API + job store).")(gateway.serve)
+app.add_typer(worker.app, name="worker")
+app.command("up")(local.up)
+app.command("demo")(local.demo)
+app.command("jobs")(jobs.list_jobs)
+app.command("job")(jobs.show_job)
+app.command("workers")(jobs.list_workers)
+app.command("cancel")(jobs.cancel)
+app.command("submit")(jobs.submit)
+app.command("prune")(jobs.prune)
+app.add_typer(tokens.app, name="token")
+
+try:  # the document pipeline's commands, when its module is present
+    from hostgpu.cli import pipeline
+
+    app.command("ingest")(pipeline.ingest)
+    app.command("search")(pipeline.search)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("HOSTGPU_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        app()
+    except HostGPUError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)

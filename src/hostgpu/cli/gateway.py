@@ -1,0 +1,57 @@
+"""`hostgpu gateway`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from hostgpu.cli.common import console
+from hostgpu.settings import get_settings
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (HOSTGPU_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (HOSTGPU_PORT)")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="sqlite:///PATH (default: HOSTGPU_HOME/hostgpu.db) or postgresql://…",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+) -> None:
+    """Run the gateway: the /v1 API, the job store, /metrics and the dashboard."""
+    from hostgpu.gateway import create_app
+    from hostgpu.gateway.bootstrap import ensure_admin_token
+
+    overrides = {
+        k: v
+        for k, v in {"host": host, "port": port, "database_url": database_url}.items()
+        if v is not None
+    }
+    settings = get_settings().model_copy(update=overrides)
+    app = create_app(settings)
+    written = ensure_admin_token(app.state.store, settings)
+    if written:
+        console.print(f"First start: an admin token was written to [bold]{written}[/bold] (0600).")
+    url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    if not settings.database_url:
+        settings.gateway_url_path.write_text(url + "\n")
+    console.print(f"gateway on {url}  store: {_safe(settings.resolved_database_url)}")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

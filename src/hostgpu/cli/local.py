@@ -1,0 +1,118 @@
+"""`hostgpu up` and `hostgpu demo`: the main job on one machine."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hostgpu.cli.common import console, err
+from hostgpu.settings import get_settings
+from hostgpu.stack.local import LocalStack, healthy
+
+
+def up(
+    port: Annotated[int | None, typer.Option(help="Gateway port (default 8765, or a free one)")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs the worker runs at once")] = 1,
+    imports: Annotated[
+        list[str], typer.Option("--import", help="Module with your functions (repeatable)")
+    ] = [],  # noqa: B006
+    uploads: Annotated[
+        Path | None,
+        typer.Option(help="Also run a copyparty upload server on this folder; uploads are ingested"),
+    ] = None,
+) -> None:
+    """Start a gateway and one native worker here (SQLite, embedded Chroma); Ctrl-C stops both."""
+    settings = get_settings()
+    stack = LocalStack(settings, port=port, concurrency=concurrency, imports=tuple(imports))
+    with ExitStack() as cleanup:
+        with console.status("starting gateway and worker…"):
+            stack.start()
+        cleanup.callback(stack.stop)
+        console.print(f"[green]gateway[/] {stack.url}   dashboard {stack.url}/")
+        console.print(f"admin token in {settings.home_dir / 'admin-token'}")
+        if uploads is not None:
+            from hostgpu.pipelines.uploads import UploadServer
+
+            server = UploadServer(uploads, gateway=stack.url, token=stack.admin_token(),
+                                  home=settings.home_dir)
+            server.start()
+            cleanup.callback(server.stop)
+            console.print(f"[green]uploads[/] {server.url}  (user {server.user}, password in "
+                          f"{server.password_path}) → ingested on upload")
+        console.print(f"logs in {stack.logs}/   Ctrl-C to stop")
+        try:
+            while stack.alive():
+                time.sleep(0.5)
+            err.print("[red]a process exited[/]; see the logs above")
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            console.print("stopping (Ctrl-C again to kill running jobs)…")
+            try:
+                stack.stop()
+            except KeyboardInterrupt:
+                stack.stop(cold=True, grace=5)
+
+
+def demo(
+    query: Annotated[str, typer.Option(help="Search to run after ingesting")] =
+        "Why can't a container on a Mac use the GPU?",
+) -> None:
+    """Run the main job: built-in jobs and the sample documents through a gateway and worker.
+
+    Uses the gateway that `hostgpu up` started, or starts one for the demo's duration.
+    """
+    import hostgpu
+    from hostgpu.builtin import matmul, whoami
+
+    settings = get_settings()
+    with ExitStack() as cleanup:
+        url = settings.resolved_gateway()
+        token = settings.resolved_token()
+        if not (healthy(url) and token):
+            stack = LocalStack(settings, port=None)
+            with console.status("starting a gateway and a worker for the demo…"):
+                stack.start()
+            cleanup.callback(stack.stop)
+            url, token = stack.url, stack.admin_token()
+        hostgpu.connect(url, token)
+        console.print(f"gateway {url}")
+        where = whoami.remote()
+        console.print(f"a worker on [bold]{where['host']}[/] runs jobs on [bold]{where['device']}[/]")
+        speed = matmul.remote(512)
+        if "gflops" in speed:
+            console.print(f"matmul 512×512 on {speed['device']}: {speed['gflops']:.1f} GFLOP/s")
+        _demo_documents(query)
+
+
+def _demo_documents(query: str) -> None:
+    try:
+        from hostgpu.pipelines.jobs import ingest_paths, run_search, sample_paths
+    except ImportError:
+        err.print("the document pipeline needs the ml extra: pip install 'hostgpu[ml]'")
+        raise typer.Exit(1) from None
+    paths = sample_paths()
+    started = time.perf_counter()
+    results = ingest_paths(paths, progress=True)
+    elapsed = time.perf_counter() - started
+    table = Table("file", "pages", "chunks", "device", "model load", "embed", "state")
+    pages = 0
+    for path, outcome in zip(paths, results, strict=True):
+        if isinstance(outcome, Exception):
+            table.add_row(path.name, "", "", "", "", "", f"[red]{outcome}[/]")
+            continue
+        pages += outcome["pages"]
+        t = outcome["timings"]
+        table.add_row(path.name, str(outcome["pages"]), str(outcome["chunks"]), outcome["device"],
+                      f"{t.get('load_model_s', 0):.2f}s", f"{t.get('embed_s', 0):.2f}s", "[green]ok[/]")
+    console.print(table)
+    console.print(f"ingested {pages} pages in {elapsed:.1f} s ({pages / elapsed:.1f} pages/s)")
+    hits = run_search(query, k=3)
+    console.print(f"\nsearch: [bold]{query}[/]")
+    for hit in hits:
+        console.print(f"  {hit['score']:.3f}  {Path(hit['file']).name} p.{hit['page']}: "
+                      f"{hit['snippet'][:120]!r}")

@@ -1,0 +1,101 @@
+"""`hostgpu worker` (run one) and `hostgpu worker install` (as a service)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hostgpu.cli.common import GatewayOpt, TokenOpt, console
+
+app = typer.Typer(help="Run a native worker, or install it as a service.")
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    labels = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"label {value!r} must look like key=value")
+        labels[key] = val
+    return labels
+
+
+@app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    gateway: GatewayOpt = None,
+    token: TokenOpt = None,
+    imports: Annotated[
+        list[str],
+        typer.Option("--import", help="Module whose functions this worker runs (repeatable)"),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Jobs at once")] = 1,
+    name: Annotated[str, typer.Option(help="Worker name (default: host-pid)")] = "",
+    label: Annotated[list[str], typer.Option(help="key=value label (repeatable)")] = [],  # noqa: B006
+    grace: Annotated[float, typer.Option(help="Seconds a warm stop waits for jobs")] = 30.0,
+) -> None:
+    """Probe the accelerators, register with the gateway and run matching jobs.
+
+    The first SIGTERM (or Ctrl-C) stops leasing and lets running jobs finish; the
+    second kills them and hands them back to the gateway.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from hostgpu.worker.agent import WorkerAgent, WorkerConfig
+
+    agent = WorkerAgent(
+        WorkerConfig(
+            gateway=gateway,
+            token=token,
+            modules=list(imports),
+            concurrency=concurrency,
+            name=name,
+            labels=_labels(label),
+            grace=grace,
+        )
+    )
+    agent.install_signal_handlers()
+    devices = ", ".join(f"{d.kind}:{d.name}" for d in agent.caps.devices)
+    console.print(f"worker {agent.caps.name}: devices {devices}; modules {', '.join(agent.caps.modules)}")
+    raise typer.Exit(agent.run())
+
+
+@app.command()
+def install(
+    gateway: GatewayOpt = None,
+    token: TokenOpt = None,
+    imports: Annotated[
+        list[str], typer.Option("--import", help="Module whose functions it runs (repeatable)")
+    ] = [],  # noqa: B006
+    concurrency: Annotated[int, typer.Option(min=1)] = 1,
+    platform: Annotated[
+        str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
+    ] = None,
+    print_only: Annotated[bool, typer.Option("--print", help="Print the file, write nothing")] = False,
+) -> None:
+    """Write a launchd agent (macOS) or systemd user unit (Linux) that runs this worker."""
+    import sys
+    from pathlib import Path
+
+    from hostgpu.settings import get_settings
+    from hostgpu.worker.service import service_file, write
+
+    settings = get_settings()
+    resolved_token = token or settings.resolved_token()
+    if not resolved_token:
+        raise typer.BadParameter("give --token (a worker token: hostgpu token create --scope worker)")
+    service = service_file(
+        platform or sys.platform,
+        gateway=gateway or settings.resolved_gateway(),
+        token=resolved_token,
+        modules=list(imports),
+        concurrency=concurrency,
+        home=Path.home(),
+        hostgpu_home=settings.home_dir,
+    )
+    if print_only:
+        console.print(service.content, markup=False, highlight=False)
+        return
+    write(service)
+    console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")

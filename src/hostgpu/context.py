@@ -1,0 +1,45 @@
+"""What a job can ask about the place it runs in (set by the worker's child process)."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+
+_device: ContextVar[str | None] = ContextVar("hostgpu_device", default=None)
+_job_id: ContextVar[str | None] = ContextVar("hostgpu_job_id", default=None)
+
+
+def device() -> str:
+    """The torch device string of the accelerator leased for the running job.
+
+    Outside a job (a plain local call) it is the best device this process can use,
+    as the accelerator probe sees it, or the ``DEVICE`` setting when set.
+    """
+    current = _device.get() or os.environ.get("HOSTGPU_JOB_DEVICE")
+    if current:
+        return current
+    forced = os.environ.get("DEVICE", "auto")
+    if forced != "auto":
+        return forced
+    from hostgpu.devices import best_device
+
+    return best_device().torch_device
+
+
+def job_id() -> str | None:
+    """The id of the running job, or None outside a job."""
+    return _job_id.get() or os.environ.get("HOSTGPU_JOB_ID")
+
+
+def set_job(job: str | None, device_str: str | None) -> None:
+    """Called by the worker's child before it runs a job."""
+    _job_id.set(job)
+    _device.set(device_str)
+    if device_str:
+        os.environ["HOSTGPU_JOB_DEVICE"] = device_str
+    else:
+        os.environ.pop("HOSTGPU_JOB_DEVICE", None)
+    if job:
+        os.environ["HOSTGPU_JOB_ID"] = job
+    else:
+        os.environ.pop("HOSTGPU_JOB_ID", None)

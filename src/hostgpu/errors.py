@@ -1,0 +1,122 @@
+"""The hostgpu exception tree.
+
+Every exception hostgpu raises on purpose derives from :class:`HostGPUError`::
+
+    HostGPUError
+    ├── ConfigError            settings or local state are missing or wrong
+    ├── StoreError             the job store refused or failed an operation
+    │   ├── NotFound           no such job / worker / token
+    │   ├── LeaseLost          a stale lease token (fenced completion)
+    │   ├── InvalidTransition  the job is not in a state that allows this
+    │   └── DuplicateKey       an idempotency key or name already exists
+    ├── GatewayError           the gateway answered with an error
+    │   ├── AuthError          missing, bad or revoked token; wrong scope
+    │   └── GatewayUnavailable the gateway cannot be reached
+    ├── JobError               a job ended without a result
+    │   ├── JobFailed          the function raised, crashed or timed out remotely
+    │   ├── JobCancelled       somebody cancelled it
+    │   └── JobTimeout         the caller stopped waiting for it
+    ├── DeviceUnavailable      the requested accelerator is not usable here
+    └── PipelineError          a pipeline input was refused (bad file, unsupported type)
+
+Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HostGPUError(Exception):
+    """hostgpu failed."""
+
+    def __init__(self, message: str | None = None, **context: Any) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        self.context = context
+        super().__init__(self.message)
+
+
+class ConfigError(HostGPUError):
+    """hostgpu is not configured for this."""
+
+
+class StoreError(HostGPUError):
+    """The job store failed."""
+
+
+class NotFound(StoreError):
+    """No such object."""
+
+
+class LeaseLost(StoreError):
+    """The lease is no longer held: the job was leased again, cancelled or finished."""
+
+
+class InvalidTransition(StoreError):
+    """The job's state does not allow this."""
+
+
+class DuplicateKey(StoreError):
+    """An object with this key already exists."""
+
+
+class GatewayError(HostGPUError):
+    """The gateway answered with an error."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None, **context: Any):
+        super().__init__(message, **context)
+        self.status = status
+
+
+class AuthError(GatewayError):
+    """The gateway refused the token: check HOSTGPU_TOKEN or create one with `hostgpu token create`."""
+
+
+class GatewayUnavailable(GatewayError):
+    """The gateway cannot be reached: is `hostgpu up` or `hostgpu gateway` running?"""
+
+
+class JobError(HostGPUError):
+    """The job ended without a result."""
+
+    def __init__(self, message: str | None = None, *, job_id: str | None = None, **context: Any):
+        super().__init__(message, **context)
+        self.job_id = job_id
+
+
+class JobFailed(JobError):
+    """The job failed on the worker."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        job_id: str | None = None,
+        error_type: str | None = None,
+        remote_traceback: str | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, job_id=job_id, **context)
+        self.error_type = error_type
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        if self.remote_traceback:
+            return f"{self.message}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+        return self.message
+
+
+class JobCancelled(JobError):
+    """The job was cancelled."""
+
+
+class JobTimeout(JobError):
+    """Gave up waiting for the job's result; the job itself may still finish."""
+
+
+class DeviceUnavailable(HostGPUError):
+    """The requested accelerator is not usable in this process: run `hostgpu doctor`."""
+
+
+class PipelineError(HostGPUError):
+    """The pipeline refused its input."""

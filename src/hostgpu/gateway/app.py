@@ -1,0 +1,167 @@
+"""The gateway application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from anyio import to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import hostgpu
+from hostgpu.errors import (
+    DuplicateKey,
+    HostGPUError,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+)
+from hostgpu.gateway.deps import AdminToken
+from hostgpu.gateway.limits import BodyLimitMiddleware
+from hostgpu.gateway.metrics import Metrics
+from hostgpu.gateway.notify import Notifier
+from hostgpu.gateway.routes import admin, jobs, tokens, workers
+from hostgpu.gateway.waiting import WaitingExplainer
+from hostgpu.settings import Settings, get_settings
+from hostgpu.store import Store, open_store
+
+log = logging.getLogger("hostgpu.gateway")
+DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
+#: Routes anyone may call: a liveness probe and the dashboard's static shell (it holds
+#: no data; its script asks the API with the user's token).
+PUBLIC_PATHS = frozenset({"/healthz", "/"})
+
+
+class MetricsMiddleware:
+    """Count and time requests by route template (pure ASGI: cheap on the hot path)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+async def _housekeeping(store: Store, interval: float) -> None:
+    """Take back expired leases; every gateway runs this, the store makes it safe."""
+    while True:
+        try:
+            count = await to_thread.run_sync(store.requeue_expired)
+            if count:
+                log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
+        except Exception:  # keep the loop alive through a database blip
+            log.exception("requeue of expired leases failed; retrying")
+        await asyncio.sleep(interval)
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    store = store or open_store(
+        settings.resolved_database_url,
+        fallback_grace_s=settings.fallback_grace_seconds,
+        worker_ttl_s=settings.worker_ttl_seconds,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_housekeeping(store, min(1.0, settings.lease_seconds / 4)))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        title="hostgpu gateway",
+        version=hostgpu.__version__,
+        description="Routes jobs to workers that really have the accelerator they need.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.notifier = Notifier()
+    app.state.worker_caps = {}
+    app.state.waiting = WaitingExplainer(store)
+    metrics = Metrics(store)
+    app.state.metrics = metrics
+
+    for router in (jobs.router, workers.router, tokens.router, admin.router):
+        app.include_router(router)
+
+    _install_error_handlers(app)
+
+    @app.get("/healthz", tags=["system"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness and store reachability (no token needed)."""
+        await to_thread.run_sync(store.count_by_state)
+        return {"status": "ok", "version": hostgpu.__version__}
+
+    @app.get("/metrics", tags=["system"], response_class=Response)
+    async def prometheus(_: AdminToken) -> Response:
+        """Prometheus metrics (scope: admin)."""
+        body = await to_thread.run_sync(generate_latest, metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", tags=["system"], response_class=HTMLResponse, include_in_schema=True)
+    async def dashboard() -> HTMLResponse:
+        """The dashboard page (it asks the API with the token you give it)."""
+        return HTMLResponse(DASHBOARD.read_text())
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    statuses: list[tuple[type[HostGPUError], int]] = [
+        (NotFound, 404),
+        (InvalidTransition, 409),
+        (LeaseLost, 409),
+        (DuplicateKey, 409),
+        (HostGPUError, 400),
+    ]
+    for exc_type, status in statuses:
+
+        async def handler(_: Request, exc: Exception, status: int = status) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+
+        app.add_exception_handler(exc_type, handler)
+
+    async def validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+        return JSONResponse({"detail": f"invalid request: {summary}", "errors": errors}, 422)
+
+    app.add_exception_handler(RequestValidationError, validation)

@@ -1,0 +1,16 @@
+"""Housekeeping (scope: admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from hostgpu.gateway.deps import AdminToken, StoreDep, run
+from hostgpu.gateway.schemas import Pruned, PruneRequest
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+@router.post("/prune", response_model=Pruned)
+async def prune(body: PruneRequest, store: StoreDep, _: AdminToken) -> Pruned:
+    """Delete finished jobs older than ``older_than_s`` seconds."""
+    return Pruned(deleted=await run(store.prune, body.older_than_s))

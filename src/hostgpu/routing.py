@@ -1,0 +1,108 @@
+"""Which device of which worker may run a job: the one rule, used everywhere.
+
+The store turns the same rule into SQL (see ``store/sql.py``) so that leasing
+never hands out a job the worker cannot run; this module is the Python form, used
+to pick the device for a lease and to explain why a queued job is waiting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+
+from hostgpu.capabilities import Capabilities, Device
+from hostgpu.jobs import Requirements
+
+GIB = 1024**3
+MAX_WORKER_LABELS = 8
+
+#: For each device kind, the requirement kinds it satisfies. Every worker has a CPU,
+#: so "cpu" and "any" jobs run anywhere; "gpu" means any accelerator.
+SATISFIES: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "gpu", "any"),
+    "mps": ("mps", "gpu", "any"),
+    "mlx": ("mlx", "gpu", "any"),
+    "cpu": ("cpu", "any"),
+}
+
+
+def device_satisfies(device: Device, req: Requirements) -> bool:
+    if req.kind not in SATISFIES[device.kind]:
+        return False
+    if req.name and req.name not in device.name.lower():
+        return False
+    if req.min_memory_gb:
+        if device.memory_bytes is None or device.memory_bytes < req.min_memory_gb * GIB:
+            return False
+    return True
+
+
+def labels_match(job_labels: dict[str, str], worker_labels: dict[str, str]) -> bool:
+    return all(worker_labels.get(k) == v for k, v in job_labels.items())
+
+
+def canonical_labels(labels: dict[str, str]) -> str | None:
+    """The stored form of a job's labels: sorted JSON, or None when there are none."""
+    return json.dumps(dict(sorted(labels.items())), separators=(",", ":")) if labels else None
+
+
+def label_subsets(labels: dict[str, str]) -> list[str]:
+    """Every canonical label set a worker with ``labels`` satisfies (for an SQL ``IN``)."""
+    items = sorted(labels.items())[:MAX_WORKER_LABELS]
+    subsets = []
+    for size in range(1, len(items) + 1):
+        for combo in itertools.combinations(items, size):
+            subsets.append(json.dumps(dict(combo), separators=(",", ":")))
+    return subsets
+
+
+def module_allowed(function: str, modules: Iterable[str]) -> bool:
+    return function.partition(":")[0] in set(modules)
+
+
+def pick_device(
+    req: Requirements, caps: Capabilities, *, fallback_open: bool = False
+) -> tuple[Device, bool] | None:
+    """The device to run on and whether that is the explicit CPU fallback.
+
+    Accelerators are preferred in the order the probe listed them; a job that asks
+    for "any" runs on an accelerator when there is one.
+    """
+    if not labels_match(req.labels, caps.labels):
+        return None
+    for device in caps.devices:
+        if device_satisfies(device, req):
+            return device, False
+    if fallback_open:
+        cpu = next((d for d in caps.devices if d.kind == "cpu"), None)
+        if cpu is not None:
+            return cpu, True
+    return None
+
+
+def waiting_reason(
+    req: Requirements,
+    function: str,
+    workers: Sequence[Capabilities],
+    *,
+    fallback: str | None = None,
+) -> str | None:
+    """Why a queued job is not running, in words, or None when some worker fits."""
+    if not workers:
+        reason = "waiting: no worker is connected"
+    else:
+        fitting = [w for w in workers if pick_device(req, w) is not None]
+        if fitting and any(module_allowed(function, w.modules) for w in fitting):
+            return None
+        if fitting:
+            module = function.partition(":")[0]
+            reason = (
+                f"waiting: no worker with {req.describe()} imports {module} "
+                f"(start one with `hostgpu worker --import {module}`)"
+            )
+        else:
+            reason = f"waiting: no worker with {req.describe()}"
+    if fallback == "cpu":
+        reason += " (may fall back to cpu after the grace period)"
+    return reason

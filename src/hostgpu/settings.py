@@ -1,0 +1,115 @@
+"""Settings from the environment (and flags, which the CLI passes as overrides).
+
+The names people already use in hand-made hybrid setups are honoured without a
+prefix (``DEVICE``, ``MODEL_NAME``, ``CHROMA_HOST``…); hostgpu's own settings use
+the ``HOSTGPU_`` prefix.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 8765
+
+
+def _alias(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOSTGPU_", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(default=Path("~/.hostgpu"), validation_alias=_alias("HOSTGPU_HOME"))
+    gateway: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_GATEWAY"))
+    token: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_TOKEN"))
+    database_url: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_DATABASE_URL"))
+    host: str = Field(default="127.0.0.1", validation_alias=_alias("HOSTGPU_HOST"))
+    port: int = Field(default=DEFAULT_PORT, validation_alias=_alias("HOSTGPU_PORT"))
+
+    # Job store / gateway limits.
+    lease_seconds: float = Field(default=30.0, validation_alias=_alias("HOSTGPU_LEASE_SECONDS"))
+    worker_ttl_seconds: float = Field(
+        default=30.0, validation_alias=_alias("HOSTGPU_WORKER_TTL_SECONDS")
+    )
+    fallback_grace_seconds: float = Field(
+        default=30.0, validation_alias=_alias("HOSTGPU_FALLBACK_GRACE_SECONDS")
+    )
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_BODY_BYTES")
+    )
+    max_result_bytes: int = Field(
+        default=8 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_RESULT_BYTES")
+    )
+    poll_interval: float = Field(default=0.05, validation_alias=_alias("HOSTGPU_POLL_INTERVAL"))
+
+    # Names shared with hand-made setups.
+    device: Literal["auto", "mps", "cuda", "cpu"] = Field(
+        default="auto", validation_alias=_alias("DEVICE", "HOSTGPU_DEVICE")
+    )
+    model_name: str | None = Field(default=None, validation_alias=_alias("MODEL_NAME"))
+    text_model: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_TEXT_MODEL"))
+    model_precision: Literal["fp16", "fp32"] = Field(
+        default="fp32", validation_alias=_alias("MODEL_PRECISION")
+    )
+    chroma_host: str | None = Field(default=None, validation_alias=_alias("CHROMA_HOST"))
+    chroma_port: int = Field(default=8000, validation_alias=_alias("CHROMA_PORT"))
+    chroma_collection: str = Field(
+        default="hostgpu", validation_alias=_alias("HOSTGPU_CHROMA_COLLECTION")
+    )
+    batch_size_text: int = Field(default=32, validation_alias=_alias("BATCH_SIZE_TEXT"))
+    batch_size_visual: int = Field(default=4, validation_alias=_alias("BATCH_SIZE_VISUAL"))
+    worker_port: int | None = Field(default=None, validation_alias=_alias("WORKER_PORT"))
+    render_dpi: int = Field(default=100, validation_alias=_alias("HOSTGPU_RENDER_DPI"))
+
+    @property
+    def home_dir(self) -> Path:
+        path = self.home.expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'hostgpu.db'}"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.home_dir / "admin-token"
+
+    @property
+    def gateway_url_path(self) -> Path:
+        return self.home_dir / "gateway-url"
+
+    def resolved_gateway(self) -> str:
+        """The gateway URL: the setting, else what the last local gateway wrote down."""
+        if self.gateway:
+            return self.gateway.rstrip("/")
+        path = self.home.expanduser() / "gateway-url"
+        if path.exists():
+            return path.read_text().strip().rstrip("/")
+        return f"http://127.0.0.1:{DEFAULT_PORT}"
+
+    def resolved_token(self) -> str | None:
+        """The API token: the setting, else the admin token a local gateway created."""
+        if self.token:
+            return self.token
+        path = self.home.expanduser() / "admin-token"
+        if path.exists():
+            return path.read_text().strip()
+        return None
+
+
+@lru_cache(maxsize=1)
+def _cached(env_key: str) -> Settings:
+    return Settings()
+
+
+def get_settings() -> Settings:
+    """Settings for the current environment (re-read when HOSTGPU_* variables change)."""
+    key = "\0".join(f"{k}={v}" for k, v in sorted(os.environ.items()))
+    return _cached(key)

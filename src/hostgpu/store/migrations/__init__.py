@@ -1,0 +1,1 @@
+"""Alembic migrations for the job store (run automatically when a store opens)."""

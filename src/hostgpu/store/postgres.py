@@ -1,0 +1,37 @@
+"""PostgreSQL backend (psycopg 3): several gateways share one queue with SKIP LOCKED."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select, create_engine, text
+from sqlalchemy.engine import make_url
+
+from hostgpu.store.sql import SQLStore
+
+# Any constant shared by every hostgpu gateway: it names the advisory lock that
+# serialises schema migrations when several gateways start at once.
+MIGRATION_LOCK_ID = 0x686F73747067
+
+
+def normalise_url(url: str) -> str:
+    """postgresql://… and postgres://… both mean psycopg 3."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1))
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+class PostgresStore(SQLStore):
+    def _create_engine(self, url: str) -> Engine:
+        return create_engine(
+            normalise_url(url), pool_size=16, max_overflow=16, pool_pre_ping=True
+        )
+
+    def _lock(self, query: Select[Any]) -> Select[Any]:
+        # Concurrent lessees skip rows another transaction holds instead of waiting:
+        # no job is leased twice, and no gateway blocks on another.
+        return query.with_for_update(skip_locked=True)
+
+    def _migration_lock(self, conn: Connection) -> None:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})

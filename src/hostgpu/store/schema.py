@@ -1,0 +1,103 @@
+"""Table definitions (SQLAlchemy Core). Alembic migrations create them; see migrations/."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData()
+
+# Times are UNIX seconds (float): portable across both backends and cheap to compare.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("function", String(300), nullable=False),
+    Column("module", String(300), nullable=False),
+    Column("payload", Text),
+    Column("serializer", String(16), nullable=False, server_default="json"),
+    Column("gpu_kind", String(16), nullable=False),
+    Column("gpu_name", String(100)),
+    Column("min_memory_gb", Float),
+    Column("labels", Text),
+    Column("fallback", String(16)),
+    Column("fallback_at", Float),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("timeout_s", Float, nullable=False),
+    Column("max_retries", Integer, nullable=False),
+    Column("idempotency_key", String(200), unique=True),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", Float),
+    Column("worker_id", String(32)),
+    Column("device", String(100)),
+    Column("fallback_used", Boolean, nullable=False, server_default=text("false")),
+    Column("result", Text),
+    Column("error", Text),
+    Column("timings", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("run_after", Float, nullable=False),
+    Column("finished_at", Float),
+)
+
+# The lease query reads queued jobs in priority order; a partial index keeps that
+# lookup proportional to the queued jobs, not the whole history.
+Index(
+    "ix_jobs_queue",
+    jobs.c.priority.desc(),
+    jobs.c.run_after,
+    jobs.c.created_at,
+    sqlite_where=jobs.c.state == "queued",
+    postgresql_where=jobs.c.state == "queued",
+)
+Index("ix_jobs_state_expiry", jobs.c.state, jobs.c.lease_expires_at)
+Index("ix_jobs_finished", jobs.c.finished_at)
+Index("ix_jobs_created", jobs.c.created_at)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("worker_id", String(32)),
+    Column("device", String(100)),
+    Column("lease_token", String(32)),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("outcome", String(32)),
+    Column("error", Text),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("capabilities", Text, nullable=False),
+    Column("registered_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("scope", String(16), nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+)

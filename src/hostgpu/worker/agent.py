@@ -1,0 +1,363 @@
+"""The native worker's control loop: register, lease, run, heartbeat, report, stop.
+
+Threads:
+- the caller's thread runs :meth:`WorkerAgent.run`: it leases (long-polling) whenever
+  the child pool has room, and handles stopping;
+- a reporter sends outcomes in batches as soon as they exist (one request carries
+  every result that finished while the previous request was in flight);
+- a heartbeat thread extends leases, marks long jobs as running, and kills jobs the
+  gateway says are lost (cancelled, or leased again elsewhere).
+Each thread has its own HTTP client, so a long poll never delays a heartbeat.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TypeVar
+
+from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
+
+import hostgpu
+from hostgpu.capabilities import Capabilities, Device
+from hostgpu.client import Client
+from hostgpu.errors import GatewayUnavailable, NotFound
+from hostgpu.jobs import Lease, Outcome
+from hostgpu.worker.runner import ChildPool, Task, TaskResult
+
+log = logging.getLogger("hostgpu.worker")
+T = TypeVar("T")
+
+#: Built-in pipelines a worker offers when their dependencies are installed.
+BUILTIN_MODULES: dict[str, str] = {
+    "hostgpu.pipelines.ingest": "sentence_transformers",
+    "hostgpu.builtin": "",
+}
+
+
+def builtin_modules() -> list[str]:
+    return [
+        module
+        for module, needs in BUILTIN_MODULES.items()
+        if not needs or importlib.util.find_spec(needs) is not None
+    ]
+
+
+def check_modules(modules: Sequence[str]) -> None:
+    """Fail fast, in the parent and without importing, on a module that is not there."""
+    from hostgpu.errors import ConfigError
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise ConfigError(
+                f"cannot find module {module!r} to import on this worker: check the name "
+                "and that it is installed or on PYTHONPATH"
+            )
+
+
+@dataclass
+class WorkerConfig:
+    gateway: str | None = None
+    token: str | None = None
+    modules: list[str] = field(default_factory=list)
+    concurrency: int = 1
+    name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    devices: list[Device] | None = None
+    lease_wait: float = 5.0
+    grace: float = 30.0
+    started_after: float = 0.25
+
+
+class WorkerAgent:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        check_modules(config.modules)
+        if config.devices is None:
+            from hostgpu.devices import usable_devices
+
+            config.devices = usable_devices()
+        self.caps = Capabilities(
+            name=config.name or f"{socket.gethostname()}-{os.getpid()}",
+            hostname=socket.gethostname(),
+            devices=config.devices,
+            labels=config.labels,
+            modules=sorted({*config.modules, *builtin_modules()}),
+            concurrency=config.concurrency,
+            version=hostgpu.__version__,
+        )
+        self.worker_id: str | None = None
+        self.heartbeat_seconds = 10.0
+        self._stop = threading.Event()
+        self._cold = threading.Event()
+        self._finished = threading.Event()
+        self._room = threading.Condition()
+        self._outbox: queue.Queue[Outcome | None] = queue.Queue()
+        self._leases: dict[str, tuple[Lease, float]] = {}
+        self._started: set[str] = set()
+        self._lock = threading.Lock()
+        self.pool = ChildPool(
+            config.concurrency, self._on_result, preload=tuple(config.modules)
+        )
+        self.completed = 0
+
+    # -- gateway calls, retried while the gateway is away ------------------------------------
+    def _client(self) -> Client:
+        return Client(self.config.gateway, self.config.token, timeout=30.0)
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        retry = Retrying(
+            retry=retry_if_exception_type(GatewayUnavailable),
+            wait=wait_exponential(multiplier=0.2, max=5.0),
+            stop=stop_never,
+            before_sleep=lambda state: log.warning(
+                "gateway unreachable (%s); retrying", state.outcome and state.outcome.exception()
+            ),
+            reraise=True,
+        )
+        for attempt in retry:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1 and self._cold.is_set():
+                    raise GatewayUnavailable("worker is stopping cold; not retrying")
+                return call()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def register(self, client: Client) -> None:
+        reply = self._retrying(lambda: client.register(self.caps, self.worker_id))
+        self.worker_id = reply["worker_id"]
+        self.heartbeat_seconds = float(reply["heartbeat_seconds"])
+        log.info(
+            "registered as %s with %s", self.worker_id,
+            ", ".join(f"{d.kind}:{d.name}" for d in self.caps.devices),
+        )
+
+    # -- results -------------------------------------------------------------------------------
+    def _on_result(self, result: TaskResult) -> None:
+        with self._lock:
+            self._leases.pop(result.job_id, None)
+            self._started.discard(result.job_id)
+        self._outbox.put(
+            Outcome(
+                job_id=result.job_id,
+                lease_token=result.lease_token,
+                status="succeeded" if result.status == "succeeded" else "failed",
+                result=result.result,
+                error=result.error,
+                retryable=result.retryable,
+                device=result.device or None,
+                timings=result.timings or None,
+            )
+        )
+        with self._room:
+            self._room.notify_all()
+
+    def _reporter(self) -> None:
+        client = self._client()
+        try:
+            while True:
+                first = self._outbox.get()
+                if first is None:
+                    return
+                batch = [first]
+                done = False
+                while len(batch) < 1000:
+                    try:
+                        item = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        done = True
+                        break
+                    batch.append(item)
+                self._send(client, batch)
+                if done:
+                    return
+        finally:
+            client.close()
+
+    def _send(self, client: Client, batch: list[Outcome]) -> None:
+        try:
+            replies = self._retrying(lambda: client.report(self._require_id(), batch))
+        except NotFound:
+            self.register(client)
+            replies = self._retrying(lambda: client.report(self._require_id(), batch))
+        except GatewayUnavailable:
+            log.error("dropping %d outcome(s): stopping while the gateway is away", len(batch))
+            return
+        for reply in replies:
+            if not reply["accepted"] and reply.get("reason"):
+                log.info("job %s: outcome refused (%s)", reply["job_id"], reply["reason"])
+        self.completed += sum(1 for o in batch if o.status in ("succeeded", "failed"))
+
+    def _require_id(self) -> str:
+        assert self.worker_id is not None
+        return self.worker_id
+
+    # -- heartbeats ----------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        client = self._client()
+        next_beat = 0.0
+        tick = min(self.config.started_after, self.heartbeat_seconds)
+        try:
+            while not self._finished.is_set():
+                now = time.monotonic()
+                self._mark_started(now)
+                if now >= next_beat:
+                    self._beat(client)
+                    next_beat = now + self.heartbeat_seconds
+                self._finished.wait(tick)
+        finally:
+            client.close()
+
+    def _mark_started(self, now: float) -> None:
+        # Short jobs finish before anyone looks; only jobs still running after
+        # `started_after` cost a write to say so.
+        with self._lock:
+            fresh = [
+                lease
+                for job_id, (lease, at) in self._leases.items()
+                if job_id not in self._started and now - at >= self.config.started_after
+            ]
+            self._started.update(lease.job_id for lease in fresh)
+        for lease in fresh:
+            self._outbox.put(
+                Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="started")
+            )
+
+    def _beat(self, client: Client) -> None:
+        with self._lock:
+            held = [(lease.job_id, lease.lease_token) for lease, _ in self._leases.values()]
+        try:
+            lost = client.heartbeat(self._require_id(), held)
+        except NotFound:
+            log.warning("the gateway does not know this worker (restarted?); registering again")
+            self.register(client)
+            return
+        except GatewayUnavailable as exc:
+            log.warning("heartbeat failed: %s", exc)
+            return
+        for job_id in lost:
+            log.warning("job %s is no longer ours (cancelled or re-leased); stopping it", job_id)
+            self.pool.cancel(job_id)
+
+    # -- the lease loop ------------------------------------------------------------------------
+    def _capacity(self) -> int:
+        # Keep up to one extra job per child queued, so a child never waits for a lease.
+        return self.config.concurrency + self.pool.free_slots()
+
+    def _lease_loop(self, client: Client) -> None:
+        while not self._stop.is_set():
+            room = self._capacity()
+            if room <= 0:
+                with self._room:
+                    self._room.wait_for(
+                        lambda: self._capacity() > 0 or self._stop.is_set(), timeout=1.0
+                    )
+                continue
+            wait = self.config.lease_wait if not self.pool.running() else 0.5
+            try:
+                leases = self._retrying(
+                    lambda: client.lease(self._require_id(), max_jobs=room, wait=wait)
+                )
+            except NotFound:
+                self.register(client)
+                continue
+            except GatewayUnavailable:
+                return
+            for lease in leases:
+                if self._stop.is_set():
+                    self._release([lease])
+                    continue
+                with self._lock:
+                    self._leases[lease.job_id] = (lease, time.monotonic())
+                self.pool.submit(
+                    Task(
+                        job_id=lease.job_id,
+                        lease_token=lease.lease_token,
+                        function=lease.function,
+                        payload=lease.payload,
+                        serializer=lease.serializer,
+                        timeout_s=lease.timeout_s,
+                        device=lease.device.torch_device,
+                    )
+                )
+
+    def _release(self, leases: Sequence[Lease | Task]) -> None:
+        for lease in leases:
+            with self._lock:
+                self._leases.pop(lease.job_id, None)
+            self._outbox.put(
+                Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="released")
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def request_stop(self, *_: Any) -> None:
+        """First call: warm stop (finish running jobs). Second: cold stop (kill them)."""
+        if self._stop.is_set():
+            log.warning("second stop request: killing running jobs and handing them back")
+            self._cold.set()
+        else:
+            log.warning("stopping: no new jobs; finishing running ones (again to kill them)")
+            self._stop.set()
+        with self._room:
+            self._room.notify_all()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, on_ready: Callable[[WorkerAgent], None] | None = None) -> int:
+        client = self._client()
+        self.pool.start()
+        self.register(client)
+        reporter = threading.Thread(target=self._reporter, name="hostgpu-reporter", daemon=True)
+        beater = threading.Thread(
+            target=self._heartbeat_loop, name="hostgpu-heartbeat", daemon=True
+        )
+        reporter.start()
+        beater.start()
+        if on_ready:
+            on_ready(self)
+        try:
+            self._lease_loop(client)
+        finally:
+            self._shutdown(client, reporter, beater)
+        return 0
+
+    def _shutdown(self, client: Client, reporter: threading.Thread, beater: threading.Thread) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + self.config.grace
+        while not self._cold.is_set() and time.monotonic() < deadline:
+            if self.pool.wait_idle(0.2):
+                break
+        unfinished = self.pool.stop(cold=True, grace=0)
+        if unfinished:
+            log.warning("handing back %d unfinished job(s)", len(unfinished))
+            self._release(unfinished)
+        self._finished.set()
+        self._outbox.put(None)
+        reporter.join(timeout=30)
+        beater.join(timeout=5)
+        try:
+            if self.worker_id:
+                client.deregister(self.worker_id)
+        except Exception as exc:  # the gateway may be gone; it will expire us
+            log.info("could not deregister: %s", exc)
+        client.close()
+        log.info("worker stopped after %d job(s)", self.completed)

@@ -1,0 +1,174 @@
+"""The HTTP API against a real gateway process: auth, scopes and bad input (never a 500)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway
+
+PUBLIC = {("GET", "/healthz"), ("GET", "/")}
+# Which scopes each route admits besides admin. A new route must be added here, so a
+# route without auth (or with the wrong scope) fails this test.
+SCOPES = {
+    ("POST", "/v1/jobs"): {"submit"},
+    ("GET", "/v1/jobs"): {"submit"},
+    ("POST", "/v1/jobs/batch"): {"submit"},
+    ("GET", "/v1/jobs/summary"): {"submit"},
+    ("POST", "/v1/jobs/wait"): {"submit"},
+    ("GET", "/v1/jobs/{job_id}"): {"submit"},
+    ("POST", "/v1/jobs/{job_id}/cancel"): {"submit"},
+    ("POST", "/v1/workers"): {"worker"},
+    ("GET", "/v1/workers"): {"submit", "worker"},
+    ("POST", "/v1/workers/{worker_id}/lease"): {"worker"},
+    ("POST", "/v1/workers/{worker_id}/heartbeat"): {"worker"},
+    ("POST", "/v1/workers/{worker_id}/report"): {"worker"},
+    ("DELETE", "/v1/workers/{worker_id}"): {"worker"},
+    ("POST", "/v1/tokens"): set(),
+    ("GET", "/v1/tokens"): set(),
+    ("DELETE", "/v1/tokens/{token_id}"): set(),
+    ("POST", "/v1/admin/prune"): set(),
+    ("GET", "/metrics"): set(),
+    ("POST", "/v1/hooks/upload"): {"submit"},
+}
+
+
+def routes(gateway: Gateway) -> list[tuple[str, str]]:
+    schema = httpx.get(f"{gateway.url}/openapi.json").json()
+    return sorted(
+        (method.upper(), path)
+        for path, item in schema["paths"].items()
+        for method in item
+    )
+
+
+def tokens(gateway: Gateway) -> dict[str, str]:
+    with gateway.client() as api:
+        return {
+            "admin": gateway.token,
+            "submit": api.create_token("t-submit", "submit")["token"],
+            "worker": api.create_token("t-worker", "worker")["token"],
+        }
+
+
+def call(gateway: Gateway, method: str, path: str, token: str | None) -> httpx.Response:
+    concrete = re.sub(r"\{[^}]+\}", "x" * 8, path)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {} if method in ("POST", "PUT", "PATCH") else None
+    return httpx.request(method, f"{gateway.url}{concrete}", headers=headers, json=body,
+                         timeout=30)
+
+
+def test_every_route_is_known_and_needs_the_right_scope(gateway: Gateway) -> None:
+    found = routes(gateway)
+    unknown = [r for r in found if r not in SCOPES and r not in PUBLIC]
+    assert not unknown, f"routes without an entry in SCOPES (add auth and a row): {unknown}"
+    keys = tokens(gateway)
+    for method, path in found:
+        if (method, path) in PUBLIC:
+            assert call(gateway, method, path, None).status_code == 200
+            continue
+        assert call(gateway, method, path, None).status_code == 401, (method, path)
+        assert call(gateway, method, path, "hg_not_a_token").status_code == 401, (method, path)
+        for scope in ("submit", "worker"):
+            status = call(gateway, method, path, keys[scope]).status_code
+            if scope in SCOPES[(method, path)]:
+                assert status != 403 and status < 500, (method, path, scope, status)
+            else:
+                assert status == 403, (method, path, scope, status)
+        assert call(gateway, method, path, keys["admin"]).status_code not in (401, 403, 500)
+
+
+def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
+    gateway: Gateway,
+) -> None:
+    keys = tokens(gateway)
+    with gateway.http(keys["worker"]) as worker_http:
+        r = worker_http.post("/v1/jobs", json={"function": "m:f"})
+        assert r.status_code == 403 and "submit" in r.json()["detail"]
+    with gateway.http(keys["submit"]) as submit_http:
+        job = submit_http.post("/v1/jobs", json={"function": "m:f"}).json()
+        assert submit_http.post("/v1/workers/x/lease", json={}).status_code == 403
+    with gateway.http(keys["worker"]) as worker_http:
+        assert worker_http.get(f"/v1/jobs/{job['id']}").status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "needle"),
+    [
+        ("POST", "/v1/jobs", {"content": b"{not json"}, 422, "invalid request"),
+        ("POST", "/v1/jobs", {"json": {"function": "no-colon"}}, 422, "module:qualname"[:0]),
+        ("POST", "/v1/jobs", {"json": {"function": "m:f", "bogus": 1}}, 422, "bogus"),
+        ("POST", "/v1/jobs", {"json": {"function": "m:f", "requirements": {"gpu": "tpu"}}},
+         422, "gpu must be"),
+        ("POST", "/v1/jobs", {"json": {"function": "m:f", "timeout_s": -1}}, 422, "timeout_s"),
+        ("POST", "/v1/jobs", {"json": [1, 2]}, 422, "invalid request"),
+        ("POST", "/v1/jobs/batch", {"json": {"jobs": []}}, 422, "jobs"),
+        ("GET", "/v1/jobs/does-not-exist", {}, 404, "no job"),
+        ("POST", "/v1/jobs/does-not-exist/cancel", {}, 404, "no job"),
+        ("GET", "/v1/jobs?state=exploded", {}, 422, "state"),
+        ("GET", "/v1/jobs?limit=0", {}, 422, "limit"),
+        ("POST", "/v1/workers/nobody/lease", {"json": {"max_jobs": 1}}, 404, "no worker"),
+        ("POST", "/v1/workers/nobody/heartbeat", {"json": {}}, 404, "no worker"),
+        ("POST", "/v1/jobs/wait", {"json": {"ids": ["a"], "timeout": 999}}, 422, "timeout"),
+        ("DELETE", "/v1/tokens/nope", {}, 404, "no token"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_reason(
+    gateway: Gateway, method: str, path: str, kwargs: dict, status: int, needle: str
+) -> None:
+    with gateway.http() as http:
+        reply = http.request(method, path, **kwargs)
+    assert reply.status_code == status, reply.text
+    assert needle.lower() in reply.json()["detail"].lower()
+
+
+def test_oversized_body_is_413_with_the_limit(home, gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw = Gateway(home, f"sqlite:///{home / 'db.sqlite'}",
+                 env_extra={"HOSTGPU_MAX_BODY_BYTES": "10000"}).start()
+    gateway_factory.append(gw)
+    with gw.http() as http:
+        reply = http.post("/v1/jobs", json={"function": "m:f", "payload": "x" * 20000})
+        assert reply.status_code == 413
+        assert "10000" in reply.json()["detail"]
+
+        def chunks():  # no Content-Length: the limit still holds while streaming
+            for _ in range(20):
+                yield b"x" * 1000
+
+        streamed = http.post("/v1/jobs", content=chunks(),
+                             headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+        assert http.post("/v1/jobs", json={"function": "m:f"}).status_code == 201
+
+
+def test_revoked_token_stops_working_at_once(gateway: Gateway) -> None:
+    with gateway.client() as api:
+        created = api.create_token("short-lived", "submit")
+        with gateway.http(created["token"]) as http:
+            assert http.get("/v1/jobs").status_code == 200
+            api.revoke_token(created["id"])
+            assert http.get("/v1/jobs").status_code == 401
+        listed = {t["id"]: t for t in api.list_tokens()}
+        assert listed[created["id"]]["revoked_at"] is not None
+        assert "token" not in listed[created["id"]]
+
+
+def test_idempotency_key_over_http(gateway: Gateway) -> None:
+    with gateway.http() as http:
+        first = http.post("/v1/jobs", json={"function": "m:f", "idempotency_key": "abc"})
+        second = http.post("/v1/jobs", json={"function": "m:f", "idempotency_key": "abc"})
+    assert first.status_code == 201 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+
+
+def test_health_metrics_dashboard_and_openapi(gateway: Gateway) -> None:
+    assert httpx.get(f"{gateway.url}/healthz").json()["status"] == "ok"
+    assert "hostgpu" in httpx.get(f"{gateway.url}/").text
+    with gateway.http() as http:
+        http.post("/v1/jobs", json={"function": "m:f"})
+        text = http.get("/metrics").text
+    assert 'hostgpu_jobs{state="queued"} 1.0' in text
+    assert "hostgpu_http_requests_total" in text

@@ -1,0 +1,227 @@
+"""Real gateway + real worker processes: the SDK, routing and the fault guarantees."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import hostgpu
+from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
+from tests import e2efuncs as f
+from tests.conftest import Gateway, Worker
+
+
+@pytest.fixture(autouse=True)
+def sdk(gateway: Gateway) -> Iterator[None]:
+    hostgpu.connect(gateway.url, gateway.token)
+    yield
+
+
+def wait_state(gateway: Gateway, job_id: str, states: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    with gateway.http() as http:
+        while time.monotonic() < deadline:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+            time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {states}: {job}")
+
+
+def test_remote_spawn_map_and_local_call(worker: Worker) -> None:
+    assert f.add(2, 3) == 5  # a plain call runs here
+    assert f.add.remote(2, b=3) == 5
+    handle = f.add.spawn(40, 2)
+    assert handle.result(timeout=30) == 42
+    assert handle.status() == "succeeded"
+    assert f.add.map(range(50), range(50), progress=False) == [2 * i for i in range(50)]
+
+
+def test_device_inside_job_and_recorded(worker: Worker, gateway: Gateway) -> None:
+    handle = f.where.spawn()
+    result = handle.result(timeout=30)
+    assert result["device"] == "cpu" and result["job"] == handle.id
+    job = handle.job()
+    assert job.device == "cpu" and not job.fallback_used
+    assert job.timings and "run_s" in job.timings
+
+
+def test_children_stay_warm_between_jobs(worker: Worker) -> None:
+    pids = {f.where.remote()["pid"] for _ in range(5)}
+    assert len(pids) == 1
+
+
+def test_exception_is_reraised_with_remote_traceback(worker: Worker) -> None:
+    with pytest.raises(JobFailed) as info:
+        f.boom.remote("kaput")
+    assert info.value.error_type == "ValueError"
+    assert "kaput" in str(info.value)
+    assert "def boom" in (info.value.remote_traceback or "") or "boom" in str(
+        info.value.remote_traceback
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda: f.hang.remote(30), "timeout"),
+        (lambda: f.exit_hard.remote(3), "exit"),
+        (lambda: f.segfault.remote(), "SIGSEGV"),
+    ],
+    ids=["timeout", "os._exit", "segfault"],
+)
+def test_worker_survives_crashes_and_hangs(worker: Worker, call, needle: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(JobFailed) as info:
+        call()
+    assert needle.lower() in str(info.value).lower()
+    assert f.add.remote(1, 1) == 2  # the worker is still there, with a fresh child
+    assert worker.proc is not None and worker.proc.poll() is None
+
+
+def test_retries_until_success(worker: Worker, tmp_path: Path, gateway: Gateway) -> None:
+    handle = f.flaky.spawn(str(tmp_path / "count"), 2)
+    assert handle.result(timeout=60) == 3
+    job = gateway.client().get(handle.id)
+    assert job.attempts == 3
+
+
+def test_mps_job_waits_on_a_cpu_fleet_and_never_runs_on_cpu(
+    worker: Worker, gateway: Gateway
+) -> None:
+    handle = f.needs_mps.spawn()
+    with pytest.raises(JobTimeout) as info:
+        handle.result(timeout=3)
+    assert "waiting: no worker with mps" in str(info.value)
+    job = gateway.client().get(handle.id)
+    assert job.state.value == "queued" and job.attempts == 0
+    assert job.waiting and "no worker with mps" in job.waiting
+    handle.cancel()
+    with pytest.raises(JobCancelled):
+        handle.result(timeout=5)
+
+
+def test_explicit_fallback_is_recorded(worker: Worker, gateway: Gateway) -> None:
+    handle = f.mps_or_cpu.spawn()
+    assert handle.result(timeout=30) == "cpu"
+    job = gateway.client().get(handle.id)
+    assert job.fallback_used and job.device == "cpu"
+
+
+def test_cancel_running_job_kills_it(worker: Worker, gateway: Gateway) -> None:
+    handle = f.sleepy.spawn(30)
+    wait_state(gateway, handle.id, {"running"})
+    started = time.monotonic()
+    handle.cancel()
+    with pytest.raises(JobCancelled):
+        handle.result(timeout=10)
+    assert f.add.remote(2, 2) == 4
+    assert time.monotonic() - started < 20
+
+
+def test_unimportable_module_waits_with_reason(worker: Worker, gateway: Gateway) -> None:
+    with gateway.client() as api:
+        from hostgpu.jobs import JobSpec
+
+        job = api.submit(JobSpec(function="not.imported:fn"))
+        time.sleep(1.5)
+        job = api.get(job.id)
+    assert job.state.value == "queued"
+    assert job.waiting and "imports not.imported" in job.waiting
+
+
+def test_oversized_result_fails_readably(home: Path, gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw = Gateway(home, f"sqlite:///{home / 'r.db'}",
+                 env_extra={"HOSTGPU_MAX_RESULT_BYTES": "1000"}).start()
+    gateway_factory.append(gw)
+    w = Worker(gw).start()
+    try:
+        hostgpu.connect(gw.url, gw.token)
+        assert f.big_result.remote(10) == "x" * 10
+        with pytest.raises(JobFailed, match="HOSTGPU_MAX_RESULT_BYTES"):
+            f.big_result.remote(5000)
+    finally:
+        w.stop()
+
+
+def test_pickle_only_for_opted_in_functions(worker: Worker) -> None:
+    assert f.pickled.remote({1, 2}) == {1, 2}
+    with pytest.raises(TypeError, match="JSON"):
+        f.add.remote({1}, 2)  # a set is not JSON: refused before it leaves the caller
+
+
+def test_killed_worker_job_is_rerun_once_and_late_completion_refused(
+    gateway: Gateway, workers: list[Worker], tmp_path: Path
+) -> None:
+    marker = tmp_path / "runs"
+    doomed = Worker(gateway).start()
+    workers.append(doomed)
+    handle = f.slow_record.spawn(str(marker), 1.0)
+    wait_state(gateway, handle.id, {"running", "leased"})
+    while not marker.exists():
+        time.sleep(0.05)
+    first = gateway.client().get(handle.id)
+    doomed.kill()  # SIGKILL: no goodbye, no release
+    rescuer = Worker(gateway).start()
+    workers.append(rescuer)
+    assert handle.result(timeout=60) == "done"
+    job = gateway.client().get(handle.id)
+    history = job.history or []
+    assert job.state.value == "succeeded" and job.attempts == 2
+    assert [a.outcome for a in history] == ["lost", "succeeded"]
+    # The dead worker's lease token can no longer complete the job.
+    from hostgpu.jobs import Outcome
+
+    with gateway.http() as http:
+        token = http.get(f"/v1/jobs/{handle.id}").json()
+        assert token["state"] == "succeeded"
+    assert first.worker_id != job.worker_id
+    with gateway.client() as api:
+        refused = api.report(
+            first.worker_id or "x",
+            [Outcome(job_id=handle.id, lease_token="0" * 32, status="succeeded", result="stale")],
+        )
+    assert refused[0]["accepted"] is False
+    assert gateway.client().get(handle.id).result == "done"
+
+
+def test_gateway_restart_loses_nothing_and_worker_reregisters(
+    gateway: Gateway, workers: list[Worker], tmp_path: Path
+) -> None:
+    w = Worker(gateway).start()
+    workers.append(w)
+    running = f.slow_record.spawn(str(tmp_path / "runs"), 2.0)
+    queued = [f.add.spawn(i, 1) for i in range(20)]
+    wait_state(gateway, running.id, {"running", "leased"})
+    gateway.kill()
+    time.sleep(0.5)
+    gateway.start()
+    assert running.result(timeout=60) == "done"
+    assert [h.result(timeout=60) for h in queued] == [i + 1 for i in range(20)]
+    assert f.add.remote(5, 5) == 10  # the same worker serves the restarted gateway
+    assert w.proc is not None and w.proc.poll() is None
+
+
+def test_warm_stop_finishes_the_running_job(gateway: Gateway, workers: list[Worker]) -> None:
+    w = Worker(gateway).start()
+    handle = f.sleepy.spawn(1.5)
+    wait_state(gateway, handle.id, {"running"})
+    w.signal(signal.SIGTERM)
+    assert w.proc is not None and w.proc.wait(30) == 0
+    assert handle.result(timeout=5) == 1.5
+
+
+def test_cold_stop_hands_the_job_back(gateway: Gateway, workers: list[Worker]) -> None:
+    w = Worker(gateway).start()
+    handle = f.sleepy.spawn(20)
+    wait_state(gateway, handle.id, {"running"})
+    w.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    w.signal(signal.SIGTERM)
+    assert w.proc is not None and w.proc.wait(30) == 0
+    job = wait_state(gateway, handle.id, {"queued"})
+    assert job["attempts"] == 0  # handed back, not counted as a failure
+    handle.cancel()
