@@ -1,6 +1,7 @@
 """Dispatch overhead: no-op jobs through hostgpu versus calling the function in-process.
 
-    python benchmarks/dispatch.py [--jobs 10000] [--calls 200] [--workers 2] [--backends sqlite,postgres]
+    python benchmarks/dispatch.py [--jobs 10000] [--calls 200] [--workers 2]
+                                  [--backends sqlite,postgres]
 
 For each backend: a real gateway process and N real worker processes on 127.0.0.1;
 ``.map`` over ``--jobs`` no-op jobs (throughput) and ``--calls`` sequential ``.remote()``
@@ -11,7 +12,6 @@ in the same run, so the table shows ratios rather than absolute seconds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -56,7 +56,9 @@ def fresh_pg_database() -> str:
     return PG_URL.rsplit("/", 1)[0] + f"/{name}"
 
 
-def through_hostgpu(url: str, jobs: int, calls: int, workers: int, concurrency: int) -> dict[str, float]:
+def through_hostgpu(
+    url: str, jobs: int, calls: int, workers: int, concurrency: int
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         gw = Gateway(home, url).start()
@@ -73,7 +75,11 @@ def through_hostgpu(url: str, jobs: int, calls: int, workers: int, concurrency: 
             results = noop.map(range(jobs), batch_size=1000, progress=False)
             elapsed = time.perf_counter() - started
             assert results == list(range(jobs)), "results out of order or missing"
-            return {"rate": jobs / elapsed, "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
+            return {
+                "rate": jobs / elapsed,
+                "p50": percentile(lat, 0.5),
+                "p99": percentile(lat, 0.99),
+            }
         finally:
             for w in fleet:
                 w.stop()
@@ -95,16 +101,34 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             url = f"sqlite:///{tmp}/bench.db" if backend == "sqlite" else fresh_pg_database()
             console.print(f"running {backend}…")
-            rows.append((f"hostgpu ({backend})", through_hostgpu(
-                url, args.jobs, args.calls, args.workers, args.concurrency)))
-    table = Table(title=f"dispatch: {args.jobs} no-op jobs via .map, {args.calls} sequential "
-                        f".remote(); {args.workers} workers × {args.concurrency}")
-    for col in ("path", "jobs/s", "p50 ms", "p99 ms", "jobs/s vs target 1,000", "p50 vs target 10 ms"):
+            rows.append(
+                (
+                    f"hostgpu ({backend})",
+                    through_hostgpu(url, args.jobs, args.calls, args.workers, args.concurrency),
+                )
+            )
+    table = Table(
+        title=f"dispatch: {args.jobs} no-op jobs via .map, {args.calls} sequential "
+        f".remote(); {args.workers} workers × {args.concurrency}"
+    )
+    for col in (
+        "path",
+        "jobs/s",
+        "p50 ms",
+        "p99 ms",
+        "jobs/s vs target 1,000",
+        "p50 vs target 10 ms",
+    ):
         table.add_column(col, justify="right")
     for name, r in rows:
-        table.add_row(name, f"{r['rate']:,.0f}", f"{r['p50'] * 1e3:.2f}", f"{r['p99'] * 1e3:.2f}",
-                      f"{r['rate'] / 1000:.2f}×" if name.startswith("hostgpu") else "",
-                      f"{10 / (r['p50'] * 1e3):.2f}×" if name.startswith("hostgpu") else "")
+        table.add_row(
+            name,
+            f"{r['rate']:,.0f}",
+            f"{r['p50'] * 1e3:.2f}",
+            f"{r['p99'] * 1e3:.2f}",
+            f"{r['rate'] / 1000:.2f}×" if name.startswith("hostgpu") else "",
+            f"{10 / (r['p50'] * 1e3):.2f}×" if name.startswith("hostgpu") else "",
+        )
     console.print(table)
     return 0
 

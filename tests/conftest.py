@@ -79,8 +79,11 @@ def gateway_factory(home: Path) -> Iterator[list[Gateway]]:
 
 @pytest.fixture
 def gateway(home: Path) -> Iterator[Gateway]:
-    gw = Gateway(home, f"sqlite:///{home / 'hostgpu.db'}",
-                 env_extra={"HOSTGPU_LEASE_SECONDS": "3", "HOSTGPU_FALLBACK_GRACE_SECONDS": "2"})
+    gw = Gateway(
+        home,
+        f"sqlite:///{home / 'hostgpu.db'}",
+        env_extra={"HOSTGPU_LEASE_SECONDS": "3", "HOSTGPU_FALLBACK_GRACE_SECONDS": "2"},
+    )
     gw.start()
     yield gw
     gw.stop()

@@ -47,7 +47,12 @@ def matmul(size: int = 1024, repeat: int = 10) -> dict[str, Any]:
         a @ b
     sync()
     seconds = (time.perf_counter() - started) / repeat
-    return {"device": device(), "size": size, "ms": seconds * 1e3, "gflops": 2 * size**3 / seconds / 1e9}
+    return {
+        "device": device(),
+        "size": size,
+        "ms": seconds * 1e3,
+        "gflops": 2 * size**3 / seconds / 1e9,
+    }
 
 
 @function(gpu="any", timeout=60, retries=0)

@@ -56,9 +56,10 @@ class Client:
 
     # -- plumbing --------------------------------------------------------------------------
     def request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> Any:
-        extra = {} if timeout is None else {"timeout": timeout}
+        if timeout is not None:
+            kw["timeout"] = timeout
         try:
-            response = self._http.request(method, path, **kw, **extra)
+            response = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise GatewayUnavailable(
                 f"cannot reach the gateway at {self.gateway} ({exc.__class__.__name__}: {exc}); "
@@ -113,7 +114,9 @@ class Client:
         params: dict[str, Any] = {"limit": limit}
         if state is not None:
             params["state"] = state.value
-        return [Job.model_validate(j) for j in self.request("GET", "/v1/jobs", params=params)["jobs"]]
+        return [
+            Job.model_validate(j) for j in self.request("GET", "/v1/jobs", params=params)["jobs"]
+        ]
 
     def summary(self) -> dict[str, int]:
         return dict(self.request("GET", "/v1/jobs/summary")["counts"])

@@ -30,6 +30,9 @@ from typing import Any
 class HostGPUError(Exception):
     """hostgpu failed."""
 
+    #: Whether a job that raised this may succeed if tried again (the worker reads it).
+    retryable = True
+
     def __init__(self, message: str | None = None, **context: Any) -> None:
         self.message = message or (self.__doc__ or "").strip()
         self.context = context
@@ -38,6 +41,8 @@ class HostGPUError(Exception):
 
 class ConfigError(HostGPUError):
     """hostgpu is not configured for this."""
+
+    retryable = False
 
 
 class StoreError(HostGPUError):
@@ -69,7 +74,7 @@ class GatewayError(HostGPUError):
 
 
 class AuthError(GatewayError):
-    """The gateway refused the token: check HOSTGPU_TOKEN or create one with `hostgpu token create`."""
+    """The gateway refused the token: check HOSTGPU_TOKEN, or `hostgpu token create` one."""
 
 
 class GatewayUnavailable(GatewayError):
@@ -117,6 +122,10 @@ class JobTimeout(JobError):
 class DeviceUnavailable(HostGPUError):
     """The requested accelerator is not usable in this process: run `hostgpu doctor`."""
 
+    retryable = False
+
 
 class PipelineError(HostGPUError):
     """The pipeline refused its input."""
+
+    retryable = False

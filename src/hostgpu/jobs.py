@@ -16,7 +16,7 @@ FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 GPU_RE = re.compile(r"^(mps|cuda|gpu|cpu|any|mlx|cuda:[^\s]{1,100})$")
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     queued = "queued"
     leased = "leased"
     running = "running"
@@ -49,9 +49,7 @@ class Requirements(BaseModel):
         value = value.strip()
         if not GPU_RE.match(value):
             raise ValueError(
-                "gpu must be one of mps, cuda, cuda:<name>, gpu, cpu, any (got {value!r})".format(
-                    value=value
-                )
+                f"gpu must be one of mps, cuda, cuda:<name>, gpu, cpu, any (got {value!r})"
             )
         kind, _, name = value.partition(":")
         return f"{kind.lower()}:{name.lower()}" if name else kind.lower()

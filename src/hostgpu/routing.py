@@ -32,10 +32,9 @@ def device_satisfies(device: Device, req: Requirements) -> bool:
         return False
     if req.name and req.name not in device.name.lower():
         return False
-    if req.min_memory_gb:
-        if device.memory_bytes is None or device.memory_bytes < req.min_memory_gb * GIB:
-            return False
-    return True
+    return not req.min_memory_gb or (
+        device.memory_bytes is not None and device.memory_bytes >= req.min_memory_gb * GIB
+    )
 
 
 def labels_match(job_labels: dict[str, str], worker_labels: dict[str, str]) -> bool:

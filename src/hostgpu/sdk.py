@@ -1,12 +1,12 @@
 """The SDK: ``@hostgpu.function`` and what it returns.
 
-    @hostgpu.function(gpu="mps", timeout=60)
-    def embed(texts: list[str]) -> list[list[float]]: ...
+@hostgpu.function(gpu="mps", timeout=60)
+def embed(texts: list[str]) -> list[list[float]]: ...
 
-    embed(["hi"])                 # runs here, now
-    embed.remote(["hi"])          # runs on a worker with mps, returns the result
-    handle = embed.spawn(["hi"])  # returns at once; handle.result(timeout=…)
-    embed.map(batches)            # many jobs, results in order, with a progress bar
+embed(["hi"])                 # runs here, now
+embed.remote(["hi"])          # runs on a worker with mps, returns the result
+handle = embed.spawn(["hi"])  # returns at once; handle.result(timeout=…)
+embed.map(batches)            # many jobs, results in order, with a progress bar
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def encode_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], serializer: 
 
 def decode_result(value: Any, serializer: str) -> Any:
     if serializer == "pickle" and isinstance(value, str):
-        return pickle.loads(base64.b64decode(value))  # noqa: S301 - opted in, trusted only
+        return pickle.loads(base64.b64decode(value))
     return value
 
 
@@ -146,7 +146,7 @@ class JobHandle(Generic[R]):
             job = self._client.get(self.id, wait=max(0.0, min(remaining, 30.0)))
             if job.state.terminal:
                 raise_for(job)
-                return decode_result(job.result, self._serializer)  # type: ignore[no-any-return]
+                return decode_result(job.result, self._serializer)
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeout(
                     f"job {self.id} is still {job.state.value} after {timeout} s"
@@ -241,7 +241,7 @@ class Function(Generic[P, R]):
                 remaining = 10.0 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeout(f"{len(pending)} of {len(items)} jobs unfinished")
-                window = list(pending)[:batch_size * 4]
+                window = list(pending)[: batch_size * 4]
                 for job in client.wait(window, timeout=min(10.0, remaining)):
                     index = pending.pop(job.id)
                     if job.state is JobState.succeeded:

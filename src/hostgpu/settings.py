@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     batch_size_visual: int = Field(default=4, validation_alias=_alias("BATCH_SIZE_VISUAL"))
     worker_port: int | None = Field(default=None, validation_alias=_alias("WORKER_PORT"))
     render_dpi: int = Field(default=100, validation_alias=_alias("HOSTGPU_RENDER_DPI"))
+    upload_root: Path | None = Field(default=None, validation_alias=_alias("HOSTGPU_UPLOAD_ROOT"))
 
     @property
     def home_dir(self) -> Path:

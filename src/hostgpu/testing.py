@@ -56,8 +56,18 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         log = open(self.home / f"gateway-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hostgpu", "gateway", "--host", "127.0.0.1",
-             "--port", str(self.port), "--database-url", self.database_url],
+            [
+                sys.executable,
+                "-m",
+                "hostgpu",
+                "gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database-url",
+                self.database_url,
+            ],
             env=child_env(self.home, self.pythonpath, **self.env_extra),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -100,7 +110,9 @@ class Gateway:
 
     def http(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token or self.token}"}, timeout=30
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token or self.token}"},
+            timeout=30,
         )
 
 
@@ -117,8 +129,19 @@ class Worker:
     def start(self, wait: bool = True) -> Worker:
         name = self.name or f"w{uuid.uuid4().hex[:6]}"
         self.name = name
-        args = [sys.executable, "-m", "hostgpu", "worker", "--gateway", self.gateway.url,
-                "--concurrency", str(self.concurrency), "--name", name, *self.extra_args]
+        args = [
+            sys.executable,
+            "-m",
+            "hostgpu",
+            "worker",
+            "--gateway",
+            self.gateway.url,
+            "--concurrency",
+            str(self.concurrency),
+            "--name",
+            name,
+            *self.extra_args,
+        ]
         for module in self.imports:
             args += ["--import", module]
         log = open(self.gateway.home / f"worker-{name}.log", "ab")  # noqa: SIM115

@@ -51,8 +51,14 @@ def lease_all(store: Store, c: Capabilities, n: int = 100):  # type: ignore[no-u
 def ok(store: Store, lease, result=None):  # type: ignore[no-untyped-def]
     return store.report(
         "w",
-        [Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="succeeded",
-                 result=result)],
+        [
+            Outcome(
+                job_id=lease.job_id,
+                lease_token=lease.lease_token,
+                status="succeeded",
+                result=result,
+            )
+        ],
     )[0]
 
 
@@ -161,8 +167,9 @@ def test_heartbeat_extends_and_reports_lost(store: Store) -> None:
     store.enqueue([spec(), spec()])
     wid, [a, b] = lease_all(store, caps(), n=2)
     store.cancel(b.job_id)
-    result = store.heartbeat(wid, [(a.job_id, a.lease_token), (b.job_id, b.lease_token)],
-                             lease_seconds=30)
+    result = store.heartbeat(
+        wid, [(a.job_id, a.lease_token), (b.job_id, b.lease_token)], lease_seconds=30
+    )
     assert result.lost == [b.job_id]
     with pytest.raises(NotFound):
         store.heartbeat("unknown-worker", [], lease_seconds=30)
@@ -173,8 +180,17 @@ def test_retry_with_backoff_then_final_failure(store: Store) -> None:
     for attempt in (1, 2):
         _, [lease] = lease_all(store, caps())
         assert lease.attempt == attempt
-        store.report("w", [Outcome(job_id=job.id, lease_token=lease.lease_token,
-                                   status="failed", error={"type": "E", "message": "no"})])
+        store.report(
+            "w",
+            [
+                Outcome(
+                    job_id=job.id,
+                    lease_token=lease.lease_token,
+                    status="failed",
+                    error={"type": "E", "message": "no"},
+                )
+            ],
+        )
     final = store.get(job.id, history=True)
     assert final.state is JobState.failed
     assert final.error and final.error["message"] == "no"
@@ -184,8 +200,18 @@ def test_retry_with_backoff_then_final_failure(store: Store) -> None:
 def test_non_retryable_failure_is_final(store: Store) -> None:
     [job] = store.enqueue([spec(max_retries=5)])
     _, [lease] = lease_all(store, caps())
-    store.report("w", [Outcome(job_id=job.id, lease_token=lease.lease_token, status="failed",
-                               retryable=False, error={"type": "E", "message": "bad input"})])
+    store.report(
+        "w",
+        [
+            Outcome(
+                job_id=job.id,
+                lease_token=lease.lease_token,
+                status="failed",
+                retryable=False,
+                error={"type": "E", "message": "bad input"},
+            )
+        ],
+    )
     assert store.get(job.id).state is JobState.failed
 
 

@@ -38,9 +38,7 @@ SCOPES = {
 def routes(gateway: Gateway) -> list[tuple[str, str]]:
     schema = httpx.get(f"{gateway.url}/openapi.json").json()
     return sorted(
-        (method.upper(), path)
-        for path, item in schema["paths"].items()
-        for method in item
+        (method.upper(), path) for path, item in schema["paths"].items() for method in item
     )
 
 
@@ -57,8 +55,7 @@ def call(gateway: Gateway, method: str, path: str, token: str | None) -> httpx.R
     concrete = re.sub(r"\{[^}]+\}", "x" * 8, path)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {} if method in ("POST", "PUT", "PATCH") else None
-    return httpx.request(method, f"{gateway.url}{concrete}", headers=headers, json=body,
-                         timeout=30)
+    return httpx.request(method, f"{gateway.url}{concrete}", headers=headers, json=body, timeout=30)
 
 
 def test_every_route_is_known_and_needs_the_right_scope(gateway: Gateway) -> None:
@@ -101,8 +98,13 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
         ("POST", "/v1/jobs", {"content": b"{not json"}, 422, "invalid request"),
         ("POST", "/v1/jobs", {"json": {"function": "no-colon"}}, 422, "module:qualname"[:0]),
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "bogus": 1}}, 422, "bogus"),
-        ("POST", "/v1/jobs", {"json": {"function": "m:f", "requirements": {"gpu": "tpu"}}},
-         422, "gpu must be"),
+        (
+            "POST",
+            "/v1/jobs",
+            {"json": {"function": "m:f", "requirements": {"gpu": "tpu"}}},
+            422,
+            "gpu must be",
+        ),
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "timeout_s": -1}}, 422, "timeout_s"),
         ("POST", "/v1/jobs", {"json": [1, 2]}, 422, "invalid request"),
         ("POST", "/v1/jobs/batch", {"json": {"jobs": []}}, 422, "jobs"),
@@ -126,8 +128,9 @@ def test_bad_requests_get_a_4xx_with_a_reason(
 
 
 def test_oversized_body_is_413_with_the_limit(home, gateway_factory) -> None:  # type: ignore[no-untyped-def]
-    gw = Gateway(home, f"sqlite:///{home / 'db.sqlite'}",
-                 env_extra={"HOSTGPU_MAX_BODY_BYTES": "10000"}).start()
+    gw = Gateway(
+        home, f"sqlite:///{home / 'db.sqlite'}", env_extra={"HOSTGPU_MAX_BODY_BYTES": "10000"}
+    ).start()
     gateway_factory.append(gw)
     with gw.http() as http:
         reply = http.post("/v1/jobs", json={"function": "m:f", "payload": "x" * 20000})
@@ -138,8 +141,9 @@ def test_oversized_body_is_413_with_the_limit(home, gateway_factory) -> None:  #
             for _ in range(20):
                 yield b"x" * 1000
 
-        streamed = http.post("/v1/jobs", content=chunks(),
-                             headers={"content-type": "application/json"})
+        streamed = http.post(
+            "/v1/jobs", content=chunks(), headers={"content-type": "application/json"}
+        )
         assert streamed.status_code == 413
         assert http.post("/v1/jobs", json={"function": "m:f"}).status_code == 201
 

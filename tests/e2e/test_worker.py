@@ -134,8 +134,9 @@ def test_unimportable_module_waits_with_reason(worker: Worker, gateway: Gateway)
 
 
 def test_oversized_result_fails_readably(home: Path, gateway_factory) -> None:  # type: ignore[no-untyped-def]
-    gw = Gateway(home, f"sqlite:///{home / 'r.db'}",
-                 env_extra={"HOSTGPU_MAX_RESULT_BYTES": "1000"}).start()
+    gw = Gateway(
+        home, f"sqlite:///{home / 'r.db'}", env_extra={"HOSTGPU_MAX_RESULT_BYTES": "1000"}
+    ).start()
     gateway_factory.append(gw)
     w = Worker(gw).start()
     try:

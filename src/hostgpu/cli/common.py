@@ -14,11 +14,15 @@ err = Console(stderr=True)
 
 GatewayOpt = Annotated[
     str | None,
-    typer.Option("--gateway", envvar="HOSTGPU_GATEWAY", help="Gateway URL (default: the local one)"),
+    typer.Option(
+        "--gateway", envvar="HOSTGPU_GATEWAY", help="Gateway URL (default: the local one)"
+    ),
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", envvar="HOSTGPU_TOKEN", help="API token (default: the local admin token)"),
+    typer.Option(
+        "--token", envvar="HOSTGPU_TOKEN", help="API token (default: the local admin token)"
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 

@@ -37,7 +37,8 @@ def serve(
     written = ensure_admin_token(app.state.store, settings)
     if written:
         console.print(f"First start: an admin token was written to [bold]{written}[/bold] (0600).")
-    url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}"
     if not settings.database_url:
         settings.gateway_url_path.write_text(url + "\n")
     console.print(f"gateway on {url}  store: {_safe(settings.resolved_database_url)}")

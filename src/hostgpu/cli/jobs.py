@@ -91,8 +91,10 @@ def show_job(
 def _print_job(job: Job) -> None:
     style = STATE_STYLE[job.state.value]
     console.print(f"[bold]{job.id}[/]  {job.function}  [{style}]{job.state.value}[/]")
-    console.print(f"  needs {job.requirements.describe()}"
-                  + (f", fallback {job.fallback}" if job.fallback else ""))
+    console.print(
+        f"  needs {job.requirements.describe()}"
+        + (f", fallback {job.fallback}" if job.fallback else "")
+    )
     if job.waiting:
         console.print(f"  [yellow]{job.waiting}[/]")
     if job.device:
@@ -171,7 +173,9 @@ def submit(
     retries: Annotated[int, typer.Option(min=0)] = 2,
     priority: Annotated[int, typer.Option()] = 0,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key")] = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait and print the result")] = True,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait and print the result")
+    ] = True,
     gateway: GatewayOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,

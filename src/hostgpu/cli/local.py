@@ -16,14 +16,18 @@ from hostgpu.stack.local import LocalStack, healthy
 
 
 def up(
-    port: Annotated[int | None, typer.Option(help="Gateway port (default 8765, or a free one)")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Gateway port (default 8765, or a free one)")
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs the worker runs at once")] = 1,
     imports: Annotated[
         list[str], typer.Option("--import", help="Module with your functions (repeatable)")
     ] = [],  # noqa: B006
     uploads: Annotated[
         Path | None,
-        typer.Option(help="Also run a copyparty upload server on this folder; uploads are ingested"),
+        typer.Option(
+            help="Also run a copyparty upload server on this folder; uploads are ingested"
+        ),
     ] = None,
 ) -> None:
     """Start a gateway and one native worker here (SQLite, embedded Chroma); Ctrl-C stops both."""
@@ -38,12 +42,15 @@ def up(
         if uploads is not None:
             from hostgpu.pipelines.uploads import UploadServer
 
-            server = UploadServer(uploads, gateway=stack.url, token=stack.admin_token(),
-                                  home=settings.home_dir)
+            server = UploadServer(
+                uploads, gateway=stack.url, token=stack.admin_token(), home=settings.home_dir
+            )
             server.start()
             cleanup.callback(server.stop)
-            console.print(f"[green]uploads[/] {server.url}  (user {server.user}, password in "
-                          f"{server.password_path}) → ingested on upload")
+            console.print(
+                f"[green]uploads[/] {server.url}  (user {server.user}, password in "
+                f"{server.password_path}) → ingested on upload"
+            )
         console.print(f"logs in {stack.logs}/   Ctrl-C to stop")
         try:
             while stack.alive():
@@ -59,8 +66,9 @@ def up(
 
 
 def demo(
-    query: Annotated[str, typer.Option(help="Search to run after ingesting")] =
-        "Why can't a container on a Mac use the GPU?",
+    query: Annotated[
+        str, typer.Option(help="Search to run after ingesting")
+    ] = "Why can't a container on a Mac use the GPU?",
 ) -> None:
     """Run the main job: built-in jobs and the sample documents through a gateway and worker.
 
@@ -82,7 +90,9 @@ def demo(
         hostgpu.connect(url, token)
         console.print(f"gateway {url}")
         where = whoami.remote()
-        console.print(f"a worker on [bold]{where['host']}[/] runs jobs on [bold]{where['device']}[/]")
+        console.print(
+            f"a worker on [bold]{where['host']}[/] runs jobs on [bold]{where['device']}[/]"
+        )
         speed = matmul.remote(512)
         if "gflops" in speed:
             console.print(f"matmul 512×512 on {speed['device']}: {speed['gflops']:.1f} GFLOP/s")
@@ -107,12 +117,21 @@ def _demo_documents(query: str) -> None:
             continue
         pages += outcome["pages"]
         t = outcome["timings"]
-        table.add_row(path.name, str(outcome["pages"]), str(outcome["chunks"]), outcome["device"],
-                      f"{t.get('load_model_s', 0):.2f}s", f"{t.get('embed_s', 0):.2f}s", "[green]ok[/]")
+        table.add_row(
+            path.name,
+            str(outcome["pages"]),
+            str(outcome["chunks"]),
+            outcome["device"],
+            f"{t.get('load_model_s', 0):.2f}s",
+            f"{t.get('embed_s', 0):.2f}s",
+            "[green]ok[/]",
+        )
     console.print(table)
     console.print(f"ingested {pages} pages in {elapsed:.1f} s ({pages / elapsed:.1f} pages/s)")
     hits = run_search(query, k=3)
     console.print(f"\nsearch: [bold]{query}[/]")
     for hit in hits:
-        console.print(f"  {hit['score']:.3f}  {Path(hit['file']).name} p.{hit['page']}: "
-                      f"{hit['snippet'][:120]!r}")
+        console.print(
+            f"  {hit['score']:.3f}  {Path(hit['file']).name} p.{hit['page']}: "
+            f"{hit['snippet'][:120]!r}"
+        )

@@ -34,7 +34,9 @@ def create(
 
 
 @app.command("list")
-def list_tokens(gateway: GatewayOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+def list_tokens(
+    gateway: GatewayOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Every token and whether it is revoked (never the secrets)."""
     with client(gateway, token) as api:
         tokens = api.list_tokens()
@@ -43,9 +45,18 @@ def list_tokens(gateway: GatewayOpt = None, token: TokenOpt = None, as_json: Jso
         return
     table = Table("id", "name", "scope", "created", "revoked")
     for t in tokens:
-        revoked = time.strftime("%Y-%m-%d %H:%M", time.localtime(t["revoked_at"])) if t["revoked_at"] else ""
-        table.add_row(t["id"], t["name"], t["scope"],
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(t["created_at"])), revoked)
+        revoked = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(t["revoked_at"]))
+            if t["revoked_at"]
+            else ""
+        )
+        table.add_row(
+            t["id"],
+            t["name"],
+            t["scope"],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(t["created_at"])),
+            revoked,
+        )
     console.print(table)
 
 

@@ -57,7 +57,9 @@ def run(
     )
     agent.install_signal_handlers()
     devices = ", ".join(f"{d.kind}:{d.name}" for d in agent.caps.devices)
-    console.print(f"worker {agent.caps.name}: devices {devices}; modules {', '.join(agent.caps.modules)}")
+    console.print(
+        f"worker {agent.caps.name}: devices {devices}; modules {', '.join(agent.caps.modules)}"
+    )
     raise typer.Exit(agent.run())
 
 
@@ -72,7 +74,9 @@ def install(
     platform: Annotated[
         str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
     ] = None,
-    print_only: Annotated[bool, typer.Option("--print", help="Print the file, write nothing")] = False,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print the file, write nothing")
+    ] = False,
 ) -> None:
     """Write a launchd agent (macOS) or systemd user unit (Linux) that runs this worker."""
     import sys
@@ -84,7 +88,9 @@ def install(
     settings = get_settings()
     resolved_token = token or settings.resolved_token()
     if not resolved_token:
-        raise typer.BadParameter("give --token (a worker token: hostgpu token create --scope worker)")
+        raise typer.BadParameter(
+            "give --token (a worker token: hostgpu token create --scope worker)"
+        )
     service = service_file(
         platform or sys.platform,
         gateway=gateway or settings.resolved_gateway(),

@@ -29,7 +29,7 @@ from hostgpu.gateway.deps import AdminToken
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
-from hostgpu.gateway.routes import admin, jobs, tokens, workers
+from hostgpu.gateway.routes import admin, hooks, jobs, tokens, workers
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     metrics = Metrics(store)
     app.state.metrics = metrics
 
-    for router in (jobs.router, workers.router, tokens.router, admin.router):
+    for router in (jobs.router, workers.router, tokens.router, admin.router, hooks.router):
         app.include_router(router)
 
     _install_error_handlers(app)

@@ -22,15 +22,15 @@ ReaderToken = Annotated[TokenInfo, Depends(require("submit", "worker"))]
 
 
 def get_store(request: Request) -> Store:
-    return request.app.state.store  # type: ignore[no-any-return]
+    return request.app.state.store
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def get_notifier(request: Request) -> Notifier:
-    return request.app.state.notifier  # type: ignore[no-any-return]
+    return request.app.state.notifier
 
 
 StoreDep = Annotated[Store, Depends(get_store)]

@@ -24,9 +24,7 @@ def normalise_url(url: str) -> str:
 
 class PostgresStore(SQLStore):
     def _create_engine(self, url: str) -> Engine:
-        return create_engine(
-            normalise_url(url), pool_size=16, max_overflow=16, pool_pre_ping=True
-        )
+        return create_engine(normalise_url(url), pool_size=16, max_overflow=16, pool_pre_ping=True)
 
     def _lock(self, query: Select[Any]) -> Select[Any]:
         # Concurrent lessees skip rows another transaction holds instead of waiting:

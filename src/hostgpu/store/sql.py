@@ -75,8 +75,12 @@ def _loads(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
-def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC)
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def _dt_opt(ts: float | None) -> datetime | None:
+    return None if ts is None else _dt(ts)
 
 
 def hash_token(secret: str) -> str:
@@ -165,7 +169,7 @@ class SQLStore(Store):
             created_at=_dt(row.created_at),
             updated_at=_dt(row.updated_at),
             run_after=_dt(row.run_after),
-            finished_at=_dt(row.finished_at),
+            finished_at=_dt_opt(row.finished_at),
             history=history,
         )
 
@@ -191,6 +195,7 @@ class SQLStore(Store):
         keys = [s.idempotency_key for s in specs if s.idempotency_key]
         with self._write() as conn:
             existing: dict[str, Any] = {}
+            row: Any
             if keys:
                 for row in conn.execute(select(jobs).where(jobs.c.idempotency_key.in_(keys))):
                     existing[row.idempotency_key] = row
@@ -255,8 +260,8 @@ class SQLStore(Store):
                         attempt=a.attempt,
                         worker_id=a.worker_id,
                         device=a.device,
-                        started_at=_dt(a.started_at),
-                        finished_at=_dt(a.finished_at),
+                        started_at=_dt_opt(a.started_at),
+                        finished_at=_dt_opt(a.finished_at),
                         outcome=a.outcome,
                         error=a.error,
                     )
@@ -510,9 +515,7 @@ class SQLStore(Store):
                 update(attempts).where(attempt_of).values(outcome="succeeded", finished_at=now)
             )
             return ReportResult(outcome.job_id, True)
-        row = conn.execute(
-            select(jobs.c.attempts, jobs.c.max_retries).where(fenced)
-        ).first()
+        row = conn.execute(select(jobs.c.attempts, jobs.c.max_retries).where(fenced)).first()
         if row is None:
             return self._refusal(conn, outcome)
         if outcome.status == "released":
@@ -560,9 +563,7 @@ class SQLStore(Store):
         with self._write() as conn:
             rows = conn.execute(self._lock(query)).all()
             for row in rows:
-                message = (
-                    f"worker {row.worker_id} stopped heartbeating and its lease expired"
-                )
+                message = f"worker {row.worker_id} stopped heartbeating and its lease expired"
                 error = {"type": "LeaseExpired", "message": message, "kind": "lost"}
                 fenced = and_(jobs.c.id == row.id, jobs.c.lease_token == row.lease_token)
                 if row.attempts <= row.max_retries:

@@ -12,6 +12,7 @@ Each thread has its own HTTP client, so a long poll never delays a heartbeat.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -40,6 +41,7 @@ T = TypeVar("T")
 #: Built-in pipelines a worker offers when their dependencies are installed.
 BUILTIN_MODULES: dict[str, str] = {
     "hostgpu.pipelines.ingest": "sentence_transformers",
+    "hostgpu.pipelines.search": "sentence_transformers",
     "hostgpu.builtin": "",
 }
 
@@ -109,9 +111,7 @@ class WorkerAgent:
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._started: set[str] = set()
         self._lock = threading.Lock()
-        self.pool = ChildPool(
-            config.concurrency, self._on_result, preload=tuple(config.modules)
-        )
+        self.pool = ChildPool(config.concurrency, self._on_result, preload=tuple(config.modules))
         self.completed = 0
 
     # -- gateway calls, retried while the gateway is away ------------------------------------
@@ -140,7 +140,8 @@ class WorkerAgent:
         self.worker_id = reply["worker_id"]
         self.heartbeat_seconds = float(reply["heartbeat_seconds"])
         log.info(
-            "registered as %s with %s", self.worker_id,
+            "registered as %s with %s",
+            self.worker_id,
             ", ".join(f"{d.kind}:{d.name}" for d in self.caps.devices),
         )
 
@@ -270,7 +271,9 @@ class WorkerAgent:
             wait = self.config.lease_wait if not self.pool.running() else 0.5
             try:
                 leases = self._retrying(
-                    lambda: client.lease(self._require_id(), max_jobs=room, wait=wait)
+                    functools.partial(
+                        client.lease, self._require_id(), max_jobs=room, wait=wait
+                    )
                 )
             except NotFound:
                 self.register(client)
@@ -340,7 +343,9 @@ class WorkerAgent:
             self._shutdown(client, reporter, beater)
         return 0
 
-    def _shutdown(self, client: Client, reporter: threading.Thread, beater: threading.Thread) -> None:
+    def _shutdown(
+        self, client: Client, reporter: threading.Thread, beater: threading.Thread
+    ) -> None:
         self._stop.set()
         deadline = time.monotonic() + self.config.grace
         while not self._cold.is_set() and time.monotonic() < deadline:

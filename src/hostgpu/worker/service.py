@@ -24,8 +24,16 @@ class ServiceFile:
 
 
 def worker_command(gateway: str, modules: list[str], concurrency: int) -> list[str]:
-    args = [sys.executable, "-m", "hostgpu", "worker", "--gateway", gateway,
-            "--concurrency", str(concurrency)]
+    args = [
+        sys.executable,
+        "-m",
+        "hostgpu",
+        "worker",
+        "--gateway",
+        gateway,
+        "--concurrency",
+        str(concurrency),
+    ]
     for module in modules:
         args += ["--import", module]
     return args
@@ -65,9 +73,7 @@ def launchd_plist(
 
 
 def systemd_unit(command: list[str], env: dict[str, str], home: Path) -> ServiceFile:
-    env_lines = "\n".join(
-        f"Environment={shlex.quote(f'{k}={v}')}" for k, v in sorted(env.items())
-    )
+    env_lines = "\n".join(f"Environment={shlex.quote(f'{k}={v}')}" for k, v in sorted(env.items()))
     content = f"""[Unit]
 Description=hostgpu native worker
 After=network-online.target

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 def _explain(request: Request, jobs: list[Job]) -> list[Job]:
-    return request.app.state.waiting.annotate(jobs)  # type: ignore[no-any-return]
+    return request.app.state.waiting.annotate(jobs)
 
 
 @router.post("", status_code=201, response_model=Job)

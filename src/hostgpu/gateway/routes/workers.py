@@ -163,4 +163,3 @@ async def deregister(worker_id: str, request: Request, store: StoreDep, _: Worke
     await run(store.get_worker, worker_id)
     await run(store.deregister_worker, worker_id)
     request.app.state.worker_caps.pop(worker_id, None)
-

@@ -1,0 +1,148 @@
+"""Ingest throughput: the document pipeline through hostgpu versus a bare script.
+
+    python benchmarks/ingest.py [--files 20] [--pages 10] [--batch-size 32] [--device cpu]
+
+Generates a corpus of text-bearing PDFs, then in one run:
+- bare: the same pages read and embedded in this process, same model, batch and device
+  (benchmarks/ingest_bare.py), model loaded before the clock starts;
+- hostgpu: a real gateway and worker process; one ingest job per file through ``.map``,
+  after one warm-up job (so the model is loaded, as in the bare run), Chroma writes included.
+Prints pages/s for both and the ratio (target ≥ 0.9), and the first (cold) job's latency
+against a later (warm) one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ingest_bare import bare_ingest
+
+import hostgpu
+from hostgpu.testing import Gateway, Worker
+
+TOPICS = [
+    "containers on macOS run inside a Linux virtual machine that cannot reach Metal",
+    "a native worker leases jobs from the gateway and reports the device it used",
+    "vector databases store embeddings and answer nearest-neighbour queries",
+    "lease fencing refuses a completion that carries a stale lease token",
+    "sentence embeddings map text to vectors whose cosine similarity tracks meaning",
+]
+
+
+def make_corpus(folder: Path, files: int, pages: int) -> list[Path]:
+    from fpdf import FPDF
+
+    paths = []
+    for f in range(files):
+        pdf = FPDF()
+        pdf.set_font("Helvetica", size=11)
+        for p in range(pages):
+            pdf.add_page()
+            topic = TOPICS[(f + p) % len(TOPICS)]
+            text = " ".join(
+                f"Document {f} page {p} paragraph {k}: {topic}; detail {f * 97 + p * 13 + k}."
+                for k in range(12)
+            )
+            pdf.multi_cell(0, 6, text)
+        path = folder / f"doc-{f:03d}.pdf"
+        pdf.output(str(path))
+        paths.append(path)
+    return paths
+
+
+def through_hostgpu(paths: list[Path], warmup: Path, home: Path, batch: int, device: str) -> dict:
+    env = {"BATCH_SIZE_TEXT": str(batch), "DEVICE": device, "HF_HUB_OFFLINE": "1"}
+    gw = Gateway(home, f"sqlite:///{home / 'bench.db'}", env_extra=env).start()
+    worker = Worker(gw, env_extra=env).start()
+    try:
+        from hostgpu.pipelines.jobs import ingest
+
+        hostgpu.connect(gw.url, gw.token)
+        t = time.perf_counter()
+        ingest.remote(str(warmup))
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        warm_result = ingest.remote(str(paths[0]))
+        warm = time.perf_counter() - t
+        started = time.perf_counter()
+        results = ingest.map([str(p) for p in paths[1:]], progress=False)
+        seconds = time.perf_counter() - started
+        pages = sum(r["pages"] for r in results)
+        return {
+            "pages": pages,
+            "seconds": seconds,
+            "cold": cold,
+            "warm": warm,
+            "warm_load": warm_result["timings"]["load_model_s"],
+        }
+    finally:
+        worker.stop()
+        gw.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=21)
+    parser.add_argument("--pages", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    console = Console()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = make_corpus(folder, args.files, args.pages)
+        (folder / "warm").mkdir()
+        warmup = make_corpus(folder / "warm", 1, 2)[0]
+        measured = paths[1:]
+        console.print(f"corpus: {len(measured)} files × {args.pages} pages; bare run…")
+        bare_pages, bare_1 = bare_ingest(measured, args.batch_size, args.device)
+        console.print("hostgpu run…")
+        home = folder / "home"
+        home.mkdir()
+        hg = through_hostgpu(paths, warmup, home, args.batch_size, args.device)
+        console.print("bare run again…")
+        _, bare_2 = bare_ingest(measured, args.batch_size, args.device)
+    bare_seconds = (bare_1 + bare_2) / 2
+    bare_rate = bare_pages / bare_seconds
+    hg_rate = hg["pages"] / hg["seconds"]
+    table = Table(title=f"ingest: {bare_pages} PDF pages, batch {args.batch_size}, {args.device}")
+    for col in ("path", "pages", "seconds", "pages/s", "ratio to bare"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "bare script (mean of 2)",
+        str(bare_pages),
+        f"{bare_seconds:.2f}",
+        f"{bare_rate:.1f}",
+        "1.00",
+    )
+    table.add_row(
+        "hostgpu gateway + worker",
+        str(hg["pages"]),
+        f"{hg['seconds']:.2f}",
+        f"{hg_rate:.1f}",
+        f"{hg_rate / bare_rate:.2f} (target ≥ 0.90)",
+    )
+    console.print(table)
+    latency = Table(title="one-file job latency (submit → result)")
+    latency.add_column("job")
+    latency.add_column("seconds", justify="right")
+    latency.add_row("first job on a fresh worker (cold: model load)", f"{hg['cold']:.2f}")
+    latency.add_row(
+        f"later job, {args.pages} pages (warm, load_model_s={hg['warm_load']:.2f})",
+        f"{hg['warm']:.2f}",
+    )
+    console.print(latency)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`hostgpu doctor`: what accelerators this process can use, and why the others are missing."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hostgpu import devices as probe_module
+from hostgpu.devices import REQUIREMENTS, Report
+
+
+def _bytes(value: int | None) -> str:
+    if not value:
+        return "-"
+    return f"{value / 2**30:.1f} GiB"
+
+
+def _flag(value: bool | None) -> str:
+    if value is None:
+        return "-"
+    return "yes" if value else "no"
+
+
+def _render(console: Console, report: Report) -> None:
+    console.print("[bold]hostgpu doctor[/bold]")
+    console.print(f"  OS        {report.os} {report.os_version} ({report.machine})")
+    if report.kernel and report.kernel != report.os_version:
+        console.print(f"  Kernel    {report.kernel}")
+    console.print(f"  Python    {report.python}")
+    console.print(f"  CPU       {report.cpu_cores} cores, {_bytes(report.ram_bytes)} RAM")
+    if report.container or report.vm_on_macos:
+        where = f"a {report.container} container" if report.container else "a container"
+        vm = " inside a Linux VM on macOS (Metal is unreachable)" if report.vm_on_macos else ""
+        console.print(f"  Container [yellow]{where}{vm}[/yellow]")
+    else:
+        console.print("  Container none (native)")
+    if report.torch_version:
+        console.print(
+            f"  torch     {report.torch_version}:"
+            f" cuda available {_flag(report.torch_cuda_available)}"
+            f", mps built {_flag(report.torch_mps_built)}"
+            f", mps available {_flag(report.torch_mps_available)}"
+        )
+    else:
+        console.print("  torch     not installed")
+    console.print(f"  MLX       {report.mlx_version or 'not installed'}")
+
+    table = Table(title="Usable devices", title_justify="left")
+    for column in ("device", "name", "memory", "compute capability"):
+        table.add_column(column)
+    for device in report.devices:
+        table.add_row(
+            device.torch_device if device.kind != "mlx" else "mlx",
+            device.name,
+            _bytes(device.memory_bytes),
+            device.compute_capability or "-",
+        )
+    console.print(table)
+
+    for missing in report.missing:
+        console.print(f"[red]✗ {missing.kind}[/red]: {missing.reason}", highlight=False)
+        console.print(f"  [green]fix[/green]: {missing.fix}", highlight=False)
+
+    if report.smoke is not None:
+        smoke = Table(title="Smoke test (512x512 float32 matmul)", title_justify="left")
+        for column in ("device", "ms", "GFLOP/s", "vs CPU", "error"):
+            smoke.add_column(column)
+        for entry in report.smoke:
+            vs_cpu = entry.get("vs_cpu")
+            smoke.add_row(
+                str(entry.get("device") or "-"),
+                str(entry.get("ms", "-")),
+                str(entry.get("gflops", "-")),
+                f"{vs_cpu}x" if vs_cpu is not None else "-",
+                str(entry.get("error") or ""),
+            )
+        console.print(smoke)
+
+
+def _requirement_failure(report: Report, what: str) -> str:
+    kinds = ["cuda", "mps", "mlx"] if what == "gpu" else [what]
+    lines = [f"--require {what}: no usable {'accelerator' if what == 'gpu' else what} here"]
+    for missing in report.missing:
+        if missing.kind in kinds:
+            lines.append(f"  {missing.kind}: {missing.reason}")
+            lines.append(f"  fix: {missing.fix}")
+    return "\n".join(lines)
+
+
+def doctor(
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    require: str | None = typer.Option(None, "--require", help="mps|cuda|gpu: exit 1 when absent."),
+    smoke: bool = typer.Option(False, "--smoke", help="Time a small matmul on each usable device."),
+) -> None:
+    """Show the accelerators this process can use, and why the others are missing."""
+    wanted = require.strip().lower() if require is not None else None
+    if wanted is not None and wanted not in REQUIREMENTS:
+        typer.echo(
+            f"unknown --require value {require!r}: use one of {', '.join(REQUIREMENTS)}",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    report = probe_module.probe()
+    if smoke:
+        report.smoke = probe_module.smoke_test(report.devices)
+
+    if json_output:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        _render(Console(), report)
+
+    if wanted is not None and not probe_module.require(report, wanted):
+        typer.echo(_requirement_failure(report, wanted), err=True)
+        raise typer.Exit(1)

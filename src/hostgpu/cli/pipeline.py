@@ -1,0 +1,106 @@
+"""`hostgpu ingest` and `hostgpu search`: the document pipeline from the shell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+import hostgpu
+from hostgpu.cli.common import GatewayOpt, JsonOpt, TokenOpt, console, err
+from hostgpu.jobs import JobState
+
+
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (PDF, PNG/JPEG, TXT/MD)")],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk sub-folders")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait and show progress and results")
+    ] = False,
+    gateway: GatewayOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Queue one ingest job per file; a worker renders, embeds and stores the pages."""
+    from hostgpu.pipelines.ingest import discover
+    from hostgpu.pipelines.jobs import ingest_spec
+
+    files = discover(paths, recursive=recursive)
+    if not files:
+        err.print("no supported files found (PDF, PNG, JPEG, TXT, MD)")
+        raise typer.Exit(1)
+    client = hostgpu.connect(gateway, token)
+    ids = client.submit_batch([ingest_spec(f) for f in files])
+    if not wait:
+        for path, job_id in zip(files, ids, strict=True):
+            console.print(f"{job_id}  {path}")
+        console.print(f"queued {len(ids)} file(s); watch them with `hostgpu jobs`")
+        return
+    pending = dict(zip(ids, files, strict=True))
+    table = Table("file", "pages", "chunks", "device", "seconds", "result")
+    failures = pages = 0
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console) as bar:
+        files_task = bar.add_task("files", total=len(ids))
+        pages_task = bar.add_task("pages", total=None)
+        while pending:
+            for job in client.wait(list(pending)[:1000], timeout=10):
+                path = pending.pop(job.id)
+                bar.advance(files_task)
+                if job.state is JobState.succeeded:
+                    result = job.result
+                    pages += result["pages"]
+                    bar.update(pages_task, completed=pages)
+                    table.add_row(
+                        str(path),
+                        str(result["pages"]),
+                        str(result["chunks"]),
+                        result["device"],
+                        f"{result['timings']['total_s']:.2f}",
+                        "[green]ok[/]"
+                        + (f" ({'; '.join(result['notes'])})" if result.get("notes") else ""),
+                    )
+                else:
+                    failures += 1
+                    error = job.error or {}
+                    table.add_row(
+                        str(path),
+                        "",
+                        "",
+                        job.device or "",
+                        "",
+                        f"[red]{error.get('message', job.state.value)}[/]",
+                    )
+    console.print(table)
+    console.print(f"{len(ids) - failures} file(s) ingested, {failures} failed, {pages} pages")
+    if failures:
+        raise typer.Exit(1)
+
+
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for")],
+    k: Annotated[int, typer.Option("-k", min=1, max=100, help="How many hits")] = 5,
+    gateway: GatewayOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search the ingested pages (the query is embedded on a worker, with the same model)."""
+    from hostgpu.pipelines.jobs import run_search
+
+    hostgpu.connect(gateway, token)
+    hits = run_search(query, k)
+    if as_json:
+        console.print(json.dumps(hits, indent=2))
+        return
+    if not hits:
+        console.print("no results: ingest something first (`hostgpu ingest PATH --wait`)")
+        return
+    table = Table("score", "file", "page", "snippet")
+    for hit in hits:
+        table.add_row(
+            f"{hit['score']:.3f}", Path(hit["file"]).name, str(hit["page"]), hit["snippet"]
+        )
+    console.print(table)

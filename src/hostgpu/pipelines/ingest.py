@@ -1,0 +1,270 @@
+"""The ``ingest`` pipeline: one file → pages → embeddings → ChromaDB (one job per file).
+
+:func:`ingest_file` is a plain function; the worker runs it as a job. It returns a JSON-able
+summary with the device, precision and timings (``load_model_s`` is 0.0 when the model was
+already warm in this process). Bad input raises :class:`~hostgpu.errors.PipelineError` with a
+readable message, before anything is written: a file lands whole or not at all (see
+:mod:`hostgpu.pipelines.chroma`).
+
+Limits read from the environment: ``HOSTGPU_MAX_PAGES`` (PDF pages per file, default 500),
+``HOSTGPU_MAX_PIXELS`` (image pixels, default 50 million), ``HOSTGPU_MAX_TEXT_BYTES`` (text
+file size, default 20 MB). See :mod:`hostgpu.pipelines.documents` for what each does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hostgpu.errors import PipelineError
+from hostgpu.pipelines.documents import (
+    DEFAULT_MAX_PAGES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_TEXT_BYTES,
+    SUPPORTED_SUFFIXES,
+    chunk_text,
+)
+
+CHUNKER_VERSION = "chunk-v1"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise PipelineError(f"{name}={raw!r} is not a whole number") from None
+    if value <= 0:
+        raise PipelineError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def limits() -> dict[str, int]:
+    """The input limits in force (from the environment)."""
+    return {
+        "max_pages": _env_int("HOSTGPU_MAX_PAGES", DEFAULT_MAX_PAGES),
+        "max_pixels": _env_int("HOSTGPU_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+        "max_text_bytes": _env_int("HOSTGPU_MAX_TEXT_BYTES", DEFAULT_MAX_TEXT_BYTES),
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def discover(paths: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """The supported files named by ``paths``, in a stable order.
+
+    A folder expands to its supported files (all levels below with ``recursive``); hidden
+    files and folders (a name starting with ".") are skipped inside folders. A file named
+    directly is kept whatever its type, so that its job says why it is refused. A path that
+    does not exist raises PipelineError.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            found.append(path)
+
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            for child in sorted(path.glob(pattern)):
+                relative = child.relative_to(path)
+                if any(part.startswith(".") for part in relative.parts):
+                    continue
+                if child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES:
+                    add(child)
+        elif path.exists():
+            add(path)
+        else:
+            raise PipelineError(f"{raw}: no such file or folder")
+    return found
+
+
+def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]:
+    """Ingest one file; return a JSON-able summary.
+
+    ``display_path`` is the name stored and shown by search (and the file's identity for
+    replacement); by default the absolute path. Re-ingesting the same path replaces its
+    records: unchanged content rewrites identical records, changed content replaces them.
+    """
+    from hostgpu.pipelines import chroma, documents, embed
+    from hostgpu.settings import get_settings
+
+    started = time.perf_counter()
+    settings = get_settings()
+    source = Path(path).expanduser()
+    shown = display_path or str(source.resolve())
+    notes: list[str] = []
+    lim = limits()
+
+    device = embed.resolve_device()
+    precision, note = embed.resolve_precision(device, settings.model_precision)
+    if note:
+        notes.append(note)
+    visual_name = settings.model_name
+    text_label = embed.text_model_label(settings.text_model)
+
+    # Read (and refuse bad input) before loading models or touching Chroma.
+    t0 = time.perf_counter()
+    pages = documents.load_pages(
+        source,
+        dpi=settings.render_dpi,
+        render=False,
+        max_pages=lim["max_pages"],
+        max_pixels=lim["max_pixels"],
+        max_text_bytes=lim["max_text_bytes"],
+    )
+    for page in pages:
+        notes.extend(page.notes)
+    content_sha = _sha256_file(source)
+    kind = pages[0].kind
+    chunks: list[tuple[int, int, str]] = []  # (page, chunk index, text)
+    for page in pages:
+        for index, text in enumerate(chunk_text(page.text) if page.text else []):
+            chunks.append((page.number, index, text))
+    read_s = time.perf_counter() - t0
+
+    load_s = 0.0
+    embed_s = 0.0
+    text_vectors: list[list[float]] = []
+    if chunks:
+        model, loaded = embed.get_text_model(settings.text_model, device, precision)
+        load_s += loaded
+        t0 = time.perf_counter()
+        text_vectors = embed.embed_texts(
+            [c[2] for c in chunks], model=model, batch_size=settings.batch_size_text
+        )
+        embed_s += time.perf_counter() - t0
+
+    visual: list[tuple[int, list[float]]] = []
+    if visual_name and kind in {"pdf", "image"}:
+        vmodel, loaded = embed.get_visual_model(visual_name, device, precision)
+        load_s += loaded
+        rendered = documents.iter_rendered(
+            source,
+            dpi=settings.render_dpi,
+            batch=settings.batch_size_visual,
+            max_pages=lim["max_pages"],
+            max_pixels=lim["max_pixels"],
+        )
+        t_render = time.perf_counter()
+        for batch in rendered:  # at most BATCH_SIZE_VISUAL rendered pages in memory
+            read_s += time.perf_counter() - t_render
+            t0 = time.perf_counter()
+            vectors = embed.embed_images(
+                [image for _, image in batch], model=vmodel, batch_size=settings.batch_size_visual
+            )
+            embed_s += time.perf_counter() - t0
+            visual.extend((number, vec) for (number, _), vec in zip(batch, vectors, strict=True))
+            for _, image in batch:
+                image.close()
+            t_render = time.perf_counter()
+    if not chunks and not visual:
+        if kind == "image":
+            notes.append(
+                f"{source.name}: an image has no text and no visual model is configured "
+                "(MODEL_NAME): nothing was indexed for it"
+            )
+        else:
+            notes.append(f"{source.name}: no extractable text (scanned?): nothing was indexed")
+    elif visual_name is None and kind == "pdf":
+        empty = [p.number for p in pages if not p.text]
+        if empty:
+            notes.append(
+                f"{source.name}: {len(empty)} page(s) without text were not indexed "
+                "(set MODEL_NAME to a CLIP model to index page images)"
+            )
+
+    t0 = time.perf_counter()
+    key = chroma.file_key(shown)
+    generation = chroma.generation_of(
+        content_sha,
+        text_label,
+        visual_name or "",
+        settings.render_dpi if visual_name else "",
+        CHUNKER_VERSION,
+    )
+    base = {
+        "path": shown,
+        "kind": kind,
+        "device": device,
+        "content_sha256": content_sha,
+    }
+    ids = [chroma.record_id(key, generation, p, c, "text") for p, c, _ in chunks]
+    metadatas = [
+        {**base, "page": p, "chunk": c, "embedding": "text", "model": text_label}
+        for p, c, _ in chunks
+    ]
+    collection = chroma.get_collection(settings.chroma_collection, model=text_label)
+    extra: list[Any] = []
+    visual_collection = None
+    visual_collection_name = settings.chroma_collection + chroma.VISUAL_SUFFIX
+    if visual_name:
+        visual_collection = chroma.get_collection(visual_collection_name, model=visual_name)
+        extra.append(
+            (
+                visual_collection,
+                [chroma.record_id(key, generation, n, 0, "visual") for n, _ in visual],
+                [vec for _, vec in visual],
+                [
+                    {**base, "page": n, "chunk": 0, "embedding": "visual", "model": visual_name}
+                    for n, _ in visual
+                ],
+            )
+        )
+    chroma.replace_file(
+        collection,
+        key,
+        ids,
+        text_vectors,
+        [c[2] for c in chunks],
+        metadatas,
+        generation=generation,
+        info={"path": shown, "pages": len(pages), "chunks": len(chunks)},
+        extra=extra,
+    )
+    if visual_collection is None:
+        # Records of an earlier run with a visual model: invisible now, remove them.
+        old = chroma.get_collection(visual_collection_name, create=False)
+        if old is not None:
+            chroma.delete_stale(old, key, generation)
+    store_s = time.perf_counter() - t0
+
+    return {
+        "file": shown,
+        "file_id": key,
+        "content_sha256": content_sha,
+        "generation": generation,
+        "kind": kind,
+        "pages": len(pages),
+        "chunks": len(chunks),
+        "visual_pages": len(visual),
+        "model": text_label,
+        "visual_model": visual_name,
+        "device": device,
+        "precision": precision,
+        "timings": {
+            "load_model_s": round(load_s, 4),
+            "read_s": round(read_s, 4),
+            "embed_s": round(embed_s, 4),
+            "store_s": round(store_s, 4),
+            "total_s": round(time.perf_counter() - started, 4),
+        },
+        "notes": notes,
+    }
