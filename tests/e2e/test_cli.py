@@ -1,0 +1,104 @@
+"""The CLI as people use it: `hostgpu up`, then the other commands against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from hostgpu.testing import free_port
+
+
+def hostgpu(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")}
+    env.update(HOSTGPU_HOME=str(home), COLUMNS="200", HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "hostgpu", *args], env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture
+def up(home: Path) -> Iterator[subprocess.Popen[str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")}
+    env.update(HOSTGPU_HOME=str(home), HF_HUB_OFFLINE="1")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hostgpu", "up", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 90
+    url = f"http://127.0.0.1:{port}"
+    token_file = home / "admin-token"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        if token_file.exists():
+            reply = httpx.get(f"{url}/v1/workers", params={"alive": True},
+                              headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+            if reply.status_code == 200 and reply.json()["workers"]:
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail("hostgpu up did not bring a worker up")
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_doctor_json_and_require(home: Path) -> None:
+    report = json.loads(hostgpu(home, "doctor", "--json").stdout)
+    assert report["devices"][-1]["kind"] == "cpu"
+    assert any(m["kind"] == "cuda" and m["fix"] for m in report["missing"])
+    refused = hostgpu(home, "doctor", "--require", "cuda", check=False)
+    assert refused.returncode == 1
+
+
+def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> None:
+    children = psutil.Process(up.pid).children(recursive=True)
+    done = hostgpu(home, "submit", "hostgpu.builtin:whoami", "--json")
+    job = json.loads(done.stdout)
+    assert job["state"] == "succeeded" and job["device"] == "cpu"
+
+    queued = hostgpu(home, "submit", "hostgpu.builtin:noop", "--gpu", "mps", "--no-wait")
+    job_id = queued.stdout.strip()
+    shown = hostgpu(home, "job", job_id)
+    assert "waiting: no worker with mps" in shown.stdout
+    listed = json.loads(hostgpu(home, "jobs", "--json").stdout)
+    assert {j["id"] for j in listed} >= {job["id"], job_id}
+    assert '"queued": 1' in hostgpu(home, "jobs", "--summary", "--json").stdout
+    hostgpu(home, "cancel", job_id)
+    assert "cpu" in hostgpu(home, "workers").stdout
+
+    created = json.loads(hostgpu(home, "token", "create", "--scope", "submit", "--json").stdout)
+    assert created["token"] and created["scope"] == "submit"
+    hostgpu(home, "token", "revoke", created["id"])
+    assert "submit" in hostgpu(home, "token", "list").stdout
+    assert "deleted 2" in hostgpu(home, "prune", "--older-than", "0s").stdout
+
+    bad = hostgpu(home, "submit", "hostgpu.builtin:noop", "--gpu", "tpu", check=False)
+    assert bad.returncode != 0 and "gpu must be one of" in (bad.stdout + bad.stderr)
+
+    up.send_signal(signal.SIGINT)
+    assert up.wait(60) == 0
+    gone = psutil.wait_procs(children, timeout=30)[1]
+    assert not gone, f"children still running after Ctrl-C: {gone}"
+
+
+def test_worker_install_prints_service_files(home: Path) -> None:
+    for platform, needle in (("darwin", "<key>KeepAlive</key>"), ("linux", "[Service]")):
+        out = hostgpu(home, "worker", "install", "--platform", platform, "--print",
+                      "--gateway", "http://gw:8765", "--token", "hgw_x", "--import", "my.tasks").stdout
+        assert needle in out and "my.tasks" in out and "http://gw:8765" in out
