@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from hostgpu.cli.common import console, err
+from hostgpu.client import Client
 from hostgpu.settings import get_settings
 from hostgpu.stack.local import LocalStack, healthy
 
@@ -32,7 +33,14 @@ def up(
 ) -> None:
     """Start a gateway and one native worker here (SQLite, embedded Chroma); Ctrl-C stops both."""
     settings = get_settings()
-    stack = LocalStack(settings, port=port, concurrency=concurrency, imports=tuple(imports))
+    extra_env: dict[str, str] | None = None
+    if uploads is not None:
+        uploads = uploads.expanduser().resolve()
+        uploads.mkdir(parents=True, exist_ok=True)
+        extra_env = {"HOSTGPU_UPLOAD_ROOT": str(uploads)}
+    stack = LocalStack(
+        settings, port=port, concurrency=concurrency, imports=tuple(imports), extra_env=extra_env
+    )
     with ExitStack() as cleanup:
         with console.status("starting gateway and worker…"):
             stack.start()
@@ -42,8 +50,11 @@ def up(
         if uploads is not None:
             from hostgpu.pipelines.uploads import UploadServer
 
+            # The hook only queues jobs: it gets a submit token, not the admin one.
+            with Client(stack.url, stack.admin_token()) as api:
+                hook_token = api.create_token("uploads hook", "submit")["token"]
             server = UploadServer(
-                uploads, gateway=stack.url, token=stack.admin_token(), home=settings.home_dir
+                uploads, gateway=stack.url, token=hook_token, home=settings.home_dir
             )
             server.start()
             cleanup.callback(server.stop)
