@@ -1,11 +1,11 @@
 """hostgpu: run accelerator work where the accelerator really is.
 
-    import hostgpu
+import hostgpu
 
-    @hostgpu.function(gpu="mps")
-    def embed(texts: list[str]) -> list[list[float]]:
-        device = hostgpu.device()   # the accelerator the worker leased for this job
-        ...
+@hostgpu.function(gpu="mps")
+def embed(texts: list[str]) -> list[list[float]]:
+    device = hostgpu.device()   # the accelerator the worker leased for this job
+    ...
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ def hostgpu(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")}
     env.update(HOSTGPU_HOME=str(home), COLUMNS="200", HF_HUB_OFFLINE="1")
     done = subprocess.run(
-        [sys.executable, "-m", "hostgpu", *args], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "hostgpu", *args],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     if check:
@@ -37,7 +40,10 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "hostgpu", "up", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 90
     url = f"http://127.0.0.1:{port}"
@@ -45,8 +51,11 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         if token_file.exists():
-            reply = httpx.get(f"{url}/v1/workers", params={"alive": True},
-                              headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+            reply = httpx.get(
+                f"{url}/v1/workers",
+                params={"alive": True},
+                headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
+            )
             if reply.status_code == 200 and reply.json()["workers"]:
                 break
         time.sleep(0.2)
@@ -99,6 +108,18 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
 
 def test_worker_install_prints_service_files(home: Path) -> None:
     for platform, needle in (("darwin", "<key>KeepAlive</key>"), ("linux", "[Service]")):
-        out = hostgpu(home, "worker", "install", "--platform", platform, "--print",
-                      "--gateway", "http://gw:8765", "--token", "hgw_x", "--import", "my.tasks").stdout
+        out = hostgpu(
+            home,
+            "worker",
+            "install",
+            "--platform",
+            platform,
+            "--print",
+            "--gateway",
+            "http://gw:8765",
+            "--token",
+            "hgw_x",
+            "--import",
+            "my.tasks",
+        ).stdout
         assert needle in out and "my.tasks" in out and "http://gw:8765" in out

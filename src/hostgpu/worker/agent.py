@@ -271,9 +271,7 @@ class WorkerAgent:
             wait = self.config.lease_wait if not self.pool.running() else 0.5
             try:
                 leases = self._retrying(
-                    functools.partial(
-                        client.lease, self._require_id(), max_jobs=room, wait=wait
-                    )
+                    functools.partial(client.lease, self._require_id(), max_jobs=room, wait=wait)
                 )
             except NotFound:
                 self.register(client)

@@ -38,7 +38,7 @@ from hostgpu import context
 Outcome = tuple[bool, Any, "dict[str, Any] | None", bool, float, float]
 
 PICKLE_REFUSED = (
-    "pickled arguments are only accepted by functions declared with serializer=\"pickle\" "
+    'pickled arguments are only accepted by functions declared with serializer="pickle" '
     "(trusted callers only); {function} takes JSON arguments"
 )
 

@@ -12,6 +12,7 @@ replaces it and the worker carries on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -97,7 +98,7 @@ class ChildPool:
         self.on_result = on_result
         self.preload = tuple(preload)
         self.env = dict(env or {})
-        self._ctx = multiprocessing.get_context(mp_context)
+        self._ctx: Any = multiprocessing.get_context(mp_context)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: deque[tuple[Task, float]] = deque()
@@ -129,10 +130,8 @@ class ChildPool:
         self._thread.start()
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # closing
             self._wake_w.send_bytes(b"!")
-        except OSError:  # pragma: no cover - closing
-            pass
 
     # -- the public, thread-safe surface ------------------------------------------------------
     def submit(self, task: Task) -> None:
@@ -168,8 +167,11 @@ class ChildPool:
                         self._kill(c)
                         return True
                 return False
-        self._deliver(self._failure(dropped, "cancelled", "Cancelled", "the job was cancelled",
-                                    retryable=False))
+        self._deliver(
+            self._failure(
+                dropped, "cancelled", "Cancelled", "the job was cancelled", retryable=False
+            )
+        )
         return True
 
     def wait_idle(self, timeout: float | None) -> bool:
@@ -194,10 +196,8 @@ class ChildPool:
                     c.task = None
                     self._kill(c)
                 else:
-                    try:
+                    with contextlib.suppress(OSError):
                         c.conn.send(None)
-                    except OSError:
-                        pass
             children = list(self._children)
         self._wake()
         if self._thread is not None:
@@ -214,10 +214,8 @@ class ChildPool:
     @staticmethod
     def _kill(c: _Child) -> None:
         if c.proc.pid is not None and c.proc.is_alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(c.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def _dispatch(self) -> None:
         """Hand queued tasks to idle, ready children (lock held)."""
@@ -229,13 +227,18 @@ class ChildPool:
                 now = time.monotonic()
                 c.task, c.submitted_at, c.started_at = task, submitted, now
                 c.deadline = now + task.timeout_s
-                try:
+                # An OSError means the child is dying; its sentinel will explain.
+                with contextlib.suppress(OSError):
                     c.conn.send(
-                        ("run", task.job_id, task.function, task.payload, task.serializer,
-                         task.device)
+                        (
+                            "run",
+                            task.job_id,
+                            task.function,
+                            task.payload,
+                            task.serializer,
+                            task.device,
+                        )
                     )
-                except OSError:
-                    pass  # the child is dying; its sentinel will explain
 
     def _supervise(self) -> None:
         while True:
@@ -248,8 +251,11 @@ class ChildPool:
                     if c.task is not None and c.killed_for is None and now >= c.deadline:
                         c.killed_for = "timeout"
                         self._kill(c)
-                deadlines = [c.deadline for c in self._children
-                             if c.task is not None and c.killed_for is None]
+                deadlines = [
+                    c.deadline
+                    for c in self._children
+                    if c.task is not None and c.killed_for is None
+                ]
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 by_conn = {c.conn: c for c in self._children}
                 by_sentinel = {c.proc.sentinel: c for c in self._children}
@@ -261,14 +267,16 @@ class ChildPool:
                 if self._wake_r in ready:
                     while self._wake_r.poll():
                         self._wake_r.recv_bytes()
+                # Messages first: a child that sent its result and then died has
+                # finished its job; only then look at which children exited.
                 for obj in ready:
-                    c = by_conn.get(obj)  # type: ignore[call-overload]
-                    if c is not None and c.killed_for is None:
-                        results += self._receive(c)
+                    talker = by_conn.get(obj)  # type: ignore[call-overload]
+                    if talker is not None and talker.killed_for is None:
+                        results += self._receive(talker)
                 for obj in ready:
-                    c = by_sentinel.get(obj)  # type: ignore[call-overload]
-                    if c is not None and c in self._children:
-                        results += self._replace(c)
+                    exited = by_sentinel.get(obj)
+                    if exited is not None and exited in self._children:
+                        results += self._replace(exited)
                 self._dispatch()
                 self._changed.notify_all()
             for result in results:
@@ -288,24 +296,26 @@ class ChildPool:
                 if message[2]:
                     log.warning("preloading failed in a worker child: %s", "; ".join(message[2]))
             elif message[0] == "done" and c.task is not None:
-                _, job_id, ok, result, error, retryable, import_s, run_s = message
+                _, _job_id, ok, result, error, retryable, import_s, run_s = message
                 task, c.task = c.task, None
                 done = time.monotonic()
-                out.append(TaskResult(
-                    job_id=task.job_id,
-                    lease_token=task.lease_token,
-                    status="succeeded" if ok else "failed",
-                    result=result,
-                    error=error,
-                    retryable=retryable,
-                    device=task.device,
-                    timings={
-                        "queue_s": c.started_at - c.submitted_at,
-                        "import_s": import_s,
-                        "run_s": run_s,
-                        "total_s": done - c.submitted_at,
-                    },
-                ))
+                out.append(
+                    TaskResult(
+                        job_id=task.job_id,
+                        lease_token=task.lease_token,
+                        status="succeeded" if ok else "failed",
+                        result=result,
+                        error=error,
+                        retryable=retryable,
+                        device=task.device,
+                        timings={
+                            "queue_s": c.started_at - c.submitted_at,
+                            "import_s": import_s,
+                            "run_s": run_s,
+                            "total_s": done - c.submitted_at,
+                        },
+                    )
+                )
 
     def _replace(self, c: _Child) -> list[TaskResult]:
         """A child exited: explain its job's end and start a fresh child in its place."""
@@ -314,26 +324,51 @@ class ChildPool:
         if c.task is not None:
             task = c.task
             if c.killed_for == "timeout":
-                out.append(self._failure(
-                    task, "timeout", "TimeoutError",
-                    f"job exceeded its timeout of {task.timeout_s:g} s and was killed",
-                    retryable=True, started=c.started_at, submitted=c.submitted_at))
+                out.append(
+                    self._failure(
+                        task,
+                        "timeout",
+                        "TimeoutError",
+                        f"job exceeded its timeout of {task.timeout_s:g} s and was killed",
+                        retryable=True,
+                        started=c.started_at,
+                        submitted=c.submitted_at,
+                    )
+                )
             elif c.killed_for == "cancelled":
-                out.append(self._failure(task, "cancelled", "Cancelled",
-                                         "the job was cancelled and its process killed",
-                                         retryable=False, started=c.started_at,
-                                         submitted=c.submitted_at))
+                out.append(
+                    self._failure(
+                        task,
+                        "cancelled",
+                        "Cancelled",
+                        "the job was cancelled and its process killed",
+                        retryable=False,
+                        started=c.started_at,
+                        submitted=c.submitted_at,
+                    )
+                )
             else:
-                crash = c.crash_log.read_text(errors="replace")[-4000:] if c.crash_log.exists() else ""
-                out.append(self._failure(
-                    task, "crash", "WorkerChildDied",
-                    f"worker child died with {_signal_name(c.proc.exitcode)} while running "
-                    "the job (the worker survived; a native crash, os._exit or an OOM kill)",
-                    retryable=True, traceback=crash, started=c.started_at,
-                    submitted=c.submitted_at))
+                crash = (
+                    c.crash_log.read_text(errors="replace")[-4000:] if c.crash_log.exists() else ""
+                )
+                out.append(
+                    self._failure(
+                        task,
+                        "crash",
+                        "WorkerChildDied",
+                        f"worker child died with {_signal_name(c.proc.exitcode)} while running "
+                        "the job (the worker survived; a native crash, os._exit or an OOM kill)",
+                        retryable=True,
+                        traceback=crash,
+                        started=c.started_at,
+                        submitted=c.submitted_at,
+                    )
+                )
         elif not self._closing:
-            log.warning("a worker child exited with %s while idle; replacing it",
-                        _signal_name(c.proc.exitcode))
+            log.warning(
+                "a worker child exited with %s while idle; replacing it",
+                _signal_name(c.proc.exitcode),
+            )
         c.conn.close()
         c.crash_log.unlink(missing_ok=True)
         index = self._children.index(c)
@@ -358,8 +393,11 @@ class ChildPool:
         now = time.monotonic()
         timings = {}
         if started is not None and submitted is not None:
-            timings = {"queue_s": started - submitted, "run_s": now - started,
-                       "total_s": now - submitted}
+            timings = {
+                "queue_s": started - submitted,
+                "run_s": now - started,
+                "total_s": now - submitted,
+            }
         return TaskResult(
             job_id=task.job_id,
             lease_token=task.lease_token,
