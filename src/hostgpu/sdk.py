@@ -12,6 +12,7 @@ embed.map(batches)            # many jobs, results in order, with a progress bar
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import pickle
 import sys
@@ -241,7 +242,7 @@ class Function(Generic[P, R]):
                 remaining = 10.0 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeout(f"{len(pending)} of {len(items)} jobs unfinished")
-                window = list(pending)[: batch_size * 4]
+                window = list(itertools.islice(pending, 1000))
                 for job in client.wait(window, timeout=min(10.0, remaining)):
                     index = pending.pop(job.id)
                     if job.state is JobState.succeeded:

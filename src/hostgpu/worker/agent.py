@@ -113,6 +113,7 @@ class WorkerAgent:
         self._lock = threading.Lock()
         self.pool = ChildPool(config.concurrency, self._on_result, preload=tuple(config.modules))
         self.completed = 0
+        self._mean_run_s: float | None = None
 
     # -- gateway calls, retried while the gateway is away ------------------------------------
     def _client(self) -> Client:
@@ -147,6 +148,11 @@ class WorkerAgent:
 
     # -- results -------------------------------------------------------------------------------
     def _on_result(self, result: TaskResult) -> None:
+        run_s = result.timings.get("run_s")
+        if run_s is not None:
+            # An exponential moving average: recent jobs count most.
+            previous = self._mean_run_s
+            self._mean_run_s = run_s if previous is None else 0.8 * previous + 0.2 * run_s
         with self._lock:
             self._leases.pop(result.job_id, None)
             self._started.discard(result.job_id)
@@ -255,9 +261,24 @@ class WorkerAgent:
             self.pool.cancel(job_id)
 
     # -- the lease loop ------------------------------------------------------------------------
+    def _prefetch(self) -> int:
+        """Extra jobs per child to hold in hand, from how long jobs have been taking.
+
+        Short jobs would leave children idle between lease round trips, so the worker
+        leases ahead (up to 32 per child for jobs of a few ms); jobs of a second or more
+        are only leased when a child is free, so they stay available to other workers.
+        """
+        mean = self._mean_run_s
+        if mean is None:
+            return 1
+        if mean >= 1.0:
+            return 0
+        return max(1, min(32, int(0.1 / max(mean, 1e-4))))
+
     def _capacity(self) -> int:
-        # Keep up to one extra job per child queued, so a child never waits for a lease.
-        return self.config.concurrency + self.pool.free_slots()
+        limit = self.config.concurrency * (1 + self._prefetch())
+        in_pool = self.config.concurrency - self.pool.free_slots()
+        return limit - in_pool
 
     def _lease_loop(self, client: Client) -> None:
         while not self._stop.is_set():
