@@ -48,6 +48,8 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per HTTP request is noise at INFO; hostgpu logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         app()
     except HostGPUError as exc:
