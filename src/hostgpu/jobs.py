@@ -12,8 +12,12 @@ from pydantic import BaseModel, Field, field_validator
 from hostgpu.capabilities import Device
 
 #: A job's function: "package.module:qualname", or a built-in pipeline name.
-FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-GPU_RE = re.compile(r"^(mps|cuda|gpu|cpu|any|mlx|cuda:[^\s]{1,100})$")
+FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+# ASCII classes only: the same pattern is published in the OpenAPI schema, and Python's and
+# JSON Schema's ideas of \S (and of `$` before a newline) differ.
+GPU_PATTERN = r"^(mps|cuda|gpu|cpu|any|mlx|cuda:[A-Za-z0-9_. ()-]{1,100})$"
+FUNCTION_RE = re.compile(FUNCTION_PATTERN)
+GPU_RE = re.compile(GPU_PATTERN)
 
 
 class JobState(enum.StrEnum):
@@ -39,6 +43,7 @@ class Requirements(BaseModel):
     gpu: str = Field(
         default="any",
         description="mps | cuda | cuda:<name substring> | gpu (any accelerator) | cpu | any",
+        json_schema_extra={"pattern": GPU_PATTERN},
     )
     min_memory_gb: float | None = Field(default=None, ge=0, le=100_000)
     labels: dict[str, str] = Field(default_factory=dict)
@@ -46,8 +51,7 @@ class Requirements(BaseModel):
     @field_validator("gpu")
     @classmethod
     def _check_gpu(cls, value: str) -> str:
-        value = value.strip()
-        if not GPU_RE.match(value):
+        if not GPU_RE.fullmatch(value):
             raise ValueError(
                 f"gpu must be one of mps, cuda, cuda:<name>, gpu, cpu, any (got {value!r})"
             )
@@ -75,7 +79,11 @@ class JobSpec(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    function: str = Field(max_length=300, description="module:qualname of the function")
+    function: str = Field(
+        max_length=300,
+        description="module:qualname of the function",
+        json_schema_extra={"pattern": FUNCTION_PATTERN},
+    )
     payload: Any = Field(default=None, description="JSON payload (args/kwargs envelope)")
     serializer: Literal["json", "pickle"] = "json"
     requirements: Requirements = Field(default_factory=Requirements)
@@ -88,7 +96,7 @@ class JobSpec(BaseModel):
     @field_validator("function")
     @classmethod
     def _check_function(cls, value: str) -> str:
-        if not FUNCTION_RE.match(value):
+        if not FUNCTION_RE.fullmatch(value):
             raise ValueError("function must look like 'package.module:function'")
         return value
 

@@ -51,12 +51,17 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         if token_file.exists():
-            reply = httpx.get(
-                f"{url}/v1/workers",
-                params={"alive": True},
-                headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
-            )
-            if reply.status_code == 200 and reply.json()["workers"]:
+            # The token is written before the gateway listens: refused connections are
+            # expected for a moment.
+            try:
+                reply = httpx.get(
+                    f"{url}/v1/workers",
+                    params={"alive": True},
+                    headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
+                )
+            except httpx.TransportError:
+                reply = None
+            if reply is not None and reply.status_code == 200 and reply.json()["workers"]:
                 break
         time.sleep(0.2)
     else:

@@ -30,6 +30,7 @@ from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.routes import admin, hooks, jobs, tokens, workers
+from hostgpu.gateway.schemas import ERROR_RESPONSES
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
@@ -114,7 +115,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.metrics = metrics
 
     for router in (jobs.router, workers.router, tokens.router, admin.router, hooks.router):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
 
     _install_error_handlers(app)
 
@@ -124,7 +125,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         await to_thread.run_sync(store.count_by_state)
         return {"status": "ok", "version": hostgpu.__version__}
 
-    @app.get("/metrics", tags=["system"], response_class=Response)
+    @app.get("/metrics", tags=["system"], response_class=Response, responses=ERROR_RESPONSES)
     async def prometheus(_: AdminToken) -> Response:
         """Prometheus metrics (scope: admin)."""
         body = await to_thread.run_sync(generate_latest, metrics.registry)

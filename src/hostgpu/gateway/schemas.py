@@ -11,6 +11,33 @@ from hostgpu.store.interface import Scope
 MAX_BATCH = 5000
 
 
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """Every error response: a sentence saying what is wrong and what to do."""
+
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": Problem, "description": text}
+    for status, text in {
+        400: "The request cannot be carried out",
+        401: "Missing, invalid or revoked token",
+        403: "The token's scope does not allow this",
+        404: "No such job, worker or token",
+        409: "The object's state does not allow this",
+        413: "The request body is over the limit",
+        422: "The request does not match the schema",
+    }.items()
+}
+
+
 class JobBatch(BaseModel):
     model_config = {"extra": "forbid"}
     jobs: list[JobSpec] = Field(min_length=1, max_length=MAX_BATCH)

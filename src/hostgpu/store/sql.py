@@ -453,9 +453,16 @@ class SQLStore(Store):
                 if row.lease_token == wanted[row.id]
             ]
             if held:
+                # Re-check the fence in the UPDATE itself: under READ COMMITTED another
+                # gateway may have re-leased a job between the SELECT and here, and its new
+                # holder's lease is not ours to extend. Tokens are unique per lease.
                 conn.execute(
                     update(jobs)
-                    .where(jobs.c.id.in_(held))
+                    .where(
+                        jobs.c.id.in_(held),
+                        jobs.c.state.in_(ACTIVE),
+                        jobs.c.lease_token.in_([wanted[job_id] for job_id in held]),
+                    )
                     .values(lease_expires_at=now + lease_seconds)
                 )
         held_set = set(held)

@@ -232,11 +232,16 @@ class WorkerAgent:
     def _mark_started(self, now: float) -> None:
         # Short jobs finish before anyone looks; only jobs still running after
         # `started_after` cost a write to say so.
+        # Only jobs a child is really running count: prefetched jobs still waiting for a
+        # child are leased, not started.
+        executing = self.pool.executing()
         with self._lock:
             fresh = [
                 lease
                 for job_id, (lease, at) in self._leases.items()
-                if job_id not in self._started and now - at >= self.config.started_after
+                if job_id in executing
+                and job_id not in self._started
+                and now - at >= self.config.started_after
             ]
             self._started.update(lease.job_id for lease in fresh)
         for lease in fresh:
@@ -276,9 +281,10 @@ class WorkerAgent:
         return max(1, min(32, int(0.1 / max(mean, 1e-4))))
 
     def _capacity(self) -> int:
+        # Everything in the pool counts, queued tasks included: the pool's free_slots() is
+        # floored at zero and would hide how far past the limit the worker already is.
         limit = self.config.concurrency * (1 + self._prefetch())
-        in_pool = self.config.concurrency - self.pool.free_slots()
-        return limit - in_pool
+        return limit - len(self.pool.running())
 
     def _lease_loop(self, client: Client) -> None:
         while not self._stop.is_set():

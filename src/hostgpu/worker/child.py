@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any, TextIO
 
@@ -63,6 +64,24 @@ class _Resolved:
 
 
 _cache: dict[str, _Resolved] = {}
+
+
+def _rebuild_fd(dup: Any) -> int:
+    return int(dup.detach())
+
+
+class InheritedFd:
+    """A file descriptor handed to a spawned child as a ``Process`` argument.
+
+    The parent passes an already-unlinked temporary file this way, so faulthandler's dump of
+    a crashing child can be read back and nothing is left on disk if the parent is killed.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return _rebuild_fd, (reduction.DupFd(self.fd),)
 
 
 def resolve(function: str) -> tuple[_Resolved, float]:
@@ -243,17 +262,19 @@ def main(
     conn: Connection,
     preload: Sequence[str],
     env: Mapping[str, str] | None,
-    crash_log: str | None = None,
+    crash_fd: int | InheritedFd | None = None,
 ) -> None:
     """Entry point of a child process (the target of ``multiprocessing.Process``)."""
     # Ctrl-C reaches the whole process group; the parent decides how to shut down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     crash_file: TextIO | None = None
-    if crash_log:
+    if isinstance(crash_fd, InheritedFd):  # "fork" passes arguments without pickling
+        crash_fd = crash_fd.fd
+    if crash_fd is not None:
         try:
-            crash_file = open(crash_log, "w")  # noqa: SIM115 - must stay open for faulthandler
+            crash_file = os.fdopen(crash_fd, "w")
             faulthandler.enable(file=crash_file, all_threads=True)
-        except OSError:
+        except (OSError, ValueError):
             crash_file = None
     if env:
         os.environ.update(env)

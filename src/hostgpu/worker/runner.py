@@ -1,19 +1,22 @@
-"""Long-lived child processes that run jobs, and the supervisor that watches them.
+"""Run jobs in a pool of long-lived child processes.
 
-Each child is started with ``spawn`` (MPS and CUDA state does not survive ``fork``) and
-runs many jobs, so imports and models a job caches stay warm. One supervisor thread
-multiplexes every child's pipe and process sentinel with
-:func:`multiprocessing.connection.wait`, so dispatch costs no thread per job and no
-polling. A job that overruns its timeout, or that the gateway cancels, is stopped by
-killing its child (a hung CUDA call cannot be interrupted politely); a child that dies
-(segfault, ``os._exit``, OOM kill) fails only its own job. Either way a fresh child
-replaces it and the worker carries on.
+:class:`ChildPool` keeps ``concurrency`` children started with ``spawn``; each runs one job at a
+time and lives on, so imports and module-level caches (loaded models) stay warm between jobs.
+One supervisor thread waits on every child's pipe and process sentinel with
+:func:`multiprocessing.connection.wait`, with a timeout equal to the nearest job deadline, and
+dispatches queued tasks to free children. A job past its timeout, a cancelled job, and a child
+that dies are all handled by killing (or burying) the child and starting a replacement; the pool
+and the parent process carry on.
+
+``on_result`` is called from the supervisor thread, once per task, except for the tasks that
+:meth:`ChildPool.stop` returns (those are handed back to the caller instead).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -24,30 +27,37 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
-from typing import Any
+from multiprocessing.reduction import ForkingPickler
+from typing import IO, Any
 
 from hostgpu.worker import child as child_module
 
-log = logging.getLogger("hostgpu.worker.runner")
+log = logging.getLogger("hostgpu.worker")
+
+_STOP_CHILD_TIMEOUT = 5.0
+_CRASH_LOG_LIMIT = 64 * 1024
 
 
 @dataclass
 class Task:
+    """One job attempt handed to the pool."""
+
     job_id: str
     lease_token: str
-    function: str
-    payload: Any
-    serializer: str
+    function: str  # "package.module:qualname"
+    payload: Any  # json: {"args": [...], "kwargs": {...}} or None; pickle: base64 str
+    serializer: str  # "json" | "pickle"
     timeout_s: float
-    device: str
+    device: str  # torch device string: "cpu", "cuda:0", "mps"
 
 
 @dataclass
 class TaskResult:
+    """What happened to a task; ``error`` has type, message, traceback and kind."""
+
     job_id: str
     lease_token: str
-    status: str
+    status: str  # "succeeded" | "failed"
     result: Any = None
     error: dict[str, Any] | None = None
     retryable: bool = True
@@ -55,33 +65,42 @@ class TaskResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
 class _Child:
-    proc: Any
-    conn: Connection
-    crash_log: Path
-    ready: bool = False
-    task: Task | None = None
-    submitted_at: float = 0.0
-    started_at: float = 0.0
-    deadline: float = 0.0
-    #: Why the supervisor killed it ("timeout" or "cancelled"), so its death is explained.
-    killed_for: str | None = None
+    __slots__ = (
+        "conn",
+        "crash_log",
+        "deadline",
+        "dispatched_at",
+        "kill_reason",
+        "pid",
+        "proc",
+        "state",
+        "submitted_at",
+        "task",
+    )
+
+    def __init__(self, proc: Any, conn: Connection, crash_log: IO[bytes] | None) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.crash_log = crash_log
+        self.pid: int | None = proc.pid
+        self.state = "starting"  # starting | idle | busy | broken | dead
+        self.task: Task | None = None
+        self.submitted_at = 0.0
+        self.dispatched_at = 0.0
+        self.deadline = math.inf
+        self.kill_reason: str | None = None  # "timeout" | "cancel" | "stop"
 
 
-def _signal_name(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "an unknown cause"
-    if exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
 
 
 class ChildPool:
-    """``concurrency`` children, a queue of tasks, and results through ``on_result``."""
+    """A fixed number of long-lived child processes that run :class:`Task` objects."""
 
     def __init__(
         self,
@@ -95,309 +114,394 @@ class ChildPool:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.concurrency = concurrency
-        self.on_result = on_result
-        self.preload = tuple(preload)
-        self.env = dict(env or {})
-        self._ctx: Any = multiprocessing.get_context(mp_context)
+        self._on_result = on_result
+        self._preload = list(preload)
+        self._env = dict(env) if env else None
+        self._ctx = multiprocessing.get_context(mp_context)
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self._idle_cond = threading.Condition(self._lock)
         self._queue: deque[tuple[Task, float]] = deque()
         self._children: list[_Child] = []
-        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
-        self._thread: threading.Thread | None = None
-        self._closing = False
+        self._by_obj: dict[Any, _Child] = {}
+        self._wait_objs: list[Any] = []
+        self._objs_dirty = True
+        self._respawn_due: list[float] = []
+        self._startup_failures = 0
+        self._preload_warned: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_pending = False
+        self._wait_until = math.inf
+        self._started = False
         self._accepting = True
-        self._logdir = Path(tempfile.mkdtemp(prefix="hostgpu-children-"))
+        self._closing = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._pending: list[TaskResult] = []  # reports made outside the supervisor
+        self._undelivered = 0  # reports taken off the books but not yet given to on_result
 
-    # -- children ---------------------------------------------------------------------------
-    def _spawn(self) -> _Child:
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        crash_log = self._logdir / f"crash-{time.monotonic_ns()}.log"
-        proc = self._ctx.Process(
-            target=child_module.main,
-            args=(child_end, self.preload, self.env, str(crash_log)),
-            name="hostgpu-child",
-            daemon=True,
-        )
-        proc.start()
-        child_end.close()
-        return _Child(proc=proc, conn=parent_end, crash_log=crash_log)
+    # -- public API -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Spawn the children; each imports the preload modules once."""
         with self._lock:
-            self._children = [self._spawn() for _ in range(self.concurrency)]
-        self._thread = threading.Thread(target=self._supervise, name="hostgpu-pool", daemon=True)
-        self._thread.start()
+            if self._started:
+                return
+            self._started = True
+            for _ in range(self.concurrency):
+                self._spawn_locked()
+            self._thread = threading.Thread(
+                target=self._supervise, name="hostgpu-child-supervisor", daemon=True
+            )
+            self._thread.start()
 
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # closing
-            self._wake_w.send_bytes(b"!")
-
-    # -- the public, thread-safe surface ------------------------------------------------------
     def submit(self, task: Task) -> None:
+        """Queue a task; it runs as soon as a child is free. Never blocks."""
+        now = time.monotonic()
         with self._lock:
             if not self._accepting:
-                raise RuntimeError("the pool is stopping")
-            self._queue.append((task, time.monotonic()))
-        self._wake()
+                raise RuntimeError("the child pool is stopping and accepts no more tasks")
+            self._queue.append((task, now))
+            if self._started:
+                deadline = self._dispatch_locked(now)
+                if deadline < self._wait_until:
+                    self._wake_locked()
 
     def free_slots(self) -> int:
+        """How many more tasks would start right away: concurrency - (running + queued)."""
         with self._lock:
+            if not self._accepting:
+                return 0
             busy = sum(1 for c in self._children if c.task is not None)
-            return self.concurrency - busy - len(self._queue)
+            return max(0, self.concurrency - busy - len(self._queue))
+
+    def executing(self) -> set[str]:
+        """The job ids of the tasks a child is running now (not those waiting for one)."""
+        with self._lock:
+            return {c.task.job_id for c in self._children if c.task is not None}
 
     def running(self) -> list[Task]:
+        """The tasks in a child or waiting for one."""
         with self._lock:
-            return [c.task for c in self._children if c.task is not None] + [
-                t for t, _ in self._queue
-            ]
+            tasks = [c.task for c in self._children if c.task is not None]
+            tasks.extend(t for t, _ in self._queue)
+            return tasks
 
     def cancel(self, job_id: str) -> bool:
-        dropped: Task | None = None
+        """Drop a queued task or kill the child running it; False when the pool does not have it.
+
+        Either way ``on_result`` gets a failed result of kind "cancelled" (not retryable).
+        """
+        report: TaskResult | None = None
         with self._lock:
-            for index, (task, _) in enumerate(self._queue):
+            for i, (task, submitted) in enumerate(self._queue):
                 if task.job_id == job_id:
-                    dropped = task
-                    del self._queue[index]
+                    del self._queue[i]
+                    report = self._failure(
+                        task,
+                        "cancelled",
+                        "JobCancelled",
+                        "the job was cancelled before it started",
+                        retryable=False,
+                        submitted_at=submitted,
+                    )
+                    if self._thread is not None and not self._closing:
+                        # on_result always runs on the supervisor thread while it runs
+                        self._pending.append(report)
+                        self._wake_locked()
+                        report = None
+                    self._notify_idle_locked()
                     break
             else:
                 for c in self._children:
                     if c.task is not None and c.task.job_id == job_id:
-                        c.killed_for = "cancelled"
-                        self._kill(c)
+                        if c.kill_reason is None:
+                            c.kill_reason = "cancel"
+                            self._kill(c)
+                            self._wake_locked()
                         return True
                 return False
-        self._deliver(
-            self._failure(
-                dropped, "cancelled", "Cancelled", "the job was cancelled", retryable=False
-            )
-        )
+        self._deliver(report)
         return True
 
     def wait_idle(self, timeout: float | None) -> bool:
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: not self._queue and all(c.task is None for c in self._children), timeout
-            )
+        """Wait until nothing is queued or running; False if ``timeout`` passed first."""
+        with self._idle_cond:
+            return self._idle_cond.wait_for(self._is_idle_locked, timeout)
 
     def stop(self, *, cold: bool = False, grace: float = 30.0) -> list[Task]:
-        """Stop the children; return tasks that did not finish (on_result is not called)."""
+        """Stop the pool and return the tasks that did not finish (without reporting them).
+
+        Warm (default): accept nothing more, hand back queued tasks, let running tasks finish
+        for up to ``grace`` seconds, then stop the children. Cold, or past the grace: SIGKILL.
+        """
         with self._lock:
+            if self._stopped:
+                return []
+            self._stopped = True
             self._accepting = False
-        if not cold:
-            self.wait_idle(grace)
-        with self._lock:
-            self._closing = True
             unfinished = [t for t, _ in self._queue]
             self._queue.clear()
+            if not cold and self._started:
+                self._idle_cond.wait_for(
+                    lambda: all(c.task is None for c in self._children), max(grace, 0.0)
+                )
             for c in self._children:
                 if c.task is not None:
-                    unfinished.append(c.task)
-                    c.task = None
+                    if c.kill_reason != "cancel":  # a cancelled task is reported, not returned
+                        unfinished.append(c.task)
+                        c.task = None
+                    c.kill_reason = c.kill_reason or "stop"
                     self._kill(c)
-                else:
-                    with contextlib.suppress(OSError):
-                        c.conn.send(None)
-            children = list(self._children)
-        self._wake()
+            if cold:
+                for c in self._children:
+                    self._kill(c)
+            self._closing = True
+            self._wake_locked()
+            self._notify_idle_locked()
         if self._thread is not None:
-            self._thread.join(timeout=10)
-        for c in children:
-            c.proc.join(timeout=5)
-            if c.proc.is_alive():
-                self._kill(c)
-                c.proc.join(timeout=5)
-            c.conn.close()
+            self._thread.join()
+        self._shutdown_children(cold)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         return unfinished
 
-    # -- supervision ------------------------------------------------------------------------------
-    @staticmethod
-    def _kill(c: _Child) -> None:
-        if c.proc.pid is not None and c.proc.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(c.proc.pid, signal.SIGKILL)
+    # -- children ---------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        """Hand queued tasks to idle, ready children (lock held)."""
-        for c in self._children:
-            if not self._queue:
-                return
-            if c.ready and c.task is None and c.killed_for is None:
-                task, submitted = self._queue.popleft()
-                now = time.monotonic()
-                c.task, c.submitted_at, c.started_at = task, submitted, now
-                c.deadline = now + task.timeout_s
-                # An OSError means the child is dying; its sentinel will explain.
-                with contextlib.suppress(OSError):
-                    c.conn.send(
-                        (
-                            "run",
-                            task.job_id,
-                            task.function,
-                            task.payload,
-                            task.serializer,
-                            task.device,
-                        )
-                    )
+    def _spawn_locked(self) -> _Child:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        # faulthandler in the child writes a crash's Python traceback into this unlinked file.
+        crash_log: IO[bytes] | None = None
+        with contextlib.suppress(OSError):
+            crash_log = tempfile.TemporaryFile(prefix="hostgpu-child-")  # noqa: SIM115
+        crash_fd = child_module.InheritedFd(crash_log.fileno()) if crash_log else None
+        proc = self._ctx.Process(  # type: ignore[attr-defined]
+            target=child_module.main,
+            args=(child_conn, self._preload, self._env, crash_fd),
+            name="hostgpu-child",
+            daemon=True,
+        )
+        proc.start()
+        child_conn.close()
+        c = _Child(proc, parent_conn, crash_log)
+        self._children.append(c)
+        self._by_obj[parent_conn] = c
+        self._by_obj[proc.sentinel] = c
+        self._objs_dirty = True
+        return c
 
-    def _supervise(self) -> None:
-        while True:
-            with self._lock:
-                if self._closing:
-                    return
-                self._dispatch()
-                now = time.monotonic()
-                for c in self._children:
-                    if c.task is not None and c.killed_for is None and now >= c.deadline:
-                        c.killed_for = "timeout"
-                        self._kill(c)
-                deadlines = [
-                    c.deadline
-                    for c in self._children
-                    if c.task is not None and c.killed_for is None
-                ]
-                timeout = max(0.0, min(deadlines) - now) if deadlines else None
-                by_conn = {c.conn: c for c in self._children}
-                by_sentinel = {c.proc.sentinel: c for c in self._children}
-            ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout)
-            results: list[TaskResult] = []
-            with self._lock:
-                if self._closing:
-                    return
-                if self._wake_r in ready:
-                    while self._wake_r.poll():
-                        self._wake_r.recv_bytes()
-                # Messages first: a child that sent its result and then died has
-                # finished its job; only then look at which children exited.
-                for obj in ready:
-                    talker = by_conn.get(obj)  # type: ignore[call-overload]
-                    if talker is not None and talker.killed_for is None:
-                        results += self._receive(talker)
-                for obj in ready:
-                    exited = by_sentinel.get(obj)
-                    if exited is not None and exited in self._children:
-                        results += self._replace(exited)
-                self._dispatch()
-                self._changed.notify_all()
-            for result in results:
-                self._deliver(result)
+    def _kill(self, c: _Child) -> None:
+        if c.state == "dead":
+            return
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            c.proc.kill()
 
-    def _receive(self, c: _Child) -> list[TaskResult]:
-        out: list[TaskResult] = []
-        while True:
-            try:
-                if not c.conn.poll():
-                    return out
-                message = c.conn.recv()
-            except (EOFError, OSError):
-                return out  # the sentinel reports the death
-            if message[0] == "ready":
-                c.ready = True
-                if message[2]:
-                    log.warning("preloading failed in a worker child: %s", "; ".join(message[2]))
-            elif message[0] == "done" and c.task is not None:
-                _, _job_id, ok, result, error, retryable, import_s, run_s = message
-                task, c.task = c.task, None
-                done = time.monotonic()
-                out.append(
-                    TaskResult(
-                        job_id=task.job_id,
-                        lease_token=task.lease_token,
-                        status="succeeded" if ok else "failed",
-                        result=result,
-                        error=error,
-                        retryable=retryable,
-                        device=task.device,
-                        timings={
-                            "queue_s": c.started_at - c.submitted_at,
-                            "import_s": import_s,
-                            "run_s": run_s,
-                            "total_s": done - c.submitted_at,
-                        },
-                    )
+    def _bury_locked(self, c: _Child, now: float) -> TaskResult | None:
+        """The child's process ended: report its task, forget it, start a replacement."""
+        previous_state = c.state
+        c.state = "dead"
+        self._by_obj.pop(c.conn, None)
+        self._by_obj.pop(c.proc.sentinel, None)
+        self._objs_dirty = True
+        with contextlib.suppress(ValueError):
+            self._children.remove(c)
+        c.proc.join(timeout=1.0)
+        code = c.proc.exitcode
+        crash_text = self._read_crash_log(c)
+        with contextlib.suppress(OSError):
+            c.conn.close()
+        with contextlib.suppress(ValueError, AttributeError):
+            c.proc.close()
+        report: TaskResult | None = None
+        task = c.task
+        c.task = None
+        if task is not None:
+            if c.kill_reason == "timeout":
+                report = self._failure(
+                    task,
+                    "timeout",
+                    "TimeoutError",
+                    f"job exceeded its timeout of {float(task.timeout_s)} s and was killed",
+                    retryable=True,
+                    submitted_at=c.submitted_at,
+                    dispatched_at=c.dispatched_at,
+                    now=now,
                 )
-
-    def _replace(self, c: _Child) -> list[TaskResult]:
-        """A child exited: explain its job's end and start a fresh child in its place."""
-        c.proc.join(timeout=1)
-        out: list[TaskResult] = []
-        if c.task is not None:
-            task = c.task
-            if c.killed_for == "timeout":
-                out.append(
-                    self._failure(
-                        task,
-                        "timeout",
-                        "TimeoutError",
-                        f"job exceeded its timeout of {task.timeout_s:g} s and was killed",
-                        retryable=True,
-                        started=c.started_at,
-                        submitted=c.submitted_at,
-                    )
-                )
-            elif c.killed_for == "cancelled":
-                out.append(
-                    self._failure(
-                        task,
-                        "cancelled",
-                        "Cancelled",
-                        "the job was cancelled and its process killed",
-                        retryable=False,
-                        started=c.started_at,
-                        submitted=c.submitted_at,
-                    )
+            elif c.kill_reason == "cancel":
+                report = self._failure(
+                    task,
+                    "cancelled",
+                    "JobCancelled",
+                    "the job was cancelled while running; its worker child was killed",
+                    retryable=False,
+                    submitted_at=c.submitted_at,
+                    dispatched_at=c.dispatched_at,
+                    now=now,
                 )
             else:
-                crash = (
-                    c.crash_log.read_text(errors="replace")[-4000:] if c.crash_log.exists() else ""
+                report = self._failure(
+                    task,
+                    "crash",
+                    "WorkerChildCrashed",
+                    self._describe_exit(code) + " while running the job",
+                    retryable=True,
+                    submitted_at=c.submitted_at,
+                    dispatched_at=c.dispatched_at,
+                    now=now,
+                    traceback=crash_text,
                 )
-                out.append(
-                    self._failure(
-                        task,
-                        "crash",
-                        "WorkerChildDied",
-                        f"worker child died with {_signal_name(c.proc.exitcode)} while running "
-                        "the job (the worker survived; a native crash, os._exit or an OOM kill)",
-                        retryable=True,
-                        traceback=crash,
-                        started=c.started_at,
-                        submitted=c.submitted_at,
-                    )
-                )
-        elif not self._closing:
-            log.warning(
-                "a worker child exited with %s while idle; replacing it",
-                _signal_name(c.proc.exitcode),
-            )
-        c.conn.close()
-        c.crash_log.unlink(missing_ok=True)
-        index = self._children.index(c)
-        if self._closing:
-            self._children.pop(index)
+        elif c.kill_reason is None and not self._closing:
+            when = "while starting" if previous_state == "starting" else "while idle"
+            log.warning("%s (pid %s) %s", self._describe_exit(code), c.pid, when)
+        if not self._accepting and not self._queue:
+            pass  # stopping: no replacement needed
+        elif c.kill_reason in ("timeout", "cancel") or task is not None:
+            self._spawn_locked()
         else:
-            self._children[index] = self._spawn()
-        return out
+            # Died without running anything we gave it (startup crash?): back off.
+            self._startup_failures += 1
+            delay = min(0.1 * 2 ** (self._startup_failures - 1), 10.0)
+            self._respawn_due.append(now + delay)
+        self._notify_idle_locked()
+        return report
 
     @staticmethod
+    def _describe_exit(code: int | None) -> str:
+        if code is None:
+            return "worker child died"
+        if code < 0:
+            name = _signal_name(-code)
+            text = f"worker child died with {name}"
+            if -code == signal.SIGKILL:
+                text += " (killed from outside, for example by the out-of-memory killer)"
+            return text
+        return f"worker child exited with code {code}"
+
+    def _read_crash_log(self, c: _Child) -> str:
+        if not c.crash_log:
+            return ""
+        text = ""
+        with contextlib.suppress(OSError, ValueError):
+            c.crash_log.seek(0)
+            text = c.crash_log.read(_CRASH_LOG_LIMIT).decode("utf-8", "replace")
+        with contextlib.suppress(OSError):
+            c.crash_log.close()
+        c.crash_log = None
+        return text
+
+    def _shutdown_children(self, cold: bool) -> None:
+        with self._lock:
+            children = list(self._children)
+            self._children.clear()
+        if not cold:
+            for c in children:
+                with contextlib.suppress(OSError, ValueError):
+                    c.conn.send(None)
+        deadline = time.monotonic() + (0.0 if cold else _STOP_CHILD_TIMEOUT)
+        for c in children:
+            c.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if c.proc.exitcode is None:
+                self._kill(c)
+                c.proc.join(timeout=5.0)
+            c.state = "dead"
+            self._read_crash_log(c)
+            with contextlib.suppress(OSError):
+                c.conn.close()
+            with contextlib.suppress(ValueError, AttributeError):
+                c.proc.close()
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch_locked(self, now: float) -> float:
+        """Hand queued tasks to idle children; return the earliest new deadline."""
+        earliest = math.inf
+        if not self._queue:
+            return earliest
+        for c in self._children:
+            if not self._queue:
+                break
+            if c.state != "idle":
+                continue
+            while self._queue:
+                task, submitted = self._queue.popleft()
+                msg = (
+                    "run",
+                    task.job_id,
+                    task.function,
+                    task.payload,
+                    task.serializer,
+                    task.device,
+                )
+                try:
+                    buf = ForkingPickler.dumps(msg)
+                except Exception as exc:
+                    report = self._failure(
+                        task,
+                        "serialization",
+                        type(exc).__name__,
+                        f"cannot send the job's payload to a worker child: {exc}",
+                        retryable=False,
+                        submitted_at=submitted,
+                    )
+                    self._pending.append(report)
+                    self._wake_locked()
+                    continue
+                try:
+                    c.conn.send_bytes(buf)
+                except OSError:
+                    self._queue.appendleft((task, submitted))
+                    c.state = "broken"  # its sentinel will report the death
+                    break
+                c.state = "busy"
+                c.task = task
+                c.submitted_at = submitted
+                c.dispatched_at = now
+                limit = float(task.timeout_s)
+                c.deadline = now + limit if limit > 0 else math.inf  # <= 0: no limit
+                earliest = min(earliest, c.deadline)
+                break
+        return earliest
+
+    # -- supervisor -------------------------------------------------------------------------
+
+    def _wake_locked(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def _is_idle_locked(self) -> bool:
+        return (
+            not self._queue
+            and not self._pending
+            and self._undelivered == 0
+            and all(c.task is None for c in self._children)
+        )
+
+    def _notify_idle_locked(self) -> None:
+        if self._is_idle_locked() or self._stopped:
+            self._idle_cond.notify_all()
+
     def _failure(
+        self,
         task: Task,
         kind: str,
         error_type: str,
         message: str,
         *,
         retryable: bool,
+        submitted_at: float,
+        dispatched_at: float = 0.0,
+        now: float | None = None,
         traceback: str = "",
-        started: float | None = None,
-        submitted: float | None = None,
     ) -> TaskResult:
-        now = time.monotonic()
-        timings = {}
-        if started is not None and submitted is not None:
-            timings = {
-                "queue_s": started - submitted,
-                "run_s": now - started,
-                "total_s": now - submitted,
-            }
+        now = time.monotonic() if now is None else now
+        timings = {"queue_s": (dispatched_at or now) - submitted_at, "total_s": now - submitted_at}
+        if dispatched_at:
+            timings["run_s"] = now - dispatched_at
+            timings["import_s"] = 0.0
         return TaskResult(
             job_id=task.job_id,
             lease_token=task.lease_token,
@@ -408,8 +512,151 @@ class ChildPool:
             timings=timings,
         )
 
-    def _deliver(self, result: TaskResult) -> None:
+    def _deliver(self, report: TaskResult | None) -> None:
+        if report is None:
+            return
         try:
-            self.on_result(result)
-        except Exception:  # a broken callback must not kill the supervisor
-            log.exception("on_result failed for job %s", result.job_id)
+            self._on_result(report)
+        except Exception:
+            log.exception("on_result raised for job %s", report.job_id)
+
+    def _handle_message(self, c: _Child, msg: Any, now: float) -> TaskResult | None:
+        tag = msg[0]
+        if tag == "done":
+            _, job_id, ok, result, error, retryable, import_s, run_s = msg
+            task = c.task
+            if task is None or task.job_id != job_id or c.kill_reason is not None:
+                return None  # cancelled, timed out or handed back meanwhile
+            c.task = None
+            c.state = "idle"
+            c.deadline = math.inf
+            report = TaskResult(
+                job_id=task.job_id,
+                lease_token=task.lease_token,
+                status="succeeded" if ok else "failed",
+                result=result,
+                error=error,
+                retryable=bool(retryable) if not ok else True,
+                device=task.device,
+                timings={
+                    "queue_s": c.dispatched_at - c.submitted_at,
+                    "import_s": import_s,
+                    "run_s": run_s,
+                    "total_s": now - c.submitted_at,
+                },
+            )
+            return report
+        if tag == "ready":
+            _, pid, errors = msg
+            c.pid = pid
+            if c.state == "starting":
+                c.state = "idle"
+            self._startup_failures = 0
+            for err in errors:
+                if err not in self._preload_warned:
+                    self._preload_warned.add(err)
+                    log.warning("worker child could not preload %s", err)
+            return None
+        log.warning("unexpected message from worker child %s: %r", c.pid, tag)
+        return None
+
+    def _supervise(self) -> None:
+        reports: list[TaskResult] = []
+        while True:
+            with self._lock:
+                if self._closing and not self._children_alive_with_task_locked():
+                    break
+                if self._objs_dirty:
+                    self._wait_objs = [self._wake_r, *self._by_obj]
+                    self._objs_dirty = False
+                objs = self._wait_objs
+                now = time.monotonic()
+                until = min(
+                    (c.deadline for c in self._children if c.kill_reason is None),
+                    default=math.inf,
+                )
+                if self._respawn_due:
+                    until = min(until, *self._respawn_due)
+                self._wait_until = until
+                timeout = None if until == math.inf else max(0.0, until - now)
+            ready = wait(objs, timeout)
+            now = time.monotonic()
+            dead: list[_Child] = []
+            with self._lock:
+                for obj in ready:
+                    if obj == self._wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            while os.read(self._wake_r, 4096):
+                                pass
+                        self._wake_pending = False
+                        continue
+                    c = self._by_obj.get(obj)
+                    if c is None or c.state == "dead":
+                        continue
+                    if obj is c.conn:
+                        try:
+                            msg = c.conn.recv()
+                        except (EOFError, OSError):
+                            if c not in dead:
+                                dead.append(c)
+                            continue
+                        report = self._handle_message(c, msg, now)
+                        if report is not None:
+                            reports.append(report)
+                    elif c not in dead:
+                        dead.append(c)
+                for c in dead:
+                    # A result may sit in the pipe ahead of the death: take it first.
+                    with contextlib.suppress(EOFError, OSError):
+                        while c.task is not None and c.conn.poll():
+                            report = self._handle_message(c, c.conn.recv(), now)
+                            if report is not None:
+                                reports.append(report)
+                    report = self._bury_locked(c, now)
+                    if report is not None:
+                        reports.append(report)
+                if self._pending:
+                    reports.extend(self._pending)
+                    self._pending.clear()
+                self._check_deadlines_locked(now, reports)
+                if self._respawn_due and not self._closing:
+                    due = [t for t in self._respawn_due if t <= now]
+                    if due:
+                        self._respawn_due = [t for t in self._respawn_due if t > now]
+                        for _ in due:
+                            self._spawn_locked()
+                if not self._closing:
+                    self._dispatch_locked(now)
+                self._undelivered = len(reports)
+                if not reports:
+                    self._notify_idle_locked()
+            if reports:
+                for report in reports:
+                    self._deliver(report)
+                reports.clear()
+                with self._lock:
+                    self._undelivered = 0
+                    self._notify_idle_locked()
+        with self._lock:
+            leftover, self._pending = self._pending, []
+        for report in leftover:
+            self._deliver(report)
+
+    def _children_alive_with_task_locked(self) -> bool:
+        # While closing, keep reaping children that stop() killed so their state settles.
+        return any(c.kill_reason == "cancel" and c.task is not None for c in self._children)
+
+    def _check_deadlines_locked(self, now: float, reports: list[TaskResult]) -> None:
+        for c in self._children:
+            if c.task is None or c.kill_reason is not None or c.deadline > now:
+                continue
+            # It may have finished right at the deadline.
+            with contextlib.suppress(EOFError, OSError):
+                if c.conn.poll():
+                    report = self._handle_message(c, c.conn.recv(), now)
+                    if report is not None:
+                        reports.append(report)
+                    if c.task is None:
+                        continue
+            c.kill_reason = "timeout"
+            self._kill(c)

@@ -20,7 +20,12 @@ def _explain(request: Request, jobs: list[Job]) -> list[Job]:
     return request.app.state.waiting.annotate(jobs)
 
 
-@router.post("", status_code=201, response_model=Job)
+@router.post(
+    "",
+    status_code=201,
+    response_model=Job,
+    responses={200: {"model": Job, "description": "The idempotency key named an existing job"}},
+)
 async def submit_job(
     spec: JobSpec, store: StoreDep, notifier: NotifierDep, _: SubmitToken, response: Response
 ) -> Job:
