@@ -70,8 +70,14 @@ class MetricsMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-async def _housekeeping(store: Store, interval: float) -> None:
-    """Take back expired leases; every gateway runs this, the store makes it safe."""
+async def _housekeeping(store: Store, interval: float, grace: float) -> None:
+    """Take back expired leases; every gateway runs this, the store makes it safe.
+
+    The first pass waits ``grace`` (one lease period): leases may have run out while this
+    gateway was down, through no fault of their workers, which re-extend them with their
+    next heartbeat. A worker that really died loses its jobs one lease period later.
+    """
+    await asyncio.sleep(grace)
     while True:
         try:
             count = await to_thread.run_sync(store.requeue_expired)
@@ -92,7 +98,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_housekeeping(store, min(1.0, settings.lease_seconds / 4)))
+        task = asyncio.create_task(
+            _housekeeping(store, min(1.0, settings.lease_seconds / 4), grace=settings.lease_seconds)
+        )
         try:
             yield
         finally:

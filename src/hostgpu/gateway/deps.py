@@ -21,15 +21,17 @@ WorkerToken = Annotated[TokenInfo, Depends(require("worker"))]
 ReaderToken = Annotated[TokenInfo, Depends(require("submit", "worker"))]
 
 
-def get_store(request: Request) -> Store:
+# Async on purpose: FastAPI runs plain `def` dependencies in the thread pool, and three
+# thread hops per request were a measurable part of a lease round trip.
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_notifier(request: Request) -> Notifier:
+async def get_notifier(request: Request) -> Notifier:
     return request.app.state.notifier
 
 

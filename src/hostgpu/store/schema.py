@@ -62,7 +62,14 @@ Index(
     sqlite_where=jobs.c.state == "queued",
     postgresql_where=jobs.c.state == "queued",
 )
-Index("ix_jobs_state_expiry", jobs.c.state, jobs.c.lease_expires_at)
+# Requeueing expired leases looks only at active jobs (migration 0002 says why this is
+# not a (state, expiry) index).
+Index(
+    "ix_jobs_active_expiry",
+    jobs.c.lease_expires_at,
+    sqlite_where=jobs.c.state.in_(["leased", "running"]),
+    postgresql_where=jobs.c.state.in_(["leased", "running"]),
+)
 Index("ix_jobs_finished", jobs.c.finished_at)
 Index("ix_jobs_created", jobs.c.created_at)
 

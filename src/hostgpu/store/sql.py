@@ -32,6 +32,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     update,
@@ -348,7 +349,10 @@ class SQLStore(Store):
                 jobs.c.fallback_at,
             )
             .where(
-                jobs.c.state == JobState.queued.value,
+                # A literal, not a bound parameter: only then can SQLite (and a generic
+                # PostgreSQL plan) prove the partial queue index applies, instead of
+                # sorting every queued job on each lease.
+                jobs.c.state == literal_column("'queued'"),
                 jobs.c.run_after <= now,
                 jobs.c.module.in_(caps.modules),
                 self._match_clause(caps, now),
@@ -566,7 +570,11 @@ class SQLStore(Store):
         now = time.time()
         query = select(
             jobs.c.id, jobs.c.attempts, jobs.c.max_retries, jobs.c.worker_id, jobs.c.lease_token
-        ).where(jobs.c.state.in_(ACTIVE), jobs.c.lease_expires_at < now)
+        ).where(
+            # Literals, so the partial index over active jobs provably applies.
+            jobs.c.state.in_([literal_column(f"'{state}'") for state in sorted(ACTIVE)]),
+            jobs.c.lease_expires_at < now,
+        )
         with self._write() as conn:
             rows = conn.execute(self._lock(query)).all()
             for row in rows:

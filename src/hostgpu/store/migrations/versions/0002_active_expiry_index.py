@@ -1,0 +1,37 @@
+"""Replace the (state, expiry) index with a partial index over active jobs.
+
+With the (state, lease_expires_at) index SQLite's planner answered every lease by
+reading all queued jobs through it and sorting them, so leasing slowed down linearly
+with the backlog. Requeueing expired leases only ever looks at leased/running jobs,
+which a partial index covers; the lease query then uses the queue index.
+
+Revision ID: 0002
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+ACTIVE = sa.text("state IN ('leased', 'running')")
+
+
+def upgrade() -> None:
+    op.drop_index("ix_jobs_state_expiry", table_name="jobs")
+    op.create_index(
+        "ix_jobs_active_expiry",
+        "jobs",
+        ["lease_expires_at"],
+        sqlite_where=ACTIVE,
+        postgresql_where=ACTIVE,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_active_expiry", table_name="jobs")
+    op.create_index("ix_jobs_state_expiry", "jobs", ["state", "lease_expires_at"])
