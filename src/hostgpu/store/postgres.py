@@ -33,3 +33,10 @@ class PostgresStore(SQLStore):
 
     def _migration_lock(self, conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+
+    def _before_lease(self, conn: Connection) -> None:
+        # The queue index already yields jobs in lease order. With statistics that lag a
+        # bulk enqueue (autovacuum analyses about once a minute), the planner thinks the
+        # queue is tiny and reads all of it to sort it: 150 ms per lease at 100,000 queued
+        # jobs instead of 0.1 ms. Sorting is never the right plan here, so rule it out.
+        conn.execute(text("SET LOCAL enable_sort = off"))

@@ -121,6 +121,9 @@ class SQLStore(Store):
     def _migration_lock(self, conn: Connection) -> None:
         """Serialise concurrent migrations (several gateways starting together)."""
 
+    def _before_lease(self, conn: Connection) -> None:
+        """Backend tuning for the lease SELECT, inside its transaction."""
+
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         with self.engine.begin() as conn:
@@ -363,6 +366,7 @@ class SQLStore(Store):
         expires = now + lease_seconds
         leases: list[Lease] = []
         with self._write() as conn:
+            self._before_lease(conn)
             rows = conn.execute(self._lock(query)).all()
             if not rows:
                 return []
