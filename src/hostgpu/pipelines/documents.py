@@ -390,6 +390,14 @@ def _split_long(paragraph: str, size: int) -> list[str]:
             break
     if not pieces:
         return [paragraph[i : i + size] for i in range(0, len(paragraph), size)]
+    return _pack(pieces, size, " ")
+
+
+def _pack(pieces: list[str], size: int, joiner: str) -> list[str]:
+    """Pack ``pieces`` greedily into chunks of at most ``size`` characters.
+
+    A piece longer than ``size`` on its own is split further by :func:`_split_long`.
+    """
     out: list[str] = []
     current = ""
     for part in pieces:
@@ -399,7 +407,7 @@ def _split_long(paragraph: str, size: int) -> list[str]:
                 current = ""
             out.extend(_split_long(part, size))
             continue
-        candidate = f"{current} {part}" if current else part
+        candidate = f"{current}{joiner}{part}" if current else part
         if len(candidate) > size:
             out.append(current)
             current = part
@@ -417,21 +425,4 @@ def chunk_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
     longer than ``size`` is split on sentences, then lines, then words.
     """
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    chunks: list[str] = []
-    current = ""
-    for paragraph in paragraphs:
-        if len(paragraph) > size:
-            if current:
-                chunks.append(current)
-                current = ""
-            chunks.extend(_split_long(paragraph, size))
-            continue
-        candidate = f"{current}\n\n{paragraph}" if current else paragraph
-        if len(candidate) > size:
-            chunks.append(current)
-            current = paragraph
-        else:
-            current = candidate
-    if current:
-        chunks.append(current)
-    return chunks
+    return _pack(paragraphs, size, "\n\n")
