@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,12 +17,7 @@ from pathlib import Path
 import httpx
 
 from hostgpu.client import Client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from hostgpu.processes import free_port, hostgpu_command, stop_process, worker_command
 
 
 def child_env(home: Path, pythonpath: str = "", **extra: str) -> dict[str, str]:
@@ -56,10 +49,7 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         log = open(self.home / f"gateway-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hostgpu",
+            hostgpu_command(
                 "gateway",
                 "--host",
                 "127.0.0.1",
@@ -67,7 +57,7 @@ class Gateway:
                 str(self.port),
                 "--database-url",
                 self.database_url,
-            ],
+            ),
             env=child_env(self.home, self.pythonpath, **self.env_extra),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -98,12 +88,7 @@ class Gateway:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, 10)
 
     def client(self, token: str | None = None) -> Client:
         return Client(self.url, token or self.token)
@@ -129,21 +114,9 @@ class Worker:
     def start(self, wait: bool = True) -> Worker:
         name = self.name or f"w{uuid.uuid4().hex[:6]}"
         self.name = name
-        args = [
-            sys.executable,
-            "-m",
-            "hostgpu",
-            "worker",
-            "--gateway",
-            self.gateway.url,
-            "--concurrency",
-            str(self.concurrency),
-            "--name",
-            name,
-            *self.extra_args,
-        ]
-        for module in self.imports:
-            args += ["--import", module]
+        args = worker_command(
+            self.gateway.url, self.imports, self.concurrency, "--name", name, *self.extra_args
+        )
         log = open(self.gateway.home / f"worker-{name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             args,
@@ -188,11 +161,4 @@ class Worker:
             self.proc.wait()
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, timeout)

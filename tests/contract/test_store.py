@@ -48,18 +48,13 @@ def lease_all(store: Store, c: Capabilities, n: int = 100):  # type: ignore[no-u
     return wid, store.lease(wid, c, max_jobs=n, lease_seconds=30)
 
 
+def report(store: Store, lease, status: str, **fields):  # type: ignore[no-untyped-def]
+    outcome = Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status=status, **fields)
+    return store.report("w", [outcome])[0]
+
+
 def ok(store: Store, lease, result=None):  # type: ignore[no-untyped-def]
-    return store.report(
-        "w",
-        [
-            Outcome(
-                job_id=lease.job_id,
-                lease_token=lease.lease_token,
-                status="succeeded",
-                result=result,
-            )
-        ],
-    )[0]
+    return report(store, lease, "succeeded", result=result)
 
 
 def test_enqueue_get_and_count(store: Store) -> None:
@@ -180,17 +175,7 @@ def test_retry_with_backoff_then_final_failure(store: Store) -> None:
     for attempt in (1, 2):
         _, [lease] = lease_all(store, caps())
         assert lease.attempt == attempt
-        store.report(
-            "w",
-            [
-                Outcome(
-                    job_id=job.id,
-                    lease_token=lease.lease_token,
-                    status="failed",
-                    error={"type": "E", "message": "no"},
-                )
-            ],
-        )
+        report(store, lease, "failed", error={"type": "E", "message": "no"})
     final = store.get(job.id, history=True)
     assert final.state is JobState.failed
     assert final.error and final.error["message"] == "no"
@@ -200,25 +185,14 @@ def test_retry_with_backoff_then_final_failure(store: Store) -> None:
 def test_non_retryable_failure_is_final(store: Store) -> None:
     [job] = store.enqueue([spec(max_retries=5)])
     _, [lease] = lease_all(store, caps())
-    store.report(
-        "w",
-        [
-            Outcome(
-                job_id=job.id,
-                lease_token=lease.lease_token,
-                status="failed",
-                retryable=False,
-                error={"type": "E", "message": "bad input"},
-            )
-        ],
-    )
+    report(store, lease, "failed", retryable=False, error={"type": "E", "message": "bad input"})
     assert store.get(job.id).state is JobState.failed
 
 
 def test_release_does_not_count_an_attempt(store: Store) -> None:
     [job] = store.enqueue([spec(max_retries=0)])
     _, [lease] = lease_all(store, caps())
-    store.report("w", [Outcome(job_id=job.id, lease_token=lease.lease_token, status="released")])
+    report(store, lease, "released")
     again = store.get(job.id)
     assert again.state is JobState.queued and again.attempts == 0
 

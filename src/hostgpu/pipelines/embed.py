@@ -202,35 +202,28 @@ def _as_lists(array: Any) -> list[list[float]]:
     return [[float(x) for x in row] for row in np.asarray(array, dtype=np.float32)]
 
 
-def embed_texts(texts: Sequence[str], *, model: Any, batch_size: int) -> list[list[float]]:
-    """Unit-length embeddings of ``texts``, ``batch_size`` at a time."""
-    if not texts:
+def _encode(items: Sequence[Any], model: Any, batch_size: int) -> list[list[float]]:
+    """Unit-length embeddings of ``items`` (texts or images), ``batch_size`` at a time."""
+    if not items:
         return []
     import torch
 
     with torch.inference_mode():
         array = model.encode(
-            list(texts),
+            list(items),
             batch_size=max(1, batch_size),
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
     return _as_lists(array)
+
+
+def embed_texts(texts: Sequence[str], *, model: Any, batch_size: int) -> list[list[float]]:
+    """Unit-length embeddings of ``texts``, ``batch_size`` at a time."""
+    return _encode(texts, model, batch_size)
 
 
 def embed_images(images: Sequence[Image], *, model: Any, batch_size: int) -> list[list[float]]:
     """Unit-length embeddings of page images with a CLIP-style model."""
-    if not images:
-        return []
-    import torch
-
-    with torch.inference_mode():
-        array = model.encode(
-            list(images),
-            batch_size=max(1, batch_size),
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-    return _as_lists(array)
+    return _encode(images, model, batch_size)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,14 +33,9 @@ from typing import IO
 import httpx
 
 from hostgpu.errors import HostGPUError
+from hostgpu.processes import free_port, stop_process
 
 HOOK_MODULE = "hostgpu.pipelines.upload_hook"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -165,7 +158,7 @@ class UploadServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         _write_private(self.config_path, self._config())
         if self.port is None:
-            self.port = _free_port()
+            self.port = free_port()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # A session of its own: Ctrl-C reaches `hostgpu up`, which then stops this cleanly.
         self.proc = subprocess.Popen(
@@ -206,14 +199,7 @@ class UploadServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, grace: float = 10.0) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(self.proc, grace)
         self._close_log()
 
     def _close_log(self) -> None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -14,23 +11,8 @@ from typing import IO
 import httpx
 
 from hostgpu.errors import ConfigError, HostGPUError
+from hostgpu.processes import free_port, hostgpu_command, port_free, stop_process
 from hostgpu.settings import Settings
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def healthy(url: str, timeout: float = 1.0) -> bool:
@@ -75,7 +57,7 @@ class LocalStack:
         # A session of its own: Ctrl-C reaches only `hostgpu up`, which then stops the
         # worker warm before the gateway, instead of everything dying at once.
         return subprocess.Popen(
-            [sys.executable, "-m", "hostgpu", *args],
+            hostgpu_command(*args),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -151,18 +133,8 @@ class LocalStack:
 
     def stop(self, *, grace: float = 30.0, cold: bool = False) -> None:
         """Worker first (warm stop, finishing its jobs), then the gateway."""
-        for proc in (self.worker, self.gateway):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            if cold and proc is self.worker:
-                time.sleep(0.2)
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(self.worker, grace, cold=cold)
+        stop_process(self.gateway, grace)
         for handle in self._files:
             handle.close()
         self._files.clear()

@@ -7,10 +7,11 @@ manager keeps it running across logins and restarts it when it exits.
 from __future__ import annotations
 
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
+
+from hostgpu.processes import worker_command
 
 LAUNCHD_LABEL = "dev.hostgpu.worker"
 SYSTEMD_UNIT = "hostgpu-worker.service"
@@ -21,22 +22,6 @@ class ServiceFile:
     path: Path
     content: str
     start_hint: str
-
-
-def worker_command(gateway: str, modules: list[str], concurrency: int) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "hostgpu",
-        "worker",
-        "--gateway",
-        gateway,
-        "--concurrency",
-        str(concurrency),
-    ]
-    for module in modules:
-        args += ["--import", module]
-    return args
 
 
 def launchd_plist(
