@@ -62,8 +62,9 @@ def through_hostgpu(
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         gw = Gateway(home, url).start()
-        fleet = [Worker(gw, concurrency=concurrency).start() for _ in range(workers)]
+        fleet: list[Worker] = []
         try:
+            fleet.extend(Worker(gw, concurrency=concurrency).start() for _ in range(workers))
             hostgpu.connect(gw.url, gw.token)
             noop.remote(0)  # warm every path once
             lat = []

@@ -72,8 +72,9 @@ def through_hostgpu(
 ) -> dict:
     env = {"BATCH_SIZE_TEXT": str(batch), "DEVICE": device, "HF_HUB_OFFLINE": "1"}
     gw = Gateway(home, f"sqlite:///{home / 'bench.db'}", env_extra=env).start()
-    worker = Worker(gw, concurrency=concurrency, env_extra=env).start()
+    worker = Worker(gw, concurrency=concurrency, env_extra=env)
     try:
+        worker.start()
         from hostgpu.pipelines.jobs import ingest
 
         hostgpu.connect(gw.url, gw.token)

@@ -119,8 +119,8 @@ def run_backend(url: str, jobs: int, samples: int, console: Console) -> dict[str
             devices=[Device(kind="cpu", name="cpu")],
             modules=["hostgpu.builtin"],
         )
-        worker_id = client.register(caps)["worker_id"]
         try:
+            worker_id = client.register(caps)["worker_id"]
             with Progress(console=console, transient=True) as progress:
                 fill(client, samples, "cpu", "base", progress)
                 base = lease_samples(client, worker_id, samples)
