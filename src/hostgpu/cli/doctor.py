@@ -6,8 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hostgpu import devices as probe_module
-from hostgpu.devices import REQUIREMENTS, Report
+from hostgpu.devices import REQUIREMENTS, Report, probe, smoke_test
+from hostgpu.devices import require as has_device
 
 
 def _bytes(value: int | None) -> str:
@@ -29,9 +29,14 @@ def _render(console: Console, report: Report) -> None:
         console.print(f"  Kernel    {report.kernel}")
     console.print(f"  Python    {report.python}")
     console.print(f"  CPU       {report.cpu_cores} cores, {_bytes(report.ram_bytes)} RAM")
-    if report.container or report.vm_on_macos:
+    if report.container or report.vm:
         where = f"a {report.container} container" if report.container else "a container"
-        vm = " inside a Linux VM on macOS (Metal is unreachable)" if report.vm_on_macos else ""
+        vm = ""
+        if report.vm_on_macos:
+            vm = f" inside {report.vm}'s Linux VM on macOS (Metal is unreachable)"
+        elif report.vm:
+            host = "" if report.vm_host == "unknown" else f" on {report.vm_host}"
+            vm = f" inside {report.vm}'s Linux VM{host}"
         console.print(f"  Container [yellow]{where}{vm}[/yellow]")
     else:
         console.print("  Container none (native)")
@@ -44,7 +49,14 @@ def _render(console: Console, report: Report) -> None:
         )
     else:
         console.print("  torch     not installed")
-    console.print(f"  MLX       {report.mlx_version or 'not installed'}")
+    mlx = report.mlx_version or "not installed"
+    if report.mlx_version:
+        mlx += " (GPU backend)" if report.mlx_gpu else " (CPU backend only)"
+    console.print(f"  MLX       {mlx}")
+    if report.recorded_from:
+        console.print(
+            f"  [yellow]Recorded facts from {report.recorded_from} (HOSTGPU_PROBE_FACTS)[/]"
+        )
 
     table = Table(title="Usable devices", title_justify="left")
     for column in ("device", "name", "memory", "compute capability"):
@@ -90,7 +102,9 @@ def _requirement_failure(report: Report, what: str) -> str:
 
 def doctor(
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    require: str | None = typer.Option(None, "--require", help="mps|cuda|gpu: exit 1 when absent."),
+    require: str | None = typer.Option(
+        None, "--require", help="mps|cuda|mlx|gpu: exit 1 when absent."
+    ),
     smoke: bool = typer.Option(False, "--smoke", help="Time a small matmul on each usable device."),
 ) -> None:
     """Show the accelerators this process can use, and why the others are missing."""
@@ -102,15 +116,15 @@ def doctor(
         )
         raise typer.Exit(2)
 
-    report = probe_module.probe()
+    report = probe()
     if smoke:
-        report.smoke = probe_module.smoke_test(report.devices)
+        report.smoke = smoke_test(report.devices)
 
     if json_output:
         typer.echo(report.model_dump_json(indent=2))
     else:
         _render(Console(), report)
 
-    if wanted is not None and not probe_module.require(report, wanted):
+    if wanted is not None and not has_device(report, wanted):
         typer.echo(_requirement_failure(report, wanted), err=True)
         raise typer.Exit(1)
