@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import typer
@@ -43,8 +42,10 @@ except ImportError:  # pragma: no cover
 
 
 def main() -> None:
+    from hostgpu.settings import get_settings
+
     logging.basicConfig(
-        level=os.environ.get("HOSTGPU_LOG_LEVEL", "INFO").upper(),
+        level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

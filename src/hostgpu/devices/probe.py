@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -196,7 +201,57 @@ def require(report: Report, what: str) -> bool:
     raise ValueError(f"unknown requirement {what!r}: use one of {', '.join(REQUIREMENTS)}")
 
 
-def environment_key() -> str:
-    """What a cached probe depends on besides the machine itself."""
+def _cache_key() -> str:
+    """What a probe's answer depends on, short of the hardware: the interpreter, the torch and
+    mlx builds, the boot (drivers load at boot) and the environment variables it reads."""
+    from importlib import metadata
+
+    versions = []
+    for dist in ("torch", "mlx"):
+        try:
+            versions.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist}=-")
+    try:
+        import psutil
+
+        boot = str(int(psutil.boot_time()))
+    except Exception:  # no psutil: the cache expires by age only
+        boot = "?"
     names = ("DEVICE", "CUDA_VISIBLE_DEVICES", "HOSTGPU_PROBE_FACTS", "HOSTGPU_ASSUME_CONTAINER")
-    return "|".join(f"{n}={os.environ.get(n, '')}" for n in names)
+    env = [f"{n}={os.environ.get(n, '')}" for n in names]
+    return "|".join([sys.executable, *versions, f"boot={boot}", *env])
+
+
+def cached_report(cache: Path, *, max_age_s: float = 24 * 3600) -> Report:
+    """The host's probe without importing torch here: read from ``cache`` when it is fresh,
+    else probed in a short-lived subprocess and cached.
+
+    A worker's parent process only routes jobs; importing torch just to list devices would
+    cost it ~250 MiB and a second at every start.
+    """
+    key = _cache_key()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key and time.time() - float(cached["at"]) < max_age_s:
+            return Report.model_validate(cached["report"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    code = (
+        "import sys; from hostgpu.devices import probe; sys.stdout.write(probe().model_dump_json())"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        raise ConfigError(f"the accelerator probe failed: {exc.stderr.strip()[-2000:]}") from None
+    report = Report.model_validate_json(out.stdout)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "at": time.time(), "report": report.model_dump()}))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home: probe again next time
+    return report

@@ -1,21 +1,30 @@
-"""First start: make sure somebody can administer the gateway."""
+"""Start-up: make sure somebody can administer the gateway."""
 
 from __future__ import annotations
 
-import os
+import logging
+import time
 
-from hostgpu.settings import Settings
+from hostgpu.settings import Settings, write_secret
 from hostgpu.store import Store
+from hostgpu.tokens import hash_token, mint
+
+log = logging.getLogger("hostgpu.gateway")
 
 
 def ensure_admin_token(store: Store, settings: Settings) -> str | None:
-    """Create an admin token when the store has none; return where it was written."""
-    if store.list_tokens():
+    """Write a new admin token to ``HOSTGPU_HOME/admin-token`` (0600) when no admin token is
+    active (first start, or every admin token revoked or expired); return where it went."""
+    if store.has_active_admin():
         return None
-    _, secret = store.create_token("admin (first start)", "admin")
-    path = settings.admin_token_path
-    # Written with 0600 from the start: the token is a password.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
+    first = not store.list_tokens()
+    info, secret = mint(
+        "admin (first start)" if first else "admin (no active admin token at start)",
+        "admin",
+        now=time.time(),
+    )
+    store.add_token(info, hash_token(secret))
+    path = write_secret(settings.admin_token_path, secret)
+    if not first:
+        log.warning("no admin token was active: wrote a new one to %s", path)
     return str(path)
