@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     worker_port: int | None = Field(default=None, validation_alias=_alias("WORKER_PORT"))
     render_dpi: int = Field(default=100, validation_alias=_alias("HOSTGPU_RENDER_DPI"))
     upload_root: Path | None = Field(default=None, validation_alias=_alias("HOSTGPU_UPLOAD_ROOT"))
+    # A file holding the secret a gateway's first start uses for its admin token (a
+    # containerised gateway, whose admin token the host made: `hostgpu stack up`).
+    admin_token_file: Path | None = Field(
+        default=None, validation_alias=_alias("HOSTGPU_ADMIN_TOKEN_FILE")
+    )
 
     @property
     def home_dir(self) -> Path:

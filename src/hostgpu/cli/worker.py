@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from hostgpu.cli.common import GatewayOpt, TokenOpt, console
+from hostgpu.cli.common import GatewayOpt, TokenOpt, console, err
 
 app = typer.Typer(help="Run a native worker, or install it as a service.")
 
@@ -34,6 +34,12 @@ def run(
     name: Annotated[str, typer.Option(help="Worker name (default: host-pid)")] = "",
     label: Annotated[list[str], typer.Option(help="key=value label (repeatable)")] = [],  # noqa: B006
     grace: Annotated[float, typer.Option(help="Seconds a warm stop waits for jobs")] = 30.0,
+    allow_container: Annotated[
+        bool,
+        typer.Option(
+            "--allow-container", help="Run even inside a container on a Mac's VM (no Metal)"
+        ),
+    ] = False,
 ) -> None:
     """Probe the accelerators, register with the gateway and run matching jobs.
 
@@ -42,7 +48,21 @@ def run(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from hostgpu.devices import host_report
     from hostgpu.worker.agent import WorkerAgent, WorkerConfig
+
+    report = host_report()
+    if report.vm_on_macos and not allow_container:
+        # doctor's rule: a container on a Mac runs in a Linux VM that cannot reach Metal, so
+        # this worker would run every job on the CPU, 10-20x slower, without a word.
+        err.print(
+            f"[red]refusing to start[/]: this process runs in a {report.container or 'container'}"
+            f" container inside {report.vm or 'a Linux VM'} on macOS, where Metal is "
+            "unreachable\n  fix: run `hostgpu worker` natively on the Mac (or `hostgpu stack "
+            "up`, which does); --allow-container starts it here anyway, CPU only",
+            highlight=False,
+        )
+        raise typer.Exit(2)
 
     agent = WorkerAgent(
         WorkerConfig(

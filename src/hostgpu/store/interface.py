@@ -146,8 +146,14 @@ class Store(abc.ABC):
 
     # -- tokens ---------------------------------------------------------------------
     @abc.abstractmethod
-    def create_token(self, name: str, scope: Scope) -> tuple[TokenInfo, str]:
-        """A new token; the secret is returned once and only its hash is kept."""
+    def create_token(
+        self, name: str, scope: Scope, *, secret: str | None = None
+    ) -> tuple[TokenInfo, str]:
+        """A new token; the secret is returned once and only its hash is kept.
+
+        ``secret`` supplies the secret instead of a random one (a first admin token made
+        elsewhere and handed in through a file).
+        """
 
     @abc.abstractmethod
     def verify_token(self, secret: str) -> TokenInfo | None:

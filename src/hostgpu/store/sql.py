@@ -688,8 +688,10 @@ class SQLStore(Store):
             conn.execute(update(workers).where(workers.c.id == worker_id).values(state="stopped"))
 
     # -- tokens --------------------------------------------------------------------------
-    def create_token(self, name: str, scope: Scope) -> tuple[TokenInfo, str]:
-        secret = f"hg{scope[0]}_{secrets.token_urlsafe(32)}"
+    def create_token(
+        self, name: str, scope: Scope, *, secret: str | None = None
+    ) -> tuple[TokenInfo, str]:
+        secret = secret or f"hg{scope[0]}_{secrets.token_urlsafe(32)}"
         info = TokenInfo(id=uuid.uuid4().hex[:16], name=name, scope=scope, created_at=time.time())
         with self._write() as conn:
             conn.execute(
