@@ -327,7 +327,8 @@ def container_check(container: str | None, vm: str | None) -> DockerCheck:
             name="container",
             ok=True,
             required=False,
-            detail=f"this process runs in a {container} container; the stack's worker will too",
+            detail=f"this process runs in a {container} container (so would a worker "
+            "started from it)",
         )
     return DockerCheck(name="container", ok=True, required=False, detail="native (no container)")
 
@@ -338,11 +339,10 @@ def _compose_versions(runner: Runner) -> tuple[str | None, str | None, bool]:
     plugin = v2.stdout.strip() if v2.returncode == 0 and v2.stdout.strip() else None
     standalone: str | None = None
     standalone_v2 = False
-    if shutil.which("docker-compose"):
-        v1 = runner(["docker-compose", "version", "--short"], 30)
-        if v1.returncode == 0 and v1.stdout.strip():
-            standalone = v1.stdout.strip()
-            standalone_v2 = version_tuple(standalone)[:1] >= (2,)
+    v1 = runner(["docker-compose", "version", "--short"], 30)  # 127 when not installed
+    if v1.returncode == 0 and v1.stdout.strip():
+        standalone = v1.stdout.strip()
+        standalone_v2 = version_tuple(standalone)[:1] >= (2,)
     return plugin, standalone, standalone_v2
 
 
@@ -403,7 +403,7 @@ def check_docker(
 
     # 1. The client.
     version_out = run(["docker", "version", "--format", "{{json .}}"], 20)
-    if version_out.returncode == 127 or (report.client is None and runner is None):
+    if version_out.returncode == 127:
         checks.append(
             DockerCheck(
                 name="client",
