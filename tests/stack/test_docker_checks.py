@@ -233,3 +233,33 @@ def test_the_real_engine(docker_engine: DockerReport) -> None:
     assert docker_engine.compose is not None and docker_engine.compose.version
     names = [c.name for c in docker_engine.checks]
     assert names == ["client", "daemon", "compose", "container"]
+
+
+def test_doctor_shows_a_docker_section(tmp_path: Path) -> None:
+    """A real `hostgpu doctor` process: the docker report next to the accelerator report."""
+    import os
+    import subprocess
+
+    from hostgpu.processes import hostgpu_command
+
+    env = {**os.environ, "HOSTGPU_HOME": str(tmp_path), "COLUMNS": "200"}
+    out = subprocess.run(
+        hostgpu_command("doctor", "--json"), env=env, capture_output=True, text=True, check=True
+    )
+    report = json.loads(out.stdout)
+    assert report["devices"][-1]["kind"] == "cpu"  # the accelerator report is unchanged
+    docker = DockerReport.model_validate(report["docker"])
+    assert [c.name for c in docker.checks] == ["client", "daemon", "compose", "container"]
+    assert all(c.ok or (c.reason and c.fix) for c in docker.checks if c.required)
+    bare = subprocess.run(
+        hostgpu_command("doctor", "--json", "--no-docker"),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "docker" not in json.loads(bare.stdout)
+    table = subprocess.run(
+        hostgpu_command("doctor"), env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "Docker (for `hostgpu stack`)" in table and "compose" in table

@@ -150,6 +150,7 @@ class StackState(BaseModel):
     compose_file: str
     compose: ComposeInfo
     postgres: bool = False
+    rootless: bool = False  # the engine maps this user to root in containers
     uploads: str
     ports: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PORTS))
     worker: WorkerRecord | None = None
@@ -284,7 +285,14 @@ class HybridStack:
         self, state: StackState, *, postgres_password: str | None = None
     ) -> dict[str, str]:
         """What compose.yaml interpolates; passed as environment (it holds a password)."""
-        uid, gid = (os.getuid(), os.getgid()) if hasattr(os, "getuid") else (10001, 10001)
+        # The containers that read the 0600 files run as this user, so they can. A rootless
+        # engine (rootless Docker, Podman) maps this user to root inside: use root there.
+        if state.rootless:
+            uid, gid = 0, 0
+        elif hasattr(os, "getuid"):
+            uid, gid = os.getuid(), os.getgid()
+        else:  # Windows: Docker Desktop's file sharing does not check owners
+            uid, gid = 10001, 10001
         env = {
             "HOSTGPU_STACK_STATE": str(self.dir),
             "HOSTGPU_UPLOAD_DIR": state.uploads,
@@ -342,6 +350,7 @@ class HybridStack:
             compose_file=str(find_compose_file(self._compose_file)),
             compose=docker.compose,
             postgres=options.postgres,
+            rootless=docker.rootless,
             uploads=str(uploads),
             ports=ports,
             worker=previous.worker if previous else None,
