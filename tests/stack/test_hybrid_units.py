@@ -148,3 +148,25 @@ def test_container_from_docker_inspect() -> None:
     assert c.ports == ["127.0.0.1:8765->8000/tcp"] and not c.ready
     no_check = Container.from_inspect({**inspected, "State": {"Status": "running"}})
     assert no_check.ready and no_check.health is None
+
+
+def test_stack_up_says_what_to_do_without_a_daemon(home: Path) -> None:
+    """A real `hostgpu stack up` with an engine that is not there: reason and fix, exit 1."""
+    import subprocess
+
+    from hostgpu.processes import hostgpu_command
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")},
+        "HOSTGPU_HOME": str(home),
+        "DOCKER_HOST": f"unix://{home}/no-engine.sock",
+        "COLUMNS": "300",
+    }
+    done = subprocess.run(
+        hostgpu_command("stack", "up"), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Docker is not ready for the stack" in done.stderr
+    assert f"nothing answers at DOCKER_HOST=unix://{home}/no-engine.sock" in done.stderr
+    assert "fix: start the engine that owns that socket, or unset DOCKER_HOST" in done.stderr
+    assert not (home / "stack/state.json").exists()  # nothing started, nothing to clean
