@@ -281,9 +281,7 @@ class HybridStack:
             return state.project
         return self._project or default_project(self.home)
 
-    def compose_env(
-        self, state: StackState, *, postgres_password: str | None = None
-    ) -> dict[str, str]:
+    def compose_env(self, state: StackState) -> dict[str, str]:
         """What compose.yaml interpolates; passed as environment (it holds a password)."""
         # The containers that read the 0600 files run as this user, so they can. A rootless
         # engine (rootless Docker, Podman) maps this user to root inside: use root there.
@@ -304,9 +302,7 @@ class HybridStack:
             **host_versions(),
         }
         if state.postgres:
-            password = postgres_password or self._secret_file(
-                "postgres-password", lambda: secrets.token_urlsafe(24)
-            )
+            password = self._secret_file("postgres-password", lambda: secrets.token_urlsafe(24))
             env["HOSTGPU_POSTGRES_PASSWORD"] = password
             env["HOSTGPU_STACK_DATABASE_URL"] = (
                 f"postgresql://hostgpu:{password}@postgres:5432/hostgpu"
@@ -366,6 +362,11 @@ class HybridStack:
             )
         if not existing:
             self._check_ports(ports)
+        if previous is not None and (previous.ports, previous.uploads) != (ports, str(uploads)):
+            # A running worker points at the old ports and folder: replace it.
+            if self._worker_process(previous.worker) is not None:
+                self.say(f"worker: {self.stop_worker(previous)} (new ports or upload folder)")
+            state.worker = None
 
         self.admin_secret()
         self.write_copyparty_config(uploads)
