@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_text_bytes: int = Field(
         default=20_000_000, gt=0, validation_alias=_alias("HOSTGPU_MAX_TEXT_BYTES")
     )
+    # A file holding the secret a gateway's first start uses for its admin token (a
+    # containerised gateway, whose admin token the host made: `hostgpu stack up`).
+    admin_token_file: Path | None = Field(
+        default=None, validation_alias=_alias("HOSTGPU_ADMIN_TOKEN_FILE")
+    )
 
     @property
     def home_dir(self) -> Path:

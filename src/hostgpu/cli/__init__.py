@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from hostgpu.cli import gateway, jobs, local, tokens, worker
+from hostgpu.cli import gateway, jobs, local, stack, tokens, worker
 from hostgpu.cli.common import err
 from hostgpu.cli.doctor import doctor
 from hostgpu.errors import HostGPUError
@@ -31,6 +31,7 @@ app.command("cancel")(jobs.cancel)
 app.command("submit")(jobs.submit)
 app.command("prune")(jobs.prune)
 app.add_typer(tokens.app, name="token")
+app.add_typer(stack.app, name="stack")
 
 try:  # the document pipeline's commands, when its module is present
     from hostgpu.cli import pipeline

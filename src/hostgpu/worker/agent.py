@@ -38,6 +38,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponen
 import hostgpu
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.client import Client
+from hostgpu.devices.probe import Report
 from hostgpu.errors import ConfigError, GatewayUnavailable, NotFound
 from hostgpu.functions import FunctionOptions
 from hostgpu.jobs import Lease, Outcome
@@ -91,6 +92,8 @@ class WorkerConfig:
     grace: float = 30.0
     started_after: float = 0.25
     skip_broken_imports: bool = False
+    #: The accelerator probe (default: the cached probe of this host).
+    report: Report | None = None
 
 
 class WorkerAgent:
@@ -102,7 +105,7 @@ class WorkerAgent:
             from hostgpu.devices import cached_report, usable_devices
             from hostgpu.settings import get_settings
 
-            report = cached_report(get_settings().home_dir / "probe-cache.json")
+            report = config.report or cached_report(get_settings().home_dir / "probe-cache.json")
             config.devices = usable_devices(report=report)
             self.unavailable = {m.kind: m.reason for m in report.missing}
         self.modules = list(dict.fromkeys([*config.modules, *builtin_modules()]))
