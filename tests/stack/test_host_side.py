@@ -139,7 +139,7 @@ def test_hook_queues_an_ingest_job(uploads_gateway: tuple[Gateway, Path], tmp_pa
     job_id = done.stderr.split("queued ingest job ")[1].split()[0]
     with gw.client() as api:
         job = api.get(job_id)
-    assert job.payload["args"] == [str(upload)]
+    assert job.payload is not None and job.payload.args == [str(upload)]  # type: ignore[union-attr]
     # The same event again folds into the same job (idempotency key of path, size, mtime).
     again = run_hook({"ap": str(upload), "vp": "note.md"}, env)
     assert again.returncode == 0 and job_id in again.stderr
