@@ -127,9 +127,10 @@ class Chaos(threading.Thread):
             self.error = exc
 
     def _registered(self) -> set[str]:
-        """Names of the workers the gateways see alive (registered and heartbeating)."""
+        """Names of the workers the gateways see alive and leasing (registered, heartbeating
+        and publishing their functions, which a worker does once its first child is up)."""
         workers = _call_any(self.gateways, 0, lambda c: c.workers(alive=True))
-        return {w.capabilities.name for w in workers}
+        return {w.capabilities.name for w in workers if w.capabilities.functions}
 
     def _kill_worker(self, generation: int) -> None:
         # Only workers that are up: on a busy machine a worker can take longer to start

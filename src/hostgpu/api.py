@@ -109,11 +109,17 @@ class HeartbeatResponse(BaseModel):
 
 
 class ReportRequest(_Request):
-    outcomes: list[Outcome] = Field(min_length=1, max_length=MAX_BATCH)
+    outcomes: list[Outcome] = Field(min_length=0, max_length=MAX_BATCH)
+    lease: LeaseRequest | None = Field(
+        default=None,
+        description="lease more jobs in the same round trip, after the outcomes are recorded "
+        "(its wait long-polls when nothing is runnable)",
+    )
 
 
 class ReportResponse(BaseModel):
     results: list[ReportResult]
+    leases: list[Lease] = Field(default_factory=list, description="jobs leased by `lease`")
 
 
 class WorkerList(BaseModel):

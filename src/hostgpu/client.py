@@ -35,7 +35,7 @@ from hostgpu.errors import (
     InvalidTransition,
     NotFound,
 )
-from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome, ReportResult
+from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome
 from hostgpu.settings import Settings, get_settings
 from hostgpu.tokens import Scope, TokenInfo
 
@@ -107,9 +107,12 @@ class Client:
         return response.json()
 
     # -- jobs --------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec) -> Job:
+    def submit(self, spec: JobSpec, *, wait: float = 0) -> Job:
+        """Submit one job; with ``wait``, return it once finished (or when the wait ends)."""
         body = spec.model_dump(mode="json", exclude_none=True)
-        return Job.model_validate(self.request("POST", "/v1/jobs", json=body))
+        params = {"wait": wait} if wait else None
+        data = self.request("POST", "/v1/jobs", json=body, params=params, timeout=wait + 30)
+        return Job.model_validate(data)
 
     def submit_batch(self, specs: Sequence[JobSpec]) -> list[str]:
         body = {"jobs": [s.model_dump(mode="json", exclude_none=True) for s in specs]}
@@ -203,10 +206,25 @@ class Client:
         data = self.request("POST", f"/v1/workers/{worker_id}/heartbeat", json=body)
         return HeartbeatResponse.model_validate(data).lost
 
-    def report(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[ReportResult]:
-        body = {"outcomes": [o.model_dump(mode="json") for o in outcomes]}
-        data = self.request("POST", f"/v1/workers/{worker_id}/report", json=body)
-        return ReportResponse.model_validate(data).results
+    def report(
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        lease: int = 0,
+        wait: float = 0,
+    ) -> ReportResponse:
+        """Record outcomes and, with ``lease`` > 0, lease up to that many jobs in the same
+        round trip (long-polling ``wait`` seconds when none is runnable)."""
+        body: dict[str, Any] = {"outcomes": [o.model_dump(mode="json") for o in outcomes]}
+        if lease > 0:
+            body["lease"] = {"max_jobs": lease, "wait": wait}
+        data = self.request("POST", f"/v1/workers/{worker_id}/report", json=body, timeout=wait + 30)
+        return ReportResponse.model_validate(data)
+
+    def drain(self, worker_id: str) -> None:
+        """Say this worker is stopping: its long polls end, it is leased nothing more."""
+        self.request("POST", f"/v1/workers/{worker_id}/drain")
 
     def deregister(self, worker_id: str) -> None:
         self.request("DELETE", f"/v1/workers/{worker_id}")

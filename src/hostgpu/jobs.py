@@ -310,3 +310,6 @@ class ReportResult(BaseModel):
     job_id: str
     accepted: bool
     reason: str | None = None
+    retry_in_s: float | None = Field(
+        default=None, description="a failure that will run again: after this many seconds"
+    )

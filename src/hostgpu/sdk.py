@@ -40,6 +40,9 @@ log = logging.getLogger("hostgpu")
 
 #: A queued job that is not leased after this long says why it waits.
 WAITING_NOTICE_S = 1.0
+#: ``.remote()`` submits and waits in one request for this long; a job not finished by then
+#: is waited for as a handle, which says why it waits.
+CALL_WAIT_S = WAITING_NOTICE_S
 
 
 class Handle(Protocol[R_co]):
@@ -285,6 +288,15 @@ class GatewayBackend:
         job = self.client.submit(job_spec(fn, args, kwargs))
         return JobHandle(job.id, fn.options.serializer, self.client)
 
+    def call(self, fn: Function[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        """Submit and wait in one request; a job that takes longer is waited for as a
+        handle (which says why it waits)."""
+        job = self.client.submit(job_spec(fn, args, kwargs), wait=CALL_WAIT_S)
+        if job.state.terminal:
+            raise_for(job)
+            return decode_result(job.result, fn.options.serializer)
+        return JobHandle[R](job.id, fn.options.serializer, self.client).result()
+
     def map(
         self,
         fn: Function[..., R],
@@ -387,7 +399,11 @@ class Function(Generic[P, R]):
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the call on a worker and return its result."""
-        return self.spawn(*args, **kwargs).result()
+        backend = default_backend()
+        call = getattr(backend, "call", None)
+        if call is not None:
+            return call(self, args, dict(kwargs))
+        return backend.spawn(self, args, dict(kwargs)).result()
 
     def map(
         self,

@@ -141,7 +141,11 @@ class Worker:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"worker exited: {self.log_text()}")
                 workers = http.get("/v1/workers", params={"alive": True}).json()["workers"]
-                if any(w["capabilities"]["name"] == self.name for w in workers):
+                # Registered and publishing: its first child has imported its modules.
+                if any(
+                    w["capabilities"]["name"] == self.name and w["capabilities"]["functions"]
+                    for w in workers
+                ):
                     return
                 time.sleep(0.1)
         raise RuntimeError(f"worker did not register: {self.log_text()}")

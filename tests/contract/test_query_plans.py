@@ -59,7 +59,9 @@ def plan_of(store: SQLStore, marker: str, action: Any) -> str:
     return "\n".join(str(row[-1]) for row in rows)
 
 
-def test_lease_reads_the_queue_index_in_order(store: SQLStore) -> None:
+def test_lease_reads_each_lane_through_its_index(store: SQLStore) -> None:
+    """One index search per (function, kind) lane, never a scan of the queue: each lane's
+    own LIMIT stops it early, and only the few rows it yields are merged in order."""
     caps = Capabilities(
         name="w",
         devices=[Device(kind="cpu", name="cpu")],
@@ -69,11 +71,11 @@ def test_lease_reads_the_queue_index_in_order(store: SQLStore) -> None:
     worker = store.register_worker(caps)
     plan = plan_of(
         store,
-        "ORDER BY jobs.priority DESC",
+        "UNION ALL",
         lambda: store.lease(worker, caps, max_jobs=1, lease_seconds=30),
     )
-    assert "ix_jobs_queue" in plan, plan
-    assert "TEMP B-TREE" not in plan, f"the lease sorts the queue on every call:\n{plan}"
+    assert "SEARCH jobs USING INDEX ix_jobs_lane (function=? AND gpu_kind=?)" in plan, plan
+    assert "SCAN jobs" not in plan, f"the lease scans the queue on every call:\n{plan}"
 
 
 def test_requeue_expired_reads_only_active_jobs(store: SQLStore) -> None:

@@ -26,6 +26,7 @@ SCOPES = {
     ("POST", "/v1/workers/{worker_id}/lease"): {"worker", "share"},
     ("POST", "/v1/workers/{worker_id}/heartbeat"): {"worker", "share"},
     ("POST", "/v1/workers/{worker_id}/report"): {"worker", "share"},
+    ("POST", "/v1/workers/{worker_id}/drain"): {"worker", "share"},
     ("DELETE", "/v1/workers/{worker_id}"): {"worker", "share"},
     ("POST", "/v1/tokens"): set(),
     ("GET", "/v1/tokens"): set(),

@@ -87,11 +87,9 @@ def run(
         )
     )
     agent.install_signal_handlers()
-    agent.discover()
     devices = ", ".join(f"{d.kind}:{d.name}" for d in agent.caps.devices)
     console.print(
-        f"worker {agent.caps.name}: devices {devices}; modules {', '.join(agent.caps.modules)}; "
-        f"{len(agent.caps.functions)} published function(s)"
+        f"worker {agent.caps.name}: devices {devices}; modules {', '.join(agent.caps.modules)}"
     )
     raise typer.Exit(agent.run())
 

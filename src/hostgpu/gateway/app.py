@@ -28,6 +28,7 @@ from hostgpu.errors import (
     LastAdminToken,
     NotFound,
 )
+from hostgpu.gateway.auth import TokenCache
 from hostgpu.gateway.deps import ReadToken
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
@@ -71,7 +72,7 @@ class MetricsMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-async def _housekeeping(app: FastAPI, interval: float, grace: float) -> None:
+async def _housekeeping(app: FastAPI, interval: float, grace: float, expiry_every: float) -> None:
     """Take back expired leases and settle jobs waiting for declarations; every gateway runs
     this, the store makes it safe.
 
@@ -82,17 +83,24 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float) -> None:
     store: Store = app.state.store
     resolver: Resolver = app.state.resolver
     waiting: WaitingExplainer = app.state.waiting
+    notifier: Notifier = app.state.notifier
     expire_from = time.monotonic() + grace
+    next_expiry = next_settle = 0.0
     while True:
+        now = time.monotonic()
         try:
-            if time.monotonic() >= expire_from:
+            if now >= expire_from and now >= next_expiry:
+                next_expiry = now + expiry_every
                 count = await to_thread.run_sync(store.requeue_expired)
                 if count:
                     log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
-                    app.state.notifier.notify("enqueued")
-            workers = await to_thread.run_sync(waiting.workers)
-            if await to_thread.run_sync(resolver.settle_pending, workers):
-                app.state.notifier.notify("enqueued")
+                    notifier.runnable(None)
+            # Pending jobs are rare: look for them every second only while some may exist.
+            if resolver.pending_hint or now >= next_settle:
+                next_settle = now + 30.0
+                workers = await to_thread.run_sync(waiting.workers)
+                if await to_thread.run_sync(resolver.settle_pending, workers):
+                    notifier.runnable(None)
         except Exception:  # keep the loop alive through a database blip
             log.exception("housekeeping failed; retrying")
         await asyncio.sleep(interval)
@@ -113,12 +121,25 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        notifier: Notifier = app.state.notifier
+        notifier.attach(asyncio.get_running_loop())
+        notifier.on("tokens", app.state.tokens.clear)
+        notifier.on("resync", app.state.tokens.clear)
+        stop_listening = store.subscribe(notifier.heard_from_store)
+        # Expired leases are looked for a few times per lease period (a read when there are
+        # none): an idle gateway costs the database next to nothing.
         task = asyncio.create_task(
-            _housekeeping(app, min(1.0, settings.lease_seconds / 4), grace=settings.lease_seconds)
+            _housekeeping(
+                app,
+                min(1.0, settings.lease_seconds / 4),
+                grace=settings.lease_seconds,
+                expiry_every=settings.lease_seconds / 4,
+            )
         )
         try:
             yield
         finally:
+            stop_listening()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -135,6 +156,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.worker_caps = {}
     app.state.waiting = WaitingExplainer(store)
     app.state.resolver = Resolver(store)
+    app.state.tokens = TokenCache()
+
     metrics = Metrics(store)
     app.state.metrics = metrics
 

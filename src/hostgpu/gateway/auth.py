@@ -1,7 +1,15 @@
-"""Bearer tokens with scopes (see :mod:`hostgpu.tokens` for what each scope may do)."""
+"""Bearer tokens with scopes (see :mod:`hostgpu.tokens` for what each scope may do).
+
+Verification is cached by token hash, so a request costs no store round trip and no thread
+hop once its token is known. A revocation clears the cache at once on the gateway that made
+it, and on every other gateway of the same PostgreSQL database as soon as the store's
+LISTEN/NOTIFY event arrives (the revoking request waits for that event before it answers).
+A lost event connection clears the cache too; entries also expire after a minute.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -21,6 +29,45 @@ bearer = HTTPBearer(
 )
 
 
+class TokenCache:
+    """Valid tokens by hash (never a secret), for ``ttl`` seconds at most."""
+
+    def __init__(self, ttl: float = 60.0, size: int = 10_000) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: dict[str, tuple[TokenInfo, float]] = {}
+
+    def get(self, digest: str) -> TokenInfo | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        info, stored = entry
+        if time.monotonic() - stored > self.ttl or not info.active(time.time()):
+            self._entries.pop(digest, None)
+            return None
+        return info
+
+    def put(self, digest: str, info: TokenInfo) -> None:
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[digest] = (info, time.monotonic())
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+async def verify(request: Request, secret: str) -> TokenInfo | None:
+    cache: TokenCache = request.app.state.tokens
+    digest = hash_token(secret)
+    info = cache.get(digest)
+    if info is None:
+        store: Store = request.app.state.store
+        info = await to_thread.run_sync(store.verify_token, digest)
+        if info is not None:
+            cache.put(digest, info)
+    return info
+
+
 def require(*scopes: Scope) -> Callable[..., Awaitable[TokenInfo]]:
     """A dependency that admits tokens whose scope covers one of ``scopes`` (admin always)."""
     wanted = scopes or ("admin",)
@@ -35,8 +82,7 @@ def require(*scopes: Scope) -> Callable[..., Awaitable[TokenInfo]]:
                 "missing bearer token: send 'Authorization: Bearer <token>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        store: Store = request.app.state.store
-        info = await to_thread.run_sync(store.verify_token, hash_token(credentials.credentials))
+        info = await verify(request, credentials.credentials)
         if info is None:
             raise HTTPException(
                 401,

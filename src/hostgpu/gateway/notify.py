@@ -1,20 +1,76 @@
-"""In-process wake-ups for long polls.
+"""Wake-ups for long polls: who is waiting for what, and who to wake when it happens.
 
-A waiter takes the topic's current event *before* it reads the store, so a
-notification that lands between its read and its wait is never lost. Other gateway
-processes do not see these events; long polls also re-read the store every
-``poll_interval`` so a job enqueued through another gateway is still picked up.
+Two kinds of waiters:
+
+- result waiters (``GET /v1/jobs/{id}?wait``, ``/wait``, submit-and-wait) wait on a topic
+  (``finished``) and re-read the store when it fires;
+- lease waiters (an idle worker's long poll) carry the worker's capabilities. New runnable
+  jobs wake only waiters that could run them, at most one per job, so ten idle workers do not
+  all hit the store for one job, and a job no idle worker can run wakes none.
+
+A waiter registers *before* it reads the store, so an event that lands between its read and
+its wait is never lost. Events from other gateways on the same PostgreSQL database arrive
+through the store's LISTEN/NOTIFY subscription (see :meth:`Notifier.from_store`) and wake every
+matching waiter (they carry no job details). Delayed wake-ups (a retry's backoff, a fallback's
+grace) are timers on this gateway's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from hostgpu.capabilities import Capabilities
+from hostgpu.requirements import Requirements
+from hostgpu.routing import pick_device
+
+
+@dataclass(frozen=True)
+class Runnable:
+    """What a newly runnable job needs, to pick the waiters that could take it."""
+
+    function: str
+    requirements: Requirements
+    fallback: str | None = None
+
+    def fits(self, caps: Capabilities) -> bool:
+        if self.function not in caps.functions:
+            return False
+        return (
+            pick_device(self.requirements, caps, fallback_open=self.fallback == "cpu") is not None
+        )
+
+
+@dataclass(eq=False)
+class LeaseWaiter:
+    worker_id: str
+    caps: Capabilities
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait(self, timeout: float) -> bool:
+        if timeout <= 0:
+            return self.event.is_set()
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 class Notifier:
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self._lease_waiters: list[LeaseWaiter] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Counts of events heard from other gateways (tests and metrics read them).
+        self.heard: dict[str, int] = {}
+        self._callbacks: dict[str, list[Callable[[], None]]] = {}
+        #: Workers that said they are stopping (on this gateway or another).
+        self.draining: set[str] = set()
 
+    # -- topics ------------------------------------------------------------------------------
     def event(self, topic: str) -> asyncio.Event:
         event = self._events.get(topic)
         if event is None:
@@ -35,3 +91,81 @@ class Notifier:
         except TimeoutError:
             return False
         return True
+
+    # -- lease waiters -------------------------------------------------------------------------
+    def lease_waiter(self, worker_id: str, caps: Capabilities) -> LeaseWaiter:
+        waiter = LeaseWaiter(worker_id, caps)
+        self._lease_waiters.append(waiter)
+        return waiter
+
+    def remove(self, waiter: LeaseWaiter) -> None:
+        with contextlib.suppress(ValueError):
+            self._lease_waiters.remove(waiter)
+
+    def runnable(self, jobs: Iterable[Runnable] | None = None) -> int:
+        """Jobs became runnable: wake one fitting waiter per job (every waiter when ``jobs``
+        is None: a change known only by its kind, from another gateway or a timer). Returns
+        how many waiters were woken."""
+        self.notify("enqueued")
+        idle = [w for w in self._lease_waiters if not w.event.is_set()]
+        if jobs is None:
+            for waiter in idle:
+                waiter.event.set()
+            return len(idle)
+        woken = 0
+        for job in jobs:
+            for waiter in idle:
+                if not waiter.event.is_set() and job.fits(waiter.caps):
+                    waiter.event.set()
+                    woken += 1
+                    break
+            # Rotate, so that one quick worker does not get every wake-up.
+            idle = [w for w in idle if not w.event.is_set()]
+            if not idle:
+                break
+        return woken
+
+    def drain(self, worker_id: str) -> None:
+        """The worker is stopping: end its long polls now and lease it nothing more."""
+        self.draining.add(worker_id)
+        for waiter in self._lease_waiters:
+            if waiter.worker_id == worker_id:
+                waiter.event.set()
+
+    def later(self, delay: float, jobs: list[Runnable] | None = None) -> None:
+        """Wake waiters for ``jobs`` after ``delay`` seconds (a retry's backoff, a grace)."""
+        loop = self._loop or asyncio.get_running_loop()
+        loop.call_later(max(0.0, delay) + 0.01, self.runnable, jobs)
+
+    # -- other gateways ------------------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def heard_from_store(self, topic: str) -> None:
+        """An event from another gateway (called from the store's listener thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._dispatch, topic)
+
+    def on(self, topic: str, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (on the event loop) when another gateway reports ``topic``."""
+        self._callbacks.setdefault(topic, []).append(callback)
+
+    def _dispatch(self, topic: str) -> None:
+        kind = topic.partition(":")[0]
+        self.heard[kind] = self.heard.get(kind, 0) + 1
+        if kind == "echo":
+            self.notify(topic)
+            return
+        for callback in self._callbacks.get(kind, []) + self._callbacks.get("resync", []) * (
+            kind == "resync"
+        ):
+            callback()
+        if topic in ("runnable", "resync"):
+            self.runnable(None)
+        if topic in ("finished", "resync"):
+            self.notify("finished")
+        if topic.startswith("drain:"):
+            self.drain(topic.partition(":")[2])
+        self.notify(f"store:{topic.partition(':')[0]}")

@@ -22,6 +22,12 @@ from hostgpu.store import NewJob, Store
 log = logging.getLogger("hostgpu.gateway")
 
 
+def _publishers(workers: Sequence[Capabilities], module: str) -> list[Capabilities]:
+    """Workers that import ``module`` and have published their functions (a worker that
+    just registered publishes them a moment later, once its first child has imported them)."""
+    return [w for w in workers if module in w.modules and w.functions]
+
+
 def requested(spec: JobSpec) -> Requested:
     return Requested(
         gpu=spec.gpu,
@@ -43,6 +49,9 @@ class Resolver:
         self.store = store
         self.ttl = ttl
         self._cache: dict[str, tuple[float, FunctionOptions | None]] = {}
+        #: Whether this gateway stored a job waiting for its declaration: housekeeping then
+        #: looks for pending jobs every second instead of twice a minute.
+        self.pending_hint = False
 
     def declarations(self, names: Sequence[str]) -> dict[str, FunctionOptions]:
         now = time.monotonic()
@@ -70,7 +79,7 @@ class Resolver:
             asked = requested(spec)
             declaration = declared.get(spec.function)
             if declaration is None:
-                importers = [w for w in workers if spec.module in w.modules]
+                importers = _publishers(workers, spec.module)
                 if importers:
                     prefix = f"{spec.module}:"
                     others = sorted(
@@ -83,6 +92,7 @@ class Resolver:
                         + "; restart them if the function is new)"
                     )
             options = resolve(spec.function, declaration, asked)
+            self.pending_hint |= declaration is None
             jobs.append(
                 NewJob(
                     function=spec.function,
@@ -99,6 +109,7 @@ class Resolver:
         """Resolve (or reject) pending jobs whose function now has a declaration."""
         pending = self.store.pending()
         if not pending:
+            self.pending_hint = False
             return 0
         self.forget([p.function for p in pending])
         declared = self.declarations([p.function for p in pending])
@@ -107,7 +118,7 @@ class Resolver:
             declaration = declared.get(job.function)
             module = job.function.partition(":")[0]
             if declaration is None:
-                if any(module in w.modules for w in workers):
+                if _publishers(workers, module):
                     error = JobError(
                         type="NotPublished",
                         message=not_published_message(job.function),

@@ -549,7 +549,9 @@ class HybridStack:
                 mine = [
                     w
                     for w in api.workers(alive=True)
-                    if w.capabilities.name == name and w.registered_at >= started - 5
+                    if w.capabilities.name == name
+                    and w.registered_at >= started - 5
+                    and w.capabilities.functions
                 ]
                 if mine:
                     return record

@@ -114,7 +114,9 @@ class LocalStack:
                     f"the worker exited with code {self.worker.returncode}:\n{self._tail('worker')}"
                 )
             reply = httpx.get(f"{self.url}/v1/workers", params={"alive": True}, headers=headers)
-            if reply.status_code == 200 and reply.json()["workers"]:
+            if reply.status_code == 200 and any(
+                w["capabilities"]["functions"] for w in reply.json()["workers"]
+            ):
                 return
             if time.monotonic() > deadline:
                 raise HostGPUError(f"the worker did not register within {timeout:.0f} s")

@@ -13,7 +13,7 @@ The store persists; it does not decide. Which state a job moves to is the state 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,9 @@ class HeartbeatResult:
 
 class Store(abc.ABC):
     """Durable jobs, workers, published functions and tokens."""
+
+    #: Whether several gateways may share this store (and hear each other's events).
+    shared: bool = False
 
     # -- jobs -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -151,8 +154,25 @@ class Store(abc.ABC):
         """Registered workers, newest contact first."""
 
     @abc.abstractmethod
+    def touch_worker(self, worker_id: str, *, older_than: float) -> bool:
+        """Mark the worker alive when its last contact is older than ``older_than`` seconds
+        (NotFound when unknown); whether a write was needed."""
+
+    @abc.abstractmethod
+    def drain_worker(self, worker_id: str) -> None:
+        """The worker is stopping: lease it nothing more (its heartbeats keep it alive)."""
+
+    @abc.abstractmethod
     def deregister_worker(self, worker_id: str) -> None:
         """The worker stopped cleanly."""
+
+    # -- events ---------------------------------------------------------------------
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(topic)`` (from another thread) when another store on the same
+        database reports ``runnable``, ``finished``, ``tokens``, ``drain:<worker>`` or
+        ``resync``; returns a function that stops listening. None by default: one gateway per
+        database (SQLite) hears everything in process."""
+        return lambda: None
 
     # -- tokens ---------------------------------------------------------------------
     @abc.abstractmethod

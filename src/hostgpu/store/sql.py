@@ -23,11 +23,14 @@ from alembic.config import Config
 from sqlalchemy import (
     Connection,
     Engine,
+    Float,
     Insert,
+    Integer,
     Select,
     Table,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -36,11 +39,12 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.exc import DataError, IntegrityError
 
-from hostgpu.capabilities import Capabilities, WorkerInfo
+from hostgpu.capabilities import Capabilities, Device, WorkerInfo
 from hostgpu.errors import (
     AmbiguousId,
     DuplicateKey,
@@ -53,6 +57,7 @@ from hostgpu.functions import FunctionOptions, Requested, Resolved
 from hostgpu.jobs import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    TRANSITIONS,
     Attempt,
     Event,
     Job,
@@ -73,6 +78,25 @@ from hostgpu.store.schema import attempts, functions, jobs, tokens, workers
 from hostgpu.tokens import TokenInfo
 
 ACTIVE = sorted(s.value for s in ACTIVE_STATES)
+#: The requirement kinds a job's ``gpu`` can name (``cuda:<name>`` is kind cuda).
+REQUIREMENT_KINDS = frozenset(k for kinds in SATISFIES.values() for k in kinds)
+LEASE_COLUMNS = (
+    jobs.c.id,
+    jobs.c.function,
+    jobs.c.payload,
+    jobs.c.serializer,
+    jobs.c.timeout_s,
+    jobs.c.attempts,
+    jobs.c.gpu_kind,
+    jobs.c.gpu_name,
+    jobs.c.min_memory_gb,
+    jobs.c.labels,
+    jobs.c.fallback,
+    jobs.c.fallback_at,
+    jobs.c.priority,
+    jobs.c.run_after,
+    jobs.c.created_at,
+)
 TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 MIGRATIONS = Path(__file__).parent / "migrations"
 FULL_ID_LENGTH = 32
@@ -158,6 +182,9 @@ class SQLStore(Store):
         self.fallback_grace_s = fallback_grace_s
         self.worker_ttl_s = worker_ttl_s
         self.engine = self._create_engine(url)
+        #: This store's id in the events it publishes, so a gateway can skip its own.
+        self.origin = uuid.uuid4().hex[:12]
+        self._lane_cache: dict[str, Select[Any]] = {}
         self._migrate()
 
     # -- backend hooks ------------------------------------------------------------------
@@ -165,7 +192,11 @@ class SQLStore(Store):
         raise NotImplementedError
 
     def _lock(self, query: Select[Any]) -> Select[Any]:
-        """Make a lease/requeue SELECT safe against concurrent lessees."""
+        """Make a requeue SELECT safe against concurrent gateways (skip what others hold)."""
+        return query
+
+    def _for_update(self, query: Select[Any]) -> Select[Any]:
+        """Lock the selected rows until commit, waiting for other holders."""
         return query
 
     def _migration_lock(self, conn: Connection) -> None:
@@ -181,6 +212,12 @@ class SQLStore(Store):
     def _position(self, haystack: Any, needle: Any) -> Any:
         """1-based position of ``needle`` in ``haystack``, 0 when absent (no LIKE wildcards)."""
         raise NotImplementedError
+
+    def _relax(self, conn: Connection) -> None:
+        """Make this transaction's commit cheap where losing it in a crash is harmless."""
+
+    def _emit(self, conn: Connection, topic: str) -> None:
+        """Tell every gateway on this database, at commit, that ``topic`` happened."""
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -300,6 +337,7 @@ class SQLStore(Store):
                     batch_keys[key] = row
             if rows:
                 conn.execute(insert(jobs), rows)
+                self._emit(conn, "runnable")
         return [
             self._to_job(existing[item]) if isinstance(item, str) else self._to_job(_RowView(item))
             for item in order
@@ -392,14 +430,13 @@ class SQLStore(Store):
         return counts
 
     # -- leasing -------------------------------------------------------------------------
-    def _match_clause(self, caps: Capabilities, now: float) -> Any:
-        """The SQL form of :func:`hostgpu.routing.pick_device` (kept in step with it)."""
+    def _device_clause(self, devices: Sequence[Device]) -> Any:
+        """The SQL form of :func:`hostgpu.routing.device_satisfies` for any of ``devices``."""
         options = []
-        for device in caps.devices:
+        for device in devices:
             memory_gb = (device.memory_bytes or 0) / GIB
             options.append(
                 and_(
-                    jobs.c.gpu_kind.in_(SATISFIES[device.kind]),
                     or_(
                         jobs.c.gpu_name.is_(None),
                         # Not LIKE: a name holding "_" or "%" must match literally.
@@ -408,54 +445,106 @@ class SQLStore(Store):
                     or_(jobs.c.min_memory_gb.is_(None), jobs.c.min_memory_gb <= memory_gb),
                 )
             )
-        if any(d.kind == "cpu" for d in caps.devices):
-            options.append(and_(jobs.c.fallback == "cpu", jobs.c.fallback_at <= now))
-        if not options:
-            return literal(False)
+        return or_(*options) if options else literal(False)
+
+    def _lanes_query(self, caps: Capabilities) -> Select[Any] | None:
+        """The candidates a worker may lease, as one statement built once per capability set.
+
+        One lane per (published function, requirement kind the worker can serve), each read
+        through the ``ix_jobs_lane`` index in lease order with its own LIMIT, then merged: a
+        worker never walks past jobs it cannot run, however many there are (a deep backlog of
+        another function, or of jobs needing a device it lacks). Jobs that may fall back to
+        the CPU are one more lane per function. ``:now`` and ``:n`` are parameters.
+        """
+        key = caps.model_dump_json(include={"devices", "labels", "functions"})
+        cached = self._lane_cache.get(key)
+        if cached is not None:
+            return cached
+        now = bindparam("now", type_=Float)
+        limit = bindparam("n", type_=Integer)
         if caps.labels:
             labels = or_(jobs.c.labels.is_(None), jobs.c.labels.in_(label_subsets(caps.labels)))
         else:
             labels = jobs.c.labels.is_(None)
-        return and_(or_(*options), labels)
+        served: dict[str, list[Device]] = {}
+        for device in caps.devices:
+            for kind in SATISFIES[device.kind]:
+                served.setdefault(kind, []).append(device)
+        has_cpu = any(d.kind == "cpu" for d in caps.devices)
+        lanes: list[Select[Any]] = []
+        kinds = sorted(served)
+        for function in sorted(caps.functions):
+            for kind in kinds:
+                lanes.append(
+                    self._lane(function, now, limit, labels, jobs.c.gpu_kind == kind)
+                    .where(self._device_clause(served[kind]))
+                )
+            if has_cpu:
+                # Jobs of other kinds whose CPU fallback is open: one lane per function, read
+                # through the small fallback index.
+                lanes.append(
+                    self._lane(
+                        function,
+                        now,
+                        limit,
+                        labels,
+                        jobs.c.fallback == "cpu",
+                        jobs.c.fallback_at <= now,
+                        jobs.c.gpu_kind.notin_([literal_column(f"'{k}'") for k in kinds]),
+                    )
+                )
+        if not lanes:
+            return None
+        merged = union_all(*[lane.subquery().select() for lane in lanes]).subquery("lanes")
+        query = (
+            select(merged)
+            .order_by(merged.c.priority.desc(), merged.c.run_after, merged.c.created_at)
+            .limit(limit)
+        )
+        if len(self._lane_cache) > 1000:  # workers come and go: keep the cache bounded
+            self._lane_cache.clear()
+        self._lane_cache[key] = query
+        return query
+
+    @staticmethod
+    def _lane(function: str, now: Any, limit: Any, *conditions: Any) -> Select[Any]:
+        return (
+            select(*LEASE_COLUMNS)
+            .where(
+                jobs.c.state == literal_column("'queued'"),
+                jobs.c.function == function,
+                jobs.c.run_after <= now,
+                jobs.c.resolved.is_(True),
+                *conditions,
+            )
+            .order_by(jobs.c.priority.desc(), jobs.c.run_after, jobs.c.created_at)
+            .limit(limit)
+        )
+
+    def _claim(self, conn: Connection, rows: Sequence[Any]) -> Sequence[Any]:
+        """Lock the candidate rows this transaction may lease (see PostgreSQL's SKIP LOCKED)."""
+        return rows
 
     def lease(
         self, worker_id: str, caps: Capabilities, *, max_jobs: int, lease_seconds: float
     ) -> list[Lease]:
-        if max_jobs <= 0 or not caps.functions:
+        if max_jobs <= 0:
+            return []
+        query = self._lanes_query(caps)
+        if query is None:
             return []
         now = time.time()
-        query = (
-            select(
-                jobs.c.id,
-                jobs.c.function,
-                jobs.c.payload,
-                jobs.c.serializer,
-                jobs.c.timeout_s,
-                jobs.c.attempts,
-                jobs.c.gpu_kind,
-                jobs.c.gpu_name,
-                jobs.c.min_memory_gb,
-                jobs.c.labels,
-                jobs.c.fallback,
-                jobs.c.fallback_at,
-            )
-            .where(
-                _in(jobs.c.state, sources(Event.lease)),
-                jobs.c.resolved.is_(True),
-                jobs.c.run_after <= now,
-                jobs.c.function.in_(sorted(caps.functions)),
-                self._match_clause(caps, now),
-            )
-            .order_by(jobs.c.priority.desc(), jobs.c.run_after, jobs.c.created_at)
-            .limit(max_jobs)
-        )
+        params = {"now": now, "n": max_jobs}
+        # Read before taking the write lock: most polls of an idle fleet find nothing, and
+        # then cost one read instead of a write transaction that serialises every lessee.
+        with self._read() as conn:
+            if not conn.execute(query, params).first():
+                return []
         expires = now + lease_seconds
         leases: list[Lease] = []
         with self._write() as conn:
             self._before_lease(conn)
-            rows = conn.execute(self._lock(query)).all()
-            if not rows:
-                return []
+            rows = self._claim(conn, conn.execute(query, params).all())
             updates = []
             attempt_rows = []
             for row in rows:
@@ -515,7 +604,34 @@ class SQLStore(Store):
                     updates,
                 )
                 conn.execute(insert(attempts), attempt_rows)
+                self._touch(conn, worker_id, now)
         return leases
+
+    def touch_worker(self, worker_id: str, *, older_than: float) -> bool:
+        now = time.time()
+        with self._read() as conn:
+            row = conn.execute(
+                select(workers.c.last_seen, workers.c.state).where(workers.c.id == worker_id)
+            ).first()
+        if row is None:
+            raise NotFound(f"no worker with id {worker_id!r}: register again")
+        if row.state == "active" and row.last_seen >= now - older_than:
+            return False
+        with self._write() as conn:
+            self._relax(conn)
+            self._touch(conn, worker_id, now)
+        return True
+
+    def _touch(self, conn: Connection, worker_id: str, now: float) -> None:
+        # A draining worker stays draining: its heartbeats keep it alive, not leasing.
+        conn.execute(
+            update(workers)
+            .where(workers.c.id == worker_id)
+            .values(
+                last_seen=now,
+                state=case((workers.c.state == "draining", "draining"), else_="active"),
+            )
+        )
 
     def heartbeat(
         self, worker_id: str, leases: Sequence[tuple[str, str]], *, lease_seconds: float
@@ -523,10 +639,16 @@ class SQLStore(Store):
         now = time.time()
         held: list[str] = []
         with self._write() as conn:
+            # A lease lost in a crash is leased again: at-least-once holds without a
+            # durable commit of every heartbeat.
+            self._relax(conn)
             seen = conn.execute(
                 update(workers)
                 .where(workers.c.id == worker_id)
-                .values(last_seen=now, state="active")
+                .values(
+                    last_seen=now,
+                    state=case((workers.c.state == "draining", "draining"), else_="active"),
+                )
             )
             if seen.rowcount == 0:
                 raise NotFound(f"no worker with id {worker_id!r}: register again")
@@ -559,131 +681,91 @@ class SQLStore(Store):
         return HeartbeatResult(lost=[job_id for job_id in wanted if job_id not in held_set])
 
     def report(self, outcomes: Sequence[Outcome]) -> list[ReportResult]:
+        """Record outcomes in a handful of statements, however many there are.
+
+        One read takes the fence facts of every reported job (locked on PostgreSQL), each
+        outcome is judged in Python against its lease token and the state machine, and the
+        accepted ones are written with one executemany per kind of change. Refused outcomes
+        say why, as before: fencing stays exact.
+        """
+        if not outcomes:
+            return []
         now = time.time()
         with self._write() as conn:
-            return [self._report_one(conn, outcome, now) for outcome in outcomes]
-
-    def _refusal(self, conn: Connection, outcome: Outcome) -> ReportResult:
-        row = conn.execute(
-            select(jobs.c.state, jobs.c.lease_token).where(jobs.c.id == outcome.job_id)
-        ).first()
-        if row is None:
-            reason = "no such job"
-        elif row.lease_token != outcome.lease_token:
-            issued = conn.execute(
-                select(attempts.c.attempt).where(
-                    attempts.c.job_id == outcome.job_id,
-                    attempts.c.lease_token == outcome.lease_token,
+            current = {
+                row.id: row
+                for row in conn.execute(
+                    self._for_update(
+                        select(
+                            jobs.c.id,
+                            jobs.c.state,
+                            jobs.c.lease_token,
+                            jobs.c.failures,
+                            jobs.c.max_retries,
+                        ).where(jobs.c.id.in_(sorted({o.job_id for o in outcomes})))
+                    )
                 )
-            ).first()
-            reason = (
-                "lease lost: the job was leased again after this lease expired"
-                if issued is not None
-                else "unknown lease: this job was never leased with that token"
-            )
-        else:
-            reason = f"lease lost: the job is already {row.state}"
-        return ReportResult(job_id=outcome.job_id, accepted=False, reason=reason)
-
-    def _fenced(self, outcome: Outcome, event: Event) -> Any:
-        return and_(
-            jobs.c.id == outcome.job_id,
-            jobs.c.lease_token == outcome.lease_token,
-            jobs.c.state.in_(sources(event)),
-        )
-
-    def _report_one(self, conn: Connection, outcome: Outcome, now: float) -> ReportResult:
-        attempt_of = and_(
-            attempts.c.job_id == outcome.job_id, attempts.c.lease_token == outcome.lease_token
-        )
-        accepted = ReportResult(job_id=outcome.job_id, accepted=True)
-        if outcome.status == "started":
-            done = conn.execute(
-                update(jobs)
-                .where(self._fenced(outcome, Event.start))
-                .values(state=target(Event.start), updated_at=now)
-            )
-            return accepted if done.rowcount == 1 else self._refusal(conn, outcome)
-        if outcome.status == "succeeded":
-            values: dict[str, Any] = {
-                "state": target(Event.succeed),
-                "result": _dumps(outcome.result),
-                "error": None,
-                "timings": _dumps(outcome.timings),
-                "finished_at": now,
-                "updated_at": now,
             }
-            if outcome.device:
-                values["device"] = outcome.device
-            done = conn.execute(
-                update(jobs).where(self._fenced(outcome, Event.succeed)).values(**values)
-            )
-            if done.rowcount != 1:
-                return self._refusal(conn, outcome)
-            conn.execute(
-                update(attempts).where(attempt_of).values(outcome="succeeded", finished_at=now)
-            )
-            return accepted
-        if outcome.status == "released":
-            # Handed back unstarted or interrupted by a cold stop: not the job's fault,
-            # so the attempt does not count.
-            done = conn.execute(
-                update(jobs)
-                .where(self._fenced(outcome, Event.release))
-                .values(
-                    state=target(Event.release),
-                    attempts=jobs.c.attempts - 1,
-                    lease_token=None,
-                    worker_id=None,
-                    run_after=now,
-                    updated_at=now,
+            plan = _ReportPlan(self.retry, now)
+            results = [plan.judge(outcome, current.get(outcome.job_id)) for outcome in outcomes]
+            plan.write(conn)
+            refused = [r for r in results if not r.accepted and r.reason is None]
+            if refused:
+                reasons = self._refusal_reasons(
+                    conn, [o for o in outcomes if o.job_id in {r.job_id for r in refused}]
                 )
+                results = [
+                    r if r.accepted or r.reason is not None else reasons[r.job_id] for r in results
+                ]
+            if plan.runnable:
+                self._emit(conn, "runnable")
+            if plan.finished:
+                self._emit(conn, "finished")
+        return results
+
+    def _refusal_reasons(
+        self, conn: Connection, outcomes: Sequence[Outcome]
+    ) -> dict[str, ReportResult]:
+        """Why each of ``outcomes`` was refused (the job was never leased with that token, or
+        was leased again, or is already finished)."""
+        reasons: dict[str, ReportResult] = {}
+        for outcome in outcomes:
+            row = conn.execute(
+                select(jobs.c.state, jobs.c.lease_token).where(jobs.c.id == outcome.job_id)
+            ).first()
+            if row is None:
+                reason = "no such job"
+            elif row.lease_token != outcome.lease_token:
+                issued = conn.execute(
+                    select(attempts.c.attempt).where(
+                        attempts.c.job_id == outcome.job_id,
+                        attempts.c.lease_token == outcome.lease_token,
+                    )
+                ).first()
+                reason = (
+                    "lease lost: the job was leased again after this lease expired"
+                    if issued is not None
+                    else "unknown lease: this job was never leased with that token"
+                )
+            else:
+                reason = f"lease lost: the job is already {row.state}"
+            reasons[outcome.job_id] = ReportResult(
+                job_id=outcome.job_id, accepted=False, reason=reason
             )
-            if done.rowcount != 1:
-                return self._refusal(conn, outcome)
-            conn.execute(delete(attempts).where(attempt_of))
-            return accepted
-        row = conn.execute(
-            select(jobs.c.failures, jobs.c.max_retries).where(self._fenced(outcome, Event.fail))
-        ).first()
-        if row is None:
-            return self._refusal(conn, outcome)
-        error = outcome.error or JobError(type="Error", message="the job failed")
-        decision = self.retry.after_failure(
-            row.failures + 1, row.max_retries, retryable=outcome.retryable
-        )
-        event = Event.retry if decision.again else Event.fail
-        values = {
-            "state": target(event),
-            "failures": jobs.c.failures + 1,
-            "timings": _dumps(outcome.timings),
-            "updated_at": now,
-        }
-        if decision.again:
-            values.update(error=_dumps(error.model_dump()), lease_token=None)
-            values["run_after"] = now + decision.delay_s
-        else:
-            final = error.model_copy(update={"message": f"{error.message} ({decision.reason})"})
-            values.update(error=_dumps(final.model_dump()), finished_at=now)
-        conn.execute(update(jobs).where(self._fenced(outcome, event)).values(**values))
-        conn.execute(
-            update(attempts)
-            .where(attempt_of)
-            .values(
-                outcome="retry" if decision.again else "failed",
-                finished_at=now,
-                error=error.summary(),
-            )
-        )
-        return accepted
+        return reasons
 
     def requeue_expired(self) -> int:
         now = time.time()
         query = select(
             jobs.c.id, jobs.c.lost, jobs.c.worker_id, jobs.c.lease_token, jobs.c.state
         ).where(_in(jobs.c.state, ACTIVE), jobs.c.lease_expires_at < now)
+        with self._read() as conn:  # nearly always nothing: no write lock for that
+            if not conn.execute(query.limit(1)).first():
+                return 0
         with self._write() as conn:
             rows = conn.execute(self._lock(query)).all()
+            if rows:
+                self._emit(conn, "runnable")
             for row in rows:
                 message = f"worker {row.worker_id} stopped heartbeating and its lease expired"
                 decision = self.retry.after_lost_lease(row.lost + 1)
@@ -724,6 +806,8 @@ class SQLStore(Store):
                 .where(jobs.c.id == job_id, jobs.c.state.in_(sources(event)))
                 .values(state=target(event), updated_at=now, **values(now))
             )
+            if done.rowcount == 1:
+                self._emit(conn, "runnable" if target(event) == "queued" else "finished")
             if done.rowcount != 1:
                 row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
                 if row is None:
@@ -819,6 +903,8 @@ class SQLStore(Store):
                     update(jobs).where(pending, fence).values(updated_at=now, **values)
                 )
                 count += done.rowcount or 0
+            if count:
+                self._emit(conn, "runnable")
         return count
 
     # -- workers -------------------------------------------------------------------------
@@ -856,13 +942,13 @@ class SQLStore(Store):
         return new_id
 
     def _to_worker(self, row: Any, now: float) -> WorkerInfo:
-        alive = row.state == "active" and row.last_seen >= now - self.worker_ttl_s
+        alive = row.state in ("active", "draining") and row.last_seen >= now - self.worker_ttl_s
         return WorkerInfo(
             id=row.id,
             capabilities=Capabilities.model_validate_json(row.capabilities),
             registered_at=row.registered_at,
             last_seen=row.last_seen,
-            state=row.state if alive or row.state != "active" else "lost",
+            state=row.state if alive or row.state not in ("active", "draining") else "lost",
             alive=alive,
         )
 
@@ -878,10 +964,20 @@ class SQLStore(Store):
         query = select(workers).order_by(workers.c.last_seen.desc())
         if alive_only:
             query = query.where(
-                workers.c.state == "active", workers.c.last_seen >= now - self.worker_ttl_s
+                workers.c.state.in_(["active", "draining"]),
+                workers.c.last_seen >= now - self.worker_ttl_s,
             )
         with self._read() as conn:
             return [self._to_worker(r, now) for r in conn.execute(query)]
+
+    def drain_worker(self, worker_id: str) -> None:
+        with self._write() as conn:
+            done = conn.execute(
+                update(workers).where(workers.c.id == worker_id).values(state="draining")
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no worker with id {worker_id!r}")
+            self._emit(conn, f"drain:{worker_id}")
 
     def deregister_worker(self, worker_id: str) -> None:
         with self._write() as conn:
@@ -936,7 +1032,9 @@ class SQLStore(Store):
             or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
         )
         with self._write() as conn:
-            row = conn.execute(self._lock(select(tokens).where(tokens.c.id == token_id))).first()
+            row = conn.execute(
+                self._for_update(select(tokens).where(tokens.c.id == token_id))
+            ).first()
             if row is None:
                 raise NotFound(f"no token with id {token_id!r}")
             if not force and row.scope == "admin" and self._to_token(row).active(now):
@@ -956,6 +1054,7 @@ class SQLStore(Store):
                 .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
                 .values(revoked_at=now)
             )
+            self._emit(conn, "tokens")
             row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
         return self._to_token(row)
 
@@ -984,6 +1083,171 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
         raise InvalidInput(
             f"bad cursor {cursor!r}: pass next_cursor from a previous page"
         ) from None
+
+
+class _ReportPlan:
+    """The writes one report makes, gathered so that each kind is one executemany."""
+
+    def __init__(self, retry: RetryPolicy, now: float) -> None:
+        self.retry = retry
+        self.now = now
+        self.started: list[dict[str, Any]] = []
+        self.succeeded: list[dict[str, Any]] = []
+        self.released: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+        self.attempt_updates: list[dict[str, Any]] = []
+        self.attempt_deletes: list[dict[str, Any]] = []
+        self.runnable = False
+        self.finished = False
+
+    def judge(self, outcome: Outcome, row: Any) -> ReportResult:
+        """Accept or refuse one outcome (reason filled in later for refusals)."""
+        event = {
+            "started": Event.start,
+            "succeeded": Event.succeed,
+            "released": Event.release,
+            "failed": Event.fail,
+        }[outcome.status]
+        refused = ReportResult(job_id=outcome.job_id, accepted=False)
+        if row is None or row.lease_token != outcome.lease_token:
+            return refused
+        if JobState(row.state) not in TRANSITIONS[event][0]:
+            return refused
+        key = {"b_id": outcome.job_id, "b_token": outcome.lease_token}
+        if outcome.status == "started":
+            self.started.append(key)
+        elif outcome.status == "succeeded":
+            self.succeeded.append(
+                {
+                    **key,
+                    "b_result": _dumps(outcome.result),
+                    "b_timings": _dumps(outcome.timings),
+                    "b_device": outcome.device,
+                }
+            )
+            self.attempt_updates.append({**key, "b_outcome": "succeeded", "b_error": None})
+            self.finished = True
+        elif outcome.status == "released":
+            # Handed back unstarted or interrupted by a cold stop: not the job's fault,
+            # so the attempt does not count.
+            self.released.append(key)
+            self.attempt_deletes.append(key)
+            self.runnable = True
+        else:
+            error = outcome.error or JobError(type="Error", message="the job failed")
+            decision = self.retry.after_failure(
+                row.failures + 1, row.max_retries, retryable=outcome.retryable
+            )
+            if decision.again:
+                stored, state = error, JobState.queued
+                self.runnable = True
+            else:
+                stored = error.model_copy(
+                    update={"message": f"{error.message} ({decision.reason})"}
+                )
+                state = JobState.failed
+                self.finished = True
+            self.failed.append(
+                {
+                    **key,
+                    "b_state": state.value,
+                    "b_error": _dumps(stored.model_dump()),
+                    "b_timings": _dumps(outcome.timings),
+                    "b_run_after": self.now + decision.delay_s,
+                    "b_finished": None if decision.again else self.now,
+                    "b_fences": sources(Event.retry if decision.again else Event.fail),
+                }
+            )
+            self.attempt_updates.append(
+                {
+                    **key,
+                    "b_outcome": "retry" if decision.again else "failed",
+                    "b_error": error.summary(),
+                }
+            )
+            return ReportResult(
+                job_id=outcome.job_id,
+                accepted=True,
+                retry_in_s=decision.delay_s if decision.again else None,
+            )
+        return ReportResult(job_id=outcome.job_id, accepted=True)
+
+    def write(self, conn: Connection) -> None:
+        now = self.now
+        fenced = and_(jobs.c.id == bindparam("b_id"), jobs.c.lease_token == bindparam("b_token"))
+        if self.started:
+            conn.execute(
+                update(jobs)
+                .where(fenced, _in(jobs.c.state, sources(Event.start)))
+                .values(state=target(Event.start), updated_at=now),
+                self.started,
+            )
+        if self.succeeded:
+            conn.execute(
+                update(jobs)
+                .where(fenced, _in(jobs.c.state, sources(Event.succeed)))
+                .values(
+                    state=target(Event.succeed),
+                    result=bindparam("b_result"),
+                    error=None,
+                    timings=bindparam("b_timings"),
+                    device=func.coalesce(bindparam("b_device"), jobs.c.device),
+                    finished_at=now,
+                    updated_at=now,
+                ),
+                self.succeeded,
+            )
+        if self.released:
+            conn.execute(
+                update(jobs)
+                .where(fenced, _in(jobs.c.state, sources(Event.release)))
+                .values(
+                    state=target(Event.release),
+                    attempts=jobs.c.attempts - 1,
+                    lease_token=None,
+                    worker_id=None,
+                    run_after=now,
+                    updated_at=now,
+                ),
+                self.released,
+            )
+        if self.failed:
+            for state in (JobState.queued.value, JobState.failed.value):
+                rows = [r for r in self.failed if r["b_state"] == state]
+                if not rows:
+                    continue
+                fences = rows[0]["b_fences"]
+                values: dict[str, Any] = {
+                    "state": state,
+                    "failures": jobs.c.failures + 1,
+                    "error": bindparam("b_error"),
+                    "timings": bindparam("b_timings"),
+                    "updated_at": now,
+                }
+                if state == JobState.queued.value:
+                    values.update(lease_token=None, run_after=bindparam("b_run_after"))
+                else:
+                    values.update(finished_at=bindparam("b_finished"))
+                params = [
+                    {k: v for k, v in r.items() if k not in ("b_state", "b_fences")} for r in rows
+                ]
+                conn.execute(
+                    update(jobs).where(fenced, _in(jobs.c.state, fences)).values(**values), params
+                )
+        of_lease = and_(
+            attempts.c.job_id == bindparam("b_id"), attempts.c.lease_token == bindparam("b_token")
+        )
+        if self.attempt_updates:
+            conn.execute(
+                update(attempts)
+                .where(of_lease)
+                .values(
+                    outcome=bindparam("b_outcome"), finished_at=now, error=bindparam("b_error")
+                ),
+                self.attempt_updates,
+            )
+        if self.attempt_deletes:
+            conn.execute(delete(attempts).where(of_lease), self.attempt_deletes)
 
 
 class _RowView:

@@ -88,7 +88,7 @@ class WorkerConfig:
     name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     devices: list[Device] | None = None
-    lease_wait: float = 5.0
+    lease_wait: float = 25.0
     grace: float = 30.0
     started_after: float = 0.25
     skip_broken_imports: bool = False
@@ -132,17 +132,25 @@ class WorkerAgent:
         self.pool = ChildPool(config.concurrency, self._on_result, preload=tuple(self.modules))
         self.completed = 0
         self._mean_run_s: float | None = None
+        #: Slots promised to a lease request in flight (the lease loop's or the reporter's).
+        self._reserved = 0
+        #: Whether the lease loop's long poll is in flight (it keeps an idle worker alive).
+        self._polling = False
+        self._last_contact = 0.0
 
     # -- start: what the children import and publish ------------------------------------------
     def discover(self) -> None:
-        """Start the children and learn the published functions from the first one.
+        """Learn the published functions from the first child (started if need be).
 
         A module that fails to import stops the worker with the import error (a worker that
         silently offers less than it was asked to is worse than one that does not start),
         unless ``skip_broken_imports``: then it starts without advertising that module.
         """
         self.pool.start()
-        ready = self.pool.wait_ready(READY_TIMEOUT_S)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        ready = None
+        while ready is None and time.monotonic() < deadline and not self._stop.is_set():
+            ready = self.pool.wait_ready(0.2)
         if ready is None:
             raise ConfigError(
                 f"the worker's child process did not finish importing {', '.join(self.modules)} "
@@ -244,20 +252,30 @@ class WorkerAgent:
             client.close()
 
     def _send(self, client: Client, batch: list[Outcome]) -> None:
-        def send() -> Any:
-            return client.report(self._require_id(), batch)
-
+        room = 0 if self._stop.is_set() else self._reserve()
         try:
-            replies = self._retrying(send, while_stopping=True)
-        except NotFound:
-            self.register(client)
-            replies = self._retrying(send, while_stopping=True)
-        except GatewayUnavailable:
-            log.error("dropping %d outcome(s): stopping while the gateway is away", len(batch))
-            return
-        for reply in replies:
-            if not reply.accepted and reply.reason:
-                log.info("job %s: outcome refused (%s)", reply.job_id, reply.reason)
+            try:
+                reply = self._retrying(
+                    lambda: client.report(self._require_id(), batch, lease=room),
+                    while_stopping=True,
+                )
+            except NotFound:
+                self.register(client)
+                reply = self._retrying(
+                    lambda: client.report(self._require_id(), batch, lease=room),
+                    while_stopping=True,
+                )
+            except GatewayUnavailable:
+                log.error("dropping %d outcome(s): stopping while the gateway is away", len(batch))
+                return
+            # The next jobs came back with the results: no separate lease round trip.
+            self._start(reply.leases)
+        finally:
+            self._unreserve(room)
+        self._last_contact = time.monotonic()
+        for result in reply.results:
+            if not result.accepted and result.reason:
+                log.info("job %s: outcome refused (%s)", result.job_id, result.reason)
         self.completed += sum(1 for o in batch if o.status in ("succeeded", "failed"))
 
     def _require_id(self) -> str:
@@ -303,6 +321,12 @@ class WorkerAgent:
     def _beat(self, client: Client) -> None:
         with self._lock:
             held = [(lease.job_id, lease.lease_token) for lease, _ in self._leases.values()]
+        if not held and (
+            self._polling or time.monotonic() - self._last_contact < self.heartbeat_seconds
+        ):
+            # Idle: the long poll in flight keeps this worker alive at the gateway, so a
+            # heartbeat would only be another write.
+            return
         try:
             lost = client.heartbeat(self._require_id(), held)
         except NotFound:
@@ -332,37 +356,65 @@ class WorkerAgent:
         return max(1, min(32, int(0.1 / max(mean, 1e-4))))
 
     def _capacity(self) -> int:
-        # Everything in the pool counts, queued tasks included: the pool's free_slots() is
-        # floored at zero and would hide how far past the limit the worker already is.
+        # Everything in the pool counts, queued tasks included (the pool's free_slots() is
+        # floored at zero and would hide how far past the limit the worker already is), and so
+        # do slots promised to a lease request in flight.
         limit = self.config.concurrency * (1 + self._prefetch())
-        return limit - len(self.pool.running())
+        return limit - len(self.pool.running()) - self._reserved
+
+    def _reserve(self) -> int:
+        with self._room:
+            room = max(0, self._capacity())
+            self._reserved += room
+            return room
+
+    def _unreserve(self, room: int) -> None:
+        with self._room:
+            self._reserved -= room
+            self._room.notify_all()
+
+    def _start(self, leases: Sequence[Lease]) -> None:
+        for lease in leases:
+            if self._stop.is_set():
+                self._release([lease])
+                continue
+            with self._lock:
+                self._leases[lease.job_id] = (lease, time.monotonic())
+            self.pool.submit(lease)
+
+    def _poll_seconds(self) -> float:
+        # Long enough that an idle fleet costs the store almost nothing, short enough that
+        # the poll (which marks the worker alive when it starts) keeps it alive: the gateway
+        # counts a worker lost after 3 heartbeat periods without contact.
+        return min(self.config.lease_wait, 2.5 * self.heartbeat_seconds)
 
     def _lease_loop(self, client: Client) -> None:
         while not self._stop.is_set():
-            room = self._capacity()
+            room = self._reserve()
             if room <= 0:
+                self._unreserve(0)
                 with self._room:
                     self._room.wait_for(
                         lambda: self._capacity() > 0 or self._stop.is_set(), timeout=1.0
                     )
                 continue
-            wait = self.config.lease_wait if not self.pool.running() else 0.5
+            self._polling = True
             try:
                 leases = self._retrying(
-                    functools.partial(client.lease, self._require_id(), max_jobs=room, wait=wait)
+                    functools.partial(
+                        client.lease, self._require_id(), max_jobs=room, wait=self._poll_seconds()
+                    )
                 )
+                self._last_contact = time.monotonic()
+                self._start(leases)
             except NotFound:
                 self.register(client)
                 continue
             except GatewayUnavailable:
                 return
-            for lease in leases:
-                if self._stop.is_set():
-                    self._release([lease])
-                    continue
-                with self._lock:
-                    self._leases[lease.job_id] = (lease, time.monotonic())
-                self.pool.submit(lease)
+            finally:
+                self._polling = False
+                self._unreserve(room)
 
     def _release(self, leases: Sequence[Lease]) -> None:
         for lease in leases:
@@ -381,8 +433,19 @@ class WorkerAgent:
         else:
             log.warning("stopping: no new jobs; finishing running ones (again to kill them)")
             self._stop.set()
+            if self.worker_id is not None:
+                # End the long poll in flight now, at the gateway: otherwise the stop waits
+                # for it (and the gateway could still hand this worker a job meanwhile).
+                threading.Thread(target=self._drain, name="hostgpu-drain", daemon=True).start()
         with self._room:
             self._room.notify_all()
+
+    def _drain(self) -> None:
+        try:
+            with self._client() as client:
+                client.drain(self._require_id())
+        except Exception as exc:  # the gateway may be away: the poll ends at its timeout
+            log.info("could not tell the gateway this worker is draining: %s", exc)
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
@@ -392,14 +455,26 @@ class WorkerAgent:
         signal.signal(signal.SIGINT, handler)
 
     def run(self, on_ready: Callable[[WorkerAgent], None] | None = None) -> int:
-        if not self.pool.ready:
-            self.discover()
+        """Register at once (devices, modules), then publish the functions as soon as the
+        first child has imported them, and lease. The children start meanwhile: a worker is
+        registered within about a second, whatever its modules cost to import."""
+        self.pool.start()
         client = self._client()
         try:
             self.register(client)
+            if not self.caps.functions:
+                try:
+                    self.discover()
+                except ConfigError:
+                    self._deregister(client)
+                    raise
+                if self._stop.is_set():
+                    raise GatewayUnavailable("stopped while starting")
+                self.register(client)  # the same id, now with its published functions
         except GatewayUnavailable:
-            log.warning("stopped before the gateway answered")
+            log.warning("stopped before the worker was ready")
             self.pool.stop(cold=True, grace=0)
+            self._deregister(client)
             client.close()
             return 0
         reporter = threading.Thread(target=self._reporter, name="hostgpu-reporter", daemon=True)
@@ -434,10 +509,13 @@ class WorkerAgent:
         self._outbox.put(None)
         reporter.join(timeout=30)
         beater.join(timeout=5)
+        self._deregister(client)
+        client.close()
+        log.info("worker stopped after %d job(s)", self.completed)
+
+    def _deregister(self, client: Client) -> None:
         try:
             if self.worker_id:
                 client.deregister(self.worker_id)
         except Exception as exc:  # the gateway may be gone; it will expire us
             log.info("could not deregister: %s", exc)
-        client.close()
-        log.info("worker stopped after %d job(s)", self.completed)

@@ -17,6 +17,7 @@ from hostgpu.gateway.deps import (
     WaitingDep,
     run,
 )
+from hostgpu.gateway.routes.jobs import announce
 from hostgpu.jobs import JobSpec, Payload
 
 router = APIRouter(prefix="/v1/hooks", tags=["hooks"])
@@ -79,5 +80,5 @@ async def upload(
     )
     new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
     [job] = await run(store.enqueue, new)
-    notifier.notify("enqueued")
+    announce(notifier, settings, [job])
     return Queued(job_id=job.id, path=str(real))

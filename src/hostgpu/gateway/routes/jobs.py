@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -21,11 +22,53 @@ from hostgpu.gateway.deps import (
     WaitingDep,
     run,
 )
+from hostgpu.gateway.notify import Notifier, Runnable
 from hostgpu.jobs import Job, JobSpec, JobState
-from hostgpu.store import JobFilter
+from hostgpu.settings import Settings
+from hostgpu.store import JobFilter, Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 COALESCE_S = 0.02
+#: Long polls wake on events (this gateway's, and other gateways' through the store's
+#: LISTEN/NOTIFY); this re-read is only a safety net.
+REPOLL_S = 30.0
+
+
+def announce(notifier: Notifier, settings: Settings, jobs: Sequence[Job]) -> None:
+    """Wake the idle workers that can run these new jobs (and again when a CPU fallback
+    opens after its grace period)."""
+    distinct = {
+        (j.function, j.requirements.model_dump_json(), j.fallback): Runnable(
+            j.function, j.requirements, j.fallback
+        )
+        for j in jobs
+        if j.resolved and j.state is JobState.queued
+    }
+    # One entry per kind of job, but a wake-up per job: a batch of 500 wakes up to 500
+    # fitting waiters.
+    per_job = [
+        distinct[(j.function, j.requirements.model_dump_json(), j.fallback)]
+        for j in jobs
+        if j.resolved and j.state is JobState.queued
+    ]
+    notifier.runnable(per_job)
+    fallbacks = [r for r in distinct.values() if r.fallback]
+    if fallbacks:
+        notifier.later(settings.fallback_grace_seconds, fallbacks)
+
+
+async def _until_finished(
+    job_id: str, store: Store, notifier: Notifier, settings: Settings, wait: float
+) -> Job:
+    """The job once it is finished, or as it is when ``wait`` seconds have passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        event = notifier.event("finished")
+        job = await run(store.get, job_id, history=True)
+        remaining = deadline - time.monotonic()
+        if job.state.terminal or remaining <= 0:
+            return job
+        await notifier.wait(event, min(remaining, REPOLL_S))
 
 
 @router.post(
@@ -40,11 +83,22 @@ async def submit_job(
     notifier: NotifierDep,
     resolver: ResolverDep,
     waiting: WaitingDep,
+    settings: SettingsDep,
     _: SubmitToken,
     response: Response,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=60,
+            description="seconds to wait for the job to finish: one request "
+            "submits, runs and returns the result",
+        ),
+    ] = 0,
 ) -> Job:
     """Submit one job. Options left out take the function's declared ones; an option that
     widens the declaration is refused (422). An existing idempotency key returns its job (200).
+    With ``wait``, the answer comes when the job finishes (or the wait ends).
     """
     started = time.time()
     new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
@@ -52,7 +106,9 @@ async def submit_job(
     if job.created_at.timestamp() < started:
         response.status_code = 200  # the idempotency key named an existing job
     else:
-        notifier.notify("enqueued")
+        announce(notifier, settings, [job])
+    if wait > 0 and not job.state.terminal:
+        job = await _until_finished(job.id, store, notifier, settings, wait)
     [job] = await run(waiting.annotate, [job])
     return job
 
@@ -64,12 +120,13 @@ async def submit_batch(
     notifier: NotifierDep,
     resolver: ResolverDep,
     waiting: WaitingDep,
+    settings: SettingsDep,
     _: SubmitToken,
 ) -> JobIds:
     """Submit up to 5,000 jobs in one request; returns their ids in order (all or none)."""
     new = await run(resolver.new_jobs, batch.jobs, await run(waiting.workers))
     jobs = await run(store.enqueue, new)
-    notifier.notify("enqueued")
+    announce(notifier, settings, jobs)
     return JobIds(ids=[j.id for j in jobs])
 
 
@@ -120,7 +177,7 @@ async def wait_jobs(
         remaining = deadline - time.monotonic()
         if done or remaining <= 0:
             return JobList(jobs=done)
-        woken = await notifier.wait(event, min(remaining, settings.poll_interval * 4))
+        woken = await notifier.wait(event, min(remaining, REPOLL_S))
         if woken and len(body.ids) > 1:
             # Many jobs finish in bursts: let a few more land before reading the store
             # again, so a .map() costs a handful of queries per second, not one per result.
@@ -139,15 +196,9 @@ async def get_job(
 ) -> Job:
     """One job (by id or unique id prefix) with its attempts; ``wait`` long-polls until it
     finishes."""
-    deadline = time.monotonic() + wait
-    while True:
-        event = notifier.event("finished")
-        job = await run(store.get, job_id, history=True)
-        remaining = deadline - time.monotonic()
-        if job.state.terminal or remaining <= 0:
-            [job] = await run(waiting.annotate, [job])
-            return job
-        await notifier.wait(event, min(remaining, settings.poll_interval * 4))
+    job = await _until_finished(job_id, store, notifier, settings, wait)
+    [job] = await run(waiting.annotate, [job])
+    return job
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
@@ -162,5 +213,5 @@ async def cancel_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: S
 async def rerun_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: AdminToken) -> Job:
     """Queue a failed or cancelled job again, with its retries and lost leases reset."""
     job = await run(store.rerun, job_id)
-    notifier.notify("enqueued")
+    notifier.runnable([Runnable(job.function, job.requirements, job.fallback)])
     return job

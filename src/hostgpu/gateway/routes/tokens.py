@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 
 from hostgpu.api import TokenCreated, TokenList, TokenRequest
-from hostgpu.gateway.deps import AdminToken, StoreDep, run
+from hostgpu.gateway.deps import AdminToken, NotifierDep, StoreDep, run
 from hostgpu.tokens import TOKEN_ID_PATTERN, TokenInfo, hash_token, mint
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -34,12 +34,21 @@ async def list_tokens(store: StoreDep, _: AdminToken) -> TokenList:
 @router.delete("/{token_id}", response_model=TokenInfo)
 async def revoke_token(
     token_id: TokenId,
+    request: Request,
     store: StoreDep,
+    notifier: NotifierDep,
     _: AdminToken,
     force: Annotated[
         bool, Query(description="revoke even the last active admin token (locks admins out)")
     ] = False,
 ) -> TokenInfo:
-    """Revoke a token; it stops working on the next request. The last active admin token is
-    refused (409) unless ``force``."""
-    return await run(store.revoke_token, token_id, force=force)
+    """Revoke a token; it stops working on the next request, on every gateway. The last active
+    admin token is refused (409) unless ``force``."""
+    echoed = notifier.event("echo:tokens")
+    info = await run(store.revoke_token, token_id, force=force)
+    request.app.state.tokens.clear()
+    if store.shared:
+        # Every gateway's listener hears the revocation at the same moment as ours: once
+        # ours has, the others have dropped the token from their caches too.
+        await notifier.wait(echoed, 2.0)
+    return info

@@ -29,7 +29,10 @@ from hostgpu.gateway.deps import (
     WorkerToken,
     run,
 )
-from hostgpu.jobs import JobError, Outcome
+from hostgpu.gateway.notify import Notifier
+from hostgpu.gateway.routes.jobs import REPOLL_S
+from hostgpu.jobs import JobError, Lease, Outcome
+from hostgpu.settings import Settings
 from hostgpu.store import Store
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
@@ -62,10 +65,13 @@ async def register(
         worker_id = None  # not one of ours: a fresh id
     new_id = await run(store.register_worker, caps, worker_id)
     request.app.state.worker_caps[new_id] = caps
+    notifier.draining.discard(new_id)
     waiting.invalidate()
     resolver.forget(list(caps.functions))
-    if await run(resolver.settle_pending, await run(waiting.workers)):
-        notifier.notify("enqueued")
+    await run(resolver.settle_pending, await run(waiting.workers))
+    # Jobs queued before this worker came (or whose declarations it just settled) are
+    # runnable now for it: its first lease finds them; other waiters may fit too.
+    notifier.runnable(None)
     return Registered(
         worker_id=new_id,
         lease_seconds=settings.lease_seconds,
@@ -79,6 +85,51 @@ async def list_workers(store: StoreDep, _: ReaderOrWorker, alive: bool = False) 
     return WorkerList(workers=await run(store.list_workers, alive_only=alive))
 
 
+async def lease_jobs(
+    worker_id: str,
+    max_jobs: int,
+    wait: float,
+    request: Request,
+    store: Store,
+    notifier: Notifier,
+    settings: Settings,
+) -> list[Lease]:
+    """Lease up to ``max_jobs`` jobs; long-poll up to ``wait`` seconds when there are none.
+
+    The waiter registers before the store is read, so a job enqueued in between wakes it.
+    Only new jobs this worker could run wake it (see :class:`Notifier`), and an empty read
+    takes no write lock: an idle fleet costs the store a read per worker per long poll.
+    """
+    caps = await run(_capabilities, request, store, worker_id)
+    if worker_id in notifier.draining:
+        return []
+    # The long poll is this worker's sign of life while it holds no leases (no heartbeat
+    # writes from idle workers): the write happens only when the last contact is stale.
+    await run(store.touch_worker, worker_id, older_than=settings.lease_seconds / 3)
+    deadline = time.monotonic() + wait
+    waiter = notifier.lease_waiter(worker_id, caps)
+    try:
+        while True:
+            waiter.event.clear()
+            leases = await run(
+                store.lease,
+                worker_id,
+                caps,
+                max_jobs=max_jobs,
+                lease_seconds=settings.lease_seconds,
+            )
+            remaining = deadline - time.monotonic()
+            if leases or remaining <= 0 or worker_id in notifier.draining:
+                return leases
+            if await request.is_disconnected():
+                return leases
+            await waiter.wait(min(remaining, REPOLL_S))
+            if worker_id in notifier.draining:
+                return []
+    finally:
+        notifier.remove(waiter)
+
+
 @router.post("/{worker_id}/lease", response_model=LeaseResponse)
 async def lease(
     worker_id: WorkerId,
@@ -90,21 +141,20 @@ async def lease(
     _: WorkerToken,
 ) -> LeaseResponse:
     """Lease up to ``max_jobs`` jobs this worker can run; long-polls up to ``wait`` seconds."""
-    caps = await run(_capabilities, request, store, worker_id)
-    deadline = time.monotonic() + body.wait
-    while True:
-        event = notifier.event("enqueued")
-        leases = await run(
-            store.lease,
-            worker_id,
-            caps,
-            max_jobs=body.max_jobs,
-            lease_seconds=settings.lease_seconds,
-        )
-        remaining = deadline - time.monotonic()
-        if leases or remaining <= 0 or await request.is_disconnected():
-            return LeaseResponse(leases=leases)
-        await notifier.wait(event, min(remaining, settings.poll_interval * 4))
+    leases = await lease_jobs(
+        worker_id, body.max_jobs, body.wait, request, store, notifier, settings
+    )
+    return LeaseResponse(leases=leases)
+
+
+@router.post("/{worker_id}/drain", status_code=204)
+async def drain(
+    worker_id: WorkerId, store: StoreDep, notifier: NotifierDep, _: WorkerToken
+) -> None:
+    """The worker is stopping: its long polls end now and it is leased nothing more; its
+    heartbeats keep its running jobs' leases until it deregisters."""
+    await run(store.drain_worker, worker_id)
+    notifier.drain(worker_id)
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
@@ -149,19 +199,35 @@ def _limit_results(outcomes: list[Outcome], limit: int) -> list[Outcome]:
 async def report(
     worker_id: WorkerId,
     body: ReportRequest,
+    request: Request,
     store: StoreDep,
     notifier: NotifierDep,
     settings: SettingsDep,
     _: WorkerToken,
 ) -> ReportResponse:
-    """Record outcomes; a stale or unknown lease token is refused (``accepted: false``)."""
+    """Record outcomes (a stale or unknown lease token is refused: ``accepted: false``) and,
+    with ``lease``, lease the worker's next jobs in the same round trip."""
     outcomes = _limit_results(body.outcomes, settings.max_result_bytes)
-    results = await run(store.report, outcomes)
+    results = await run(store.report, outcomes) if outcomes else []
     if any(o.status != "started" for o in outcomes):
         notifier.notify("finished")
-    if any(o.status in ("released", "failed") for o in outcomes):
-        notifier.notify("enqueued")
-    return ReportResponse(results=results)
+    if any(o.status == "released" for o in outcomes):
+        notifier.runnable(None)
+    for result in results:
+        if result.retry_in_s is not None:  # wake its workers when its backoff ends
+            notifier.later(result.retry_in_s, None)
+    leases: list[Lease] = []
+    if body.lease is not None:
+        leases = await lease_jobs(
+            worker_id,
+            body.lease.max_jobs,
+            body.lease.wait,
+            request,
+            store,
+            notifier,
+            settings,
+        )
+    return ReportResponse(results=results, leases=leases)
 
 
 @router.delete("/{worker_id}", status_code=204)
