@@ -91,8 +91,8 @@ def warm_model(text: str) -> dict[str, Any]:
 
 @hostgpu.function(gpu="mps", retries=0)
 def survive(marker: str, seconds: float) -> dict[str, Any]:
-    """Writes where it runs, then works for a while: the test kills that node meanwhile."""
-    Path(marker).write_text(_node())
+    """Writes where it runs (node, pid), then works for a while: the tests stop it meanwhile."""
+    Path(marker).write_text(f"{_node()} {os.getpid()}")
     time.sleep(seconds)
     return {"node": _node(), "device": hostgpu.device()}
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import hostgpu
@@ -222,9 +223,14 @@ def test_cancel_stops_a_running_call(cluster: Cluster) -> None:
         assert time.monotonic() < deadline, "the call never started"
         time.sleep(0.2)
     assert handle.status() == "submitted"
+    pid = int(marker.read_text().split()[1])
     handle.cancel()
     with pytest.raises(JobCancelled):
         handle.result(timeout=30)
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the cancelled call's worker still runs"
+        time.sleep(0.2)
 
 
 def test_a_warm_function_loads_its_model_once(cluster: Cluster) -> None:
@@ -271,7 +277,7 @@ def test_a_node_killed_mid_call_is_retried_by_ray(cluster: Cluster) -> None:
         while not marker.exists():
             assert time.monotonic() < deadline, "the call never started"
             time.sleep(0.1)
-        first = marker.read_text()
+        first = marker.read_text().split()[0]
         victim = spare if first == cluster.node_id(spare) else cluster.mac
         victim.kill()
         out = handle.result(timeout=240)

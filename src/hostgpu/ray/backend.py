@@ -26,6 +26,7 @@ gateway; where Ray and the gateway differ, this module says how:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -36,8 +37,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from hostgpu.errors import ConfigError, JobCancelled, JobFailed, JobTimeout
+from hostgpu.functions import FunctionOptions
 from hostgpu.ray.resources import NODE_ENV, NodeView, Request, request_for, waiting_reason
-from hostgpu.ray.runner import Declared, Envelope, WarmRunner, declared_key, run_task
+from hostgpu.ray.runner import Call, Declared, Envelope, WarmRunner, declared_key, run_task
 from hostgpu.requirements import Requirements
 from hostgpu.sdk import WAITING_NOTICE_S, decode_result, encode_arguments
 from hostgpu.settings import get_settings
@@ -61,10 +63,15 @@ def _ray() -> Any:
 
 
 def _payload(args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -> Any:
-    encoded = encode_arguments(args, kwargs, serializer)
-    if isinstance(encoded, str):
-        return encoded
-    return {"args": encoded.args, "kwargs": encoded.kwargs}
+    """The arguments as a gateway job carries them (JSON values, or base64 of a pickle)."""
+    if serializer == "json":
+        try:
+            json.dumps([args, kwargs], allow_nan=False)
+        except (TypeError, ValueError):
+            encode_arguments(args, kwargs, serializer)  # raises the SDK's own TypeError
+            raise
+        return {"args": list(args), "kwargs": kwargs}
+    return encode_arguments(args, kwargs, serializer)
 
 
 class RayHandle(Generic[R]):
@@ -316,7 +323,7 @@ class WarmPool:
         self.actors.append(actor)
         return actor
 
-    def submit(self, args: tuple[Any, ...]) -> Any:
+    def submit(self, call: Call) -> Any:
         with self.lock:
             self._prune()
             actor = next((a for a in self.actors if not a.inflight), None)
@@ -333,7 +340,7 @@ class WarmPool:
                     actor = self._create(free_nodes[0] if free_nodes else None)
                 else:
                     actor = min(self.actors, key=lambda a: len(a.inflight))
-            ref = actor.handle.call.remote(*args)
+            ref = actor.handle.call.remote(call)
             actor.inflight.append(ref)
             return ref
 
@@ -364,6 +371,7 @@ class RayBackend:
         self._task = ray.remote(run_task)
         self._actor_class = ray.remote(WarmRunner)
         self._options: dict[tuple[str, Request], Any] = {}
+        self._requests: dict[int, tuple[FunctionOptions, Request]] = {}
         self._pools: dict[tuple[str, Request], WarmPool] = {}
         self._nodes: list[NodeView] = []
         self._nodes_at = 0.0
@@ -471,9 +479,17 @@ class RayBackend:
 
     # -- submitting ---------------------------------------------------------------------------
     def _request(self, fn: Function[..., Any]) -> Request:
-        req = fn.options.requirements()
-        nodes = self.nodes() if req.kind == "gpu" else ()
-        return request_for(req, nodes, num_cpus=0 if fn.options.warm else 1)
+        options = fn.options
+        cached = self._requests.get(id(options))
+        if cached is not None and cached[0] is options:
+            return cached[1]
+        req = options.requirements()
+        if req.kind == "gpu":  # decided by the cluster of the moment: never cached
+            return request_for(req, self.nodes(), num_cpus=0 if options.warm else 1)
+        request = request_for(req, num_cpus=0 if options.warm else 1)
+        # Keyed by the (frozen) options object, kept alive here so its id stays its own.
+        self._requests[id(options)] = (options, request)
+        return request
 
     def _asked(self, fn: Function[..., Any], gpu: str | None = None) -> Declared:
         key = declared_key(fn.options)
@@ -489,8 +505,9 @@ class RayBackend:
         gpu: str | None = None,
     ) -> tuple[Any, bool]:
         serializer = fn.options.serializer
-        call = (_payload(args, kwargs, serializer), serializer, request.kind, self._asked(fn, gpu))
         path = fn.path
+        payload = _payload(args, kwargs, serializer)
+        call: Call = (path, payload, serializer, request.kind, self._asked(fn, gpu))
         if fn.options.warm:
             key = (path, request)
             pool = self._pools.get(key)
@@ -506,7 +523,7 @@ class RayBackend:
                 **request.ray_options(),
             )
             self._options[(path, request)] = remote
-        return remote.remote(path, *call), False
+        return remote.remote(call), False
 
     def spawn(
         self, fn: Function[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]

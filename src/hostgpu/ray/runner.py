@@ -142,12 +142,13 @@ _watchdog = _Watchdog()
 
 # -- one call --------------------------------------------------------------------------------
 def _job_id() -> str:
-    try:
-        import ray
+    """The Ray task id of the running call (``hostgpu.job_id()``)."""
+    import ray
 
-        return ray.get_runtime_context().get_task_id() or "ray"
-    except Exception:  # outside Ray (tests call run_call directly)
+    # Asking outside a worker would start a local Ray instance: never from here.
+    if not ray.is_initialized():
         return "local"
+    return ray.get_runtime_context().get_task_id() or "ray"
 
 
 @lru_cache(maxsize=256)
@@ -254,9 +255,14 @@ def run_call(
         time.sleep(decision.delay_s)
 
 
-def run_task(path: str, payload: Any, serializer: str, kind: str, asked: Declared) -> Envelope:
+#: What a task gets: ``(path, payload, serializer, kind, declared)`` in one argument (Ray
+#: serializes each argument of a task on its own: one is cheaper than five).
+Call = tuple[str, Any, str, str, Declared]
+
+
+def run_task(call: Call) -> Envelope:
     """The Ray task (the backend wraps it with ``ray.remote``)."""
-    return run_call(path, payload, serializer, kind, asked)
+    return run_call(*call)
 
 
 class WarmRunner:
@@ -267,9 +273,9 @@ class WarmRunner:
         self.path = path
         self.calls = 0
 
-    def call(self, payload: Any, serializer: str, kind: str, asked: Declared) -> Envelope:
+    def call(self, call: Call) -> Envelope:
         self.calls += 1
-        return run_call(self.path, payload, serializer, kind, asked)
+        return run_call(*call)
 
     def where(self) -> dict[str, Any]:
         import ray
