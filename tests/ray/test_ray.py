@@ -137,6 +137,8 @@ def test_mps_function_runs_only_on_the_mps_node_and_sees_mps(cluster: Cluster) -
         assert out["job"] == handle.id  # hostgpu.job_id() is the Ray task id
         assert isinstance(handle, RayHandle) and handle.device == "mps"
         assert handle.status() == "succeeded" and not handle.fallback_used
+    handles[0].cancel()  # too late: a finished call keeps its outcome
+    assert handles[0].status() == "succeeded"
 
 
 def test_cpu_function_runs_anywhere(cluster: Cluster) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,22 @@ def test_ray_start_merges_the_users_options() -> None:
         plan_start(advert, head=False, address=None)
     with pytest.raises(ConfigError, match="one of them"):
         plan_start(advert, head=True, address="127.0.0.2:6379")
+
+
+def test_ray_start_in_a_macs_docker_vm_prints_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from hostgpu.cli.ray import app
+
+    facts = tmp_path / "vm.json"
+    facts.write_text(docker_desktop_mac().to_json())
+    monkeypatch.setenv("HOSTGPU_PROBE_FACTS", str(facts))
+    monkeypatch.setenv("HOSTGPU_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOSTGPU_LABELS", "site=lab")
+    result = CliRunner().invoke(app, ["start", "--head", "--dry-run", "--port", "6390"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # rich wraps long lines
+    assert "advertises no accelerator" in out and "Metal is unreachable" in out
+    assert "ray start --head --num-gpus 0 --labels site=lab --port 6390" in out

@@ -134,9 +134,16 @@ class RayHandle(Generic[R]):
         return "queued" if self.waiting else "submitted"
 
     def cancel(self) -> None:
-        """Cancel the call: a queued one never starts, a running task's worker is stopped."""
+        """Cancel the call: a queued one never starts, a running task's worker is stopped;
+        a finished call keeps its outcome."""
         ray = _ray()
+        if self._done is None:
+            ready, _ = ray.wait([self.ref], timeout=0)
+            if ready:
+                self._settle(ready[0])
         with self._lock:
+            if self._done is not None:
+                return  # finished first: its outcome stands
             ref = self.ref
             self._done = ("error", JobCancelled(f"call {self.id} was cancelled", job_id=self.id))
         self._backend._forget(self)
