@@ -96,9 +96,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         _wait_nodes(backend, 2)
         yield Cluster(base, head, mac_node, backend, facts, docs)
         backend.close()
-        patch.setattr(sdk, "_backend", None)
     finally:
         patch.undo()
+        sdk._backend = None  # later tests connect to their own backend
         mac_node.stop()
         head.stop()
 

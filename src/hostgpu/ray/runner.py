@@ -276,12 +276,3 @@ class WarmRunner:
     def call(self, call: Call) -> Envelope:
         self.calls += 1
         return run_call(*call)
-
-    def where(self) -> dict[str, Any]:
-        import ray
-
-        return {
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "calls": self.calls,
-        }
