@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         description="folders path-based ingest may read (os.pathsep-separated)",
     )
     ingest_gpu: str = Field(default="any", validation_alias=_alias("HOSTGPU_INGEST_GPU"))
+    labels: str = Field(
+        default="",
+        validation_alias=_alias("HOSTGPU_LABELS"),
+        description="this machine's labels, key=value,… (`hostgpu ray start` gives them to Ray)",
+    )
     max_pages: int = Field(default=500, gt=0, validation_alias=_alias("HOSTGPU_MAX_PAGES"))
     max_pixels: int = Field(default=50_000_000, gt=0, validation_alias=_alias("HOSTGPU_MAX_PIXELS"))
     max_text_bytes: int = Field(

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from hostgpu.cli import gateway, jobs, local, stack, tokens, worker
+from hostgpu.cli import ray as ray_cli
 from hostgpu.cli.common import err
 from hostgpu.cli.doctor import doctor
 from hostgpu.errors import HostGPUError
@@ -32,6 +33,7 @@ app.command("submit")(jobs.submit)
 app.command("prune")(jobs.prune)
 app.add_typer(tokens.app, name="token")
 app.add_typer(stack.app, name="stack")
+app.add_typer(ray_cli.app, name="ray")
 
 try:  # the document pipeline's commands, when its module is present
     from hostgpu.cli import pipeline

@@ -24,6 +24,14 @@ def ingest(
     ] = False,
     gateway: GatewayOpt = None,
     token_file: TokenFileOpt = None,
+    backend_address: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help="ray://HOST:PORT (or ray) runs the same jobs on a Ray cluster; the files "
+            "must be readable there (HOSTGPU_INGEST_ROOTS on the nodes). Default: the gateway",
+        ),
+    ] = None,
 ) -> None:
     """Queue one ingest job per file; a worker renders, embeds and stores the pages."""
     from hostgpu.pipelines.ingest import discover
@@ -33,10 +41,10 @@ def ingest(
     if not files:
         err.print("no supported files found (PDF, PNG, JPEG, TXT, MD)")
         raise typer.Exit(1)
-    backend = hostgpu.connect(gateway, token_from(token_file))
+    backend = hostgpu.connect(backend_address or gateway, token_from(token_file))
     if not isinstance(backend, GatewayBackend):
-        err.print("ingest needs a hostgpu gateway (HOSTGPU_GATEWAY=http://…)")
-        raise typer.Exit(2)
+        _ingest_through(files)
+        return
     client = backend.client
     ids = client.submit_batch([ingest_spec(f) for f in files])
     if not wait:
@@ -74,6 +82,42 @@ def ingest(
                     table.add_row(str(path), "", "", job.device or "", "", f"[red]{message}[/]")
     console.print(table)
     console.print(f"{len(ids) - failures} file(s) ingested, {failures} failed, {pages} pages")
+    if failures:
+        raise typer.Exit(1)
+
+
+def _ingest_through(files: list[Path]) -> None:
+    """Ingest on a backend without a job store (Ray): one call per file, waited for here,
+    because Ray ends a driver's calls when the driver exits."""
+    from hostgpu.errors import JobError
+    from hostgpu.pipelines.ingest import ingest_file
+
+    handles = [ingest_file.spawn(str(p.resolve()), display_path=str(p.resolve())) for p in files]
+    table = Table("file", "pages", "chunks", "device", "seconds", "result")
+    failures = pages = 0
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console) as bar:
+        files_task = bar.add_task("files", total=len(handles))
+        for path, handle in zip(files, handles, strict=True):
+            try:
+                result = handle.result()
+            except JobError as exc:
+                failures += 1
+                table.add_row(str(path), "", "", "", "", f"[red]{exc.message}[/]")
+            else:
+                pages += result["pages"]
+                table.add_row(
+                    str(path),
+                    str(result["pages"]),
+                    str(result["chunks"]),
+                    result["device"],
+                    f"{result['timings']['total_s']:.2f}",
+                    "[green]ok[/]"
+                    + (f" ({'; '.join(result['notes'])})" if result.get("notes") else ""),
+                )
+            bar.advance(files_task)
+    console.print(table)
+    console.print(f"{len(files) - failures} file(s) ingested, {failures} failed, {pages} pages")
     if failures:
         raise typer.Exit(1)
 

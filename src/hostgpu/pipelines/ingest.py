@@ -107,7 +107,7 @@ def discover(paths: Iterable[str | Path], recursive: bool = False) -> list[Path]
     return found
 
 
-@function(gpu=get_settings().ingest_gpu, timeout=3600, retries=1)
+@function(gpu=get_settings().ingest_gpu, timeout=3600, retries=1, warm=True)
 def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]:
     """Ingest one file (inside the worker's readable roots); return a JSON-able summary.
 

@@ -73,7 +73,7 @@ def _query(collection: Any, vector: list[float], k: int, label: str) -> list[dic
         n = min(total, n * 4)
 
 
-@function(gpu=get_settings().ingest_gpu, timeout=120, retries=1)
+@function(gpu=get_settings().ingest_gpu, timeout=120, retries=1, warm=True)
 def search(query: str, k: int = 5, *, visual: bool | None = None) -> list[dict[str, Any]]:
     """The ``k`` best pages for ``query``, best first.
 
