@@ -49,3 +49,6 @@ class PostgresStore(SQLStore):
 
     def _position(self, haystack: Any, needle: Any) -> Any:
         return func.strpos(haystack, needle)
+
+    def _floor(self, value: Any) -> Any:
+        return func.floor(value)
