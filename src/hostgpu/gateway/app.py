@@ -7,13 +7,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,19 +27,19 @@ from hostgpu.errors import (
     LastAdminToken,
     NotFound,
 )
+from hostgpu.gateway.dashboard import mount_dashboard
 from hostgpu.gateway.deps import ReadToken
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.resolver import Resolver
-from hostgpu.gateway.routes import admin, hooks, jobs, tokens, workers
+from hostgpu.gateway.routes import admin, events, hooks, jobs, stats, tokens, workers
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.retry import RetryPolicy
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
 
 log = logging.getLogger("hostgpu.gateway")
-DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 
 
 class MetricsMiddleware:
@@ -86,16 +85,29 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float) -> None:
     while True:
         try:
             if time.monotonic() >= expire_from:
-                count = await to_thread.run_sync(store.requeue_expired)
-                if count:
-                    log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
+                expired = await to_thread.run_sync(store.expire_leases)
+                if expired:
+                    log.warning(
+                        "re-queued %d job(s) whose worker stopped heartbeating", len(expired)
+                    )
                     app.state.notifier.notify("enqueued")
+                    ids = {e.worker_id for e in expired if e.worker_id}
+                    names = await to_thread.run_sync(_worker_names, store, ids)
+                    app.state.metrics.record_expired(expired, names)
             workers = await to_thread.run_sync(waiting.workers)
             if await to_thread.run_sync(resolver.settle_pending, workers):
                 app.state.notifier.notify("enqueued")
         except Exception:  # keep the loop alive through a database blip
             log.exception("housekeeping failed; retrying")
         await asyncio.sleep(interval)
+
+
+def _worker_names(store: Store, ids: set[str]) -> dict[str, str]:
+    names = {}
+    for worker_id in ids:
+        with contextlib.suppress(NotFound):
+            names[worker_id] = store.get_worker(worker_id).capabilities.name
+    return names
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -138,7 +150,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     metrics = Metrics(store)
     app.state.metrics = metrics
 
-    for router in (jobs.router, workers.router, tokens.router, admin.router, hooks.router):
+    for router in (
+        jobs.router,
+        workers.router,
+        tokens.router,
+        admin.router,
+        hooks.router,
+        stats.router,
+        events.router,
+    ):
         app.include_router(router, responses=ERROR_RESPONSES)
 
     _install_error_handlers(app)
@@ -155,10 +175,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         body = await to_thread.run_sync(generate_latest, metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", tags=["system"], response_class=HTMLResponse, include_in_schema=True)
-    async def dashboard() -> HTMLResponse:
-        """The dashboard page (it asks the API with the token you give it)."""
-        return HTMLResponse(DASHBOARD.read_text())
+    mount_dashboard(app)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -12,6 +12,7 @@ from hostgpu.api import JobBatch, JobIds, JobList, Summary, WaitRequest
 from hostgpu.gateway.deps import (
     AdminToken,
     JobId,
+    MetricsDep,
     NotifierDep,
     ReadToken,
     ResolverDep,
@@ -40,6 +41,7 @@ async def submit_job(
     notifier: NotifierDep,
     resolver: ResolverDep,
     waiting: WaitingDep,
+    metrics: MetricsDep,
     _: SubmitToken,
     response: Response,
 ) -> Job:
@@ -49,6 +51,7 @@ async def submit_job(
     started = time.time()
     new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
     [job] = await run(store.enqueue, new)
+    metrics.record_submitted([job], started)
     if job.created_at.timestamp() < started:
         response.status_code = 200  # the idempotency key named an existing job
     else:
@@ -64,11 +67,14 @@ async def submit_batch(
     notifier: NotifierDep,
     resolver: ResolverDep,
     waiting: WaitingDep,
+    metrics: MetricsDep,
     _: SubmitToken,
 ) -> JobIds:
     """Submit up to 5,000 jobs in one request; returns their ids in order (all or none)."""
+    started = time.time()
     new = await run(resolver.new_jobs, batch.jobs, await run(waiting.workers))
     jobs = await run(store.enqueue, new)
+    metrics.record_submitted(jobs, started)
     notifier.notify("enqueued")
     return JobIds(ids=[j.id for j in jobs])
 
@@ -151,9 +157,12 @@ async def get_job(
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: SubmitToken) -> Job:
+async def cancel_job(
+    job_id: JobId, store: StoreDep, notifier: NotifierDep, metrics: MetricsDep, _: SubmitToken
+) -> Job:
     """Cancel a job; a running one is killed at its worker's next heartbeat."""
     job = await run(store.cancel, job_id)
+    metrics.record_cancelled(job)
     notifier.notify("finished")
     return job
 
@@ -162,5 +171,15 @@ async def cancel_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: S
 async def rerun_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: AdminToken) -> Job:
     """Queue a failed or cancelled job again, with its retries and lost leases reset."""
     job = await run(store.rerun, job_id)
+    notifier.notify("enqueued")
+    return job
+
+
+@router.post("/{job_id}/requeue", response_model=Job)
+async def requeue_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: AdminToken) -> Job:
+    """Take a leased or running job back from its worker (stuck, or on the wrong machine) and
+    queue it again; neither a retry nor a lost lease is used up. The worker stops the job at
+    its next heartbeat, and its late report is refused."""
+    job = await run(store.requeue, job_id)
     notifier.notify("enqueued")
     return job

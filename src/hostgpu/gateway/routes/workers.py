@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Sequence
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, BackgroundTasks, Request
 
 from hostgpu.api import (
     HeartbeatRequest,
@@ -19,6 +21,7 @@ from hostgpu.api import (
 )
 from hostgpu.capabilities import Capabilities
 from hostgpu.gateway.deps import (
+    MetricsDep,
     NotifierDep,
     ReaderOrWorker,
     ResolverDep,
@@ -29,10 +32,12 @@ from hostgpu.gateway.deps import (
     WorkerToken,
     run,
 )
-from hostgpu.jobs import JobError, Outcome
+from hostgpu.gateway.metrics import Metrics
+from hostgpu.jobs import JobError, Outcome, ReportResult
 from hostgpu.store import Store
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
+log = logging.getLogger("hostgpu.gateway")
 
 
 def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
@@ -102,6 +107,8 @@ async def lease(
             lease_seconds=settings.lease_seconds,
         )
         remaining = deadline - time.monotonic()
+        if leases:
+            notifier.notify("leased")
         if leases or remaining <= 0 or await request.is_disconnected():
             return LeaseResponse(leases=leases)
         await notifier.wait(event, min(remaining, settings.poll_interval * 4))
@@ -152,6 +159,8 @@ async def report(
     store: StoreDep,
     notifier: NotifierDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
+    background: BackgroundTasks,
     _: WorkerToken,
 ) -> ReportResponse:
     """Record outcomes; a stale or unknown lease token is refused (``accepted: false``)."""
@@ -161,7 +170,25 @@ async def report(
         notifier.notify("finished")
     if any(o.status in ("released", "failed") for o in outcomes):
         notifier.notify("enqueued")
+    background.add_task(_record_finished, store, metrics, outcomes, results)
     return ReportResponse(results=results)
+
+
+async def _record_finished(
+    store: Store, metrics: Metrics, outcomes: Sequence[Outcome], results: Sequence[ReportResult]
+) -> None:
+    """Count the succeeded/failed reports this gateway accepted, after the worker has its
+    answer: one light read (no payloads) per report, off the worker's critical path."""
+    accepted = {r.job_id for r in results if r.accepted}
+    finished = [o for o in outcomes if o.status in ("succeeded", "failed") and o.job_id in accepted]
+    if not finished:
+        return
+    run_s = {o.job_id: o.timings["run_s"] for o in finished if o.timings and "run_s" in o.timings}
+    try:
+        facts = await run(store.job_facts, [o.job_id for o in finished])
+        metrics.record_reported(facts, run_s)
+    except Exception:  # metrics must never fail a report
+        log.exception("could not record job metrics")
 
 
 @router.delete("/{worker_id}", status_code=204)
