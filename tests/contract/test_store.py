@@ -476,6 +476,10 @@ def test_requeue_takes_a_running_job_back_without_using_a_retry(store: Store) ->
         store.requeue(job.id)  # queued now: nothing to take back
     _, [second] = lease_all(store, caps())
     assert second.attempt == 2 and ok(store, second, 7).accepted
+    store.enqueue([spec()])
+    _, [held] = lease_all(store, caps())
+    assert store.requeue(held.job_id, delay_s=3600).run_after.timestamp() > time.time() + 3000
+    assert lease_all(store, caps())[1] == [], "runnable only after the delay"
     done = store.get(job.id, history=True)
     assert done.state is JobState.succeeded and done.result == 7
     assert [a.outcome for a in done.history or []] == ["requeued", "succeeded"]

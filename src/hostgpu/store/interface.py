@@ -126,11 +126,12 @@ class Store(abc.ABC):
         """Delete finished jobs older than this; returns how many."""
 
     @abc.abstractmethod
-    def requeue(self, job_id: str) -> Job:
+    def requeue(self, job_id: str, *, delay_s: float = 0.0) -> Job:
         """Take a leased or running job back from its worker and queue it again (an admin's
-        verb for a stuck worker). The attempt is recorded as ``requeued`` and counts against
-        neither retries nor lost leases; the worker learns at its next heartbeat and stops
-        the job. InvalidTransition when the job is not leased or running."""
+        verb for a stuck worker), runnable after ``delay_s``. The attempt is recorded as
+        ``requeued`` and counts against neither retries nor lost leases; the worker learns at
+        its next heartbeat and stops the job. InvalidTransition when the job is not leased
+        or running."""
 
     @abc.abstractmethod
     def expire_leases(self) -> list[ExpiredLease]:

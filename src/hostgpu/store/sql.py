@@ -789,7 +789,7 @@ class SQLStore(Store):
 
         return self._transition(job_id, Event.rerun, fresh)
 
-    def requeue(self, job_id: str) -> Job:
+    def requeue(self, job_id: str, *, delay_s: float = 0.0) -> Job:
         now = time.time()
         message = "taken back from its worker by an admin (requeue)"
         with self._write() as conn:
@@ -814,7 +814,7 @@ class SQLStore(Store):
                     # job is gone (and kills it), and its late report is refused.
                     lease_token=None,
                     worker_id=None,
-                    run_after=now,
+                    run_after=now + max(0.0, delay_s),
                     updated_at=now,
                 )
             )

@@ -176,10 +176,15 @@ async def rerun_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: Ad
 
 
 @router.post("/{job_id}/requeue", response_model=Job)
-async def requeue_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: AdminToken) -> Job:
+async def requeue_job(
+    job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep, _: AdminToken
+) -> Job:
     """Take a leased or running job back from its worker (stuck, or on the wrong machine) and
     queue it again; neither a retry nor a lost lease is used up. The worker stops the job at
     its next heartbeat, and its late report is refused."""
-    job = await run(store.requeue, job_id)
+    # Runnable again only after one heartbeat period: by then its old worker has heard and
+    # stopped it, so the worker cannot be handed the same job while still running it.
+    delay = settings.lease_seconds / 3 + 0.5
+    job = await run(store.requeue, job_id, delay_s=delay)
     notifier.notify("enqueued")
     return job
