@@ -14,11 +14,13 @@ length of the history:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, literal_column, select
 
+from hostgpu.errors import InvalidInput
 from hostgpu.jobs import ACTIVE_STATES, JobState
 from hostgpu.requirements import Requirements
 from hostgpu.stats import JobFacts, QueueGroup, ThroughputBucket, WorkerLoad
@@ -34,6 +36,16 @@ def _state_is(values: Sequence[str]) -> Any:
     if len(values) == 1:
         return jobs.c.state == literal_column(f"'{values[0]}'")
     return jobs.c.state.in_([literal_column(f"'{v}'") for v in values])
+
+
+def _since(value: float) -> Any:
+    """A time bound as a literal, not a parameter: PostgreSQL switches a statement it has run
+    five times to a generic plan, which cannot know that ``finished_at >= <a minute ago>``
+    selects a sliver of the table and reads all of it. (A finite float's repr is safe SQL.)"""
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidInput(f"not a time: {value!r}")
+    return literal_column(repr(number))
 
 
 def requirement_of(gpu_kind: str, gpu_name: str | None) -> str:
@@ -99,7 +111,7 @@ def throughput(
     ran = jobs.c.state.in_(RAN)
     wait = case((ran, attempts.c.started_at - jobs.c.run_after), else_=None)
     run = case((ran, jobs.c.finished_at - attempts.c.started_at), else_=None)
-    index = floor((jobs.c.finished_at - since) / bucket_s).label("bucket")
+    index = floor((jobs.c.finished_at - _since(since)) / _since(bucket_s)).label("bucket")
     query = (
         select(
             index,
@@ -111,7 +123,7 @@ def throughput(
             func.avg(run).label("run_avg"),
         )
         .select_from(jobs.outerjoin(attempts, last))
-        .where(jobs.c.finished_at >= since)
+        .where(jobs.c.finished_at >= _since(since))
         .group_by(index)
         .order_by(index)
     )
@@ -153,7 +165,11 @@ def worker_load(conn: Connection, since: float) -> list[WorkerLoad]:
         load(row.worker_id).running = row.n
     finished = (
         select(jobs.c.worker_id, jobs.c.state, func.count().label("n"))
-        .where(jobs.c.finished_at >= since, jobs.c.worker_id.is_not(None), jobs.c.state.in_(RAN))
+        .where(
+            jobs.c.finished_at >= _since(since),
+            jobs.c.worker_id.is_not(None),
+            jobs.c.state.in_(RAN),
+        )
         .group_by(jobs.c.worker_id, jobs.c.state)
     )
     for row in conn.execute(finished):

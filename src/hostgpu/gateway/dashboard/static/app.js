@@ -21,6 +21,7 @@
   const REFRESH_POLLING_MS = 2500;     // no event stream: poll
   const RETRY_OFFLINE_MS = 2000;
   const THROUGHPUT_EVERY_MS = 10000;   // the heaviest read: at most this often
+  const MIN_GAP_MS = 1500;             // a busy queue's events: at most one read this often
   const DASH = "—";
 
   class ApiError extends Error {
@@ -29,7 +30,7 @@
 
   // Kept out of Alpine's reactive state: chart objects and stream handles must not be
   // wrapped in reactive proxies.
-  const local = { charts: {}, stream: null, refreshing: false, again: false, lastAttempt: 0, lastThroughput: 0, listening: false };
+  const local = { charts: {}, stream: null, refreshing: false, again: false, lastAttempt: 0, lastThroughput: 0, listening: false, timer: null };
 
   function sleep(ms) { return new Promise((resolve) => setTimeout(resolve, ms)); }
 
@@ -233,7 +234,7 @@
                 while ((end = buffer.indexOf("\n\n")) >= 0) {
                   const block = buffer.slice(0, end);
                   buffer = buffer.slice(end + 2);
-                  if (/^event: ?change$/m.test(block)) this.refresh(false);
+                  if (/^event: ?change$/m.test(block)) this.refreshSoon();
                 }
               }
             } catch (e) {
@@ -249,6 +250,13 @@
         } finally {
           local.listening = false;
         }
+      },
+
+      refreshSoon() {
+        // Many viewers and a busy queue must not turn every event into a round of reads.
+        if (local.timer) return;
+        const wait = Math.max(0, local.lastAttempt + MIN_GAP_MS - Date.now());
+        local.timer = setTimeout(() => { local.timer = null; this.refresh(false); }, wait);
       },
 
       tick() {
