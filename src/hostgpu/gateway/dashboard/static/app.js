@@ -13,6 +13,7 @@
 (function () {
   const TOKEN_KEY = "hostgpu.token";
   const THEME_KEY = "hostgpu.theme";
+  const RANGE_KEY = "hostgpu.range";
   const STATES = ["queued", "leased", "running", "succeeded", "failed", "cancelled"];
   const TERMINAL = ["succeeded", "failed", "cancelled"];
   const PAGE = 50;
@@ -108,9 +109,11 @@
       lastError: "",
       now: Date.now() / 1000,
       theme: "auto",
+      range: "3600",
 
       init() {
         this.theme = localStorage.getItem(THEME_KEY) || "auto";
+        this.range = localStorage.getItem(RANGE_KEY) || "3600";
         this.applyTheme();
         this.route();
         window.addEventListener("hashchange", () => this.route());
@@ -281,7 +284,7 @@
             this.api("GET", "/v1/stats/queues"),
             this.view === "jobs" ? this.loadJobs() : Promise.resolve(),
             this.view === "job" && this.jobId ? this.loadJob() : Promise.resolve(),
-            wantThroughput ? this.api("GET", "/v1/stats/throughput?window=3600&bucket=60") : Promise.resolve(null),
+            wantThroughput ? this.api("GET", this.throughputPath()) : Promise.resolve(null),
           ];
           const [summary, workers, loads, queues, , , throughput] = await Promise.all(reads);
           this.counts = summary.counts;
@@ -398,7 +401,7 @@
         const live = this.liveWorkers().length;
         const dead = this.deadWorkers().length;
         const running = Object.values(this.loads).reduce((n, l) => n + l.running, 0);
-        const parts = [`${live} live worker${live === 1 ? "" : "s"}`, `${running} job${running === 1 ? "" : "s"} running`];
+        const parts = [`${live} live worker${live === 1 ? "" : "s"}`, `${running} job${running === 1 ? "" : "s"} active`];
         if (dead) parts.push(`${dead} stopped or lost`);
         return parts.join(" · ");
       },
@@ -418,7 +421,25 @@
       throughputTotals() {
         const t = this.throughput;
         if (!t) return "";
-        return `Last hour: ${t.succeeded} succeeded, ${t.failed} failed, ${t.cancelled} cancelled.`;
+        return `Last ${this.rangeName()}: ${t.succeeded} succeeded, ${t.failed} failed, ${t.cancelled} cancelled.`;
+      },
+      // window → bucket: about 60 points whatever the range
+      bucketOf(range) { return { 900: 15, 3600: 60, 21600: 300, 86400: 900 }[range] || 60; },
+      throughputPath() {
+        return `/v1/stats/throughput?window=${this.range}&bucket=${this.bucketOf(this.range)}`;
+      },
+      rangeName() { return { 900: "15 min", 3600: "hour", 21600: "6 hours", 86400: "24 hours" }[this.range] || "hour"; },
+      bucketName() {
+        const b = this.bucketOf(this.range);
+        return b < 60 ? `${b} s` : b === 60 ? "minute" : `${b / 60} min`;
+      },
+      async changeRange() {
+        localStorage.setItem(RANGE_KEY, this.range);
+        try {
+          this.throughput = await this.api("GET", this.throughputPath());
+          local.lastThroughput = Date.now();
+          this.drawCharts();
+        } catch (e) { this.handleError(e); }
       },
 
       // -- charts (uPlot) ------------------------------------------------------------------
@@ -429,11 +450,13 @@
         const byStart = {};
         for (const b of t.buckets) byStart[Math.round(b.start)] = b;
         const end = Date.now() / 1000;
-        for (let start = t.since; start <= end; start += t.bucket_s) {
+        // Complete buckets only: the one under way would read as a dip.
+        for (let start = t.since; start + t.bucket_s <= end; start += t.bucket_s) {
           const b = byStart[Math.round(start)];
           xs.push(start);
-          ok.push(b ? b.succeeded : 0);
-          bad.push(b ? b.failed : 0);
+          const perMinute = 60 / t.bucket_s;
+          ok.push(b ? b.succeeded * perMinute : 0);
+          bad.push(b ? b.failed * perMinute : 0);
           avg.push(b && b.wait_avg_s !== null ? b.wait_avg_s : null);
           max.push(b && b.wait_max_s !== null ? b.wait_max_s : null);
         }
@@ -458,7 +481,7 @@
         local.charts.throughput = new window.uPlot({
           ...size(tp),
           scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(1, hi)] } },
-          axes: axes((u, vals) => vals.map((v) => (Number.isInteger(v) ? v : ""))),
+          axes: axes((u, vals) => vals.map((v) => (Number.isInteger(v) ? v : v.toFixed(1)))),
           series: [
             {},
             { label: "succeeded", stroke: cssVar("--succeeded"), fill: cssVar("--succeeded-bg"), width: 1.5, points: { show: false } },
@@ -468,7 +491,7 @@
         }, [s.xs, s.ok, s.bad], tp);
         local.charts.wait = new window.uPlot({
           ...size(wc),
-          scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(1, hi || 1)] } },
+          scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(0.01, (hi || 0) * 1.1)] } },
           axes: axes((u, vals) => vals.map((v) => fmtDuration(v))),
           series: [
             {},
