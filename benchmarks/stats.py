@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"running {backend}…")
         with tempfile.TemporaryDirectory() as tmp:
 
-            def url(tag: str, tmp: str = tmp) -> str:
+            def url(tag: str, tmp: str = tmp, backend: str = backend) -> str:
                 if backend == "sqlite":
                     return f"sqlite:///{tmp}/{tag}.db"
                 return fresh_pg_database()
