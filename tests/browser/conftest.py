@@ -69,7 +69,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, W
     try:
         yield gateway, worker
     finally:
-        worker.stop()
+        if gateway.proc is not None and gateway.proc.poll() is not None:
+            worker.kill()  # the last test stopped the gateway: nothing to say goodbye to
+        else:
+            worker.stop()
         gateway.stop()
 
 
