@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Sequence
 
-from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi import APIRouter, Request
 
 from hostgpu.api import (
     HeartbeatRequest,
@@ -38,6 +39,8 @@ from hostgpu.store import Store
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 log = logging.getLogger("hostgpu.gateway")
+#: Metric recordings in flight (a task nobody references may be garbage-collected early).
+_recording: set[asyncio.Task[None]] = set()
 
 
 def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
@@ -160,7 +163,6 @@ async def report(
     notifier: NotifierDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-    background: BackgroundTasks,
     _: WorkerToken,
 ) -> ReportResponse:
     """Record outcomes; a stale or unknown lease token is refused (``accepted: false``)."""
@@ -170,7 +172,12 @@ async def report(
         notifier.notify("finished")
     if any(o.status in ("released", "failed") for o in outcomes):
         notifier.notify("enqueued")
-    background.add_task(_record_finished, store, metrics, outcomes, results)
+    if any(o.status in ("succeeded", "failed") for o in outcomes):
+        # Detached, not a background task: those run before the next request on the same
+        # keep-alive connection, and a worker's next report must not wait for metrics.
+        task = asyncio.create_task(_record_finished(store, metrics, outcomes, results))
+        _recording.add(task)
+        task.add_done_callback(_recording.discard)
     return ReportResponse(results=results)
 
 
@@ -178,7 +185,7 @@ async def _record_finished(
     store: Store, metrics: Metrics, outcomes: Sequence[Outcome], results: Sequence[ReportResult]
 ) -> None:
     """Count the succeeded/failed reports this gateway accepted, after the worker has its
-    answer: one light read (no payloads) per report, off the worker's critical path."""
+    answer: one light read (no payloads) per report batch, off the worker's critical path."""
     accepted = {r.job_id for r in results if r.accepted}
     finished = [o for o in outcomes if o.status in ("succeeded", "failed") and o.job_id in accepted]
     if not finished:
