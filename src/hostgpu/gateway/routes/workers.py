@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import time
-from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
 
@@ -33,14 +30,10 @@ from hostgpu.gateway.deps import (
     WorkerToken,
     run,
 )
-from hostgpu.gateway.metrics import Metrics
-from hostgpu.jobs import JobError, Outcome, ReportResult
+from hostgpu.jobs import JobError, Outcome
 from hostgpu.store import Store
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
-log = logging.getLogger("hostgpu.gateway")
-#: Metric recordings in flight (a task nobody references may be garbage-collected early).
-_recording: set[asyncio.Task[None]] = set()
 
 
 def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
@@ -172,30 +165,8 @@ async def report(
         notifier.notify("finished")
     if any(o.status in ("released", "failed") for o in outcomes):
         notifier.notify("enqueued")
-    if any(o.status in ("succeeded", "failed") for o in outcomes):
-        # Detached, not a background task: those run before the next request on the same
-        # keep-alive connection, and a worker's next report must not wait for metrics.
-        task = asyncio.create_task(_record_finished(store, metrics, outcomes, results))
-        _recording.add(task)
-        task.add_done_callback(_recording.discard)
+    metrics.note_reported(outcomes, results)
     return ReportResponse(results=results)
-
-
-async def _record_finished(
-    store: Store, metrics: Metrics, outcomes: Sequence[Outcome], results: Sequence[ReportResult]
-) -> None:
-    """Count the succeeded/failed reports this gateway accepted, after the worker has its
-    answer: one light read (no payloads) per report batch, off the worker's critical path."""
-    accepted = {r.job_id for r in results if r.accepted}
-    finished = [o for o in outcomes if o.status in ("succeeded", "failed") and o.job_id in accepted]
-    if not finished:
-        return
-    run_s = {o.job_id: o.timings["run_s"] for o in finished if o.timings and "run_s" in o.timings}
-    try:
-        facts = await run(store.job_facts, [o.job_id for o in finished])
-        metrics.record_reported(facts, run_s)
-    except Exception:  # metrics must never fail a report
-        log.exception("could not record job metrics")
 
 
 @router.delete("/{worker_id}", status_code=204)
