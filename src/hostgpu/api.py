@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hostgpu.capabilities import WorkerInfo
 from hostgpu.jobs import Job, JobSpec, Lease, Outcome, ReportResult
+from hostgpu.stats import ThroughputBucket, WorkerLoad
 from hostgpu.tokens import Scope, TokenInfo
 
 MAX_BATCH = 5000
@@ -149,3 +150,57 @@ class PruneRequest(_Request):
 
 class Pruned(BaseModel):
     deleted: int
+
+
+# -- figures (dashboard, /v1/stats) -----------------------------------------------------------
+class QueuedFunction(BaseModel):
+    """The queued jobs of one function under one requirement, and why they wait."""
+
+    function: str
+    queued: int
+    delayed: int = Field(description="of them, waiting out a retry backoff")
+    waiting: str | None = Field(
+        description="why no worker takes them (the reason `hostgpu jobs` shows); null: a "
+        "live worker fits, they run as soon as it has a free slot"
+    )
+    fix: str | None = Field(default=None, description="what to do about it, when not said above")
+
+
+class QueueStat(BaseModel):
+    """Queued jobs that need the same thing from a worker."""
+
+    requirement: str = Field(description="e.g. mps, cuda:h100 ≥40 GB, cpu, any")
+    gpu: str
+    queued: int
+    delayed: int
+    oldest_wait_s: float | None = Field(
+        description="how long the longest-waiting runnable job has waited; null: all delayed"
+    )
+    functions: list[QueuedFunction]
+
+
+class QueueStats(BaseModel):
+    queues: list[QueueStat]
+    queued: int = Field(description="all queued jobs")
+    at: float = Field(description="UNIX time of the figures")
+
+
+class Throughput(BaseModel):
+    """Jobs finished per bucket over a window, with their queue wait and run time."""
+
+    since: float = Field(description="UNIX time the window starts")
+    window_s: float
+    bucket_s: float
+    buckets: list[ThroughputBucket] = Field(description="oldest first; empty buckets left out")
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class WorkerActivity(WorkerLoad):
+    per_minute: float = Field(description="jobs finished per minute over the window")
+
+
+class WorkerActivityList(BaseModel):
+    window_s: float
+    workers: list[WorkerActivity]

@@ -17,12 +17,15 @@ from hostgpu.api import (
     JobList,
     LeaseResponse,
     Pruned,
+    QueueStats,
     Registered,
     ReportResponse,
     Summary,
+    Throughput,
     TokenCreated,
     TokenList,
     TokenRequest,
+    WorkerActivityList,
     WorkerList,
 )
 from hostgpu.capabilities import Capabilities, WorkerInfo
@@ -138,6 +141,10 @@ class Client:
     def rerun(self, job_id: str) -> Job:
         return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/rerun"))
 
+    def requeue(self, job_id: str) -> Job:
+        """Take a leased or running job back from its worker and queue it again (admin)."""
+        return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/requeue"))
+
     def list_jobs(
         self,
         *,
@@ -164,6 +171,24 @@ class Client:
     def workers(self, *, alive: bool = False) -> list[WorkerInfo]:
         data = self.request("GET", "/v1/workers", params={"alive": alive})
         return WorkerList.model_validate(data).workers
+
+    # -- figures -----------------------------------------------------------------------------
+    def queue_stats(self) -> QueueStats:
+        return QueueStats.model_validate(self.request("GET", "/v1/stats/queues"))
+
+    def throughput(self, *, window: float = 3600, bucket: float = 60) -> Throughput:
+        data = self.request(
+            "GET", "/v1/stats/throughput", params={"window": window, "bucket": bucket}
+        )
+        return Throughput.model_validate(data)
+
+    def worker_activity(self, *, window: float = 300) -> WorkerActivityList:
+        data = self.request("GET", "/v1/stats/workers", params={"window": window})
+        return WorkerActivityList.model_validate(data)
+
+    def whoami(self) -> TokenInfo:
+        """The record of this client's own token (any scope)."""
+        return TokenInfo.model_validate(self.request("GET", "/v1/tokens/self"))
 
     # -- tokens and housekeeping ---------------------------------------------------------------
     def create_token(

@@ -74,6 +74,7 @@ class Event(enum.StrEnum):
     cancel = "cancel"
     reject = "reject"  # never runnable: not a published function, or options conflict
     rerun = "rerun"  # an admin runs a finished job again
+    requeue = "requeue"  # an admin takes a leased or running job back from its worker
 
 
 QUEUED, LEASED, RUNNING = JobState.queued, JobState.leased, JobState.running
@@ -92,6 +93,7 @@ TRANSITIONS: dict[Event, tuple[frozenset[JobState], JobState]] = {
     Event.cancel: (frozenset({QUEUED, LEASED, RUNNING}), CANCELLED),
     Event.reject: (frozenset({QUEUED}), FAILED),
     Event.rerun: (frozenset({FAILED, CANCELLED}), QUEUED),
+    Event.requeue: (frozenset({LEASED, RUNNING}), QUEUED),
 }
 
 
@@ -223,7 +225,8 @@ class Attempt(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     outcome: str | None = Field(
-        default=None, description="succeeded | failed | retry | lost | released; null: running"
+        default=None,
+        description="succeeded | failed | retry | lost | requeued | released; null: running",
     )
     error: str | None = None
 

@@ -7,6 +7,7 @@ depend on statistics; benchmarks/load.py measures both backends at 100,000 jobs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,23 @@ def test_lease_reads_each_lane_through_its_index(store: SQLStore) -> None:
 def test_requeue_expired_reads_only_active_jobs(store: SQLStore) -> None:
     plan = plan_of(store, "lease_expires_at <", store.requeue_expired)
     assert "ix_jobs_active_expiry" in plan, plan
+
+
+def test_queue_figures_read_only_the_queued_jobs(store: SQLStore) -> None:
+    plan = plan_of(store, "GROUP BY jobs.function", store.queue_groups)
+    # The lane index is partial (queued jobs only): reading it reads no finished job.
+    assert "USING INDEX ix_jobs_lane" in plan, plan
+
+
+def test_throughput_reads_a_range_of_finished_jobs(store: SQLStore) -> None:
+    plan = plan_of(store, "AS bucket", lambda: store.throughput(time.time() - 3600, 60))
+    assert "ix_jobs_finished (finished_at>?)" in plan, plan
+    assert "SCAN attempts" not in plan, plan
+
+
+def test_worker_load_reads_active_and_recently_finished_jobs(store: SQLStore) -> None:
+    since = time.time() - 60
+    active = plan_of(store, "WHERE jobs.state IN", lambda: store.worker_load(since))
+    assert "ix_jobs_active_expiry" in active, active
+    finished = plan_of(store, "jobs.worker_id, jobs.state", lambda: store.worker_load(since))
+    assert "ix_jobs_finished (finished_at>?)" in finished, finished

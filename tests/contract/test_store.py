@@ -459,3 +459,124 @@ def test_reopen_keeps_everything(store: Store) -> None:
         assert reopened.get(job.id).state is JobState.queued
     finally:
         reopened.close()
+
+
+# -- requeue and the read-only figures (dashboard, /metrics) ------------------------------------
+def test_requeue_takes_a_running_job_back_without_using_a_retry(store: Store) -> None:
+    [job] = store.enqueue([spec(max_retries=0)])
+    wid, [lease] = lease_all(store, caps())
+    report(store, lease, "started")
+    again = store.requeue(job.id[:8])
+    assert again.state is JobState.queued and again.failures == 0 and again.lost == 0
+    assert again.worker_id is None
+    # The old holder hears at its next heartbeat, and its late report is refused.
+    assert store.heartbeat(wid, [(job.id, lease.lease_token)], lease_seconds=30).lost == [job.id]
+    assert not ok(store, lease, 1).accepted
+    with pytest.raises(InvalidTransition):
+        store.requeue(job.id)  # queued now: nothing to take back
+    _, [second] = lease_all(store, caps())
+    assert second.attempt == 2 and ok(store, second, 7).accepted
+    store.enqueue([spec()])
+    _, [held] = lease_all(store, caps())
+    assert store.requeue(held.job_id, delay_s=3600).run_after.timestamp() > time.time() + 3000
+    assert lease_all(store, caps())[1] == [], "runnable only after the delay"
+    done = store.get(job.id, history=True)
+    assert done.state is JobState.succeeded and done.result == 7
+    assert [a.outcome for a in done.history or []] == ["requeued", "succeeded"]
+    with pytest.raises(InvalidTransition):
+        store.requeue(job.id)
+    with pytest.raises(NotFound):
+        store.requeue("0123456789abcdef0123456789abcdef")
+
+
+def test_expire_leases_says_which_jobs_it_took_back(store: Store) -> None:
+    [job] = store.enqueue([spec(gpu="cpu")])
+    wid, [lease] = lease_all(store, caps())
+    store.heartbeat(wid, [(lease.job_id, lease.lease_token)], lease_seconds=-1)
+    [expired] = store.expire_leases()
+    assert (expired.job_id, expired.function, expired.requirement) == (job.id, "m:f", "cpu")
+    assert expired.worker_id == wid and not expired.gave_up
+    assert store.expire_leases() == []
+    wid, [lease] = lease_all(store, caps())
+    store.heartbeat(wid, [(lease.job_id, lease.lease_token)], lease_seconds=-1)
+    [expired] = store.expire_leases()  # the store's lost-lease limit is 1: the job gives up
+    assert expired.gave_up and store.get(job.id).state is JobState.failed
+
+
+def test_queue_groups_count_queued_jobs_by_function_and_requirement(store: Store) -> None:
+    assert store.queue_groups() == []
+    before = time.time()
+    store.enqueue([spec(gpu="mps") for _ in range(3)])
+    store.enqueue([spec("m:g", gpu="cuda:h100", min_memory_gb=40)])
+    store.enqueue([spec(gpu="cpu")])
+    store.enqueue([spec(gpu="cpu", max_retries=3)])
+    _, [lease] = lease_all(store, caps(), n=1)  # a cpu job (this worker has no mps or cuda)
+    store.retry = RetryPolicy(base_s=3600.0, max_s=3600.0)  # type: ignore[attr-defined]
+    report(store, lease, "failed", error=JobError(type="E", message="x"))
+    groups = {(g.function, g.requirements.describe()): g for g in store.queue_groups()}
+    assert set(groups) == {("m:f", "mps"), ("m:g", "cuda:h100 ≥40 GB"), ("m:f", "cpu")}
+    mps = groups[("m:f", "mps")]
+    assert mps.queued == 3 and mps.delayed == 0 and mps.resolved
+    assert before - 1 <= mps.oldest_created_at <= time.time()
+    assert mps.oldest_runnable_at is not None and mps.oldest_runnable_at >= before - 1
+    cpu = groups[("m:f", "cpu")]
+    assert cpu.queued == 2 and cpu.delayed == 1, "the retrying job waits out its backoff"
+    assert groups[("m:g", "cuda:h100 ≥40 GB")].requirements.min_memory_gb == 40
+
+
+def test_throughput_buckets_finished_jobs_with_their_queue_wait(store: Store) -> None:
+    start = time.time() - 1
+    store.enqueue([spec(max_retries=0) for _ in range(4)])
+    _, leases = lease_all(store, caps())
+    assert len(leases) == 4
+    for lease in leases[:2]:
+        assert ok(store, lease).accepted
+    report(store, leases[2], "failed", error=JobError(type="E", message="no"))
+    store.cancel(leases[3].job_id)
+    [queued] = store.enqueue([spec()])
+    store.cancel(queued.id)  # cancelled while queued: no attempt, no wait
+    buckets = store.throughput(start, 3600)
+    assert len(buckets) == 1
+    [b] = buckets
+    assert (b.succeeded, b.failed, b.cancelled) == (2, 1, 2)
+    assert b.start == pytest.approx(start)
+    assert b.wait_avg_s is not None and b.wait_max_s is not None
+    assert 0 <= b.wait_avg_s <= b.wait_max_s < 60
+    assert b.run_avg_s is not None and 0 <= b.run_avg_s < 60
+    assert store.throughput(time.time() + 10, 60) == []
+    # One bucket per second over the last minute: the four jobs land in one or two buckets.
+    fine = store.throughput(time.time() - 60, 1)
+    assert sum(x.succeeded for x in fine) == 2 and all(x.start >= start - 60 for x in fine)
+    with pytest.raises(InvalidInput):
+        store.throughput(start, 0)
+
+
+def test_worker_load_counts_running_and_recently_finished_jobs(store: Store) -> None:
+    store.enqueue([spec() for _ in range(3)])
+    c = caps()
+    a = store.register_worker(c)
+    first = store.lease(a, c, max_jobs=2, lease_seconds=30)
+    b = store.register_worker(c)
+    [other] = store.lease(b, c, max_jobs=1, lease_seconds=30)
+    assert ok(store, first[0]).accepted
+    report(store, other, "started")
+    loads = {w.worker_id: w for w in store.worker_load(time.time() - 60)}
+    assert (loads[a].running, loads[a].succeeded, loads[a].failed) == (1, 1, 0)
+    assert (loads[b].running, loads[b].succeeded) == (1, 0)
+    later = {w.worker_id: w for w in store.worker_load(time.time() + 10)}
+    assert later[a].succeeded == 0 and later[a].running == 1
+
+
+def test_job_facts_are_the_light_record_of_a_job(store: Store) -> None:
+    [job, waiting] = store.enqueue([spec(gpu="cpu"), spec(gpu="mps")])
+    wid, [lease] = lease_all(store, caps())
+    assert ok(store, lease, 1).accepted
+    facts = {f.id: f for f in store.job_facts([job.id, waiting.id, "f" * 32])}
+    assert set(facts) == {job.id, waiting.id}
+    done = facts[job.id]
+    assert (done.function, done.requirement, done.state) == ("m:f", "cpu", "succeeded")
+    assert done.device == "cpu" and done.worker_id == wid and not done.fallback_used
+    assert done.leased_at is not None and done.finished_at is not None
+    assert done.run_after <= done.leased_at <= done.finished_at
+    assert facts[waiting.id].leased_at is None and facts[waiting.id].requirement == "mps"
+    assert store.job_facts([]) == []

@@ -21,6 +21,12 @@ SCOPES = {
     ("GET", "/v1/jobs/{job_id}"): {"submit", "read"},
     ("POST", "/v1/jobs/{job_id}/cancel"): {"submit"},
     ("POST", "/v1/jobs/{job_id}/rerun"): set(),
+    ("POST", "/v1/jobs/{job_id}/requeue"): set(),
+    ("GET", "/v1/stats/queues"): {"submit", "read"},
+    ("GET", "/v1/stats/throughput"): {"submit", "read"},
+    ("GET", "/v1/stats/workers"): {"submit", "read"},
+    ("GET", "/v1/events"): {"submit", "read"},
+    ("GET", "/v1/tokens/self"): {"submit", "worker", "read", "infer", "share"},
     ("POST", "/v1/workers"): {"worker", "share"},
     ("GET", "/v1/workers"): {"submit", "read", "worker", "share"},
     ("POST", "/v1/workers/{worker_id}/lease"): {"worker", "share"},
@@ -59,7 +65,10 @@ def call(gateway: Gateway, method: str, path: str, token: str | None) -> httpx.R
     concrete = re.sub(r"\{([^}]+)\}", lambda m: PATH_VALUES[m.group(1)], path)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {} if method in ("POST", "PUT", "PATCH") else None
-    return httpx.request(method, f"{gateway.url}{concrete}", headers=headers, json=body, timeout=30)
+    # Streamed, and closed after the status line: /v1/events answers with an endless stream.
+    url = f"{gateway.url}{concrete}"
+    with httpx.stream(method, url, headers=headers, json=body, timeout=30) as response:
+        return response
 
 
 def test_every_route_is_known_and_needs_the_right_scope(gateway: Gateway) -> None:

@@ -20,6 +20,8 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 
 #: Long-poll fields and the operations that have them.
 LONG_POLLS = {"/v1/jobs/wait": "timeout", "/v1/workers/{worker_id}/lease": "wait"}
+#: Event streams: no input to fuzz, and each example would stream for a minute.
+STREAMS = {"/v1/events"}
 
 
 def _clamp_waits(case: schemathesis.Case) -> None:
@@ -39,6 +41,7 @@ def test_api_never_fails_on_any_input(tmp_path: Path) -> None:
     headers = {"Authorization": f"Bearer {Path(token_file).read_text().strip()}"}
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [op for op in operations if op.path not in STREAMS]
     assert len(operations) >= 15
     failures = []
     for operation in operations:

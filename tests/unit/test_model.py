@@ -41,6 +41,8 @@ ALLOWED = {
     (Q, Event.reject): F,
     (F, Event.rerun): Q,
     (C, Event.rerun): Q,
+    (L, Event.requeue): Q,
+    (R, Event.requeue): Q,
 }
 
 

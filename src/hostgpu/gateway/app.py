@@ -7,13 +7,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,19 +28,19 @@ from hostgpu.errors import (
     NotFound,
 )
 from hostgpu.gateway.auth import TokenCache
+from hostgpu.gateway.dashboard import mount_dashboard
 from hostgpu.gateway.deps import ReadToken
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.resolver import Resolver
-from hostgpu.gateway.routes import admin, hooks, jobs, tokens, workers
+from hostgpu.gateway.routes import admin, events, hooks, jobs, stats, tokens, workers
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.retry import RetryPolicy
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
 
 log = logging.getLogger("hostgpu.gateway")
-DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 
 
 class MetricsMiddleware:
@@ -91,10 +90,15 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float, expiry_ever
         try:
             if now >= expire_from and now >= next_expiry:
                 next_expiry = now + expiry_every
-                count = await to_thread.run_sync(store.requeue_expired)
-                if count:
-                    log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
+                expired = await to_thread.run_sync(store.expire_leases)
+                if expired:
+                    log.warning(
+                        "re-queued %d job(s) whose worker stopped heartbeating", len(expired)
+                    )
                     notifier.runnable(None)
+                    ids = {e.worker_id for e in expired if e.worker_id}
+                    names = await to_thread.run_sync(_worker_names, store, ids)
+                    app.state.metrics.record_expired(expired, names)
             # Pending jobs are rare: look for them every second only while some may exist.
             if resolver.pending_hint or now >= next_settle:
                 next_settle = now + 30.0
@@ -104,6 +108,14 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float, expiry_ever
         except Exception:  # keep the loop alive through a database blip
             log.exception("housekeeping failed; retrying")
         await asyncio.sleep(interval)
+
+
+def _worker_names(store: Store, ids: set[str]) -> dict[str, str]:
+    names = {}
+    for worker_id in ids:
+        with contextlib.suppress(NotFound):
+            names[worker_id] = store.get_worker(worker_id).capabilities.name
+    return names
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -161,7 +173,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     metrics = Metrics(store)
     app.state.metrics = metrics
 
-    for router in (jobs.router, workers.router, tokens.router, admin.router, hooks.router):
+    for router in (
+        jobs.router,
+        workers.router,
+        tokens.router,
+        admin.router,
+        hooks.router,
+        stats.router,
+        events.router,
+    ):
         app.include_router(router, responses=ERROR_RESPONSES)
 
     _install_error_handlers(app)
@@ -178,10 +198,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         body = await to_thread.run_sync(generate_latest, metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", tags=["system"], response_class=HTMLResponse, include_in_schema=True)
-    async def dashboard() -> HTMLResponse:
-        """The dashboard page (it asks the API with the token you give it)."""
-        return HTMLResponse(DASHBOARD.read_text())
+    mount_dashboard(app)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -10,12 +10,13 @@ from fastapi import Depends, Path, Request
 
 from hostgpu.api import ID_PATTERN
 from hostgpu.gateway.auth import require
+from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.resolver import Resolver
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.settings import Settings
 from hostgpu.store import Store
-from hostgpu.tokens import TokenInfo
+from hostgpu.tokens import SCOPES, TokenInfo
 
 T = TypeVar("T")
 
@@ -24,6 +25,7 @@ SubmitToken = Annotated[TokenInfo, Depends(require("submit"))]
 ReadToken = Annotated[TokenInfo, Depends(require("read"))]
 WorkerToken = Annotated[TokenInfo, Depends(require("worker"))]
 ReaderOrWorker = Annotated[TokenInfo, Depends(require("read", "worker"))]
+AnyToken = Annotated[TokenInfo, Depends(require(*SCOPES))]
 
 JobId = Annotated[
     str, Path(pattern=ID_PATTERN, description="a job id, or a unique prefix of 4+ hex digits")
@@ -53,11 +55,16 @@ async def get_waiting(request: Request) -> WaitingExplainer:
     return request.app.state.waiting
 
 
+async def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 ResolverDep = Annotated[Resolver, Depends(get_resolver)]
 WaitingDep = Annotated[WaitingExplainer, Depends(get_waiting)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -20,6 +20,7 @@ from typing import Any
 from hostgpu.capabilities import Capabilities, WorkerInfo
 from hostgpu.functions import FunctionOptions, Requested, Resolved
 from hostgpu.jobs import Job, JobError, JobState, Lease, Outcome, Payload, ReportResult
+from hostgpu.stats import ExpiredLease, JobFacts, QueueGroup, ThroughputBucket, WorkerLoad
 from hostgpu.tokens import TokenInfo
 
 
@@ -126,6 +127,36 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def prune(self, older_than_seconds: float) -> int:
         """Delete finished jobs older than this; returns how many."""
+
+    @abc.abstractmethod
+    def requeue(self, job_id: str, *, delay_s: float = 0.0) -> Job:
+        """Take a leased or running job back from its worker and queue it again (an admin's
+        verb for a stuck worker), runnable after ``delay_s``. The attempt is recorded as
+        ``requeued`` and counts against neither retries nor lost leases; the worker learns at
+        its next heartbeat and stops the job. InvalidTransition when the job is not leased
+        or running."""
+
+    @abc.abstractmethod
+    def expire_leases(self) -> list[ExpiredLease]:
+        """:meth:`requeue_expired`, saying which jobs it took back (for metrics)."""
+
+    # -- figures (read-only) ------------------------------------------------------------
+    @abc.abstractmethod
+    def queue_groups(self) -> list[QueueGroup]:
+        """Queued jobs grouped by function and requirement: counts and oldest times."""
+
+    @abc.abstractmethod
+    def throughput(self, since: float, bucket_s: float) -> list[ThroughputBucket]:
+        """Jobs finished since ``since`` (UNIX time) by bucket of ``bucket_s`` seconds,
+        oldest first; buckets where nothing finished are left out."""
+
+    @abc.abstractmethod
+    def worker_load(self, since: float) -> list[WorkerLoad]:
+        """Per worker: jobs active on it now, and jobs it finished since ``since``."""
+
+    @abc.abstractmethod
+    def job_facts(self, job_ids: Sequence[str]) -> list[JobFacts]:
+        """Light records of the jobs among ``job_ids`` that exist (no payload or result)."""
 
     # -- published functions ----------------------------------------------------------
     @abc.abstractmethod

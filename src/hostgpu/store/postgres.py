@@ -97,6 +97,9 @@ class PostgresStore(SQLStore):
     def _position(self, haystack: Any, needle: Any) -> Any:
         return func.strpos(haystack, needle)
 
+    def _floor(self, value: Any) -> Any:
+        return func.floor(value)
+
 
 class _Listener(threading.Thread):
     """LISTEN on the channel and hand other stores' events to ``callback`` (from this thread).

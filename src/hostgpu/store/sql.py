@@ -31,6 +31,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     delete,
     func,
     insert,
@@ -73,6 +74,8 @@ from hostgpu.jobs import (
 from hostgpu.requirements import Requirements
 from hostgpu.retry import RetryPolicy
 from hostgpu.routing import GIB, SATISFIES, canonical_labels, label_subsets, pick_device
+from hostgpu.stats import ExpiredLease, JobFacts, QueueGroup, ThroughputBucket, WorkerLoad
+from hostgpu.store import figures
 from hostgpu.store.interface import HeartbeatResult, JobFilter, NewJob, Pending, Store
 from hostgpu.store.schema import attempts, functions, jobs, tokens, workers
 from hostgpu.tokens import TokenInfo
@@ -218,6 +221,12 @@ class SQLStore(Store):
 
     def _emit(self, conn: Connection, topic: str) -> None:
         """Tell every gateway on this database, at commit, that ``topic`` happened."""
+
+    def _floor(self, value: Any) -> Any:
+        """The integer part of a non-negative number. CAST truncates on SQLite (whose
+        ``floor()`` exists only in builds with the math functions); PostgreSQL's CAST
+        rounds, so it overrides this."""
+        return cast(value, Integer)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -476,8 +485,9 @@ class SQLStore(Store):
         for function in sorted(caps.functions):
             for kind in kinds:
                 lanes.append(
-                    self._lane(function, now, limit, labels, jobs.c.gpu_kind == kind)
-                    .where(self._device_clause(served[kind]))
+                    self._lane(function, now, limit, labels, jobs.c.gpu_kind == kind).where(
+                        self._device_clause(served[kind])
+                    )
                 )
             if has_cpu:
                 # Jobs of other kinds whose CPU fallback is open: one lane per function, read
@@ -755,13 +765,24 @@ class SQLStore(Store):
         return reasons
 
     def requeue_expired(self) -> int:
+        return len(self.expire_leases())
+
+    def expire_leases(self) -> list[ExpiredLease]:
         now = time.time()
         query = select(
-            jobs.c.id, jobs.c.lost, jobs.c.worker_id, jobs.c.lease_token, jobs.c.state
+            jobs.c.id,
+            jobs.c.lost,
+            jobs.c.worker_id,
+            jobs.c.lease_token,
+            jobs.c.state,
+            jobs.c.function,
+            jobs.c.gpu_kind,
+            jobs.c.gpu_name,
         ).where(_in(jobs.c.state, ACTIVE), jobs.c.lease_expires_at < now)
+        expired: list[ExpiredLease] = []
         with self._read() as conn:  # nearly always nothing: no write lock for that
             if not conn.execute(query.limit(1)).first():
-                return 0
+                return expired
         with self._write() as conn:
             rows = conn.execute(self._lock(query)).all()
             if rows:
@@ -779,7 +800,7 @@ class SQLStore(Store):
                     error = JobError(
                         type="LeaseExpired", message=f"{message} ({decision.reason})", kind="lost"
                     )
-                conn.execute(
+                done = conn.execute(
                     update(jobs)
                     .where(
                         jobs.c.id == row.id,
@@ -793,7 +814,17 @@ class SQLStore(Store):
                     .where(attempts.c.job_id == row.id, attempts.c.lease_token == row.lease_token)
                     .values(outcome="lost", finished_at=now, error=message)
                 )
-        return len(rows)
+                if done.rowcount == 1:
+                    expired.append(
+                        ExpiredLease(
+                            job_id=row.id,
+                            function=row.function,
+                            requirement=figures.requirement_of(row.gpu_kind, row.gpu_name),
+                            worker_id=row.worker_id,
+                            gave_up=not decision.again,
+                        )
+                    )
+        return expired
 
     def _transition(
         self, job_id: str, event: Event, values: Callable[[float], dict[str, Any]]
@@ -842,6 +873,46 @@ class SQLStore(Store):
 
         return self._transition(job_id, Event.rerun, fresh)
 
+    def requeue(self, job_id: str, *, delay_s: float = 0.0) -> Job:
+        now = time.time()
+        message = "taken back from its worker by an admin (requeue)"
+        with self._write() as conn:
+            job_id = self._find_id(conn, job_id)
+            row = conn.execute(
+                select(jobs.c.state, jobs.c.lease_token).where(jobs.c.id == job_id)
+            ).first()
+            if row is None:
+                raise NotFound(f"no job with id {job_id!r}")
+            # Fenced on the lease token too: a report that lands between the read and the
+            # write wins, and the requeue is refused instead of undoing it.
+            done = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.state.in_(sources(Event.requeue)),
+                    jobs.c.lease_token == row.lease_token,
+                )
+                .values(
+                    state=target(Event.requeue),
+                    # A fresh token on the next lease: the old holder's heartbeat hears the
+                    # job is gone (and kills it), and its late report is refused.
+                    lease_token=None,
+                    worker_id=None,
+                    run_after=now + max(0.0, delay_s),
+                    updated_at=now,
+                )
+            )
+            if done.rowcount != 1:
+                raise InvalidTransition(
+                    f"job {job_id} is {row.state}: only a leased or running job can be requeued"
+                )
+            conn.execute(
+                update(attempts)
+                .where(attempts.c.job_id == job_id, attempts.c.lease_token == row.lease_token)
+                .values(outcome="requeued", finished_at=now, error=message)
+            )
+        return self.get(job_id)
+
     def prune(self, older_than_seconds: float) -> int:
         cutoff = time.time() - older_than_seconds
         old = select(jobs.c.id).where(jobs.c.state.in_(TERMINAL), jobs.c.finished_at < cutoff)
@@ -851,6 +922,25 @@ class SQLStore(Store):
                 delete(jobs).where(jobs.c.state.in_(TERMINAL), jobs.c.finished_at < cutoff)
             )
         return int(done.rowcount or 0)
+
+    # -- figures (read-only) ---------------------------------------------------------------
+    def queue_groups(self) -> list[QueueGroup]:
+        with self._read() as conn:
+            return figures.queue_groups(conn, time.time())
+
+    def throughput(self, since: float, bucket_s: float) -> list[ThroughputBucket]:
+        if bucket_s <= 0:
+            raise InvalidInput("bucket_s must be positive")
+        with self._read() as conn:
+            return figures.throughput(conn, since, bucket_s, self._floor)
+
+    def worker_load(self, since: float) -> list[WorkerLoad]:
+        with self._read() as conn:
+            return figures.worker_load(conn, since)
+
+    def job_facts(self, job_ids: Sequence[str]) -> list[JobFacts]:
+        with self._read() as conn:
+            return figures.job_facts(conn, job_ids)
 
     # -- published functions ---------------------------------------------------------------
     def declarations(self, names: Sequence[str]) -> dict[str, FunctionOptions]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from hostgpu.gateway.deps import (
+    MetricsDep,
     NotifierDep,
     ResolverDep,
     SettingsDep,
@@ -67,6 +69,7 @@ async def upload(
     notifier: NotifierDep,
     resolver: ResolverDep,
     waiting: WaitingDep,
+    metrics: MetricsDep,
     _: SubmitToken,
 ) -> Queued:
     """Queue an ingest job for a file that landed in the upload folder."""
@@ -78,7 +81,9 @@ async def upload(
         payload=Payload(args=[str(real)], kwargs={"display_path": str(real)}),
         idempotency_key=f"ingest:upload:{real}:{stat.st_size}:{stat.st_mtime_ns}"[:200],
     )
+    started = time.time()
     new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
     [job] = await run(store.enqueue, new)
+    metrics.record_submitted([job], started)
     announce(notifier, settings, [job])
     return Queued(job_id=job.id, path=str(real))

@@ -13,6 +13,7 @@ from hostgpu.api import JobBatch, JobIds, JobList, Summary, WaitRequest
 from hostgpu.gateway.deps import (
     AdminToken,
     JobId,
+    MetricsDep,
     NotifierDep,
     ReadToken,
     ResolverDep,
@@ -84,6 +85,7 @@ async def submit_job(
     resolver: ResolverDep,
     waiting: WaitingDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
     _: SubmitToken,
     response: Response,
     wait: Annotated[
@@ -103,6 +105,7 @@ async def submit_job(
     started = time.time()
     new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
     [job] = await run(store.enqueue, new)
+    metrics.record_submitted([job], started)
     if job.created_at.timestamp() < started:
         response.status_code = 200  # the idempotency key named an existing job
     else:
@@ -121,11 +124,14 @@ async def submit_batch(
     resolver: ResolverDep,
     waiting: WaitingDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
     _: SubmitToken,
 ) -> JobIds:
     """Submit up to 5,000 jobs in one request; returns their ids in order (all or none)."""
+    started = time.time()
     new = await run(resolver.new_jobs, batch.jobs, await run(waiting.workers))
     jobs = await run(store.enqueue, new)
+    metrics.record_submitted(jobs, started)
     announce(notifier, settings, jobs)
     return JobIds(ids=[j.id for j in jobs])
 
@@ -202,9 +208,12 @@ async def get_job(
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: SubmitToken) -> Job:
+async def cancel_job(
+    job_id: JobId, store: StoreDep, notifier: NotifierDep, metrics: MetricsDep, _: SubmitToken
+) -> Job:
     """Cancel a job; a running one is killed at its worker's next heartbeat."""
     job = await run(store.cancel, job_id)
+    metrics.record_cancelled(job)
     notifier.notify("finished")
     return job
 
@@ -214,4 +223,19 @@ async def rerun_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: Ad
     """Queue a failed or cancelled job again, with its retries and lost leases reset."""
     job = await run(store.rerun, job_id)
     notifier.runnable([Runnable(job.function, job.requirements, job.fallback)])
+    return job
+
+
+@router.post("/{job_id}/requeue", response_model=Job)
+async def requeue_job(
+    job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep, _: AdminToken
+) -> Job:
+    """Take a leased or running job back from its worker (stuck, or on the wrong machine) and
+    queue it again; neither a retry nor a lost lease is used up. The worker stops the job at
+    its next heartbeat, and its late report is refused."""
+    # Runnable again only after one heartbeat period: by then its old worker has heard and
+    # stopped it, so the worker cannot be handed the same job while still running it.
+    delay = settings.lease_seconds / 3 + 0.5
+    job = await run(store.requeue, job_id, delay_s=delay)
+    notifier.later(delay, [Runnable(job.function, job.requirements, job.fallback)])
     return job

@@ -1,4 +1,4 @@
-"""Create, list and revoke tokens (scope: admin)."""
+"""Create, list and revoke tokens (scope: admin); any token may read its own record."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 
 from hostgpu.api import TokenCreated, TokenList, TokenRequest
-from hostgpu.gateway.deps import AdminToken, NotifierDep, StoreDep, run
+from hostgpu.gateway.deps import AdminToken, AnyToken, NotifierDep, StoreDep, run
 from hostgpu.tokens import TOKEN_ID_PATTERN, TokenInfo, hash_token, mint
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -29,6 +29,13 @@ async def create_token(body: TokenRequest, store: StoreDep, _: AdminToken) -> To
 async def list_tokens(store: StoreDep, _: AdminToken) -> TokenList:
     """Every token (never the secrets)."""
     return TokenList(tokens=await run(store.list_tokens))
+
+
+@router.get("/self", response_model=TokenInfo)
+async def who_am_i(token: AnyToken) -> TokenInfo:
+    """The record of the token that makes this request (any scope): its name, scope and
+    expiry. The dashboard asks it to know which actions to offer."""
+    return token
 
 
 @router.delete("/{token_id}", response_model=TokenInfo)

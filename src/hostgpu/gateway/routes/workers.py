@@ -19,6 +19,7 @@ from hostgpu.api import (
 )
 from hostgpu.capabilities import Capabilities
 from hostgpu.gateway.deps import (
+    MetricsDep,
     NotifierDep,
     ReaderOrWorker,
     ResolverDep,
@@ -119,7 +120,10 @@ async def lease_jobs(
                 lease_seconds=settings.lease_seconds,
             )
             remaining = deadline - time.monotonic()
-            if leases or remaining <= 0 or worker_id in notifier.draining:
+            if leases:
+                notifier.notify("leased")
+                return leases
+            if remaining <= 0 or worker_id in notifier.draining:
                 return leases
             if await request.is_disconnected():
                 return leases
@@ -203,6 +207,7 @@ async def report(
     store: StoreDep,
     notifier: NotifierDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
     _: WorkerToken,
 ) -> ReportResponse:
     """Record outcomes (a stale or unknown lease token is refused: ``accepted: false``) and,
@@ -227,6 +232,7 @@ async def report(
             notifier,
             settings,
         )
+    metrics.note_reported(outcomes, results)
     return ReportResponse(results=results, leases=leases)
 
 
