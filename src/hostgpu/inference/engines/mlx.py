@@ -146,7 +146,7 @@ class MlxEngine(Engine):
         from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 
         if params.greedy:
-            return greedy_sampler  # type: ignore[no-any-return]
+            return greedy_sampler
         mx = self._mx
         key = mx.random.key(params.seed if params.seed is not None else random.getrandbits(31))
         scale = 1.0 / params.temperature
@@ -187,11 +187,11 @@ class MlxEngine(Engine):
                     except queue.Empty:
                         break
                 if None in incoming:
-                    for request in [r for r in incoming if r is not None]:
-                        request.fail(EngineError(f"{self.spec.name} was unloaded"))
+                    for left in incoming:
+                        if left is not None:
+                            left.fail(EngineError(f"{self.spec.name} was unloaded"))
                     return
-                for request in incoming:
-                    assert request is not None
+                for request in filter(None, incoming):
                     if request.done:
                         self._forget(request)
                         continue
@@ -210,12 +210,12 @@ class MlxEngine(Engine):
                 if not by_uid:
                     continue
                 for response in generator.next_generated():
-                    request = by_uid.get(response.uid)
-                    if request is None:
+                    running = by_uid.get(response.uid)
+                    if running is None:
                         continue
-                    go_on = request.emit(int(response.token))
+                    go_on = running.emit(int(response.token))
                     if response.finish_reason is not None:
-                        request.finish("stop")
+                        running.finish("stop")
                         self._forget(by_uid.pop(response.uid))
                     elif not go_on:
                         generator.remove([response.uid])
@@ -226,9 +226,9 @@ class MlxEngine(Engine):
             waiting = []
             while not self._inbox.empty():
                 waiting.append(self._inbox.get_nowait())
-            for request in [*by_uid.values(), *waiting]:
-                if request is not None:
-                    request.fail(EngineError(f"mlx_lm failed: {exc}"))
-                    self._forget(request)
+            for failed in [*by_uid.values(), *waiting]:
+                if failed is not None:
+                    failed.fail(EngineError(f"mlx_lm failed: {exc}"))
+                    self._forget(failed)
         finally:
             generator.close()
