@@ -238,9 +238,10 @@ class ModelRegistry:
 
 
 def _parse_text(text: str, source: str) -> Mapping[str, Any]:
-    stripped = text.lstrip()
     try:
-        if source.endswith(".json") or stripped.startswith(("{", "[")):
+        # JSON files, and JSON given inline in the environment; everything else is TOML
+        # (whose tables also start with "[", so only "{" means JSON).
+        if source.endswith(".json") or text.lstrip().startswith("{"):
             data = json.loads(text)
         else:
             data = tomllib.loads(text)
@@ -292,7 +293,7 @@ def load_registry(home: Path | None = None, env: Mapping[str, str] | None = None
             )
     value = env.get(MODELS_ENV, "").strip()
     if value:
-        if value.startswith(("{", "[")):
+        if value.startswith("{"):
             specs += parse_specs(_parse_text(value, MODELS_ENV), MODELS_ENV)
         else:
             path = Path(value).expanduser()
