@@ -211,7 +211,9 @@ def arm_http(
     return RunResult(label, "", concurrency, wall, records, server_cpu=cpu)
 
 
-def start_server(model: str, device: str) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_server(
+    model: str, device: str, threads: int | None
+) -> tuple[subprocess.Popen[bytes], str, float]:
     """Arm B's server in its own process; returns it, its base URL and its start seconds."""
     port = free_port()
     started = time.perf_counter()
@@ -226,6 +228,7 @@ def start_server(model: str, device: str) -> tuple[subprocess.Popen[bytes], str,
             device,
             "--port",
             str(port),
+            *(["--threads", str(threads)] if threads else []),
         ],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -273,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cancel-samples", type=int, default=5)
     parser.add_argument("--arms", default="A,B")
+    parser.add_argument(
+        "--threads", type=int, help="engine CPU threads in both arms (1 is steadier on a busy CPU)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console = Console()
@@ -282,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     spec = load_registry().get(args.model)
+    if args.threads:
+        key = "n_threads" if spec.engine == "llama.cpp" else "threads"
+        spec = spec.model_copy(update={"options": {**spec.options, key: args.threads}})
     engine = create_engine(spec)
     engine.load(args.device)
     console.print(
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = base_url = None
     if "B" in arms:
-        server, base_url, server_start = start_server(args.model, args.device)
+        server, base_url, server_start = start_server(args.model, args.device, args.threads)
         console.print(f"B: server up (load included) in {server_start:.1f} s")
 
     results: list[RunResult] = []

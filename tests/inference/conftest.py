@@ -34,7 +34,11 @@ def _model_cache() -> Iterator[None]:
 
 
 def builtin(name: str) -> ModelSpec:
-    return next(spec for spec in BUILTIN_MODELS if spec.name == name)
+    """A built-in spec on one CPU thread: the test machine's two cores are shared, and a
+    second torch/llama.cpp thread that waits for a descheduled peer makes decoding 10× slower."""
+    spec = next(spec for spec in BUILTIN_MODELS if spec.name == name)
+    key = "n_threads" if spec.engine == "llama.cpp" else "threads"
+    return spec.model_copy(update={"options": {**spec.options, key: 1}})
 
 
 def _require_llm() -> None:

@@ -155,12 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--threads", type=int, help="CPU threads for the engine (its `threads`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # transformers' batching logs its set-up at INFO; keep this server's log to what it does.
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
     registry = load_registry()
     engines: dict[str, Engine] = {}
     for name in args.model:
-        engine = create_engine(registry.get(name))
+        spec = registry.get(name)
+        if args.threads:
+            key = "n_threads" if spec.engine == "llama.cpp" else "threads"
+            spec = spec.model_copy(update={"options": {**spec.options, key: args.threads}})
+        engine = create_engine(spec)
         engine.load(args.device)
         log.info("loaded %s on %s in %.1f s", name, args.device, engine.load_seconds or 0)
         engines[name] = engine

@@ -23,7 +23,11 @@ Options (``[models.NAME.options]``):
 - ``max_batch``: most requests decoded together (default 16);
 - ``max_batch_tokens``: most tokens in one forward pass, prefill included (default 512);
 - ``page_size``: KV cache page, in tokens (default 256);
-- ``convert_gguf``: load GGUFs through the converted cache (default true).
+- ``convert_gguf``: load GGUFs through the converted cache (default true);
+- ``threads``: torch's CPU threads for this process (default: torch's choice, one per core).
+  On a CPU shared with other busy processes, 1 is far faster than 2: torch's OpenMP threads
+  wait for each other at every operation, and a descheduled one stalls the rest (measured on
+  the two-core test machine under load: 8 tokens in 1.2–1.6 s with 1 thread, 13–28 s with 2).
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ class TransformersEngine(Engine):
             )
             dtype_name = "float32"
         dtype = getattr(torch, dtype_name)
+        if options.get("threads"):
+            torch.set_num_threads(int(options["threads"]))
 
         folder, gguf_kwargs = self._source()
         try:
