@@ -37,7 +37,7 @@ from tests.chaos import chaosfuncs  # noqa: E402
 
 from hostgpu.client import Client  # noqa: E402
 from hostgpu.errors import GatewayError, GatewayUnavailable  # noqa: E402
-from hostgpu.jobs import JobSpec, Requirements  # noqa: E402
+from hostgpu.jobs import JobSpec, Payload  # noqa: E402
 from hostgpu.testing import Gateway, Worker  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("HOSTGPU_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -129,7 +129,7 @@ class Chaos(threading.Thread):
     def _registered(self) -> set[str]:
         """Names of the workers the gateways see alive (registered and heartbeating)."""
         workers = _call_any(self.gateways, 0, lambda c: c.workers(alive=True))
-        return {w["capabilities"]["name"] for w in workers}
+        return {w.capabilities.name for w in workers}
 
     def _kill_worker(self, generation: int) -> None:
         # Only workers that are up: on a busy machine a worker can take longer to start
@@ -207,7 +207,7 @@ def _verify(
                 wrong_result += 1
         else:
             failed += 1
-    counts = _call_any(gateways, 0, lambda c: c.summary())
+    counts = _call_any(gateways, 0, lambda c: c.summary().counts)
     # Exactly one attempt per job may carry the outcome "succeeded": the store's own
     # record that one (and only one) completion was accepted.
     conn = chaosfuncs.connect(
@@ -297,8 +297,8 @@ def run_chaos(
         specs = [
             JobSpec(
                 function=FUNCTION,
-                payload={"args": [key, exec_url], "kwargs": {"sleep_s": sleep_s}},
-                requirements=Requirements(gpu="cpu"),
+                payload=Payload(args=[key, exec_url], kwargs={"sleep_s": sleep_s}),
+                gpu="cpu",
                 timeout_s=30,
                 max_retries=20,
                 # A batch re-sent after a gateway died mid-request names the same jobs.
@@ -318,7 +318,7 @@ def run_chaos(
         timed_out = False
         last_note = 0.0
         while True:
-            counts = _call_any(gws, 0, lambda c: c.summary())
+            counts = _call_any(gws, 0, lambda c: c.summary().counts)
             finished = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
             if kill_gateway and finished >= gateway_kill_at * jobs:
                 chaos.kill_gateway.set()

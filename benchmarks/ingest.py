@@ -75,7 +75,7 @@ def through_hostgpu(
     worker = Worker(gw, concurrency=concurrency, env_extra=env)
     try:
         worker.start()
-        from hostgpu.pipelines.jobs import ingest
+        from hostgpu.pipelines.ingest import ingest_file as ingest
 
         hostgpu.connect(gw.url, gw.token)
         t = time.perf_counter()

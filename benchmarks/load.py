@@ -38,7 +38,8 @@ from dispatch import fresh_pg_database, percentile
 
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.client import Client
-from hostgpu.jobs import JobSpec, Outcome, Requirements
+from hostgpu.functions import FunctionOptions
+from hostgpu.jobs import JobSpec, Outcome, Payload
 from hostgpu.testing import Gateway
 
 BATCH = 5_000
@@ -49,8 +50,8 @@ def _specs(n: int, gpu: str, tag: str, function: str) -> list[JobSpec]:
     return [
         JobSpec(
             function=function,
-            payload={"args": [i], "kwargs": {}},
-            requirements=Requirements(gpu=gpu),
+            payload=Payload(args=[i]),
+            gpu=gpu,
             idempotency_key=f"{tag}-{i}",
         )
         for i in range(n)
@@ -118,9 +119,10 @@ def run_backend(url: str, jobs: int, samples: int, console: Console) -> dict[str
             name="load-bench",
             devices=[Device(kind="cpu", name="cpu")],
             modules=["hostgpu.builtin"],
+            functions={"hostgpu.builtin:noop": FunctionOptions()},
         )
         try:
-            worker_id = client.register(caps)["worker_id"]
+            worker_id = client.register(caps).worker_id
             with Progress(console=console, transient=True) as progress:
                 fill(client, samples, "cpu", "base", progress)
                 base = lease_samples(client, worker_id, samples)
@@ -137,8 +139,9 @@ def run_backend(url: str, jobs: int, samples: int, console: Console) -> dict[str
                     name="load-bench-other",
                     devices=[Device(kind="cpu", name="cpu")],
                     modules=["loadbench.other"],
+                    functions={"loadbench.other:noop": FunctionOptions()},
                 )
-                other_id = client.register(other)["worker_id"]
+                other_id = client.register(other).worker_id
                 fill(client, jobs, "mps", "blocked", progress)
                 fill(client, samples, "cpu", "behind", progress, "loadbench.other:noop")
                 blocked = lease_samples(client, other_id, samples)
@@ -147,7 +150,7 @@ def run_backend(url: str, jobs: int, samples: int, console: Console) -> dict[str
                 t = time.perf_counter()
                 counts = client.summary()
                 summary.append(time.perf_counter() - t)
-            total = sum(counts.values())
+            total = counts.total
             out["cli_summary"] = min(cli_summary(gateway) for _ in range(3))
             out["rss_end"] = rss.memory_info().rss / MIB
         finally:

@@ -87,3 +87,9 @@ def pickled(value: Any) -> Any:
 def sleepy(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+@hostgpu.function(gpu="mps", retries=0, timeout=60)
+def declared_mps(note: str = "") -> dict[str, Any]:
+    """Declared for Metal: wherever it is submitted from, it must run on mps or not at all."""
+    return {"device": hostgpu.device(), "note": note}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import socket
-import time
 from typing import Any
 
 from hostgpu.context import device
@@ -30,23 +29,9 @@ def matmul(size: int = 1024, repeat: int = 10) -> dict[str, Any]:
         import torch
     except ImportError:
         return {"device": device(), "error": "torch is not installed on this worker"}
-    dev = torch.device(device())
-    a = torch.randn(size, size, device=dev)
-    b = torch.randn(size, size, device=dev)
+    from hostgpu.devices.smoke import time_torch_matmul
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        elif dev.type == "mps":
-            torch.mps.synchronize()
-
-    (a @ b).sum().item()  # warm-up (kernel selection, lazy init)
-    sync()
-    started = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    sync()
-    seconds = (time.perf_counter() - started) / repeat
+    seconds = time_torch_matmul(torch, device(), size, repeat, warmup=1)
     return {
         "device": device(),
         "size": size,

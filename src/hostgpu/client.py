@@ -1,4 +1,8 @@
-"""A typed httpx client for the gateway's /v1 API (used by the SDK, the CLI and workers)."""
+"""A typed httpx client for the gateway's /v1 API (used by the SDK, the CLI and workers).
+
+Every method returns the models of :mod:`hostgpu.api` and the domain records, the same ones
+the gateway's routes declare, so both ends of the wire agree by construction.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,33 @@ from typing import Any
 
 import httpx
 
-from hostgpu.capabilities import Capabilities
+from hostgpu.api import (
+    HeartbeatResponse,
+    JobIds,
+    JobList,
+    LeaseResponse,
+    Pruned,
+    Registered,
+    ReportResponse,
+    Summary,
+    TokenCreated,
+    TokenList,
+    TokenRequest,
+    WorkerList,
+)
+from hostgpu.capabilities import Capabilities, WorkerInfo
 from hostgpu.errors import (
     AuthError,
     ConfigError,
     GatewayError,
     GatewayUnavailable,
+    InvalidInput,
     InvalidTransition,
     NotFound,
 )
-from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome
+from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome, ReportResult
 from hostgpu.settings import Settings, get_settings
+from hostgpu.tokens import Scope, TokenInfo
 
 
 class Client:
@@ -35,8 +55,9 @@ class Client:
         token = token or settings.resolved_token()
         if not token:
             raise ConfigError(
-                "no API token: set HOSTGPU_TOKEN, pass --token, or start a local gateway "
-                "with `hostgpu up` (it writes an admin token to HOSTGPU_HOME)"
+                "no API token: set HOSTGPU_TOKEN or HOSTGPU_TOKEN_FILE (a 0600 file), pass "
+                "--token-file, or start a local gateway with `hostgpu up` (it writes an admin "
+                "token to HOSTGPU_HOME)"
             )
         self._http = httpx.Client(
             base_url=self.gateway,
@@ -78,6 +99,8 @@ class Client:
                 raise NotFound(message)
             if status == 409:
                 raise InvalidTransition(message)
+            if status == 422:
+                raise InvalidInput(message)
             raise GatewayError(message, status=status)
         if response.status_code == 204 or not response.content:
             return None
@@ -85,13 +108,12 @@ class Client:
 
     # -- jobs --------------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> Job:
-        return Job.model_validate(
-            self.request("POST", "/v1/jobs", json=spec.model_dump(mode="json"))
-        )
+        body = spec.model_dump(mode="json", exclude_none=True)
+        return Job.model_validate(self.request("POST", "/v1/jobs", json=body))
 
     def submit_batch(self, specs: Sequence[JobSpec]) -> list[str]:
-        body = {"jobs": [s.model_dump(mode="json", exclude_defaults=True) for s in specs]}
-        return list(self.request("POST", "/v1/jobs/batch", json=body)["ids"])
+        body = {"jobs": [s.model_dump(mode="json", exclude_none=True) for s in specs]}
+        return JobIds.model_validate(self.request("POST", "/v1/jobs/batch", json=body)).ids
 
     def get(self, job_id: str, *, wait: float = 0) -> Job:
         params = {"wait": wait} if wait else None
@@ -105,45 +127,67 @@ class Client:
             json={"ids": list(job_ids), "timeout": timeout},
             timeout=timeout + 30,
         )
-        return [Job.model_validate(j) for j in data["jobs"]]
+        return JobList.model_validate(data).jobs
 
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/cancel"))
 
-    def list_jobs(self, *, state: JobState | None = None, limit: int = 50) -> list[Job]:
+    def rerun(self, job_id: str) -> Job:
+        return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/rerun"))
+
+    def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        function: str | None = None,
+        worker: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobList:
         params: dict[str, Any] = {"limit": limit}
-        if state is not None:
-            params["state"] = state.value
-        return [
-            Job.model_validate(j) for j in self.request("GET", "/v1/jobs", params=params)["jobs"]
-        ]
+        for name, value in (
+            ("state", state.value if state else None),
+            ("function", function),
+            ("worker", worker),
+            ("cursor", cursor),
+        ):
+            if value is not None:
+                params[name] = value
+        return JobList.model_validate(self.request("GET", "/v1/jobs", params=params))
 
-    def summary(self) -> dict[str, int]:
-        return dict(self.request("GET", "/v1/jobs/summary")["counts"])
+    def summary(self) -> Summary:
+        return Summary.model_validate(self.request("GET", "/v1/jobs/summary"))
 
-    def workers(self, *, alive: bool = False) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/v1/workers", params={"alive": alive})["workers"])
+    def workers(self, *, alive: bool = False) -> list[WorkerInfo]:
+        data = self.request("GET", "/v1/workers", params={"alive": alive})
+        return WorkerList.model_validate(data).workers
 
     # -- tokens and housekeeping ---------------------------------------------------------------
-    def create_token(self, name: str, scope: str) -> dict[str, Any]:
-        return dict(self.request("POST", "/v1/tokens", json={"name": name, "scope": scope}))
+    def create_token(
+        self, name: str, scope: Scope, *, expires_in_s: float | None = None
+    ) -> TokenCreated:
+        body = TokenRequest(name=name, scope=scope, expires_in_s=expires_in_s)
+        data = self.request("POST", "/v1/tokens", json=body.model_dump(exclude_none=True))
+        return TokenCreated.model_validate(data)
 
-    def list_tokens(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/v1/tokens")["tokens"])
+    def list_tokens(self) -> list[TokenInfo]:
+        return TokenList.model_validate(self.request("GET", "/v1/tokens")).tokens
 
-    def revoke_token(self, token_id: str) -> dict[str, Any]:
-        return dict(self.request("DELETE", f"/v1/tokens/{token_id}"))
+    def revoke_token(self, token_id: str, *, force: bool = False) -> TokenInfo:
+        params = {"force": True} if force else None
+        return TokenInfo.model_validate(
+            self.request("DELETE", f"/v1/tokens/{token_id}", params=params)
+        )
 
     def prune(self, older_than_s: float) -> int:
         data = self.request("POST", "/v1/admin/prune", json={"older_than_s": older_than_s})
-        return int(data["deleted"])
+        return Pruned.model_validate(data).deleted
 
     # -- worker side -------------------------------------------------------------------------------
-    def register(self, caps: Capabilities, worker_id: str | None = None) -> dict[str, Any]:
+    def register(self, caps: Capabilities, worker_id: str | None = None) -> Registered:
         params = {"worker_id": worker_id} if worker_id else None
-        return dict(
-            self.request("POST", "/v1/workers", json=caps.model_dump(mode="json"), params=params)
-        )
+        data = self.request("POST", "/v1/workers", json=caps.model_dump(mode="json"), params=params)
+        return Registered.model_validate(data)
 
     def lease(self, worker_id: str, *, max_jobs: int, wait: float) -> list[Lease]:
         data = self.request(
@@ -152,15 +196,17 @@ class Client:
             json={"max_jobs": max_jobs, "wait": wait},
             timeout=wait + 30,
         )
-        return [Lease.model_validate(x) for x in data["leases"]]
+        return LeaseResponse.model_validate(data).leases
 
     def heartbeat(self, worker_id: str, leases: Sequence[tuple[str, str]]) -> list[str]:
         body = {"leases": [{"job_id": j, "lease_token": t} for j, t in leases]}
-        return list(self.request("POST", f"/v1/workers/{worker_id}/heartbeat", json=body)["lost"])
+        data = self.request("POST", f"/v1/workers/{worker_id}/heartbeat", json=body)
+        return HeartbeatResponse.model_validate(data).lost
 
-    def report(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
+    def report(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[ReportResult]:
         body = {"outcomes": [o.model_dump(mode="json") for o in outcomes]}
-        return list(self.request("POST", f"/v1/workers/{worker_id}/report", json=body)["results"])
+        data = self.request("POST", f"/v1/workers/{worker_id}/report", json=body)
+        return ReportResponse.model_validate(data).results
 
     def deregister(self, worker_id: str) -> None:
         self.request("DELETE", f"/v1/workers/{worker_id}")

@@ -4,11 +4,15 @@ Every exception hostgpu raises on purpose derives from :class:`HostGPUError`::
 
     HostGPUError
     ├── ConfigError            settings or local state are missing or wrong
+    ├── InvalidInput           a request the gateway will not carry out as asked (422)
+    │   ├── OptionsConflict    a submission widens a function's declared options
+    │   └── NotPublished       the function is not published with @hostgpu.function
     ├── StoreError             the job store refused or failed an operation
     │   ├── NotFound           no such job / worker / token
-    │   ├── LeaseLost          a stale lease token (fenced completion)
+    │   ├── AmbiguousId        an id prefix that names more than one object
     │   ├── InvalidTransition  the job is not in a state that allows this
-    │   └── DuplicateKey       an idempotency key or name already exists
+    │   ├── DuplicateKey       an idempotency key or name already exists
+    │   └── LastAdminToken     revoking it would lock every admin out
     ├── GatewayError           the gateway answered with an error
     │   ├── AuthError          missing, bad or revoked token; wrong scope
     │   └── GatewayUnavailable the gateway cannot be reached
@@ -45,6 +49,20 @@ class ConfigError(HostGPUError):
     retryable = False
 
 
+class InvalidInput(HostGPUError):
+    """The request cannot be carried out as asked."""
+
+    retryable = False
+
+
+class OptionsConflict(InvalidInput):
+    """The submission's options widen what the function declares."""
+
+
+class NotPublished(InvalidInput):
+    """The function is not published with @hostgpu.function in a module its workers import."""
+
+
 class StoreError(HostGPUError):
     """The job store failed."""
 
@@ -53,8 +71,12 @@ class NotFound(StoreError):
     """No such object."""
 
 
-class LeaseLost(StoreError):
-    """The lease is no longer held: the job was leased again, cancelled or finished."""
+class AmbiguousId(StoreError):
+    """The id prefix names more than one object: give more characters."""
+
+
+class LastAdminToken(StoreError):
+    """This is the last admin token: revoking it would lock every admin out."""
 
 
 class InvalidTransition(StoreError):

@@ -1,25 +1,48 @@
-"""The job model: states, requirements, what a client submits and what the store keeps."""
+"""The job model: one record per stage of a job, and the state machine they move through.
+
+    JobSpec ──submit──▶ Job ──lease──▶ Lease ──run──▶ Outcome ──report──▶ ReportResult
+    (client)            (store)        (worker)       (worker)            (store's answer)
+
+A job's states and the events that move it between them are written down once, in
+:data:`TRANSITIONS`; the stores derive their ``WHERE state IN (…)`` fences from it.
+"""
 
 from __future__ import annotations
 
 import enum
+import math
 import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hostgpu.capabilities import Device
+from hostgpu.requirements import (
+    FUNCTION_PATTERN,
+    FUNCTION_RE,
+    GPU_PATTERN,
+    SAFE_TEXT,
+    Requirements,
+    normalise_gpu,
+)
 
-#: A job's function: "package.module:qualname", or a built-in pipeline name.
-FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
-# ASCII classes only: the same pattern is published in the OpenAPI schema, and Python's and
-# JSON Schema's ideas of \S (and of `$` before a newline) differ.
-GPU_PATTERN = r"^(mps|cuda|gpu|cpu|any|mlx|cuda:[A-Za-z0-9_. ()-]{1,100})$"
-FUNCTION_RE = re.compile(FUNCTION_PATTERN)
-GPU_RE = re.compile(GPU_PATTERN)
+
+def check_finite(value: Any, where: str = "payload") -> Any:
+    """Refuse NaN and ±Infinity anywhere in a JSON value (JSON has no such numbers)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} contains {item!r}, which is not a JSON number")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return value
 
 
+# -- states -----------------------------------------------------------------------------------
 class JobState(enum.StrEnum):
     queued = "queued"
     leased = "leased"
@@ -37,61 +60,128 @@ TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cance
 ACTIVE_STATES = frozenset({JobState.leased, JobState.running})
 
 
-class Requirements(BaseModel):
-    """What a job needs from the worker that runs it."""
+class Event(enum.StrEnum):
+    """What happens to a job."""
 
-    gpu: str = Field(
-        default="any",
-        description="mps | cuda | cuda:<name substring> | gpu (any accelerator) | cpu | any",
-        json_schema_extra={"pattern": GPU_PATTERN},
-    )
-    min_memory_gb: float | None = Field(default=None, ge=0, le=100_000)
-    labels: dict[str, str] = Field(default_factory=dict)
+    lease = "lease"  # a worker takes it
+    start = "start"  # its worker says it is running
+    succeed = "succeed"
+    fail = "fail"  # failed for good (no retries left, or not retryable)
+    retry = "retry"  # failed, will run again after a backoff
+    release = "release"  # handed back unstarted or by a cold stop: the attempt does not count
+    lose = "lose"  # its worker stopped heartbeating and the lease expired
+    give_up = "give_up"  # lost too many leases
+    cancel = "cancel"
+    reject = "reject"  # never runnable: not a published function, or options conflict
+    rerun = "rerun"  # an admin runs a finished job again
 
-    @field_validator("gpu")
-    @classmethod
-    def _check_gpu(cls, value: str) -> str:
-        if not GPU_RE.fullmatch(value):
-            raise ValueError(
-                f"gpu must be one of mps, cuda, cuda:<name>, gpu, cpu, any (got {value!r})"
-            )
-        kind, _, name = value.partition(":")
-        return f"{kind.lower()}:{name.lower()}" if name else kind.lower()
 
-    @property
-    def kind(self) -> str:
-        return self.gpu.partition(":")[0]
+QUEUED, LEASED, RUNNING = JobState.queued, JobState.leased, JobState.running
+SUCCEEDED, FAILED, CANCELLED = JobState.succeeded, JobState.failed, JobState.cancelled
 
-    @property
-    def name(self) -> str | None:
-        return self.gpu.partition(":")[2] or None
+#: event → (states it may happen in, state it leads to)
+TRANSITIONS: dict[Event, tuple[frozenset[JobState], JobState]] = {
+    Event.lease: (frozenset({QUEUED}), LEASED),
+    Event.start: (frozenset({LEASED, RUNNING}), RUNNING),  # idempotent: repeats are harmless
+    Event.succeed: (frozenset({LEASED, RUNNING}), SUCCEEDED),
+    Event.fail: (frozenset({LEASED, RUNNING}), FAILED),
+    Event.retry: (frozenset({LEASED, RUNNING}), QUEUED),
+    Event.release: (frozenset({LEASED, RUNNING}), QUEUED),
+    Event.lose: (frozenset({LEASED, RUNNING}), QUEUED),
+    Event.give_up: (frozenset({LEASED, RUNNING}), FAILED),
+    Event.cancel: (frozenset({QUEUED, LEASED, RUNNING}), CANCELLED),
+    Event.reject: (frozenset({QUEUED}), FAILED),
+    Event.rerun: (frozenset({FAILED, CANCELLED}), QUEUED),
+}
 
-    def describe(self) -> str:
-        parts = [self.gpu]
-        if self.min_memory_gb:
-            parts.append(f"≥{self.min_memory_gb:g} GB")
-        parts += [f"{k}={v}" for k, v in sorted(self.labels.items())]
-        return " ".join(parts)
+
+def sources(event: Event) -> list[str]:
+    """The states ``event`` may happen in, as stored strings (sorted, for stable SQL)."""
+    return sorted(state.value for state in TRANSITIONS[event][0])
+
+
+def target(event: Event) -> str:
+    return TRANSITIONS[event][1].value
+
+
+def next_state(state: JobState, event: Event) -> JobState:
+    """Where ``event`` takes a job in ``state``; ValueError when it cannot happen there."""
+    allowed, to = TRANSITIONS[event]
+    if state not in allowed:
+        raise ValueError(f"a {state.value} job cannot {event.value}")
+    return to
+
+
+# -- requirements and errors --------------------------------------------------------------
+ErrorKind = Literal[
+    "exception",  # the function raised
+    "import",  # its module would not import
+    "forbidden",  # not a published function
+    "serialization",  # arguments or result would not (de)serialise
+    "timeout",
+    "crash",  # the child process died
+    "cancelled",
+    "lost",  # the worker stopped heartbeating
+    "conflict",  # the submission's options conflict with the declaration
+    "limit",  # over a size limit
+]
+
+
+class JobError(BaseModel):
+    """Why an attempt or a job failed."""
+
+    type: str = Field(description="exception class name, e.g. ValueError, TimeoutError")
+    message: str
+    traceback: str = ""
+    kind: ErrorKind = "exception"
+
+    def summary(self, limit: int = 2000) -> str:
+        return f"{self.type}: {self.message}"[:limit]
+
+
+# -- what a client submits ------------------------------------------------------------------------
+class Payload(BaseModel):
+    """The JSON arguments of a call: ``f(*args, **kwargs)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobSpec(BaseModel):
-    """What a client submits."""
+    """What a client submits. Unset options take the function's declared ones; a set option may
+    narrow the declaration, never widen it (422 when it would)."""
 
-    model_config = {"extra": "forbid"}
+    model_config = ConfigDict(extra="forbid")
 
     function: str = Field(
         max_length=300,
-        description="module:qualname of the function",
+        description="module:qualname of a function published with @hostgpu.function",
         json_schema_extra={"pattern": FUNCTION_PATTERN},
     )
-    payload: Any = Field(default=None, description="JSON payload (args/kwargs envelope)")
-    serializer: Literal["json", "pickle"] = "json"
-    requirements: Requirements = Field(default_factory=Requirements)
-    fallback: Literal["cpu"] | None = None
-    priority: int = Field(default=0, ge=-1000, le=1000)
-    timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
-    max_retries: int = Field(default=2, ge=0, le=100)
-    idempotency_key: str | None = Field(default=None, max_length=200)
+    payload: Payload | str | None = Field(
+        default=None,
+        description='JSON serializer: {"args": [...], "kwargs": {...}} (or null for no '
+        "arguments); pickle serializer: base64 of pickle.dumps((args, kwargs))",
+    )
+    serializer: Literal["json", "pickle"] | None = None
+    gpu: str | None = Field(
+        default=None,
+        description="narrow the declared device: mps | cuda | cuda:<name> | mlx | gpu | cpu | any",
+        json_schema_extra={"pattern": GPU_PATTERN},
+    )
+    min_memory_gb: float | None = Field(default=None, ge=0, le=100_000)
+    labels: dict[str, str] | None = Field(default=None, max_length=16)
+    fallback: Literal["cpu", "none"] | None = Field(
+        default=None, description='"cpu" only when the function declares it; "none" drops it'
+    )
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    max_retries: int | None = Field(default=None, ge=0, le=100)
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, json_schema_extra={"pattern": SAFE_TEXT}
+    )
 
     @field_validator("function")
     @classmethod
@@ -100,18 +190,41 @@ class JobSpec(BaseModel):
             raise ValueError("function must look like 'package.module:function'")
         return value
 
+    @field_validator("gpu")
+    @classmethod
+    def _check_gpu(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_gpu(value)
+
+    @field_validator("payload")
+    @classmethod
+    def _check_payload(cls, value: Payload | str | None) -> Payload | str | None:
+        if isinstance(value, Payload):
+            check_finite(value.args, "payload.args")
+            check_finite(value.kwargs, "payload.kwargs")
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _check_key(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(SAFE_TEXT, value):
+            raise ValueError("idempotency_key must be printable ASCII")
+        return value
+
     @property
     def module(self) -> str:
         return self.function.partition(":")[0]
 
 
+# -- what the store keeps -------------------------------------------------------------------------
 class Attempt(BaseModel):
     attempt: int
     worker_id: str | None = None
     device: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    outcome: str | None = None
+    outcome: str | None = Field(
+        default=None, description="succeeded | failed | retry | lost | released; null: running"
+    )
     error: str | None = None
 
 
@@ -120,30 +233,41 @@ class Job(BaseModel):
 
     id: str
     function: str
-    payload: Any = None
-    serializer: str = "json"
+    payload: Payload | str | None = None
+    serializer: Literal["json", "pickle"] = "json"
     requirements: Requirements
-    fallback: str | None = None
+    fallback: Literal["cpu"] | None = None
     priority: int = 0
     timeout_s: float = 600.0
     max_retries: int = 2
     idempotency_key: str | None = None
+    resolved: bool = Field(
+        default=True,
+        description="false until a worker has published the function's declared options",
+    )
     state: JobState
-    attempts: int = 0
+    attempts: int = Field(default=0, description="leases taken (the attempt number)")
+    failures: int = Field(default=0, description="attempts that failed (counted by retries)")
+    lost: int = Field(default=0, description="leases lost because a worker died")
     worker_id: str | None = None
     device: str | None = None
     fallback_used: bool = False
     result: Any = None
-    error: dict[str, Any] | None = None
+    error: JobError | None = None
     timings: dict[str, float] | None = None
     created_at: datetime
     updated_at: datetime
     run_after: datetime
     finished_at: datetime | None = None
-    waiting: str | None = None
+    waiting: str | None = Field(default=None, description="why a queued job is not running")
     history: list[Attempt] | None = None
 
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
 
+
+# -- what a worker gets and gives back ------------------------------------------------------------
 class Lease(BaseModel):
     """A job handed to a worker, with the token that fences its completion."""
 
@@ -151,22 +275,38 @@ class Lease(BaseModel):
     lease_token: str
     attempt: int
     function: str
-    payload: Any
-    serializer: str
+    payload: Payload | str | None = None
+    serializer: Literal["json", "pickle"] = "json"
     timeout_s: float
-    device: Device
+    device: Device = Field(description="the device of the worker this job must run on")
     fallback_used: bool = False
     lease_expires_at: datetime
 
 
+OutcomeStatus = Literal["succeeded", "failed", "started", "released"]
+
+
 class Outcome(BaseModel):
-    """What a worker reports for one leased job."""
+    """What a worker reports for one leased job: started, finished, or handed back."""
+
+    job_id: str = Field(max_length=64, json_schema_extra={"pattern": SAFE_TEXT})
+    lease_token: str = Field(max_length=64, json_schema_extra={"pattern": SAFE_TEXT})
+    status: OutcomeStatus
+    result: Any = None
+    error: JobError | None = None
+    retryable: bool = Field(default=True, description="whether a failure may be retried")
+    device: str | None = Field(default=None, max_length=100)
+    timings: dict[str, float] | None = None
+
+    @field_validator("result")
+    @classmethod
+    def _check_result(cls, value: Any) -> Any:
+        return check_finite(value, "result")
+
+
+class ReportResult(BaseModel):
+    """What became of one reported outcome."""
 
     job_id: str
-    lease_token: str
-    status: Literal["succeeded", "failed", "started", "released"]
-    result: Any = None
-    error: dict[str, Any] | None = None
-    retryable: bool = True
-    device: str | None = None
-    timings: dict[str, float] | None = None
+    accepted: bool
+    reason: str | None = None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from hostgpu.capabilities import Capabilities, Device
-from hostgpu.jobs import Requirements
+from hostgpu.requirements import Requirements
 
 GIB = 1024**3
 MAX_WORKER_LABELS = 8
@@ -56,10 +56,6 @@ def label_subsets(labels: dict[str, str]) -> list[str]:
     return subsets
 
 
-def module_allowed(function: str, modules: Iterable[str]) -> bool:
-    return function.partition(":")[0] in set(modules)
-
-
 def pick_device(
     req: Requirements, caps: Capabilities, *, fallback_open: bool = False
 ) -> tuple[Device, bool] | None:
@@ -86,22 +82,29 @@ def waiting_reason(
     workers: Sequence[Capabilities],
     *,
     fallback: str | None = None,
+    resolved: bool = True,
 ) -> str | None:
-    """Why a queued job is not running, in words, or None when some worker fits."""
+    """Why a queued job is not running, in words, or None when some live worker fits."""
+    module = function.partition(":")[0]
+    start = f"start one with `hostgpu worker --import {module}`"
     if not workers:
-        reason = "waiting: no worker is connected"
+        reason = f"waiting: no worker is connected ({start})"
+    elif not resolved and not any(function in w.functions for w in workers):
+        reason = (
+            f"waiting: no worker imports {module} yet, so nothing has published {function} "
+            f"and its declared options ({start})"
+        )
     else:
         fitting = [w for w in workers if pick_device(req, w) is not None]
-        if fitting and any(module_allowed(function, w.modules) for w in fitting):
+        if fitting and any(function in w.functions for w in fitting):
             return None
         if fitting:
-            module = function.partition(":")[0]
-            reason = (
-                f"waiting: no worker with {req.describe()} imports {module} "
-                f"(start one with `hostgpu worker --import {module}`)"
-            )
+            reason = f"waiting: no worker with {req.describe()} imports {module} ({start})"
         else:
             reason = f"waiting: no worker with {req.describe()}"
+            why = sorted({w.unavailable[req.kind] for w in workers if req.kind in w.unavailable})
+            if why:
+                reason += f" ({'; '.join(why[:3])})"
     if fallback == "cpu":
         reason += " (may fall back to cpu after the grace period)"
     return reason

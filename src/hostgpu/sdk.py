@@ -7,6 +7,10 @@ embed(["hi"])                 # runs here, now
 embed.remote(["hi"])          # runs on a worker with mps, returns the result
 handle = embed.spawn(["hi"])  # returns at once; handle.result(timeout=…)
 embed.map(batches)            # many jobs, results in order, with a progress bar
+
+Where ``.remote()`` runs is the connected backend: a hostgpu gateway (default) or a Ray
+cluster (``hostgpu.connect("ray://HOST:10001")``). Decorating a function also publishes it:
+a worker that imports its module may run it, and only such functions.
 """
 
 from __future__ import annotations
@@ -14,88 +18,113 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import logging
 import pickle
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
+from hostgpu.functions import FunctionOptions, import_path, publish
+from hostgpu.jobs import Job, JobSpec, JobState, Payload
 
-from hostgpu.client import Client
-from hostgpu.errors import ConfigError, JobCancelled, JobFailed, JobTimeout
-from hostgpu.jobs import Job, JobSpec, JobState, Requirements
+if TYPE_CHECKING:
+    from hostgpu.client import Client
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+log = logging.getLogger("hostgpu")
 
-_client_lock = threading.Lock()
-_client: Client | None = None
-
-
-def connect(gateway: str | None = None, token: str | None = None) -> Client:
-    """Point the SDK at a gateway (default: HOSTGPU_GATEWAY / HOSTGPU_TOKEN or `hostgpu up`)."""
-    global _client
-    with _client_lock:
-        if _client is not None:
-            _client.close()
-        _client = Client(gateway, token)
-        return _client
+#: A queued job that is not leased after this long says why it waits.
+WAITING_NOTICE_S = 1.0
 
 
-def default_client() -> Client:
-    global _client
-    with _client_lock:
-        if _client is None:
-            _client = Client()
-        return _client
+class Handle(Protocol[R_co]):
+    """A submitted call, whatever the backend."""
+
+    id: str
+
+    def result(self, timeout: float | None = None) -> R_co: ...
+
+    def status(self) -> str: ...
+
+    def cancel(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Options:
-    gpu: str = "any"
-    fallback: Literal["cpu"] | None = None
-    timeout: float = 600.0
-    retries: int = 2
-    memory: float | None = None
-    priority: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    serializer: Literal["json", "pickle"] = "json"
+class Backend(Protocol):
+    """Where ``.remote()``, ``.spawn()`` and ``.map()`` send work."""
 
-    def requirements(self) -> Requirements:
-        return Requirements(gpu=self.gpu, min_memory_gb=self.memory, labels=self.labels)
+    def spawn(
+        self, fn: Function[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Handle[R]: ...
 
+    def map(
+        self,
+        fn: Function[..., R],
+        items: Sequence[tuple[Any, ...]],
+        *,
+        batch_size: int,
+        progress: bool,
+        return_exceptions: bool,
+        timeout: float | None,
+    ) -> list[Any]: ...
 
-def import_path(fn: Callable[..., Any]) -> str:
-    """``module:qualname`` of a function the worker can import."""
-    module = fn.__module__
-    if module == "__main__":
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        if spec is None or not spec.name:
-            raise ConfigError(
-                f"{fn.__qualname__} is defined in a script run as __main__; workers import "
-                "functions by module path: move it into a module (or run with `python -m`)"
-            )
-        module = spec.name
-    if "<locals>" in fn.__qualname__:
-        raise ConfigError(f"{fn.__qualname__} is a local function; define it at module level")
-    return f"{module}:{fn.__qualname__}"
+    def close(self) -> None: ...
 
 
-def encode_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -> Any:
+_backend_lock = threading.Lock()
+_backend: Backend | None = None
+
+
+def connect(gateway: str | None = None, token: str | None = None) -> Backend:
+    """Point the SDK at a backend: a gateway URL (default: HOSTGPU_GATEWAY, or the gateway
+    `hostgpu up` started), or ``ray://HOST:PORT`` / ``ray`` for a Ray cluster."""
+    global _backend
+    with _backend_lock:
+        if _backend is not None:
+            _backend.close()
+        _backend = _open_backend(gateway, token)
+        return _backend
+
+
+def _open_backend(address: str | None, token: str | None) -> Backend:
+    if address is None:
+        from hostgpu.settings import get_settings
+
+        address = get_settings().gateway
+    if address and (address == "ray" or address.startswith("ray://")):
+        from hostgpu.ray.backend import RayBackend
+
+        return RayBackend(address)
+    from hostgpu.client import Client
+
+    return GatewayBackend(Client(address, token))
+
+
+def default_backend() -> Backend:
+    global _backend
+    with _backend_lock:
+        if _backend is None:
+            _backend = _open_backend(None, None)
+        return _backend
+
+
+def encode_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str
+) -> Payload | str:
     if serializer == "pickle":
         return base64.b64encode(pickle.dumps((args, kwargs))).decode()
-    payload = {"args": list(args), "kwargs": kwargs}
     try:
-        json.dumps(payload)
+        json.dumps([args, kwargs], allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"arguments must be JSON values ({exc}); pass plain data, or declare the function "
             "with serializer='pickle' (only between parties that trust each other)"
         ) from exc
-    return payload
+    return Payload(args=list(args), kwargs=kwargs)
 
 
 def decode_result(value: Any, serializer: str) -> Any:
@@ -105,21 +134,57 @@ def decode_result(value: Any, serializer: str) -> Any:
 
 
 def raise_for(job: Job) -> None:
+    """Raise JobFailed (with the remote traceback) or JobCancelled for a finished job."""
     if job.state is JobState.failed:
-        error = job.error or {}
+        error = job.error
         raise JobFailed(
             f"job {job.id} ({job.function}) failed after {job.attempts} attempt(s): "
-            f"{error.get('type', 'Error')}: {error.get('message', '')}",
+            + (error.summary() if error else "no error recorded"),
             job_id=job.id,
-            error_type=error.get("type"),
-            remote_traceback=error.get("traceback"),
+            error_type=error.type if error else None,
+            remote_traceback=error.traceback if error else None,
         )
     if job.state is JobState.cancelled:
         raise JobCancelled(f"job {job.id} was cancelled", job_id=job.id)
 
 
+class WaitingNotice:
+    """Says once, early, why a job is not running yet, then keeps one status line current.
+
+    A library must not spam a terminal: the reason goes to the ``hostgpu`` logger once, and a
+    single transient line is updated on stderr when it is a terminal.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.monotonic()
+        self.said: str | None = None
+        self._status: Any = None
+
+    def update(self, job: Job) -> None:
+        reason = job.waiting if job.state is JobState.queued else None
+        if not reason or time.monotonic() - self.started < WAITING_NOTICE_S:
+            return
+        if reason != self.said:
+            log.warning("%s: %s", self.label, reason)
+            self.said = reason
+        if sys.stderr.isatty():
+            if self._status is None:
+                from rich.console import Console
+
+                self._status = Console(stderr=True).status(f"{self.label}: {reason}")
+                self._status.start()
+            else:
+                self._status.update(f"{self.label}: {reason}")
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
 class JobHandle(Generic[R]):
-    """A submitted job."""
+    """A job submitted to a gateway."""
 
     def __init__(self, job_id: str, serializer: str, client: Client) -> None:
         self.id = job_id
@@ -140,86 +205,106 @@ class JobHandle(Generic[R]):
 
     def result(self, timeout: float | None = None) -> R:
         """Wait for the result; raises JobFailed (with the remote traceback), JobCancelled,
-        or JobTimeout when ``timeout`` seconds pass first."""
+        or JobTimeout (with the waiting reason) when ``timeout`` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = 30.0 if deadline is None else deadline - time.monotonic()
-            job = self._client.get(self.id, wait=max(0.0, min(remaining, 30.0)))
-            if job.state.terminal:
-                raise_for(job)
-                return decode_result(job.result, self._serializer)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(
-                    f"job {self.id} is still {job.state.value} after {timeout} s"
-                    + (f" ({job.waiting})" if job.waiting else ""),
-                    job_id=self.id,
-                )
+        notice = WaitingNotice(f"job {self.id[:12]}")
+        try:
+            while True:
+                remaining = 30.0 if deadline is None else deadline - time.monotonic()
+                # Short polls at first, so a job that cannot run says why within a second.
+                early = time.monotonic() - notice.started < 3 * WAITING_NOTICE_S
+                wait = min(remaining, 30.0, WAITING_NOTICE_S if early else 30.0)
+                job = self._client.get(self.id, wait=max(0.0, wait))
+                if job.state.terminal:
+                    raise_for(job)
+                    return decode_result(job.result, self._serializer)
+                notice.update(job)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobTimeout(
+                        f"job {self.id} is still {job.state.value} after {timeout} s"
+                        + (f" ({job.waiting})" if job.waiting else ""),
+                        job_id=self.id,
+                    )
+        finally:
+            notice.close()
 
 
-class Function(Generic[P, R]):
-    """A function that can run here or as a job on a worker with the right accelerator."""
+#: Function option → JobSpec field, for the options a caller overrides with ``with_options``.
+_SPEC_FIELDS = {
+    "gpu": "gpu",
+    "memory": "min_memory_gb",
+    "labels": "labels",
+    "fallback": "fallback",
+    "priority": "priority",
+    "timeout": "timeout_s",
+    "retries": "max_retries",
+}
 
-    def __init__(self, fn: Callable[P, R], options: Options) -> None:
-        self.fn = fn
-        self.options = options
-        self.__wrapped__ = fn
-        self.__doc__ = fn.__doc__
-        self.__name__ = getattr(fn, "__name__", "function")
-        self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
-        self.__module__ = fn.__module__
 
-    def __repr__(self) -> str:
-        return f"<hostgpu.Function {self.__module__}.{self.__qualname__} gpu={self.options.gpu}>"
+def job_spec(
+    fn: Function[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    idempotency_key: str | None = None,
+) -> JobSpec:
+    """The submission for one call.
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.fn(*args, **kwargs)
+    Only the options this caller changed (``with_options``) travel with it: the declaration
+    the workers publish is the truth about the function, and the gateway holds the job to it
+    (a change may narrow it, never widen it). The serializer always travels: the arguments
+    are encoded with it.
+    """
+    changed: dict[str, Any] = {}
+    for option, value in fn.overrides.items():
+        if option in _SPEC_FIELDS:
+            if option == "fallback":
+                value = value or "none"
+            changed[_SPEC_FIELDS[option]] = value
+    return JobSpec(
+        function=fn.path,
+        payload=encode_arguments(args, kwargs, fn.options.serializer),
+        serializer=fn.options.serializer,
+        idempotency_key=idempotency_key,
+        **changed,
+    )
 
-    @property
-    def path(self) -> str:
-        return import_path(self.fn)
 
-    def with_options(self, **changes: Any) -> Function[P, R]:
-        """The same function with other options (``gpu=``, ``timeout=``, …)."""
-        return Function(self.fn, replace(self.options, **changes))
+class GatewayBackend:
+    """Jobs through a hostgpu gateway's durable queue."""
 
-    def spec(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], idempotency_key: str | None = None
-    ) -> JobSpec:
-        o = self.options
-        return JobSpec(
-            function=self.path,
-            payload=encode_arguments(args, kwargs, o.serializer),
-            serializer=o.serializer,
-            requirements=o.requirements(),
-            fallback=o.fallback,
-            priority=o.priority,
-            timeout_s=o.timeout,
-            max_retries=o.retries,
-            idempotency_key=idempotency_key,
-        )
+    def __init__(self, client: Client) -> None:
+        self.client = client
 
-    def spawn(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
-        """Submit the job and return at once."""
-        client = default_client()
-        job = client.submit(self.spec(args, dict(kwargs)))
-        return JobHandle(job.id, self.options.serializer, client)
+    def close(self) -> None:
+        self.client.close()
 
-    def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the job on a worker and return its result."""
-        return self.spawn(*args, **kwargs).result()
+    def spawn(
+        self, fn: Function[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> JobHandle[R]:
+        job = self.client.submit(job_spec(fn, args, kwargs))
+        return JobHandle(job.id, fn.options.serializer, self.client)
 
     def map(
         self,
-        *iterables: Iterable[Any],
-        batch_size: int = 500,
-        progress: bool = True,
-        return_exceptions: bool = False,
-        timeout: float | None = None,
-    ) -> list[R]:
-        """One job per item (``zip`` of the iterables, like ``map``); results in order."""
-        items = list(zip(*iterables, strict=False))
-        client = default_client()
-        serializer = self.options.serializer
+        fn: Function[..., R],
+        items: Sequence[tuple[Any, ...]],
+        *,
+        batch_size: int,
+        progress: bool,
+        return_exceptions: bool,
+        timeout: float | None,
+    ) -> list[Any]:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        client = self.client
+        serializer = fn.options.serializer
         results: list[Any] = [None] * len(items)
         pending: dict[str, int] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -230,11 +315,11 @@ class Function(Generic[P, R]):
             TimeRemainingColumn(),
         )
         with Progress(*columns, disable=not progress, transient=False) as bar:
-            submitted = bar.add_task(f"submit {self.__name__}", total=len(items))
-            finished = bar.add_task(f"run {self.__name__}", total=len(items))
+            submitted = bar.add_task(f"submit {fn.__name__}", total=len(items))
+            finished = bar.add_task(f"run {fn.__name__}", total=len(items))
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                ids = client.submit_batch([self.spec(args, {}) for args in chunk])
+                ids = client.submit_batch([job_spec(fn, args, {}) for args in chunk])
                 for offset, job_id in enumerate(ids):
                     pending[job_id] = start + offset
                 bar.advance(submitted, len(chunk))
@@ -258,6 +343,76 @@ class Function(Generic[P, R]):
         return results
 
 
+class Function(Generic[P, R]):
+    """A function that can run here or as a job on a worker with the right accelerator."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        options: FunctionOptions,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.options = options
+        #: Options this caller changed with :meth:`with_options` (sent with each call).
+        self.overrides = dict(overrides or {})
+        self.__wrapped__ = fn
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", "function")
+        self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
+        self.__module__ = fn.__module__
+
+    def __repr__(self) -> str:
+        return f"<hostgpu.Function {self.__module__}.{self.__qualname__} gpu={self.options.gpu}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def path(self) -> str:
+        return import_path(self.fn)
+
+    def with_options(self, **changes: Any) -> Function[P, R]:
+        """The same function with other options (``gpu=``, ``timeout=``, …) for this caller.
+
+        The gateway still holds them to the published declaration: they may narrow it
+        (``gpu="cuda:H100"`` on a ``gpu="gpu"`` function), never widen it.
+        """
+        options = FunctionOptions.model_validate({**self.options.model_dump(), **changes})
+        return Function(self.fn, options, {**self.overrides, **changes})
+
+    def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Handle[R]:
+        """Submit the call and return at once."""
+        return default_backend().spawn(self, args, dict(kwargs))
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the call on a worker and return its result."""
+        return self.spawn(*args, **kwargs).result()
+
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        batch_size: int = 500,
+        progress: bool = True,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> list[R]:
+        """One job per item (``zip`` of the iterables, like ``map``); results in order."""
+        items = list(zip(*iterables, strict=False))
+        return default_backend().map(
+            self,
+            items,
+            batch_size=batch_size,
+            progress=progress,
+            return_exceptions=return_exceptions,
+            timeout=timeout,
+        )
+
+
+def _options(**given: Any) -> FunctionOptions:
+    return FunctionOptions(**{k: v for k, v in given.items() if v is not None})
+
+
 @overload
 def function(fn: Callable[P, R], /) -> Function[P, R]: ...
 
@@ -273,6 +428,7 @@ def function(
     priority: int = 0,
     labels: dict[str, str] | None = None,
     serializer: Literal["json", "pickle"] = "json",
+    warm: bool = False,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
 
@@ -288,16 +444,17 @@ def function(
     priority: int = 0,
     labels: dict[str, str] | None = None,
     serializer: Literal["json", "pickle"] = "json",
+    warm: bool = False,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
-    """Declare a function that can run as a job on a worker with the right accelerator.
+    """Declare and publish a function that can run as a job on a worker with the right device.
 
-    ``gpu``: mps | cuda | cuda:<name> | gpu | cpu | any. ``fallback="cpu"`` lets it run on
-    a CPU when no matching worker appears within the grace period (the result says so).
+    ``gpu``: mps | cuda | cuda:<name> | mlx | gpu | cpu | any. ``fallback="cpu"`` lets it run
+    on a CPU when no matching worker appears within the grace period (the result says so).
     ``memory``: minimum accelerator memory in GB. ``serializer="pickle"`` accepts any
-    picklable arguments, for callers and workers that trust each other only.
+    picklable arguments, for callers and workers that trust each other only. ``warm``: the
+    function keeps state between calls (a loaded model); see the README.
     """
-    Requirements(gpu=gpu, min_memory_gb=memory)  # validate now, not at submit time
-    options = Options(
+    options = _options(
         gpu=gpu,
         fallback=fallback,
         timeout=timeout,
@@ -306,9 +463,23 @@ def function(
         priority=priority,
         labels=dict(labels or {}),
         serializer=serializer,
-    )
+        warm=warm,
+    )  # validated now, not at submit time
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
-        return Function(f, options)
+        wrapped = Function(f, options)
+        publish(f, options)
+        return wrapped
 
     return wrap(fn) if fn is not None else wrap
+
+
+def register(fn: Callable[P, R], **options: Any) -> Function[P, R]:
+    """Publish an existing function (one you cannot decorate) with these options.
+
+    Call it at import time of a module the worker imports: ``ingest = register(ingest_file,
+    gpu="mps")``. The job's path stays the function's own (``its.module:name``).
+    """
+    declared = _options(**options)
+    publish(fn, declared)
+    return Function(fn, declared)

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.hostgpu"), validation_alias=_alias("HOSTGPU_HOME"))
     gateway: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_GATEWAY"))
     token: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_TOKEN"))
+    token_file: Path | None = Field(default=None, validation_alias=_alias("HOSTGPU_TOKEN_FILE"))
     database_url: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_DATABASE_URL"))
     host: str = Field(default="127.0.0.1", validation_alias=_alias("HOSTGPU_HOST"))
     port: int = Field(default=DEFAULT_PORT, validation_alias=_alias("HOSTGPU_PORT"))
@@ -47,9 +48,19 @@ class Settings(BaseSettings):
         default=8 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_RESULT_BYTES")
     )
     poll_interval: float = Field(default=0.05, validation_alias=_alias("HOSTGPU_POLL_INTERVAL"))
+    max_lost_leases: int = Field(
+        default=10, ge=0, validation_alias=_alias("HOSTGPU_MAX_LOST_LEASES")
+    )
+    retry_base_seconds: float = Field(
+        default=1.0, ge=0, validation_alias=_alias("HOSTGPU_RETRY_BASE_SECONDS")
+    )
+    retry_max_seconds: float = Field(
+        default=300.0, ge=0, validation_alias=_alias("HOSTGPU_RETRY_MAX_SECONDS")
+    )
+    log_level: str = Field(default="INFO", validation_alias=_alias("HOSTGPU_LOG_LEVEL"))
 
     # Names shared with hand-made setups.
-    device: Literal["auto", "mps", "cuda", "cpu"] = Field(
+    device: Literal["auto", "mps", "cuda", "mlx", "cpu"] = Field(
         default="auto", validation_alias=_alias("DEVICE", "HOSTGPU_DEVICE")
     )
     model_name: str | None = Field(default=None, validation_alias=_alias("MODEL_NAME"))
@@ -67,6 +78,22 @@ class Settings(BaseSettings):
     worker_port: int | None = Field(default=None, validation_alias=_alias("WORKER_PORT"))
     render_dpi: int = Field(default=100, validation_alias=_alias("HOSTGPU_RENDER_DPI"))
     upload_root: Path | None = Field(default=None, validation_alias=_alias("HOSTGPU_UPLOAD_ROOT"))
+    ingest_roots: str = Field(
+        default="",
+        validation_alias=_alias("HOSTGPU_INGEST_ROOTS"),
+        description="folders path-based ingest may read (os.pathsep-separated)",
+    )
+    ingest_gpu: str = Field(default="any", validation_alias=_alias("HOSTGPU_INGEST_GPU"))
+    max_pages: int = Field(default=500, gt=0, validation_alias=_alias("HOSTGPU_MAX_PAGES"))
+    max_pixels: int = Field(default=50_000_000, gt=0, validation_alias=_alias("HOSTGPU_MAX_PIXELS"))
+    max_text_bytes: int = Field(
+        default=20_000_000, gt=0, validation_alias=_alias("HOSTGPU_MAX_TEXT_BYTES")
+    )
+    # A file holding the secret a gateway's first start uses for its admin token (a
+    # containerised gateway, whose admin token the host made: `hostgpu stack up`).
+    admin_token_file: Path | None = Field(
+        default=None, validation_alias=_alias("HOSTGPU_ADMIN_TOKEN_FILE")
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -95,14 +122,54 @@ class Settings(BaseSettings):
             return path.read_text().strip().rstrip("/")
         return f"http://127.0.0.1:{DEFAULT_PORT}"
 
+    @property
+    def allowed_ingest_roots(self) -> list[Path]:
+        """Folders a path-based ingest job may read: HOSTGPU_INGEST_ROOTS and the upload root."""
+        roots = [Path(p).expanduser() for p in self.ingest_roots.split(os.pathsep) if p.strip()]
+        if self.upload_root is not None:
+            roots.append(self.upload_root.expanduser())
+        return [r.resolve() for r in roots]
+
     def resolved_token(self) -> str | None:
-        """The API token: the setting, else the admin token a local gateway created."""
+        """The API token: HOSTGPU_TOKEN, else HOSTGPU_TOKEN_FILE, else the local admin token."""
         if self.token:
-            return self.token
+            return self.token.strip()
+        if self.token_file is not None:
+            return read_secret(self.token_file)
         path = self.home.expanduser() / "admin-token"
         if path.exists():
-            return path.read_text().strip()
+            return read_secret(path)
         return None
+
+
+def read_secret(path: Path) -> str:
+    """A token from a file that only its owner can read (like ssh, refuse anything looser)."""
+    from hostgpu.errors import ConfigError
+
+    path = path.expanduser()
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"the token file {path} is readable by others (mode {mode & 0o777:o}): chmod 600 {path}"
+        )
+    if not text:
+        raise ConfigError(f"the token file {path} is empty")
+    return text
+
+
+def write_secret(path: Path, secret: str) -> Path:
+    """Write a token to a file created 0600 (never world-readable, not even for a moment)."""
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    os.chmod(path, 0o600)  # an older file may have had looser bits
+    return path
 
 
 @lru_cache(maxsize=1)

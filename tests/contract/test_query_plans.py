@@ -15,17 +15,23 @@ import pytest
 from sqlalchemy import event
 
 from hostgpu.capabilities import Capabilities, Device
-from hostgpu.jobs import JobSpec
-from hostgpu.store import open_store
+from hostgpu.functions import FunctionOptions, Requested, resolve
+from hostgpu.jobs import Payload
+from hostgpu.store import NewJob, open_store
 from hostgpu.store.sql import SQLStore
+
+
+def new(gpu: str | None = None, payload: Payload | None = None) -> NewJob:
+    asked = Requested(gpu=gpu)
+    return NewJob("m:f", payload, resolve("m:f", None, asked), asked, resolved=True)
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SQLStore]:
     s = open_store(f"sqlite:///{tmp_path / 'plans.db'}")
     assert isinstance(s, SQLStore)
-    s.enqueue([JobSpec(function="m:f", payload=i) for i in range(2_000)])
-    s.enqueue([JobSpec(function="m:f", requirements={"gpu": "mps"}) for _ in range(500)])
+    s.enqueue([new(payload=Payload(args=[i])) for i in range(2_000)])
+    s.enqueue([new(gpu="mps") for _ in range(500)])
     yield s
     s.close()
 
@@ -54,7 +60,12 @@ def plan_of(store: SQLStore, marker: str, action: Any) -> str:
 
 
 def test_lease_reads_the_queue_index_in_order(store: SQLStore) -> None:
-    caps = Capabilities(name="w", devices=[Device(kind="cpu", name="cpu")], modules=["m"])
+    caps = Capabilities(
+        name="w",
+        devices=[Device(kind="cpu", name="cpu")],
+        modules=["m"],
+        functions={"m:f": FunctionOptions()},
+    )
     worker = store.register_worker(caps)
     plan = plan_of(
         store,

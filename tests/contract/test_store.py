@@ -10,9 +10,18 @@ from pathlib import Path
 import pytest
 
 from hostgpu.capabilities import Capabilities, Device
-from hostgpu.errors import InvalidTransition, NotFound
-from hostgpu.jobs import JobSpec, JobState, Outcome
-from hostgpu.store import Store, open_store
+from hostgpu.errors import (
+    AmbiguousId,
+    InvalidInput,
+    InvalidTransition,
+    LastAdminToken,
+    NotFound,
+)
+from hostgpu.functions import FunctionOptions, Requested, resolve
+from hostgpu.jobs import JobError, JobState, Outcome, Payload
+from hostgpu.retry import RetryPolicy
+from hostgpu.store import JobFilter, NewJob, Store, open_store
+from hostgpu.tokens import hash_token, mint
 
 GB = 1024**3
 CPU = Device(kind="cpu", name="Test CPU", memory_bytes=16 * GB)
@@ -21,9 +30,15 @@ T4 = Device(kind="cuda", index=0, name="Tesla T4", memory_bytes=16 * GB)
 MPS = Device(kind="mps", name="Apple M3 Max", memory_bytes=48 * GB)
 
 
-def caps(*devices: Device, labels: dict[str, str] | None = None, modules=("m",)) -> Capabilities:
+def caps(
+    *devices: Device, labels: dict[str, str] | None = None, functions=("m:f",)
+) -> Capabilities:
     return Capabilities(
-        name="w", devices=[*devices, CPU], labels=labels or {}, modules=list(modules)
+        name="w",
+        devices=[*devices, CPU],
+        labels=labels or {},
+        modules=sorted({f.partition(":")[0] for f in functions}),
+        functions={f: FunctionOptions() for f in functions},
     )
 
 
@@ -33,14 +48,29 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         url = f"sqlite:///{tmp_path / 'store.db'}"
     else:
         url = request.getfixturevalue("pg_url")
-    s = open_store(url, retry_base_s=0.0, fallback_grace_s=0.3)
+    s = open_store(url, retry=RetryPolicy(base_s=0.0, max_lost=1), fallback_grace_s=0.3)
     yield s
     s.close()
 
 
-def spec(**kw: object) -> JobSpec:
-    kw.setdefault("function", "m:f")
-    return JobSpec.model_validate(kw)
+def spec(
+    function: str = "m:f",
+    *,
+    payload: Payload | str | None = None,
+    idempotency_key: str | None = None,
+    resolved: bool = True,
+    **requested: object,
+) -> NewJob:
+    """A job as the gateway hands it to the store (options resolved without a declaration)."""
+    asked = Requested.model_validate(requested)
+    return NewJob(
+        function=function,
+        payload=payload,
+        options=resolve(function, None, asked),
+        requested=asked,
+        resolved=resolved,
+        idempotency_key=idempotency_key,
+    )
 
 
 def lease_all(store: Store, c: Capabilities, n: int = 100):  # type: ignore[no-untyped-def]
@@ -50,7 +80,7 @@ def lease_all(store: Store, c: Capabilities, n: int = 100):  # type: ignore[no-u
 
 def report(store: Store, lease, status: str, **fields):  # type: ignore[no-untyped-def]
     outcome = Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status=status, **fields)
-    return store.report("w", [outcome])[0]
+    return store.report([outcome])[0]
 
 
 def ok(store: Store, lease, result=None):  # type: ignore[no-untyped-def]
@@ -58,9 +88,9 @@ def ok(store: Store, lease, result=None):  # type: ignore[no-untyped-def]
 
 
 def test_enqueue_get_and_count(store: Store) -> None:
-    jobs = store.enqueue([spec(payload={"args": [i]}) for i in range(3)])
+    jobs = store.enqueue([spec(payload=Payload(args=[i])) for i in range(3)])
     assert [j.state for j in jobs] == [JobState.queued] * 3
-    assert store.get(jobs[1].id).payload == {"args": [1]}
+    assert store.get(jobs[1].id).payload == Payload(args=[1])
     assert store.count_by_state()["queued"] == 3
     with pytest.raises(NotFound):
         store.get("missing")
@@ -97,31 +127,37 @@ def test_idempotency_key_returns_existing_job(store: Store) -> None:
 def test_requirement_matching(
     store: Store, gpu: str, memory: float | None, devices: tuple[Device, ...], expected: str | None
 ) -> None:
-    store.enqueue([spec(requirements={"gpu": gpu, "min_memory_gb": memory})])
+    store.enqueue([spec(gpu=gpu, min_memory_gb=memory)])
     _, leases = lease_all(store, caps(*devices))
     assert [lease.device.torch_device for lease in leases] == ([expected] if expected else [])
 
 
 def test_labels_must_match(store: Store) -> None:
-    store.enqueue([spec(requirements={"labels": {"zone": "lab", "team": "a"}})])
+    store.enqueue([spec(labels={"zone": "lab", "team": "a"})])
     _, none = lease_all(store, caps(labels={"zone": "lab"}))
     assert none == []
     _, some = lease_all(store, caps(labels={"zone": "lab", "team": "a", "extra": "x"}))
     assert len(some) == 1
 
 
-def test_module_must_be_imported_by_worker(store: Store) -> None:
+def test_function_must_be_published_by_worker(store: Store) -> None:
     store.enqueue([spec(function="other.mod:f")])
     _, none = lease_all(store, caps())
     assert none == []
-    _, some = lease_all(store, caps(modules=("other.mod",)))
+    _, none = lease_all(store, caps(functions=("other.mod:g",)))
+    assert none == []
+    _, some = lease_all(store, caps(functions=("other.mod:f",)))
     assert len(some) == 1
 
 
+def test_a_name_with_like_wildcards_matches_literally(store: Store) -> None:
+    store.enqueue([spec(gpu="cuda:_"), spec(gpu="cuda:h_00")])
+    _, none = lease_all(store, caps(H100, T4))
+    assert none == []
+
+
 def test_fallback_to_cpu_only_when_allowed_and_after_grace(store: Store) -> None:
-    strict, lenient = store.enqueue(
-        [spec(requirements={"gpu": "mps"}), spec(requirements={"gpu": "mps"}, fallback="cpu")]
-    )
+    strict, lenient = store.enqueue([spec(gpu="mps"), spec(gpu="mps", fallback="cpu")])
     _, early = lease_all(store, caps())
     assert early == []
     time.sleep(0.4)
@@ -175,17 +211,19 @@ def test_retry_with_backoff_then_final_failure(store: Store) -> None:
     for attempt in (1, 2):
         _, [lease] = lease_all(store, caps())
         assert lease.attempt == attempt
-        report(store, lease, "failed", error={"type": "E", "message": "no"})
+        report(store, lease, "failed", error=JobError(type="E", message="no"))
     final = store.get(job.id, history=True)
     assert final.state is JobState.failed
-    assert final.error and final.error["message"] == "no"
+    assert final.error and final.error.message.startswith("no")
+    assert "retries=1 is used up" in final.error.message
+    assert final.failures == 2 and final.lost == 0
     assert [a.outcome for a in final.history or []] == ["retry", "failed"]
 
 
 def test_non_retryable_failure_is_final(store: Store) -> None:
     [job] = store.enqueue([spec(max_retries=5)])
     _, [lease] = lease_all(store, caps())
-    report(store, lease, "failed", retryable=False, error={"type": "E", "message": "bad input"})
+    report(store, lease, "failed", retryable=False, error=JobError(type="E", message="bad input"))
     assert store.get(job.id).state is JobState.failed
 
 
@@ -197,13 +235,29 @@ def test_release_does_not_count_an_attempt(store: Store) -> None:
     assert again.state is JobState.queued and again.attempts == 0
 
 
-def test_expired_lease_without_retries_fails(store: Store) -> None:
+def test_lost_leases_have_their_own_limit(store: Store) -> None:
+    """A worker dying is not the job's failure: retries=0 survives a lost lease; the separate
+    lost-lease limit (1 in this store) ends the job on the second loss, and says so."""
     [job] = store.enqueue([spec(max_retries=0)])
-    wid, [lease] = lease_all(store, caps())
-    store.heartbeat(wid, [(lease.job_id, lease.lease_token)], lease_seconds=-1)
-    store.requeue_expired()
+    for _ in range(2):
+        wid, [lease] = lease_all(store, caps())
+        store.heartbeat(wid, [(lease.job_id, lease.lease_token)], lease_seconds=-1)
+        assert store.requeue_expired() == 1
+        if store.get(job.id).state is JobState.queued:
+            assert store.get(job.id).failures == 0
     final = store.get(job.id)
-    assert final.state is JobState.failed and final.error and final.error["type"] == "LeaseExpired"
+    assert final.state is JobState.failed and final.lost == 2 and final.failures == 0
+    assert final.error and final.error.type == "LeaseExpired" and final.error.kind == "lost"
+    assert "HOSTGPU_MAX_LOST_LEASES=1 is used up" in final.error.message
+
+
+def test_a_garbage_lease_token_is_an_unknown_lease(store: Store) -> None:
+    [job] = store.enqueue([spec()])
+    _, [lease] = lease_all(store, caps())
+    forged = Outcome(job_id=job.id, lease_token="0" * 32, status="succeeded", result=1)
+    [refused] = store.report([forged])
+    assert not refused.accepted and (refused.reason or "").startswith("unknown lease")
+    assert ok(store, lease, 2).accepted
 
 
 def test_cancel(store: Store) -> None:
@@ -220,7 +274,7 @@ def test_cancel(store: Store) -> None:
 def test_started_marks_running(store: Store) -> None:
     [job] = store.enqueue([spec()])
     _, [lease] = lease_all(store, caps())
-    store.report("w", [Outcome(job_id=job.id, lease_token=lease.lease_token, status="started")])
+    store.report([Outcome(job_id=job.id, lease_token=lease.lease_token, status="started")])
     assert store.get(job.id).state is JobState.running
     assert ok(store, lease, 1).accepted
 
@@ -260,15 +314,129 @@ def test_prune_removes_only_old_finished_jobs(store: Store) -> None:
     assert store.get(waiting.id).state is JobState.queued
 
 
+def add_token(store: Store, scope: str = "submit", **kw: object) -> tuple[object, str]:
+    info, secret = mint("ci", scope, now=time.time(), **kw)  # type: ignore[arg-type]
+    store.add_token(info, hash_token(secret))
+    return info, secret
+
+
 def test_tokens_hashed_verified_and_revoked(store: Store) -> None:
-    info, secret = store.create_token("ci", "submit")
+    info, secret = add_token(store)
     assert secret not in str(store.list_tokens())
-    assert store.verify_token(secret) == info
-    assert store.verify_token(secret + "x") is None
-    store.revoke_token(info.id)
-    assert store.verify_token(secret) is None
+    assert store.verify_token(hash_token(secret)) == info
+    assert store.verify_token(hash_token(secret + "x")) is None
+    store.revoke_token(info.id)  # type: ignore[attr-defined]
+    assert store.verify_token(hash_token(secret)) is None
     with pytest.raises(NotFound):
         store.revoke_token("nope")
+
+
+def test_expired_tokens_stop_working(store: Store) -> None:
+    _, secret = add_token(store, expires_at=time.time() - 1)
+    assert store.verify_token(hash_token(secret)) is None
+
+
+def test_the_last_admin_token_is_not_revoked_without_force(store: Store) -> None:
+    first, _ = add_token(store, "admin")
+    assert store.has_active_admin()
+    with pytest.raises(LastAdminToken):
+        store.revoke_token(first.id)  # type: ignore[attr-defined]
+    second, _ = add_token(store, "admin")
+    store.revoke_token(first.id)  # type: ignore[attr-defined]
+    with pytest.raises(LastAdminToken):
+        store.revoke_token(second.id)  # type: ignore[attr-defined]
+    store.revoke_token(second.id, force=True)  # type: ignore[attr-defined]
+    assert not store.has_active_admin()
+
+
+def test_pending_jobs_wait_for_a_declaration(store: Store) -> None:
+    waiting, rejected = store.enqueue(
+        [spec(resolved=False, timeout_s=5.0), spec("m:g", resolved=False)]
+    )
+    _, none = lease_all(store, caps(functions=("m:f", "m:g")))
+    assert none == []
+    assert {p.job_id for p in store.pending()} == {waiting.id, rejected.id}
+    [pending] = [p for p in store.pending() if p.job_id == waiting.id]
+    assert pending.requested.timeout_s == 5.0
+    declared = FunctionOptions(gpu="mps", timeout=60)
+    error = JobError(type="NotPublished", message="m:g is not a hostgpu function", kind="forbidden")
+    assert (
+        store.resolve(
+            [(waiting.id, resolve("m:f", declared, pending.requested)), (rejected.id, error)]
+        )
+        == 2
+    )
+    settled = store.get(waiting.id)
+    assert settled.resolved and settled.requirements.gpu == "mps" and settled.timeout_s == 5.0
+    assert store.get(rejected.id).state is JobState.failed
+    assert store.pending() == []
+    _, none = lease_all(store, caps(functions=("m:f",)))
+    assert none == []  # it needs mps now
+    _, [lease] = lease_all(store, caps(MPS, functions=("m:f",)))
+    assert lease.job_id == waiting.id
+
+
+def test_registration_publishes_declarations(store: Store) -> None:
+    c = caps(functions=("m:f", "m:g"))
+    c.functions["m:f"] = FunctionOptions(gpu="mps", retries=0)
+    store.register_worker(c)
+    found = store.declarations(["m:f", "m:g", "m:unknown"])
+    assert found["m:f"].gpu == "mps" and found["m:f"].retries == 0
+    assert set(found) == {"m:f", "m:g"}
+    c.functions["m:f"] = FunctionOptions(gpu="cuda")  # a newer version of the function
+    store.register_worker(c)
+    assert store.declarations(["m:f"])["m:f"].gpu == "cuda"
+
+
+def test_ids_by_unique_prefix(store: Store) -> None:
+    jobs = store.enqueue([spec() for _ in range(40)])
+    job = jobs[0]
+    assert store.get(job.id[:8]).id == job.id
+    assert store.cancel(job.id[:10]).state is JobState.cancelled
+    first = {j.id[0] for j in jobs}
+    shared = next(c for c in first if sum(j.id[0] == c for j in jobs) > 1)
+    with pytest.raises(AmbiguousId):
+        store.get(shared)
+    with pytest.raises(NotFound):
+        store.get("not-hex")
+
+
+def test_list_pages_through_a_batch_with_one_timestamp(store: Store) -> None:
+    ids = {j.id for j in store.enqueue([spec() for _ in range(25)])}
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = store.list_jobs(limit=10, cursor=cursor)
+        seen.extend(j.id for j in page)
+        if cursor is None:
+            break
+    assert len(seen) == 25 and set(seen) == ids
+    [_, *rest] = store.enqueue([spec("m:g"), spec("m:g")])
+    found, _ = store.list_jobs(JobFilter(function="m:g"))
+    assert len(found) == 2
+    found, _ = store.list_jobs(JobFilter(state=JobState.queued, id_prefix=rest[0].id[:6]))
+    assert rest[0].id in {j.id for j in found}
+
+
+def test_rerun_a_failed_job(store: Store) -> None:
+    [job] = store.enqueue([spec(max_retries=0)])
+    _, [lease] = lease_all(store, caps())
+    report(store, lease, "failed", error=JobError(type="E", message="flaky"))
+    assert store.get(job.id).state is JobState.failed
+    again = store.rerun(job.id)
+    assert again.state is JobState.queued and again.failures == 0 and again.error is None
+    with pytest.raises(InvalidTransition):
+        store.rerun(job.id)
+    _, [lease] = lease_all(store, caps())
+    assert lease.attempt == 2
+
+
+def test_nul_bytes_are_refused_as_bad_input_not_a_crash(store: Store) -> None:
+    """PostgreSQL refuses NUL in text: the store says so as bad input (a 4xx), SQLite keeps it."""
+    try:
+        store.enqueue([spec(idempotency_key="a\x00b")])
+    except InvalidInput as exc:
+        assert "refused a value" in str(exc)
 
 
 def test_workers_register_list_and_deregister(store: Store) -> None:
@@ -279,7 +447,7 @@ def test_workers_register_list_and_deregister(store: Store) -> None:
     store.deregister_worker(wid)
     assert store.list_workers(alive_only=True) == []
     # A gateway that lost its database still accepts the worker's id back.
-    assert store.register_worker(caps(), "fixed-id") == "fixed-id"
+    assert store.register_worker(caps(), "f" * 32) == "f" * 32
 
 
 def test_reopen_keeps_everything(store: Store) -> None:

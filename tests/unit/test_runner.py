@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # children inherit sys.path (spawn) and import tests.jobfuncs
     sys.path.insert(0, str(ROOT))
 
-from hostgpu.worker.runner import ChildPool, Task, TaskResult  # noqa: E402
+from hostgpu.capabilities import Device  # noqa: E402
+from hostgpu.jobs import Lease, Outcome  # noqa: E402
+from hostgpu.worker.runner import ChildPool  # noqa: E402
 
 F = "tests.jobfuncs:"
 
@@ -27,18 +30,18 @@ class Collector:
     """on_result callback that lets a test wait for specific jobs."""
 
     def __init__(self) -> None:
-        self.results: dict[str, TaskResult] = {}
+        self.results: dict[str, Outcome] = {}
         self.threads: set[str] = set()
         self._cond = threading.Condition()
 
-    def __call__(self, result: TaskResult) -> None:
+    def __call__(self, result: Outcome) -> None:
         with self._cond:
             assert result.job_id not in self.results, f"{result.job_id} reported twice"
             self.results[result.job_id] = result
             self.threads.add(threading.current_thread().name)
             self._cond.notify_all()
 
-    def wait(self, *job_ids: str, timeout: float = 15.0) -> list[TaskResult]:
+    def wait(self, *job_ids: str, timeout: float = 15.0) -> list[Outcome]:
         with self._cond:
             ok = self._cond.wait_for(lambda: all(j in self.results for j in job_ids), timeout)
             assert ok, f"no result for {[j for j in job_ids if j not in self.results]}"
@@ -56,17 +59,22 @@ def task(
     serializer: str = "json",
     payload: Any = "default",
     **kwargs: Any,
-) -> Task:
+) -> Lease:
     if payload == "default":
         payload = {"args": list(args), "kwargs": kwargs} if (args or kwargs) else None
-    return Task(
+    kind, _, index = device.partition(":")
+    # model_construct: the pool must cope with what the gateway would never let through.
+    return Lease.model_construct(
         job_id=f"job-{next(_counter)}",
         lease_token="tok",
+        attempt=1,
         function=function if ":" in function else F + function,
         payload=payload,
         serializer=serializer,
         timeout_s=timeout,
-        device=device,
+        device=Device(kind=kind, index=int(index) if index else None, name=kind),  # type: ignore[arg-type]
+        fallback_used=False,
+        lease_expires_at=datetime.now(UTC),
     )
 
 
@@ -99,7 +107,7 @@ def shared() -> Iterator[tuple[ChildPool, Collector]]:
     assert pool.stop() == []
 
 
-def run1(pool_and_collector: tuple[ChildPool, Collector], t: Task) -> TaskResult:
+def run1(pool_and_collector: tuple[ChildPool, Collector], t: Lease) -> Outcome:
     pool, collector = pool_and_collector
     pool.submit(t)
     return collector.wait(t.job_id)[0]
@@ -158,47 +166,72 @@ def test_exception_has_type_message_and_traceback(shared: tuple[ChildPool, Colle
     assert r.status == "failed"
     assert r.retryable is True
     assert r.error is not None
-    assert r.error["kind"] == "exception"
-    assert r.error["type"] == "ValueError"
-    assert r.error["message"] == "it broke"
-    assert "_inner_boom" in r.error["traceback"]
-    assert "boom" in r.error["traceback"]
-    assert "ValueError: it broke" in r.error["traceback"]
+    assert r.error.kind == "exception"
+    assert r.error.type == "ValueError"
+    assert r.error.message == "it broke"
+    assert "_inner_boom" in r.error.traceback
+    assert "boom" in r.error.traceback
+    assert "ValueError: it broke" in r.error.traceback
     assert run1(shared, task("add", 1, 1)).result == 2  # the child lives on
 
 
 def test_import_errors_are_not_retryable(shared: tuple[ChildPool, Collector]) -> None:
     for function, needle in [
         ("tests.no_such_module:f", "tests.no_such_module"),
-        ("tests.jobfuncs:no_such_function", "no_such_function"),
         ("tests.jobfuncs:", "package.module:qualname"),
-        ("tests.jobfuncs:LOADS", "not a callable"),
     ]:
         r = run1(shared, task(function))
         assert r.status == "failed"
         assert r.error is not None
-        assert r.error["kind"] == "import", r.error
-        assert needle in r.error["message"]
+        assert r.error.kind == "import", r.error
+        assert needle in r.error.message
         assert r.retryable is False
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        "hostgpu.builtin:os.system",
+        "tests.jobfuncs:os.system",
+        "tests.jobfuncs:subprocess.run",
+        "tests.jobfuncs:builtins.eval",
+        "tests.jobfuncs:Namespace",  # a class
+        "tests.jobfuncs:LOADS",  # a module attribute
+        "tests.jobfuncs:time.sleep",  # another module's function
+        "tests.jobfuncs:unpublished",  # a plain function of the module
+        "tests.jobfuncs:no_such_function",
+    ],
+)
+def test_only_published_functions_run(
+    shared: tuple[ChildPool, Collector], function: str, tmp_path: Path
+) -> None:
+    """The trust boundary: a job names a published function, or nothing runs."""
+    marker = tmp_path / "ran"
+    r = run1(shared, task(function, str(marker)))
+    assert r.status == "failed"
+    assert r.error is not None and r.error.kind == "forbidden", r.error
+    assert r.error.message.startswith(f"{function} is not a hostgpu function")
+    assert r.retryable is False
+    assert not marker.exists()
 
 
 def test_bad_json_payload(shared: tuple[ChildPool, Collector]) -> None:
     r = run1(shared, task("add", payload=[1, 2]))
-    assert r.error is not None and r.error["kind"] == "serialization"
+    assert r.error is not None and r.error.kind == "serialization"
     assert r.retryable is False
     r = run1(shared, task("add", payload={"args": [1, 2]}, serializer="yaml"))
-    assert r.error is not None and "unknown serializer" in r.error["message"]
+    assert r.error is not None and "unknown serializer" in r.error.message
 
 
 def test_non_json_result(shared: tuple[ChildPool, Collector]) -> None:
     r = run1(shared, task("not_json"))
     assert r.status == "failed"
     assert r.error is not None
-    assert r.error["kind"] == "serialization"
-    assert "set" in r.error["message"] and "JSON" in r.error["message"]
+    assert r.error.kind == "serialization"
+    assert "set" in r.error.message and "JSON" in r.error.message
     assert r.retryable is False
     r = run1(shared, task("nan"))
-    assert r.error is not None and r.error["kind"] == "serialization"
+    assert r.error is not None and r.error.kind == "serialization"
 
 
 def _pickled(*args: Any, **kwargs: Any) -> str:
@@ -210,14 +243,14 @@ def test_pickle_only_for_functions_that_opted_in(shared: tuple[ChildPool, Collec
     r = run1(shared, task("add", serializer="pickle", payload=_pickled(1, 2)))
     assert r.status == "failed"
     assert r.error is not None
-    assert r.error["kind"] == "serialization"
-    assert 'serializer="pickle"' in r.error["message"]
-    assert "trusted" in r.error["message"]
+    assert r.error.kind == "serialization"
+    assert 'serializer="pickle"' in r.error.message
+    assert "trusted" in r.error.message
     assert r.retryable is False
-    # a wrapper declared with serializer="json": refused too
+    # another function declared with serializer="json": refused too
     r = run1(shared, task("json_pair", serializer="pickle", payload=_pickled(1, 2)))
-    assert r.error is not None and r.error["kind"] == "serialization"
-    # ... but its JSON arguments work, through the unwrapped .fn
+    assert r.error is not None and r.error.kind == "serialization"
+    # ... but its JSON arguments work
     r = run1(shared, task("json_pair", 1, 2))
     assert r.result == {"sum": 3, "type": "int"}
     # a wrapper that opted in: arguments and result travel pickled
@@ -226,7 +259,7 @@ def test_pickle_only_for_functions_that_opted_in(shared: tuple[ChildPool, Collec
     assert pickle.loads(base64.b64decode(r.result)) == 2 + 4j
     # garbage instead of base64
     r = run1(shared, task("pickled_double", serializer="pickle", payload="%%%"))
-    assert r.error is not None and r.error["kind"] == "serialization"
+    assert r.error is not None and r.error.kind == "serialization"
 
 
 def test_timeout_kills_the_child_and_the_next_job_runs(make_pool: PoolFactory) -> None:
@@ -240,8 +273,8 @@ def test_timeout_kills_the_child_and_the_next_job_runs(make_pool: PoolFactory) -
     assert time.monotonic() - started < 10
     assert r_slow.status == "failed"
     assert r_slow.error is not None
-    assert r_slow.error["kind"] == "timeout"
-    assert r_slow.error["message"] == "job exceeded its timeout of 0.5 s and was killed"
+    assert r_slow.error.kind == "timeout"
+    assert r_slow.error.message == "job exceeded its timeout of 0.5 s and was killed"
     assert r_slow.retryable is True
     assert r_after.status == "succeeded"
     assert r_after.result != first_pid  # a replacement child ran it
@@ -261,12 +294,12 @@ def test_crash_is_reported_and_the_pool_survives(
     r_crash, r_after = collector.wait(crash.job_id, after.job_id)
     assert r_crash.status == "failed"
     assert r_crash.error is not None
-    assert r_crash.error["kind"] == "crash"
-    assert needle in r_crash.error["message"]
-    assert "while running the job" in r_crash.error["message"]
+    assert r_crash.error.kind == "crash"
+    assert needle in r_crash.error.message
+    assert "while running the job" in r_crash.error.message
     assert r_crash.retryable is True
     if function == "segfault":  # faulthandler's dump of the dying child
-        assert "segfault" in r_crash.error["traceback"]
+        assert "segfault" in r_crash.error.traceback
     assert r_after.result == 3
 
 
@@ -285,7 +318,7 @@ def test_cancel_running_and_queued(make_pool: PoolFactory) -> None:
     r_running, r_queued, r_after = collector.wait(running.job_id, queued.job_id, after.job_id)
     for r in (r_running, r_queued):
         assert r.status == "failed"
-        assert r.error is not None and r.error["kind"] == "cancelled"
+        assert r.error is not None and r.error.kind == "cancelled"
         assert r.retryable is False
     assert r_after.status == "succeeded"
     assert r_after.result != child_pid  # the cancelled job's child was killed and replaced

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import typer
 
-from hostgpu.cli import gateway, jobs, local, tokens, worker
+from hostgpu.cli import gateway, jobs, local, stack, tokens, worker
 from hostgpu.cli.common import err
 from hostgpu.cli.doctor import doctor
 from hostgpu.errors import HostGPUError
@@ -32,6 +31,7 @@ app.command("cancel")(jobs.cancel)
 app.command("submit")(jobs.submit)
 app.command("prune")(jobs.prune)
 app.add_typer(tokens.app, name="token")
+app.add_typer(stack.app, name="stack")
 
 try:  # the document pipeline's commands, when its module is present
     from hostgpu.cli import pipeline
@@ -43,8 +43,10 @@ except ImportError:  # pragma: no cover
 
 
 def main() -> None:
+    from hostgpu.settings import get_settings
+
     logging.basicConfig(
-        level=os.environ.get("HOSTGPU_LOG_LEVEL", "INFO").upper(),
+        level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

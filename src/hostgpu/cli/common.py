@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from hostgpu.client import Client
+from hostgpu.settings import read_secret
 
 console = Console()
 err = Console(stderr=True)
@@ -18,17 +22,32 @@ GatewayOpt = Annotated[
         "--gateway", envvar="HOSTGPU_GATEWAY", help="Gateway URL (default: the local one)"
     ),
 ]
-TokenOpt = Annotated[
-    str | None,
+# Never a --token flag: a command line is visible to every user in `ps`.
+TokenFileOpt = Annotated[
+    Path | None,
     typer.Option(
-        "--token", envvar="HOSTGPU_TOKEN", help="API token (default: the local admin token)"
+        "--token-file",
+        envvar="HOSTGPU_TOKEN_FILE",
+        help="File holding the API token (mode 0600). Default: HOSTGPU_TOKEN, else the local "
+        "admin token in HOSTGPU_HOME",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
 
-def client(gateway: str | None, token: str | None) -> Client:
-    return Client(gateway, token)
+def print_json(data: Any) -> None:
+    """JSON for pipes and files: plain, never wrapped or coloured, whatever the terminal width."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def token_from(token_file: Path | None) -> str | None:
+    """The token in ``token_file`` (checked to be private), or None to use the settings."""
+    return read_secret(token_file) if token_file is not None else None
+
+
+def client(gateway: str | None, token_file: Path | None) -> Client:
+    return Client(gateway, token_from(token_file))
 
 
 def parse_duration(text: str) -> float:

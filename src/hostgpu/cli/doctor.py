@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from hostgpu import devices as probe_module
-from hostgpu.devices import REQUIREMENTS, Report
+from hostgpu.devices import REQUIREMENTS, Report, probe, smoke_test
+from hostgpu.devices import require as has_device
+from hostgpu.stack.docker import DockerReport, check_docker
 
 
 def _bytes(value: int | None) -> str:
@@ -29,9 +32,14 @@ def _render(console: Console, report: Report) -> None:
         console.print(f"  Kernel    {report.kernel}")
     console.print(f"  Python    {report.python}")
     console.print(f"  CPU       {report.cpu_cores} cores, {_bytes(report.ram_bytes)} RAM")
-    if report.container or report.vm_on_macos:
+    if report.container or report.vm:
         where = f"a {report.container} container" if report.container else "a container"
-        vm = " inside a Linux VM on macOS (Metal is unreachable)" if report.vm_on_macos else ""
+        vm = ""
+        if report.vm_on_macos:
+            vm = f" inside {report.vm}'s Linux VM on macOS (Metal is unreachable)"
+        elif report.vm:
+            host = "" if report.vm_host == "unknown" else f" on {report.vm_host}"
+            vm = f" inside {report.vm}'s Linux VM{host}"
         console.print(f"  Container [yellow]{where}{vm}[/yellow]")
     else:
         console.print("  Container none (native)")
@@ -44,7 +52,14 @@ def _render(console: Console, report: Report) -> None:
         )
     else:
         console.print("  torch     not installed")
-    console.print(f"  MLX       {report.mlx_version or 'not installed'}")
+    mlx = report.mlx_version or "not installed"
+    if report.mlx_version:
+        mlx += " (GPU backend)" if report.mlx_gpu else " (CPU backend only)"
+    console.print(f"  MLX       {mlx}")
+    if report.recorded_from:
+        console.print(
+            f"  [yellow]Recorded facts from {report.recorded_from} (HOSTGPU_PROBE_FACTS)[/]"
+        )
 
     table = Table(title="Usable devices", title_justify="left")
     for column in ("device", "name", "memory", "compute capability"):
@@ -78,6 +93,25 @@ def _render(console: Console, report: Report) -> None:
         console.print(smoke)
 
 
+def _render_docker(console: Console, docker: DockerReport) -> None:
+    """The docker section: one row per check, then a reason and a fix for each failure."""
+    table = Table(title="Docker (for `hostgpu stack`)", title_justify="left")
+    for column in ("check", "status", "found"):
+        table.add_column(column)
+    for check in docker.checks:
+        status = (
+            "[green]ok[/green]"
+            if check.ok
+            else ("[red]missing[/red]" if check.required else "[yellow]note[/yellow]")
+        )
+        table.add_row(check.name, status, check.detail or "-")
+    console.print(table)
+    for failed in docker.failures():
+        if failed.reason:
+            console.print(f"[red]✗ docker {failed.name}[/red]: {failed.reason}", highlight=False)
+            console.print(f"  [green]fix[/green]: {failed.fix}", highlight=False)
+
+
 def _requirement_failure(report: Report, what: str) -> str:
     kinds = ["cuda", "mps", "mlx"] if what == "gpu" else [what]
     lines = [f"--require {what}: no usable {'accelerator' if what == 'gpu' else what} here"]
@@ -90,8 +124,13 @@ def _requirement_failure(report: Report, what: str) -> str:
 
 def doctor(
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    require: str | None = typer.Option(None, "--require", help="mps|cuda|gpu: exit 1 when absent."),
+    require: str | None = typer.Option(
+        None, "--require", help="mps|cuda|mlx|gpu: exit 1 when absent."
+    ),
     smoke: bool = typer.Option(False, "--smoke", help="Time a small matmul on each usable device."),
+    docker: bool = typer.Option(
+        True, "--docker/--no-docker", help="Also check Docker and Compose (for `hostgpu stack`)."
+    ),
 ) -> None:
     """Show the accelerators this process can use, and why the others are missing."""
     wanted = require.strip().lower() if require is not None else None
@@ -102,15 +141,23 @@ def doctor(
         )
         raise typer.Exit(2)
 
-    report = probe_module.probe()
+    report = probe()
     if smoke:
-        report.smoke = probe_module.smoke_test(report.devices)
+        report.smoke = smoke_test(report.devices)
 
+    # Composed next to the accelerator report, not inside it: the probe stays about devices.
+    docker_report = check_docker() if docker else None
     if json_output:
-        typer.echo(report.model_dump_json(indent=2))
+        data = report.model_dump(mode="json")
+        if docker_report is not None:
+            data["docker"] = docker_report.model_dump(mode="json")
+        typer.echo(json.dumps(data, indent=2))
     else:
-        _render(Console(), report)
+        console = Console()
+        _render(console, report)
+        if docker_report is not None:
+            _render_docker(console, docker_report)
 
-    if wanted is not None and not probe_module.require(report, wanted):
+    if wanted is not None and not has_device(report, wanted):
         typer.echo(_requirement_failure(report, wanted), err=True)
         raise typer.Exit(1)

@@ -36,7 +36,7 @@ def serve(
     app = create_app(settings)
     written = ensure_admin_token(app.state.store, settings)
     if written:
-        console.print(f"First start: an admin token was written to [bold]{written}[/bold] (0600).")
+        console.print(f"First start: the admin token is in [bold]{written}[/bold] (0600).")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}"
     if not settings.database_url:

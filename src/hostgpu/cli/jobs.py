@@ -10,8 +10,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from hostgpu.cli.common import GatewayOpt, JsonOpt, TokenOpt, client, console, parse_duration
-from hostgpu.jobs import Job, JobSpec, JobState, Requirements
+from hostgpu.cli.common import (
+    GatewayOpt,
+    JsonOpt,
+    TokenFileOpt,
+    client,
+    console,
+    err,
+    parse_duration,
+    print_json,
+)
+from hostgpu.jobs import Job, JobSpec, JobState, Payload
 from hostgpu.sdk import raise_for
 
 STATE_STYLE = {
@@ -30,34 +39,34 @@ def _when(value: datetime | None) -> str:
 
 def list_jobs(
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     state: Annotated[JobState | None, typer.Option(help="Only jobs in this state")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 30,
     summary: Annotated[bool, typer.Option("--summary", help="Counts by state only")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Recent jobs, newest first; queued ones say why they wait."""
-    with client(gateway, token) as api:
+    with client(gateway, token_file) as api:
         if summary:
             counts = api.summary()
             if as_json:
-                console.print_json(data=counts)
+                print_json(counts.counts)
                 return
             table = Table("state", "jobs")
-            for name, count in counts.items():
+            for name, count in counts.counts.items():
                 table.add_row(f"[{STATE_STYLE[name]}]{name}[/]", str(count))
-            table.add_row("[bold]total[/]", str(sum(counts.values())))
+            table.add_row("[bold]total[/]", str(counts.total))
             console.print(table)
             return
-        jobs = api.list_jobs(state=state, limit=limit)
+        jobs = api.list_jobs(state=state, limit=limit).jobs
     if as_json:
-        console.print_json(data=[j.model_dump(mode="json") for j in jobs])
+        print_json([j.model_dump(mode="json") for j in jobs])
         return
     table = Table("id", "function", "needs", "state", "device", "tries", "created", "note")
     for job in jobs:
         note = job.waiting or ""
         if job.state is JobState.failed and job.error:
-            note = f"{job.error.get('type')}: {job.error.get('message', '')}"[:80]
+            note = job.error.summary(80)
         device = (job.device or "") + (" (fallback)" if job.fallback_used else "")
         table.add_row(
             job.id[:12],
@@ -73,19 +82,23 @@ def list_jobs(
 
 
 def show_job(
-    job_id: Annotated[str, typer.Argument(help="Job id")],
+    job_id: Annotated[str, typer.Argument(help="Job id, or a unique prefix (4+ characters)")],
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for it to finish")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """One job: state, attempts (worker, device, outcome), result or error."""
-    with client(gateway, token) as api:
+    """One job: state, attempts (worker, device, outcome), result or error.
+
+    Exit status: 0 succeeded or still running, 1 failed or cancelled, 2 --wait timed out.
+    """
+    with client(gateway, token_file) as api:
         job = api.get(job_id, wait=wait)
     if as_json:
-        console.print_json(data=job.model_dump(mode="json"))
-        return
-    _print_job(job)
+        print_json(job.model_dump(mode="json"))
+    else:
+        _print_job(job)
+    raise_for_exit(job, waited=wait > 0)
 
 
 def _print_job(job: Job) -> None:
@@ -109,44 +122,51 @@ def _print_job(job: Job) -> None:
     if job.state is JobState.succeeded:
         console.print("  result:", json.dumps(job.result)[:2000])
     elif job.error:
-        console.print(f"  [red]{job.error.get('type')}: {job.error.get('message')}[/]")
-        if job.error.get("traceback"):
-            console.print(job.error["traceback"], markup=False, highlight=False)
+        console.print(f"  [red]{job.error.summary()}[/]", highlight=False)
+        if job.error.traceback:
+            console.print(job.error.traceback, markup=False, highlight=False)
 
 
 def list_workers(
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     alive: Annotated[bool, typer.Option("--alive", help="Only workers heartbeating now")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Registered workers, their devices, and whether they are alive."""
-    with client(gateway, token) as api:
+    with client(gateway, token_file) as api:
         workers = api.workers(alive=alive)
     if as_json:
-        console.print_json(data=workers)
+        print_json([w.model_dump(mode="json") for w in workers])
         return
-    table = Table("id", "name", "devices", "modules", "state", "last seen")
+    table = Table("id", "name", "devices", "modules", "functions", "state", "last seen")
     for w in workers:
-        caps = w["capabilities"]
+        caps = w.capabilities
         devices = ", ".join(
-            f"{d['kind']}:{d['name']}"
-            + (f" {d['memory_bytes'] / 1024**3:.0f}GB" if d.get("memory_bytes") else "")
-            for d in caps["devices"]
+            f"{d.kind}:{d.name}" + (f" {d.memory_bytes / 1024**3:.0f}GB" if d.memory_bytes else "")
+            for d in caps.devices
         )
-        seen = time.strftime("%H:%M:%S", time.localtime(w["last_seen"]))
-        state = f"[{'green' if w['alive'] else 'red'}]{w['state']}[/]"
-        table.add_row(w["id"][:12], caps["name"], devices, ", ".join(caps["modules"]), state, seen)
+        seen = time.strftime("%H:%M:%S", time.localtime(w.last_seen))
+        state = f"[{'green' if w.alive else 'red'}]{w.state}[/]"
+        table.add_row(
+            w.id[:12],
+            caps.name,
+            devices,
+            ", ".join(caps.modules),
+            str(len(caps.functions)),
+            state,
+            seen,
+        )
     console.print(table)
 
 
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id")],
+    job_id: Annotated[str, typer.Argument(help="Job id, or a unique prefix (4+ characters)")],
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Cancel a job (a running one is killed on its worker)."""
-    with client(gateway, token) as api:
+    with client(gateway, token_file) as api:
         job = api.cancel(job_id)
     console.print(f"{job.id}: {job.state.value}")
 
@@ -166,69 +186,95 @@ def submit(
     kwarg: Annotated[
         list[str], typer.Option("--kwarg", help="name=value keyword argument (value as JSON)")
     ] = [],  # noqa: B006
-    gpu: Annotated[str, typer.Option(help="mps | cuda | cuda:<name> | gpu | cpu | any")] = "any",
+    gpu: Annotated[
+        str | None,
+        typer.Option(help="Narrow the declared device: mps | cuda | cuda:<name> | mlx | gpu"),
+    ] = None,
     memory: Annotated[float | None, typer.Option(help="Minimum accelerator memory, GB")] = None,
-    fallback: Annotated[str | None, typer.Option(help="'cpu' to allow a CPU fallback")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds before the job is killed")] = 600.0,
-    retries: Annotated[int, typer.Option(min=0)] = 2,
-    priority: Annotated[int, typer.Option()] = 0,
+    fallback: Annotated[
+        str | None, typer.Option(help="'none' to drop a declared CPU fallback")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Shorter timeout, seconds")] = None,
+    retries: Annotated[int | None, typer.Option(min=0, help="Fewer retries")] = None,
+    priority: Annotated[int | None, typer.Option()] = None,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key")] = None,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait and print the result")
     ] = True,
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a job by import path (the worker must run with --import MODULE)."""
+    """Submit a published function by import path (a worker must run with --import MODULE).
+
+    Options left out are the function's declared ones; a given option may narrow them, never
+    widen them (the gateway refuses). Exit status: 0 succeeded (or queued with --no-wait),
+    1 failed or cancelled.
+    """
     kwargs = {}
     for item in kwarg:
         name, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--kwarg {item!r} must look like name=value")
         kwargs[name] = _parse_arg(value)
-    if fallback not in (None, "cpu"):
-        raise typer.BadParameter("--fallback can only be 'cpu'")
+    if fallback not in (None, "cpu", "none"):
+        raise typer.BadParameter("--fallback is 'cpu' or 'none'")
     spec = JobSpec(
         function=function,
-        payload={"args": [_parse_arg(a) for a in arg], "kwargs": kwargs},
-        requirements=Requirements(gpu=gpu, min_memory_gb=memory),
+        payload=Payload(args=[_parse_arg(a) for a in arg], kwargs=kwargs),
+        gpu=gpu,
+        min_memory_gb=memory,
         fallback=fallback,  # type: ignore[arg-type]
         timeout_s=timeout,
         max_retries=retries,
         priority=priority,
         idempotency_key=key,
     )
-    with client(gateway, token) as api:
+    with client(gateway, token_file) as api:
         job = api.submit(spec)
-        if not wait:
-            console.print(job.id)
+        # The id first, always: whatever happens next, the job can be found again.
+        if as_json and not wait:
+            print_json(job.model_dump(mode="json"))
             return
-        while not job.state.terminal:
-            job = api.get(job.id, wait=30)
-            if job.waiting:
-                console.print(f"[yellow]{job.waiting}[/]")
+        (err.print if as_json else console.print)(job.id, highlight=False)
+        if not wait:
+            return
+        job = _wait_with_status(api, job)
     if as_json:
-        console.print_json(data=job.model_dump(mode="json"))
+        print_json(job.model_dump(mode="json"))
     else:
         _print_job(job)
     raise_for_exit(job)
 
 
-def raise_for_exit(job: Job) -> None:
+def _wait_with_status(api: Any, job: Job) -> Job:
+    """Wait for the job; while it waits, one status line on stderr says why."""
+    with err.status(f"{job.id[:12]} {job.state.value}") as status:
+        while not job.state.terminal:
+            job = api.get(job.id, wait=1.0 if job.state is JobState.queued else 30.0)
+            status.update(
+                f"{job.id[:12]} {job.state.value}" + (f": {job.waiting}" if job.waiting else "")
+            )
+    return job
+
+
+def raise_for_exit(job: Job, *, waited: bool = True) -> None:
+    """Exit 1 for a failed or cancelled job, 2 when a wait ended before the job did."""
     try:
         raise_for(job)
     except Exception:
         raise typer.Exit(1) from None
+    if waited and not job.state.terminal:
+        raise typer.Exit(2)
 
 
 def prune(
     older_than: Annotated[str, typer.Option("--older-than", help="Age like 7d, 12h, 30m")] = "7d",
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Delete finished jobs older than the given age (admin token)."""
     seconds = parse_duration(older_than)
-    with client(gateway, token) as api:
+    with client(gateway, token_file) as api:
         deleted = api.prune(seconds)
     console.print(f"deleted {deleted} finished job(s) older than {older_than}")

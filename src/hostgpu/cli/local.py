@@ -52,7 +52,7 @@ def up(
 
             # The hook only queues jobs: it gets a submit token, not the admin one.
             with Client(stack.url, stack.admin_token()) as api:
-                hook_token = api.create_token("uploads hook", "submit")["token"]
+                hook_token = api.create_token("uploads hook", "submit").token
             server = UploadServer(
                 uploads, gateway=stack.url, token=hook_token, home=settings.home_dir
             )

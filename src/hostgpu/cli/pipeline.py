@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 import hostgpu
-from hostgpu.cli.common import GatewayOpt, JsonOpt, TokenOpt, console, err
+from hostgpu.cli.common import GatewayOpt, JsonOpt, TokenFileOpt, console, err, token_from
 from hostgpu.jobs import JobState
+from hostgpu.sdk import GatewayBackend
 
 
 def ingest(
@@ -22,7 +23,7 @@ def ingest(
         bool, typer.Option("--wait", help="Wait and show progress and results")
     ] = False,
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Queue one ingest job per file; a worker renders, embeds and stores the pages."""
     from hostgpu.pipelines.ingest import discover
@@ -32,7 +33,11 @@ def ingest(
     if not files:
         err.print("no supported files found (PDF, PNG, JPEG, TXT, MD)")
         raise typer.Exit(1)
-    client = hostgpu.connect(gateway, token)
+    backend = hostgpu.connect(gateway, token_from(token_file))
+    if not isinstance(backend, GatewayBackend):
+        err.print("ingest needs a hostgpu gateway (HOSTGPU_GATEWAY=http://…)")
+        raise typer.Exit(2)
+    client = backend.client
     ids = client.submit_batch([ingest_spec(f) for f in files])
     if not wait:
         for path, job_id in zip(files, ids, strict=True):
@@ -65,15 +70,8 @@ def ingest(
                     )
                 else:
                     failures += 1
-                    error = job.error or {}
-                    table.add_row(
-                        str(path),
-                        "",
-                        "",
-                        job.device or "",
-                        "",
-                        f"[red]{error.get('message', job.state.value)}[/]",
-                    )
+                    message = job.error.message if job.error else job.state.value
+                    table.add_row(str(path), "", "", job.device or "", "", f"[red]{message}[/]")
     console.print(table)
     console.print(f"{len(ids) - failures} file(s) ingested, {failures} failed, {pages} pages")
     if failures:
@@ -84,13 +82,13 @@ def search(
     query: Annotated[str, typer.Argument(help="What to look for")],
     k: Annotated[int, typer.Option("-k", min=1, max=100, help="How many hits")] = 5,
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search the ingested pages (the query is embedded on a worker, with the same model)."""
     from hostgpu.pipelines.jobs import run_search
 
-    hostgpu.connect(gateway, token)
+    hostgpu.connect(gateway, token_from(token_file))
     hits = run_search(query, k)
     if as_json:
         console.print(json.dumps(hits, indent=2))

@@ -8,54 +8,69 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hostgpu.cli.common import GatewayOpt, JsonOpt, TokenOpt, client, console
+from hostgpu.cli.common import (
+    GatewayOpt,
+    JsonOpt,
+    TokenFileOpt,
+    client,
+    console,
+    parse_duration,
+    print_json,
+)
+from hostgpu.tokens import SCOPES
 
 app = typer.Typer(help="Create, list and revoke API tokens (needs an admin token).")
 
 
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
+
+
 @app.command()
 def create(
-    scope: Annotated[str, typer.Option(help="admin | submit | worker")],
+    scope: Annotated[str, typer.Option(help=" | ".join(SCOPES))],
     name: Annotated[str, typer.Option(help="A note on who uses it")] = "",
+    expires: Annotated[
+        str | None, typer.Option(help="Lifetime like 12h, 7d (default: until revoked)")
+    ] = None,
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a token; its secret is printed once."""
-    if scope not in ("admin", "submit", "worker"):
-        raise typer.BadParameter("scope must be admin, submit or worker")
-    with client(gateway, token) as api:
-        created = api.create_token(name or f"{scope} token", scope)
+    """Create a token; its secret is printed once (on stdout, alone, for `> file`)."""
+    if scope not in SCOPES:
+        raise typer.BadParameter(f"scope must be one of {', '.join(SCOPES)}")
+    lifetime = parse_duration(expires) if expires else None
+    with client(gateway, token_file) as api:
+        created = api.create_token(name or f"{scope} token", scope, expires_in_s=lifetime)
     if as_json:
-        console.print_json(data=created)
-    else:
-        console.print(f"{created['scope']} token {created['id']} ({created['name']}):")
-        console.print(created["token"], markup=False, highlight=False)
+        print_json(created.model_dump())
+        return
+    until = f", expires {_when(created.expires_at)}" if created.expires_at else ""
+    typer.echo(f"{created.scope} token {created.id} ({created.name}{until}):", err=True)
+    typer.echo(created.token)
 
 
 @app.command("list")
 def list_tokens(
-    gateway: GatewayOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    gateway: GatewayOpt = None, token_file: TokenFileOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """Every token and whether it is revoked (never the secrets)."""
-    with client(gateway, token) as api:
+    """Every token and whether it is revoked or expired (never the secrets)."""
+    with client(gateway, token_file) as api:
         tokens = api.list_tokens()
     if as_json:
-        console.print_json(data=tokens)
+        print_json([t.model_dump() for t in tokens])
         return
-    table = Table("id", "name", "scope", "created", "revoked")
+    now = time.time()
+    table = Table("id", "name", "scope", "created", "expires", "state")
     for t in tokens:
-        revoked = (
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(t["revoked_at"]))
-            if t["revoked_at"]
-            else ""
+        state = (
+            "revoked"
+            if t.revoked_at
+            else ("expired" if t.expires_at and t.expires_at <= now else "active")
         )
         table.add_row(
-            t["id"],
-            t["name"],
-            t["scope"],
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(t["created_at"])),
-            revoked,
+            t.id, t.name, t.scope, _when(t.created_at), _when(t.expires_at) or "never", state
         )
     console.print(table)
 
@@ -63,10 +78,14 @@ def list_tokens(
 @app.command()
 def revoke(
     token_id: Annotated[str, typer.Argument(help="Token id (from `hostgpu token list`)")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Revoke even the last active admin token (locks you out)"),
+    ] = False,
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Revoke a token; it stops working on its next request."""
-    with client(gateway, token) as api:
-        api.revoke_token(token_id)
+    with client(gateway, token_file) as api:
+        api.revoke_token(token_id, force=force)
     console.print(f"revoked {token_id}")

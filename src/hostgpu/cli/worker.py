@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from hostgpu.cli.common import GatewayOpt, TokenOpt, console
+from hostgpu.cli.common import GatewayOpt, TokenFileOpt, console, err, token_from
 
 app = typer.Typer(help="Run a native worker, or install it as a service.")
 
@@ -25,7 +25,7 @@ def _labels(values: list[str]) -> dict[str, str]:
 def run(
     ctx: typer.Context,
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     imports: Annotated[
         list[str],
         typer.Option("--import", help="Module whose functions this worker runs (repeatable)"),
@@ -34,6 +34,19 @@ def run(
     name: Annotated[str, typer.Option(help="Worker name (default: host-pid)")] = "",
     label: Annotated[list[str], typer.Option(help="key=value label (repeatable)")] = [],  # noqa: B006
     grace: Annotated[float, typer.Option(help="Seconds a warm stop waits for jobs")] = 30.0,
+    skip_broken_imports: Annotated[
+        bool,
+        typer.Option(
+            "--skip-broken-imports",
+            help="Start even when an --import module fails (without offering it)",
+        ),
+    ] = False,
+    allow_container: Annotated[
+        bool,
+        typer.Option(
+            "--allow-container", help="Run even inside a container on a Mac's VM (no Metal)"
+        ),
+    ] = False,
 ) -> None:
     """Probe the accelerators, register with the gateway and run matching jobs.
 
@@ -42,23 +55,43 @@ def run(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from hostgpu.devices import cached_report
+    from hostgpu.settings import get_settings
     from hostgpu.worker.agent import WorkerAgent, WorkerConfig
+
+    # Probed in a subprocess and cached: the worker's parent never imports torch.
+    report = cached_report(get_settings().home_dir / "probe-cache.json")
+    if report.vm_on_macos and not allow_container:
+        # doctor's rule: a container on a Mac runs in a Linux VM that cannot reach Metal, so
+        # this worker would run every job on the CPU, 10-20x slower, without a word.
+        err.print(
+            f"[red]refusing to start[/]: this process runs in a {report.container or 'container'}"
+            f" container inside {report.vm or 'a Linux VM'} on macOS, where Metal is "
+            "unreachable\n  fix: run `hostgpu worker` natively on the Mac (or `hostgpu stack "
+            "up`, which does); --allow-container starts it here anyway, CPU only",
+            highlight=False,
+        )
+        raise typer.Exit(2)
 
     agent = WorkerAgent(
         WorkerConfig(
             gateway=gateway,
-            token=token,
+            token=token_from(token_file),
             modules=list(imports),
             concurrency=concurrency,
             name=name,
             labels=_labels(label),
             grace=grace,
+            skip_broken_imports=skip_broken_imports,
+            report=report,
         )
     )
     agent.install_signal_handlers()
+    agent.discover()
     devices = ", ".join(f"{d.kind}:{d.name}" for d in agent.caps.devices)
     console.print(
-        f"worker {agent.caps.name}: devices {devices}; modules {', '.join(agent.caps.modules)}"
+        f"worker {agent.caps.name}: devices {devices}; modules {', '.join(agent.caps.modules)}; "
+        f"{len(agent.caps.functions)} published function(s)"
     )
     raise typer.Exit(agent.run())
 
@@ -66,7 +99,7 @@ def run(
 @app.command()
 def install(
     gateway: GatewayOpt = None,
-    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     imports: Annotated[
         list[str], typer.Option("--import", help="Module whose functions it runs (repeatable)")
     ] = [],  # noqa: B006
@@ -86,10 +119,10 @@ def install(
     from hostgpu.worker.service import service_file, write
 
     settings = get_settings()
-    resolved_token = token or settings.resolved_token()
+    resolved_token = token_from(token_file) or settings.resolved_token()
     if not resolved_token:
         raise typer.BadParameter(
-            "give --token (a worker token: hostgpu token create --scope worker)"
+            "give --token-file (a worker token: hostgpu token create --scope worker)"
         )
     service = service_file(
         platform or sys.platform,

@@ -18,28 +18,29 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hostgpu
+from hostgpu.api import ERROR_RESPONSES
 from hostgpu.errors import (
+    AmbiguousId,
     DuplicateKey,
     HostGPUError,
+    InvalidInput,
     InvalidTransition,
-    LeaseLost,
+    LastAdminToken,
     NotFound,
 )
-from hostgpu.gateway.deps import AdminToken
+from hostgpu.gateway.deps import ReadToken
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
+from hostgpu.gateway.resolver import Resolver
 from hostgpu.gateway.routes import admin, hooks, jobs, tokens, workers
-from hostgpu.gateway.schemas import ERROR_RESPONSES
 from hostgpu.gateway.waiting import WaitingExplainer
+from hostgpu.retry import RetryPolicy
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
 
 log = logging.getLogger("hostgpu.gateway")
 DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
-#: Routes anyone may call: a liveness probe and the dashboard's static shell (it holds
-#: no data; its script asks the API with the user's token).
-PUBLIC_PATHS = frozenset({"/healthz", "/"})
 
 
 class MetricsMiddleware:
@@ -70,21 +71,30 @@ class MetricsMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-async def _housekeeping(store: Store, interval: float, grace: float) -> None:
-    """Take back expired leases; every gateway runs this, the store makes it safe.
+async def _housekeeping(app: FastAPI, interval: float, grace: float) -> None:
+    """Take back expired leases and settle jobs waiting for declarations; every gateway runs
+    this, the store makes it safe.
 
-    The first pass waits ``grace`` (one lease period): leases may have run out while this
+    Expiry waits ``grace`` (one lease period) after start: leases may have run out while this
     gateway was down, through no fault of their workers, which re-extend them with their
     next heartbeat. A worker that really died loses its jobs one lease period later.
     """
-    await asyncio.sleep(grace)
+    store: Store = app.state.store
+    resolver: Resolver = app.state.resolver
+    waiting: WaitingExplainer = app.state.waiting
+    expire_from = time.monotonic() + grace
     while True:
         try:
-            count = await to_thread.run_sync(store.requeue_expired)
-            if count:
-                log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
+            if time.monotonic() >= expire_from:
+                count = await to_thread.run_sync(store.requeue_expired)
+                if count:
+                    log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
+                    app.state.notifier.notify("enqueued")
+            workers = await to_thread.run_sync(waiting.workers)
+            if await to_thread.run_sync(resolver.settle_pending, workers):
+                app.state.notifier.notify("enqueued")
         except Exception:  # keep the loop alive through a database blip
-            log.exception("requeue of expired leases failed; retrying")
+            log.exception("housekeeping failed; retrying")
         await asyncio.sleep(interval)
 
 
@@ -92,6 +102,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     settings = settings or get_settings()
     store = store or open_store(
         settings.resolved_database_url,
+        retry=RetryPolicy(
+            base_s=settings.retry_base_seconds,
+            max_s=settings.retry_max_seconds,
+            max_lost=settings.max_lost_leases,
+        ),
         fallback_grace_s=settings.fallback_grace_seconds,
         worker_ttl_s=settings.worker_ttl_seconds,
     )
@@ -99,7 +114,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(
-            _housekeeping(store, min(1.0, settings.lease_seconds / 4), grace=settings.lease_seconds)
+            _housekeeping(app, min(1.0, settings.lease_seconds / 4), grace=settings.lease_seconds)
         )
         try:
             yield
@@ -119,6 +134,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.notifier = Notifier()
     app.state.worker_caps = {}
     app.state.waiting = WaitingExplainer(store)
+    app.state.resolver = Resolver(store)
     metrics = Metrics(store)
     app.state.metrics = metrics
 
@@ -130,12 +146,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     @app.get("/healthz", tags=["system"])
     async def healthz() -> dict[str, Any]:
         """Liveness and store reachability (no token needed)."""
-        await to_thread.run_sync(store.count_by_state)
+        await to_thread.run_sync(store.health)
         return {"status": "ok", "version": hostgpu.__version__}
 
     @app.get("/metrics", tags=["system"], response_class=Response, responses=ERROR_RESPONSES)
-    async def prometheus(_: AdminToken) -> Response:
-        """Prometheus metrics (scope: admin)."""
+    async def prometheus(_: ReadToken) -> Response:
+        """Prometheus metrics (scope: read)."""
         body = await to_thread.run_sync(generate_latest, metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -152,9 +168,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 def _install_error_handlers(app: FastAPI) -> None:
     statuses: list[tuple[type[HostGPUError], int]] = [
         (NotFound, 404),
+        (AmbiguousId, 400),
         (InvalidTransition, 409),
-        (LeaseLost, 409),
         (DuplicateKey, 409),
+        (LastAdminToken, 409),
+        (InvalidInput, 422),
         (HostGPUError, 400),
     ]
     for exc_type, status in statuses:

@@ -1,25 +1,34 @@
-"""Bearer tokens with scopes: admin ⊇ submit, worker."""
+"""Bearer tokens with scopes (see :mod:`hostgpu.tokens` for what each scope may do)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 from anyio import to_thread
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from hostgpu.store import Store, TokenInfo
-from hostgpu.store.interface import Scope
+from hostgpu.store import Store
+from hostgpu.tokens import Scope, TokenInfo, admits, hash_token
 
-bearer = HTTPBearer(auto_error=False, description="A hostgpu token: `hostgpu token create`")
+#: Declared on every protected operation, so the OpenAPI schema, generated clients and the
+#: docs page all know to send ``Authorization: Bearer <token>``.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="A hostgpu token (`hostgpu token create --scope …`)",
+)
 
 
 def require(*scopes: Scope) -> Callable[..., Awaitable[TokenInfo]]:
-    """A dependency that admits tokens of ``scopes`` (admin tokens always pass)."""
-    allowed = {"admin", *scopes}
+    """A dependency that admits tokens whose scope covers one of ``scopes`` (admin always)."""
+    wanted = scopes or ("admin",)
 
-    async def check(request: Request) -> TokenInfo:
-        credentials: HTTPAuthorizationCredentials | None = await bearer(request)
+    async def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> TokenInfo:
         if credentials is None:
             raise HTTPException(
                 401,
@@ -27,18 +36,20 @@ def require(*scopes: Scope) -> Callable[..., Awaitable[TokenInfo]]:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         store: Store = request.app.state.store
-        info = await to_thread.run_sync(store.verify_token, credentials.credentials)
+        info = await to_thread.run_sync(store.verify_token, hash_token(credentials.credentials))
         if info is None:
             raise HTTPException(
-                401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"}
+                401,
+                "invalid, expired or revoked token",
+                headers={"WWW-Authenticate": "Bearer"},
             )
-        if info.scope not in allowed:
+        if not admits(info.scope, wanted):
             raise HTTPException(
                 403,
                 f"a {info.scope!r} token cannot do this; it needs scope "
-                + " or ".join(sorted(allowed)),
+                + " or ".join(sorted({*wanted, "admin"})),
             )
         return info
 
-    check.__name__ = f"require_{'_'.join(scopes) or 'admin'}"
+    check.__name__ = f"require_{'_'.join(wanted)}"
     return check

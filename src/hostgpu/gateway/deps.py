@@ -6,19 +6,29 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from anyio import to_thread
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
+from hostgpu.api import ID_PATTERN
 from hostgpu.gateway.auth import require
 from hostgpu.gateway.notify import Notifier
+from hostgpu.gateway.resolver import Resolver
+from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.settings import Settings
-from hostgpu.store import Store, TokenInfo
+from hostgpu.store import Store
+from hostgpu.tokens import TokenInfo
 
 T = TypeVar("T")
 
 AdminToken = Annotated[TokenInfo, Depends(require("admin"))]
 SubmitToken = Annotated[TokenInfo, Depends(require("submit"))]
+ReadToken = Annotated[TokenInfo, Depends(require("read"))]
 WorkerToken = Annotated[TokenInfo, Depends(require("worker"))]
-ReaderToken = Annotated[TokenInfo, Depends(require("submit", "worker"))]
+ReaderOrWorker = Annotated[TokenInfo, Depends(require("read", "worker"))]
+
+JobId = Annotated[
+    str, Path(pattern=ID_PATTERN, description="a job id, or a unique prefix of 4+ hex digits")
+]
+WorkerId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="a worker id")]
 
 
 # Async on purpose: FastAPI runs plain `def` dependencies in the thread pool, and three
@@ -35,9 +45,19 @@ async def get_notifier(request: Request) -> Notifier:
     return request.app.state.notifier
 
 
+async def get_resolver(request: Request) -> Resolver:
+    return request.app.state.resolver
+
+
+async def get_waiting(request: Request) -> WaitingExplainer:
+    return request.app.state.waiting
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 NotifierDep = Annotated[Notifier, Depends(get_notifier)]
+ResolverDep = Annotated[Resolver, Depends(get_resolver)]
+WaitingDep = Annotated[WaitingExplainer, Depends(get_waiting)]
 
 
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -17,7 +17,7 @@ class WaitingExplainer:
         self.store = store
         self.ttl = ttl
         self._workers: list[Capabilities] = []
-        self._read_at = 0.0
+        self._read_at = -1e9
 
     def workers(self) -> list[Capabilities]:
         now = time.monotonic()
@@ -26,6 +26,9 @@ class WaitingExplainer:
             self._read_at = now
         return self._workers
 
+    def invalidate(self) -> None:
+        self._read_at = -1e9
+
     def annotate(self, jobs: list[Job]) -> list[Job]:
         if not any(j.state is JobState.queued for j in jobs):
             return jobs
@@ -33,6 +36,10 @@ class WaitingExplainer:
         for job in jobs:
             if job.state is JobState.queued:
                 job.waiting = waiting_reason(
-                    job.requirements, job.function, workers, fallback=job.fallback
+                    job.requirements,
+                    job.function,
+                    workers,
+                    fallback=job.fallback,
+                    resolved=job.resolved,
                 )
         return jobs

@@ -6,52 +6,63 @@ already warm in this process). Bad input raises :class:`~hostgpu.errors.Pipeline
 readable message, before anything is written: a file lands whole or not at all (see
 :mod:`hostgpu.pipelines.chroma`).
 
-Limits read from the environment: ``HOSTGPU_MAX_PAGES`` (PDF pages per file, default 500),
+Limits (settings): ``HOSTGPU_MAX_PAGES`` (PDF pages per file, default 500),
 ``HOSTGPU_MAX_PIXELS`` (image pixels, default 50 million), ``HOSTGPU_MAX_TEXT_BYTES`` (text
 file size, default 20 MB). See :mod:`hostgpu.pipelines.documents` for what each does.
+
+A job names a file by path, so the worker reads only inside the folders it was told to
+(``HOSTGPU_INGEST_ROOTS``, the upload root, the bundled samples): a ``submit`` token must not
+be able to index ``/etc/passwd`` or the worker's own token file and search it back.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from hostgpu.errors import PipelineError
-from hostgpu.pipelines.documents import (
-    DEFAULT_MAX_PAGES,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MAX_TEXT_BYTES,
-    SUPPORTED_SUFFIXES,
-    chunk_text,
-)
+from hostgpu.pipelines.documents import SUPPORTED_SUFFIXES, chunk_text
+from hostgpu.sdk import function
+from hostgpu.settings import get_settings
 
 CHUNKER_VERSION = "chunk-v1"
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise PipelineError(f"{name}={raw!r} is not a whole number") from None
-    if value <= 0:
-        raise PipelineError(f"{name}={raw!r} must be positive")
-    return value
+#: Documents shipped with hostgpu (the demo's); always readable.
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 def limits() -> dict[str, int]:
-    """The input limits in force (from the environment)."""
+    """The input limits in force (from the settings)."""
+    settings = get_settings()
     return {
-        "max_pages": _env_int("HOSTGPU_MAX_PAGES", DEFAULT_MAX_PAGES),
-        "max_pixels": _env_int("HOSTGPU_MAX_PIXELS", DEFAULT_MAX_PIXELS),
-        "max_text_bytes": _env_int("HOSTGPU_MAX_TEXT_BYTES", DEFAULT_MAX_TEXT_BYTES),
+        "max_pages": settings.max_pages,
+        "max_pixels": settings.max_pixels,
+        "max_text_bytes": settings.max_text_bytes,
     }
+
+
+def readable_roots() -> list[Path]:
+    """The folders an ingest job may read on this worker."""
+    return [*get_settings().allowed_ingest_roots, SAMPLES]
+
+
+def checked_source(path: str) -> Path:
+    """``path`` resolved (symlinks followed), refused unless it lies in a readable root."""
+    try:
+        real = Path(path).expanduser().resolve()
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path!r}: not a usable path ({exc})") from None
+    roots = readable_roots()
+    if not any(real.is_relative_to(root) for root in roots):
+        shown = ", ".join(str(r) for r in roots[:-1]) or "none configured"
+        raise PipelineError(
+            f"{path} is outside the folders this worker may read ({shown}; and the bundled "
+            "samples): `hostgpu ingest` uploads files to the gateway instead, or add the folder "
+            "to HOSTGPU_INGEST_ROOTS on the worker"
+        )
+    return real
 
 
 def _sha256_file(path: Path) -> str:
@@ -96,19 +107,21 @@ def discover(paths: Iterable[str | Path], recursive: bool = False) -> list[Path]
     return found
 
 
+@function(gpu=get_settings().ingest_gpu, timeout=3600, retries=1)
 def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]:
-    """Ingest one file; return a JSON-able summary.
+    """Ingest one file (inside the worker's readable roots); return a JSON-able summary.
+
+    Bad input is not retried (PipelineError is not retryable); a crash or timeout is, once.
 
     ``display_path`` is the name stored and shown by search (and the file's identity for
     replacement); by default the absolute path. Re-ingesting the same path replaces its
     records: unchanged content rewrites identical records, changed content replaces them.
     """
     from hostgpu.pipelines import chroma, documents, embed
-    from hostgpu.settings import get_settings
 
     started = time.perf_counter()
     settings = get_settings()
-    source = Path(path).expanduser()
+    source = checked_source(path)
     shown = display_path or str(source.resolve())
     notes: list[str] = []
     lim = limits()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from hostgpu.sdk import function
+from hostgpu.settings import get_settings
+
 SNIPPET_CHARS = 200
 
 
@@ -70,6 +73,7 @@ def _query(collection: Any, vector: list[float], k: int, label: str) -> list[dic
         n = min(total, n * 4)
 
 
+@function(gpu=get_settings().ingest_gpu, timeout=120, retries=1)
 def search(query: str, k: int = 5, *, visual: bool | None = None) -> list[dict[str, Any]]:
     """The ``k`` best pages for ``query``, best first.
 
@@ -81,7 +85,6 @@ def search(query: str, k: int = 5, *, visual: bool | None = None) -> list[dict[s
     """
     from hostgpu.errors import PipelineError
     from hostgpu.pipelines import chroma, embed
-    from hostgpu.settings import get_settings
 
     if not query.strip():
         return []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hostgpu.store.interface import Store, TokenInfo, WorkerRecord
+from hostgpu.store.interface import HeartbeatResult, JobFilter, NewJob, Pending, Store
 
 
 def open_store(url: str, **options: object) -> Store:
@@ -22,4 +22,4 @@ def open_store(url: str, **options: object) -> Store:
     )
 
 
-__all__ = ["Store", "TokenInfo", "WorkerRecord", "open_store"]
+__all__ = ["HeartbeatResult", "JobFilter", "NewJob", "Pending", "Store", "open_store"]

@@ -3,6 +3,11 @@
 Core code (gateway, CLI) talks only to this; it never sees a database driver.
 Implementations: :mod:`hostgpu.store.sqlite` and :mod:`hostgpu.store.postgres`,
 both built on the shared SQLAlchemy Core code in :mod:`hostgpu.store.sql`.
+
+The store persists; it does not decide. Which state a job moves to is the state machine in
+:mod:`hostgpu.jobs`; when a failed job runs again is :class:`hostgpu.retry.RetryPolicy`
+(given to the store when it is opened); a job's effective options come from
+:func:`hostgpu.functions.resolve`; token secrets from :mod:`hostgpu.tokens`.
 """
 
 from __future__ import annotations
@@ -10,41 +15,49 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from hostgpu.capabilities import Capabilities
-from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome
-
-Scope = Literal["admin", "submit", "worker"]
-SCOPES: tuple[Scope, ...] = ("admin", "submit", "worker")
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    id: str
-    name: str
-    scope: Scope
-    created_at: float
-    revoked_at: float | None = None
+from hostgpu.capabilities import Capabilities, WorkerInfo
+from hostgpu.functions import FunctionOptions, Requested, Resolved
+from hostgpu.jobs import Job, JobError, JobState, Lease, Outcome, Payload, ReportResult
+from hostgpu.tokens import TokenInfo
 
 
 @dataclass(frozen=True)
-class WorkerRecord:
-    id: str
-    capabilities: Capabilities
-    registered_at: float
-    last_seen: float
-    state: str
-    alive: bool
+class NewJob:
+    """A job ready to be stored: its call, and its options as far as they are known.
+
+    ``resolved`` is False when no worker has published the function's declaration yet: the
+    options are then the submission's (defaults elsewhere), and the job is not leased until
+    a declaration arrives and :meth:`Store.resolve` settles them.
+    """
+
+    function: str
+    payload: Payload | str | None
+    options: Resolved
+    requested: Requested
+    resolved: bool
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
-class ReportResult:
-    """What became of one reported outcome."""
+class Pending:
+    """A job whose options wait for its function's declaration."""
 
     job_id: str
-    accepted: bool
-    reason: str | None = None
+    function: str
+    requested: Requested
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs to list (every field optional)."""
+
+    state: JobState | None = None
+    function: str | None = None
+    worker_id: str | None = None
+    device: str | None = None
+    id_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,16 +67,16 @@ class HeartbeatResult:
 
 
 class Store(abc.ABC):
-    """Durable jobs, workers and tokens."""
+    """Durable jobs, workers, published functions and tokens."""
 
     # -- jobs -----------------------------------------------------------------------
     @abc.abstractmethod
-    def enqueue(self, specs: Sequence[JobSpec]) -> list[Job]:
-        """Add jobs; a spec whose idempotency key exists returns the existing job."""
+    def enqueue(self, jobs: Sequence[NewJob]) -> list[Job]:
+        """Add jobs; one whose idempotency key exists returns the existing job."""
 
     @abc.abstractmethod
     def get(self, job_id: str, *, history: bool = False) -> Job:
-        """One job (raises NotFound)."""
+        """One job by id or unique id prefix (NotFound, AmbiguousId)."""
 
     @abc.abstractmethod
     def get_many(self, job_ids: Sequence[str], *, terminal_only: bool = False) -> list[Job]:
@@ -71,9 +84,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_jobs(
-        self, *, state: JobState | None = None, limit: int = 100, before: float | None = None
-    ) -> list[Job]:
-        """Newest first."""
+        self, where: JobFilter | None = None, *, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """Newest first, and the cursor of the next page (None at the end)."""
 
     @abc.abstractmethod
     def count_by_state(self) -> dict[str, int]:
@@ -92,28 +105,8 @@ class Store(abc.ABC):
         """Mark the worker alive and extend the leases it still holds."""
 
     @abc.abstractmethod
-    def report(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[ReportResult]:
+    def report(self, outcomes: Sequence[Outcome]) -> list[ReportResult]:
         """Record started / succeeded / failed / released outcomes, fenced by lease token."""
-
-    def complete(
-        self, job_id: str, lease_token: str, result: Any, *, device: str | None = None
-    ) -> ReportResult:
-        outcome = Outcome(
-            job_id=job_id, lease_token=lease_token, status="succeeded", result=result, device=device
-        )
-        return self.report("", [outcome])[0]
-
-    def fail(
-        self, job_id: str, lease_token: str, error: dict[str, Any], *, retryable: bool = True
-    ) -> ReportResult:
-        outcome = Outcome(
-            job_id=job_id,
-            lease_token=lease_token,
-            status="failed",
-            error=error,
-            retryable=retryable,
-        )
-        return self.report("", [outcome])[0]
 
     @abc.abstractmethod
     def requeue_expired(self) -> int:
@@ -124,20 +117,37 @@ class Store(abc.ABC):
         """Cancel a job that has not finished (raises InvalidTransition when it has)."""
 
     @abc.abstractmethod
+    def rerun(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again, with fresh retry and lost-lease counts."""
+
+    @abc.abstractmethod
     def prune(self, older_than_seconds: float) -> int:
         """Delete finished jobs older than this; returns how many."""
+
+    # -- published functions ----------------------------------------------------------
+    @abc.abstractmethod
+    def declarations(self, functions: Sequence[str]) -> dict[str, FunctionOptions]:
+        """The declared options of those of ``functions`` that some worker published."""
+
+    @abc.abstractmethod
+    def pending(self, *, limit: int = 1000) -> list[Pending]:
+        """Jobs whose options still wait for a declaration, oldest first."""
+
+    @abc.abstractmethod
+    def resolve(self, settled: Sequence[tuple[str, Resolved | JobError]]) -> int:
+        """Settle pending jobs: their effective options, or a rejection (the job fails)."""
 
     # -- workers --------------------------------------------------------------------
     @abc.abstractmethod
     def register_worker(self, caps: Capabilities, worker_id: str | None = None) -> str:
-        """Record (or refresh) a worker and return its id."""
+        """Record (or refresh) a worker and the functions it publishes; return its id."""
 
     @abc.abstractmethod
-    def get_worker(self, worker_id: str) -> WorkerRecord:
+    def get_worker(self, worker_id: str) -> WorkerInfo:
         """One worker (raises NotFound)."""
 
     @abc.abstractmethod
-    def list_workers(self, *, alive_only: bool = False) -> list[WorkerRecord]:
+    def list_workers(self, *, alive_only: bool = False) -> list[WorkerInfo]:
         """Registered workers, newest contact first."""
 
     @abc.abstractmethod
@@ -146,21 +156,30 @@ class Store(abc.ABC):
 
     # -- tokens ---------------------------------------------------------------------
     @abc.abstractmethod
-    def create_token(self, name: str, scope: Scope) -> tuple[TokenInfo, str]:
-        """A new token; the secret is returned once and only its hash is kept."""
+    def add_token(self, info: TokenInfo, token_hash: str) -> None:
+        """Keep a token minted by :func:`hostgpu.tokens.mint` (its hash, never the secret)."""
 
     @abc.abstractmethod
-    def verify_token(self, secret: str) -> TokenInfo | None:
-        """The token's record if the secret is valid and not revoked."""
+    def verify_token(self, token_hash: str) -> TokenInfo | None:
+        """The token's record if it exists, is not revoked and has not expired."""
 
     @abc.abstractmethod
     def list_tokens(self) -> list[TokenInfo]:
         """Every token, revoked ones included."""
 
     @abc.abstractmethod
-    def revoke_token(self, token_id: str) -> TokenInfo:
-        """Revoke a token at once (raises NotFound)."""
+    def revoke_token(self, token_id: str, *, force: bool = False) -> TokenInfo:
+        """Revoke a token at once (NotFound). Refuses the last active admin token
+        (LastAdminToken) unless ``force``."""
+
+    @abc.abstractmethod
+    def has_active_admin(self) -> bool:
+        """Whether some admin token is neither revoked nor expired."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections."""
+
+    def health(self) -> Any:
+        """A cheap round trip to the database (for /healthz)."""
+        return self.count_by_state()

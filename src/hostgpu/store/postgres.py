@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, create_engine, text
+from sqlalchemy import Connection, Engine, Insert, Select, Table, create_engine, func, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 
 from hostgpu.store.sql import SQLStore
@@ -40,3 +41,11 @@ class PostgresStore(SQLStore):
         # queue is tiny and reads all of it to sort it: 150 ms per lease at 100,000 queued
         # jobs instead of 0.1 ms. Sorting is never the right plan here, so rule it out.
         conn.execute(text("SET LOCAL enable_sort = off"))
+
+    def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
+        stmt = pg_insert(table).values(rows)
+        changed = {c: stmt.excluded[c] for c in rows[0] if c != key}
+        return stmt.on_conflict_do_update(index_elements=[key], set_=changed)
+
+    def _position(self, haystack: Any, needle: Any) -> Any:
+        return func.strpos(haystack, needle)

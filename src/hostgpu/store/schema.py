@@ -12,6 +12,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     text,
 )
 
@@ -38,6 +39,10 @@ jobs = Table(
     Column("idempotency_key", String(200), unique=True),
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("failures", Integer, nullable=False, server_default="0"),
+    Column("lost", Integer, nullable=False, server_default="0"),
+    Column("resolved", Boolean, nullable=False, server_default=text("true")),
+    Column("requested", Text),
     Column("lease_token", String(32)),
     Column("lease_expires_at", Float),
     Column("worker_id", String(32)),
@@ -70,6 +75,13 @@ Index(
     sqlite_where=jobs.c.state.in_(["leased", "running"]),
     postgresql_where=jobs.c.state.in_(["leased", "running"]),
 )
+# Jobs waiting for their function's declaration (normally none).
+Index(
+    "ix_jobs_pending",
+    jobs.c.created_at,
+    sqlite_where=(jobs.c.resolved == false()) & (jobs.c.state == "queued"),
+    postgresql_where=(jobs.c.resolved == false()) & (jobs.c.state == "queued"),
+)
 Index("ix_jobs_finished", jobs.c.finished_at)
 Index("ix_jobs_created", jobs.c.created_at)
 
@@ -98,6 +110,17 @@ workers = Table(
     Column("state", String(16), nullable=False),
 )
 
+# What workers publish: each function's declared options (the latest registration wins).
+functions = Table(
+    "functions",
+    metadata,
+    Column("function", String(300), primary_key=True),
+    Column("module", String(300), nullable=False, index=True),
+    Column("options", Text, nullable=False),
+    Column("worker_id", String(32)),
+    Column("updated_at", Float, nullable=False),
+)
+
 tokens = Table(
     "tokens",
     metadata,
@@ -106,5 +129,6 @@ tokens = Table(
     Column("scope", String(16), nullable=False),
     Column("hash", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),
     Column("revoked_at", Float),
 )

@@ -1,20 +1,18 @@
 """The store, written once in SQLAlchemy Core; the backends differ only in how they lock.
 
-SQLite serialises writers with ``BEGIN IMMEDIATE``; PostgreSQL lets several
-gateways lease at once with ``SELECT … FOR UPDATE SKIP LOCKED``. Everything else
-(fencing, retries, idempotency) is the same SQL on both.
+SQLite serialises writers with ``BEGIN IMMEDIATE``; PostgreSQL lets several gateways lease
+at once with ``SELECT … FOR UPDATE SKIP LOCKED``. Everything else (fencing, idempotency) is
+the same SQL on both. Every state change is fenced by the states :data:`hostgpu.jobs.
+TRANSITIONS` allows for its event; the retry decision is the injected
+:class:`~hostgpu.retry.RetryPolicy`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import random
-import secrets
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +23,9 @@ from alembic.config import Config
 from sqlalchemy import (
     Connection,
     Engine,
+    Insert,
     Select,
+    Table,
     and_,
     bindparam,
     delete,
@@ -35,37 +35,47 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
-from hostgpu.capabilities import Capabilities
-from hostgpu.errors import DuplicateKey, InvalidTransition, NotFound
+from hostgpu.capabilities import Capabilities, WorkerInfo
+from hostgpu.errors import (
+    AmbiguousId,
+    DuplicateKey,
+    InvalidInput,
+    InvalidTransition,
+    LastAdminToken,
+    NotFound,
+)
+from hostgpu.functions import FunctionOptions, Requested, Resolved
 from hostgpu.jobs import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     Attempt,
+    Event,
     Job,
-    JobSpec,
+    JobError,
     JobState,
     Lease,
     Outcome,
-    Requirements,
-)
-from hostgpu.routing import GIB, SATISFIES, canonical_labels, label_subsets, pick_device
-from hostgpu.store.interface import (
-    HeartbeatResult,
+    Payload,
     ReportResult,
-    Scope,
-    Store,
-    TokenInfo,
-    WorkerRecord,
+    sources,
+    target,
 )
-from hostgpu.store.schema import attempts, jobs, tokens, workers
+from hostgpu.requirements import Requirements
+from hostgpu.retry import RetryPolicy
+from hostgpu.routing import GIB, SATISFIES, canonical_labels, label_subsets, pick_device
+from hostgpu.store.interface import HeartbeatResult, JobFilter, NewJob, Pending, Store
+from hostgpu.store.schema import attempts, functions, jobs, tokens, workers
+from hostgpu.tokens import TokenInfo
 
-ACTIVE = [s.value for s in ACTIVE_STATES]
-TERMINAL = [s.value for s in TERMINAL_STATES]
+ACTIVE = sorted(s.value for s in ACTIVE_STATES)
+TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 MIGRATIONS = Path(__file__).parent / "migrations"
+FULL_ID_LENGTH = 32
 
 
 def _dumps(value: Any) -> str | None:
@@ -84,10 +94,52 @@ def _dt_opt(ts: float | None) -> datetime | None:
     return None if ts is None else _dt(ts)
 
 
-def hash_token(secret: str) -> str:
-    # Tokens are 256 random bits, so a plain SHA-256 is enough: there is nothing to
-    # brute-force, and lookups by hash stay a single indexed read.
-    return hashlib.sha256(secret.encode()).hexdigest()
+def _payload_json(payload: Payload | str | None) -> str | None:
+    if isinstance(payload, Payload):
+        return _dumps(payload.model_dump(mode="json"))
+    return _dumps(payload)
+
+
+def _error(value: str | None) -> JobError | None:
+    raw = _loads(value)
+    if raw is None:
+        return None
+    try:
+        return JobError.model_validate(raw)
+    except ValueError:  # written by an older version in another shape
+        return JobError(type=str(raw.get("type", "Error")), message=str(raw.get("message", raw)))
+
+
+def _in(column: Any, values: Sequence[str]) -> Any:
+    """``column IN ('a', 'b')`` with literals: only then can SQLite (and a generic PostgreSQL
+    plan) prove a partial index on the state applies (and ``=`` for one value: SQLite does not
+    read ``IN ('queued')`` as ``= 'queued'`` when it matches partial indexes)."""
+    if len(values) == 1:
+        return column == literal_column(f"'{values[0]}'")
+    return column.in_([literal_column(f"'{v}'") for v in values])
+
+
+def _requirements(row: Any) -> Requirements:
+    return Requirements(
+        gpu=row.gpu_kind + (f":{row.gpu_name}" if row.gpu_name else ""),
+        min_memory_gb=row.min_memory_gb,
+        labels=_loads(row.labels) or {},
+    )
+
+
+def _option_columns(options: Resolved) -> dict[str, Any]:
+    req = options.requirements
+    return {
+        "serializer": options.serializer,
+        "gpu_kind": req.kind,
+        "gpu_name": req.name,
+        "min_memory_gb": req.min_memory_gb,
+        "labels": canonical_labels(req.labels),
+        "fallback": options.fallback,
+        "priority": options.priority,
+        "timeout_s": options.timeout_s,
+        "max_retries": options.max_retries,
+    }
 
 
 class SQLStore(Store):
@@ -97,14 +149,12 @@ class SQLStore(Store):
         self,
         url: str,
         *,
-        retry_base_s: float = 1.0,
-        retry_max_s: float = 300.0,
+        retry: RetryPolicy | None = None,
         fallback_grace_s: float = 30.0,
         worker_ttl_s: float = 30.0,
     ) -> None:
         self.url = url
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
+        self.retry = retry or RetryPolicy()
         self.fallback_grace_s = fallback_grace_s
         self.worker_ttl_s = worker_ttl_s
         self.engine = self._create_engine(url)
@@ -124,15 +174,32 @@ class SQLStore(Store):
     def _before_lease(self, conn: Connection) -> None:
         """Backend tuning for the lease SELECT, inside its transaction."""
 
+    def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
+        """INSERT … ON CONFLICT (key) DO UPDATE, in the backend's dialect."""
+        raise NotImplementedError
+
+    def _position(self, haystack: Any, needle: Any) -> Any:
+        """1-based position of ``needle`` in ``haystack``, 0 when absent (no LIKE wildcards)."""
+        raise NotImplementedError
+
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        with self._translated(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        with self._translated(), self.engine.connect() as conn:
             yield conn
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Driver errors about a value become the caller's mistake (a 4xx), not a crash."""
+        try:
+            yield
+        except DataError as exc:
+            reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+            raise InvalidInput(f"the database refused a value: {reason}") from exc
 
     def _migrate(self) -> None:
         cfg = Config()
@@ -152,23 +219,22 @@ class SQLStore(Store):
             function=row.function,
             payload=_loads(row.payload),
             serializer=row.serializer,
-            requirements=Requirements(
-                gpu=row.gpu_kind + (f":{row.gpu_name}" if row.gpu_name else ""),
-                min_memory_gb=row.min_memory_gb,
-                labels=_loads(row.labels) or {},
-            ),
+            requirements=_requirements(row),
             fallback=row.fallback,
             priority=row.priority,
             timeout_s=row.timeout_s,
             max_retries=row.max_retries,
             idempotency_key=row.idempotency_key,
+            resolved=bool(row.resolved),
             state=JobState(row.state),
             attempts=row.attempts,
+            failures=row.failures,
+            lost=row.lost,
             worker_id=row.worker_id,
             device=row.device,
             fallback_used=bool(row.fallback_used),
             result=_loads(row.result),
-            error=_loads(row.error),
+            error=_error(row.error),
             timings=_loads(row.timings),
             created_at=_dt(row.created_at),
             updated_at=_dt(row.updated_at),
@@ -177,83 +243,88 @@ class SQLStore(Store):
             history=history,
         )
 
-    def _backoff(self, attempt: int) -> float:
-        # Exponential with full jitter, so a burst of failures does not retry in lockstep.
-        ceiling = min(self.retry_max_s, self.retry_base_s * 2 ** max(attempt - 1, 0))
-        return random.uniform(ceiling / 2, ceiling)
-
     # -- jobs ----------------------------------------------------------------------------
-    def enqueue(self, specs: Sequence[JobSpec]) -> list[Job]:
+    def enqueue(self, new: Sequence[NewJob]) -> list[Job]:
         try:
-            return self._enqueue(specs)
+            return self._enqueue(new)
         except IntegrityError:
             # Another gateway inserted the same idempotency key between our read and
             # our insert: the second pass finds its job.
             try:
-                return self._enqueue(specs)
+                return self._enqueue(new)
             except IntegrityError as exc:  # pragma: no cover - needs a three-way race
                 raise DuplicateKey("idempotency key conflict; retry the request") from exc
 
-    def _enqueue(self, specs: Sequence[JobSpec]) -> list[Job]:
+    def _enqueue(self, new: Sequence[NewJob]) -> list[Job]:
         now = time.time()
-        keys = [s.idempotency_key for s in specs if s.idempotency_key]
+        keys = [j.idempotency_key for j in new if j.idempotency_key]
         with self._write() as conn:
             existing: dict[str, Any] = {}
-            row: Any
             if keys:
-                for row in conn.execute(select(jobs).where(jobs.c.idempotency_key.in_(keys))):
-                    existing[row.idempotency_key] = row
-            new_rows: list[dict[str, Any]] = []
+                for found in conn.execute(select(jobs).where(jobs.c.idempotency_key.in_(keys))):
+                    existing[found.idempotency_key] = found
+            rows: list[dict[str, Any]] = []
             order: list[str | dict[str, Any]] = []
             batch_keys: dict[str, dict[str, Any]] = {}
-            for spec in specs:
-                key = spec.idempotency_key
+            for job in new:
+                key = job.idempotency_key
                 if key and key in existing:
                     order.append(key)
                     continue
                 if key and key in batch_keys:
                     order.append(batch_keys[key])
                     continue
-                req = spec.requirements
+                fallback_at = now + self.fallback_grace_s if job.options.fallback else None
                 row = {
                     "id": uuid.uuid4().hex,
-                    "function": spec.function,
-                    "module": spec.module,
-                    "payload": _dumps(spec.payload),
-                    "serializer": spec.serializer,
-                    "gpu_kind": req.kind,
-                    "gpu_name": req.name,
-                    "min_memory_gb": req.min_memory_gb,
-                    "labels": canonical_labels(req.labels),
-                    "fallback": spec.fallback,
-                    "fallback_at": now + self.fallback_grace_s if spec.fallback else None,
-                    "priority": spec.priority,
-                    "timeout_s": spec.timeout_s,
-                    "max_retries": spec.max_retries,
+                    "function": job.function,
+                    "module": job.function.partition(":")[0],
+                    "payload": _payload_json(job.payload),
+                    **_option_columns(job.options),
+                    "fallback_at": fallback_at,
                     "idempotency_key": key,
+                    "resolved": job.resolved,
+                    "requested": job.requested.model_dump_json(exclude_none=True),
                     "state": JobState.queued.value,
                     "attempts": 0,
+                    "failures": 0,
+                    "lost": 0,
                     "fallback_used": False,
                     "created_at": now,
                     "updated_at": now,
                     "run_after": now,
                 }
-                new_rows.append(row)
+                rows.append(row)
                 order.append(row)
                 if key:
                     batch_keys[key] = row
-            if new_rows:
-                conn.execute(insert(jobs), new_rows)
-        out = []
-        for item in order:
-            if isinstance(item, str):
-                out.append(self._to_job(existing[item]))
-            else:
-                out.append(self._to_job(_RowView(item)))
-        return out
+            if rows:
+                conn.execute(insert(jobs), rows)
+        return [
+            self._to_job(existing[item]) if isinstance(item, str) else self._to_job(_RowView(item))
+            for item in order
+        ]
+
+    def _find_id(self, conn: Connection, job_id: str) -> str:
+        """The full id of ``job_id`` or of the one job whose id starts with it."""
+        if len(job_id) >= FULL_ID_LENGTH:
+            return job_id
+        if not job_id or not all(c in "0123456789abcdef" for c in job_id):
+            raise NotFound(f"no job with id {job_id!r}")
+        found = (
+            conn.execute(select(jobs.c.id).where(jobs.c.id.like(f"{job_id}%")).limit(2))
+            .scalars()
+            .all()
+        )
+        if not found:
+            raise NotFound(f"no job with id {job_id!r}")
+        if len(found) > 1:
+            raise AmbiguousId(f"{job_id!r} is the start of more than one job id: give more of it")
+        return str(found[0])
 
     def get(self, job_id: str, *, history: bool = False) -> Job:
         with self._read() as conn:
+            job_id = self._find_id(conn, job_id)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
             if row is None:
                 raise NotFound(f"no job with id {job_id!r}")
@@ -287,15 +358,31 @@ class SQLStore(Store):
             return [self._to_job(r) for r in conn.execute(query)]
 
     def list_jobs(
-        self, *, state: JobState | None = None, limit: int = 100, before: float | None = None
-    ) -> list[Job]:
-        query = select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)
-        if state is not None:
-            query = query.where(jobs.c.state == state.value)
-        if before is not None:
-            query = query.where(jobs.c.created_at < before)
+        self, where: JobFilter | None = None, *, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        where = where or JobFilter()
+        # (created_at, id) is unique and stable: jobs created in one batch share a timestamp,
+        # and a cursor on the time alone would skip the rest of the batch.
+        query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+        if where.state is not None:
+            query = query.where(jobs.c.state == where.state.value)
+        if where.function:
+            query = query.where(jobs.c.function == where.function)
+        if where.worker_id:
+            query = query.where(jobs.c.worker_id == where.worker_id)
+        if where.device:
+            query = query.where(jobs.c.device == where.device)
+        if where.id_prefix:
+            query = query.where(jobs.c.id.like(f"{where.id_prefix}%"))
+        if cursor:
+            created, job_id = _parse_cursor(cursor)
+            query = query.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(created, job_id))
         with self._read() as conn:
-            return [self._to_job(r) for r in conn.execute(query)]
+            rows = conn.execute(query).all()
+        page = [self._to_job(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = f"{rows[limit - 1].created_at!r}:{rows[limit - 1].id}" if more else None
+        return page, next_cursor
 
     def count_by_state(self) -> dict[str, int]:
         counts = {s.value: 0 for s in JobState}
@@ -315,7 +402,8 @@ class SQLStore(Store):
                     jobs.c.gpu_kind.in_(SATISFIES[device.kind]),
                     or_(
                         jobs.c.gpu_name.is_(None),
-                        literal(device.name.lower()).contains(jobs.c.gpu_name),
+                        # Not LIKE: a name holding "_" or "%" must match literally.
+                        self._position(literal(device.name.lower()), jobs.c.gpu_name) > 0,
                     ),
                     or_(jobs.c.min_memory_gb.is_(None), jobs.c.min_memory_gb <= memory_gb),
                 )
@@ -333,7 +421,7 @@ class SQLStore(Store):
     def lease(
         self, worker_id: str, caps: Capabilities, *, max_jobs: int, lease_seconds: float
     ) -> list[Lease]:
-        if max_jobs <= 0 or not caps.modules:
+        if max_jobs <= 0 or not caps.functions:
             return []
         now = time.time()
         query = (
@@ -352,12 +440,10 @@ class SQLStore(Store):
                 jobs.c.fallback_at,
             )
             .where(
-                # A literal, not a bound parameter: only then can SQLite (and a generic
-                # PostgreSQL plan) prove the partial queue index applies, instead of
-                # sorting every queued job on each lease.
-                jobs.c.state == literal_column("'queued'"),
+                _in(jobs.c.state, sources(Event.lease)),
+                jobs.c.resolved.is_(True),
                 jobs.c.run_after <= now,
-                jobs.c.module.in_(caps.modules),
+                jobs.c.function.in_(sorted(caps.functions)),
                 self._match_clause(caps, now),
             )
             .order_by(jobs.c.priority.desc(), jobs.c.run_after, jobs.c.created_at)
@@ -373,13 +459,8 @@ class SQLStore(Store):
             updates = []
             attempt_rows = []
             for row in rows:
-                req = Requirements(
-                    gpu=row.gpu_kind + (f":{row.gpu_name}" if row.gpu_name else ""),
-                    min_memory_gb=row.min_memory_gb,
-                    labels=_loads(row.labels) or {},
-                )
                 fallback_open = row.fallback == "cpu" and (row.fallback_at or 0) <= now
-                picked = pick_device(req, caps, fallback_open=fallback_open)
+                picked = pick_device(_requirements(row), caps, fallback_open=fallback_open)
                 if picked is None:  # pragma: no cover - SQL and Python rule disagree
                     continue
                 device, fallback_used = picked
@@ -422,7 +503,7 @@ class SQLStore(Store):
                     update(jobs)
                     .where(jobs.c.id == bindparam("b_id"))
                     .values(
-                        state=JobState.leased.value,
+                        state=target(Event.lease),
                         lease_token=bindparam("b_token"),
                         lease_expires_at=expires,
                         worker_id=worker_id,
@@ -440,6 +521,7 @@ class SQLStore(Store):
         self, worker_id: str, leases: Sequence[tuple[str, str]], *, lease_seconds: float
     ) -> HeartbeatResult:
         now = time.time()
+        held: list[str] = []
         with self._write() as conn:
             seen = conn.execute(
                 update(workers)
@@ -476,13 +558,10 @@ class SQLStore(Store):
         held_set = set(held)
         return HeartbeatResult(lost=[job_id for job_id in wanted if job_id not in held_set])
 
-    def report(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[ReportResult]:
+    def report(self, outcomes: Sequence[Outcome]) -> list[ReportResult]:
         now = time.time()
-        results: list[ReportResult] = []
         with self._write() as conn:
-            for outcome in outcomes:
-                results.append(self._report_one(conn, outcome, now))
-        return results
+            return [self._report_one(conn, outcome, now) for outcome in outcomes]
 
     def _refusal(self, conn: Connection, outcome: Outcome) -> ReportResult:
         row = conn.execute(
@@ -491,30 +570,43 @@ class SQLStore(Store):
         if row is None:
             reason = "no such job"
         elif row.lease_token != outcome.lease_token:
-            reason = "lease lost: the job was leased again after this lease expired"
+            issued = conn.execute(
+                select(attempts.c.attempt).where(
+                    attempts.c.job_id == outcome.job_id,
+                    attempts.c.lease_token == outcome.lease_token,
+                )
+            ).first()
+            reason = (
+                "lease lost: the job was leased again after this lease expired"
+                if issued is not None
+                else "unknown lease: this job was never leased with that token"
+            )
         else:
             reason = f"lease lost: the job is already {row.state}"
-        return ReportResult(outcome.job_id, False, reason)
+        return ReportResult(job_id=outcome.job_id, accepted=False, reason=reason)
 
-    def _report_one(self, conn: Connection, outcome: Outcome, now: float) -> ReportResult:
-        fenced = and_(
+    def _fenced(self, outcome: Outcome, event: Event) -> Any:
+        return and_(
             jobs.c.id == outcome.job_id,
             jobs.c.lease_token == outcome.lease_token,
-            jobs.c.state.in_(ACTIVE),
+            jobs.c.state.in_(sources(event)),
         )
+
+    def _report_one(self, conn: Connection, outcome: Outcome, now: float) -> ReportResult:
         attempt_of = and_(
             attempts.c.job_id == outcome.job_id, attempts.c.lease_token == outcome.lease_token
         )
+        accepted = ReportResult(job_id=outcome.job_id, accepted=True)
         if outcome.status == "started":
             done = conn.execute(
-                update(jobs).where(fenced).values(state=JobState.running.value, updated_at=now)
+                update(jobs)
+                .where(self._fenced(outcome, Event.start))
+                .values(state=target(Event.start), updated_at=now)
             )
-            if done.rowcount != 1:
-                return self._refusal(conn, outcome)
-            return ReportResult(outcome.job_id, True)
+            return accepted if done.rowcount == 1 else self._refusal(conn, outcome)
         if outcome.status == "succeeded":
             values: dict[str, Any] = {
-                "state": JobState.succeeded.value,
+                "state": target(Event.succeed),
                 "result": _dumps(outcome.result),
                 "error": None,
                 "timings": _dumps(outcome.timings),
@@ -523,24 +615,23 @@ class SQLStore(Store):
             }
             if outcome.device:
                 values["device"] = outcome.device
-            done = conn.execute(update(jobs).where(fenced).values(**values))
+            done = conn.execute(
+                update(jobs).where(self._fenced(outcome, Event.succeed)).values(**values)
+            )
             if done.rowcount != 1:
                 return self._refusal(conn, outcome)
             conn.execute(
                 update(attempts).where(attempt_of).values(outcome="succeeded", finished_at=now)
             )
-            return ReportResult(outcome.job_id, True)
-        row = conn.execute(select(jobs.c.attempts, jobs.c.max_retries).where(fenced)).first()
-        if row is None:
-            return self._refusal(conn, outcome)
+            return accepted
         if outcome.status == "released":
             # Handed back unstarted or interrupted by a cold stop: not the job's fault,
             # so the attempt does not count.
-            conn.execute(
+            done = conn.execute(
                 update(jobs)
-                .where(fenced)
+                .where(self._fenced(outcome, Event.release))
                 .values(
-                    state=JobState.queued.value,
+                    state=target(Event.release),
                     attempts=jobs.c.attempts - 1,
                     lease_token=None,
                     worker_id=None,
@@ -548,53 +639,72 @@ class SQLStore(Store):
                     updated_at=now,
                 )
             )
+            if done.rowcount != 1:
+                return self._refusal(conn, outcome)
             conn.execute(delete(attempts).where(attempt_of))
-            return ReportResult(outcome.job_id, True)
-        error = outcome.error or {"type": "Error", "message": "the job failed"}
-        message = f"{error.get('type', 'Error')}: {error.get('message', '')}"[:2000]
-        retry = outcome.retryable and row.attempts <= row.max_retries
-        values = {"error": _dumps(error), "timings": _dumps(outcome.timings), "updated_at": now}
-        if retry:
-            values.update(
-                state=JobState.queued.value,
-                lease_token=None,
-                run_after=now + self._backoff(row.attempts),
-            )
+            return accepted
+        row = conn.execute(
+            select(jobs.c.failures, jobs.c.max_retries).where(self._fenced(outcome, Event.fail))
+        ).first()
+        if row is None:
+            return self._refusal(conn, outcome)
+        error = outcome.error or JobError(type="Error", message="the job failed")
+        decision = self.retry.after_failure(
+            row.failures + 1, row.max_retries, retryable=outcome.retryable
+        )
+        event = Event.retry if decision.again else Event.fail
+        values = {
+            "state": target(event),
+            "failures": jobs.c.failures + 1,
+            "timings": _dumps(outcome.timings),
+            "updated_at": now,
+        }
+        if decision.again:
+            values.update(error=_dumps(error.model_dump()), lease_token=None)
+            values["run_after"] = now + decision.delay_s
         else:
-            values.update(state=JobState.failed.value, finished_at=now)
-        conn.execute(update(jobs).where(fenced).values(**values))
+            final = error.model_copy(update={"message": f"{error.message} ({decision.reason})"})
+            values.update(error=_dumps(final.model_dump()), finished_at=now)
+        conn.execute(update(jobs).where(self._fenced(outcome, event)).values(**values))
         conn.execute(
             update(attempts)
             .where(attempt_of)
-            .values(outcome="retry" if retry else "failed", finished_at=now, error=message)
+            .values(
+                outcome="retry" if decision.again else "failed",
+                finished_at=now,
+                error=error.summary(),
+            )
         )
-        return ReportResult(outcome.job_id, True)
+        return accepted
 
     def requeue_expired(self) -> int:
         now = time.time()
         query = select(
-            jobs.c.id, jobs.c.attempts, jobs.c.max_retries, jobs.c.worker_id, jobs.c.lease_token
-        ).where(
-            # Literals, so the partial index over active jobs provably applies.
-            jobs.c.state.in_([literal_column(f"'{state}'") for state in sorted(ACTIVE)]),
-            jobs.c.lease_expires_at < now,
-        )
+            jobs.c.id, jobs.c.lost, jobs.c.worker_id, jobs.c.lease_token, jobs.c.state
+        ).where(_in(jobs.c.state, ACTIVE), jobs.c.lease_expires_at < now)
         with self._write() as conn:
             rows = conn.execute(self._lock(query)).all()
             for row in rows:
                 message = f"worker {row.worker_id} stopped heartbeating and its lease expired"
-                error = {"type": "LeaseExpired", "message": message, "kind": "lost"}
-                fenced = and_(jobs.c.id == row.id, jobs.c.lease_token == row.lease_token)
-                if row.attempts <= row.max_retries:
-                    values: dict[str, Any] = {
-                        "state": JobState.queued.value,
-                        "lease_token": None,
-                        "run_after": now,
-                    }
+                decision = self.retry.after_lost_lease(row.lost + 1)
+                event = Event.lose if decision.again else Event.give_up
+                values: dict[str, Any] = {"state": target(event), "lost": jobs.c.lost + 1}
+                if decision.again:
+                    values.update(lease_token=None, run_after=now)
+                    error = JobError(type="LeaseExpired", message=message, kind="lost")
                 else:
-                    values = {"state": JobState.failed.value, "finished_at": now}
+                    values.update(finished_at=now)
+                    error = JobError(
+                        type="LeaseExpired", message=f"{message} ({decision.reason})", kind="lost"
+                    )
                 conn.execute(
-                    update(jobs).where(fenced).values(error=_dumps(error), updated_at=now, **values)
+                    update(jobs)
+                    .where(
+                        jobs.c.id == row.id,
+                        jobs.c.lease_token == row.lease_token,
+                        jobs.c.state.in_(sources(event)),
+                    )
+                    .values(error=_dumps(error.model_dump()), updated_at=now, **values)
                 )
                 conn.execute(
                     update(attempts)
@@ -603,27 +713,50 @@ class SQLStore(Store):
                 )
         return len(rows)
 
-    def cancel(self, job_id: str) -> Job:
+    def _transition(
+        self, job_id: str, event: Event, values: Callable[[float], dict[str, Any]]
+    ) -> Job:
         now = time.time()
         with self._write() as conn:
-            row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
-            if row is None:
-                raise NotFound(f"no job with id {job_id!r}")
-            if row.state in TERMINAL:
-                raise InvalidTransition(f"job {job_id} is already {row.state}")
-            # The lease token stays, so the worker's next heartbeat learns the job is
-            # gone and kills it; any completion it sends is refused (state is final).
-            conn.execute(
+            job_id = self._find_id(conn, job_id)
+            done = conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.notin_(TERMINAL))
-                .values(
-                    state=JobState.cancelled.value,
-                    finished_at=now,
-                    updated_at=now,
-                    error=_dumps({"type": "Cancelled", "message": "cancelled on request"}),
-                )
+                .where(jobs.c.id == job_id, jobs.c.state.in_(sources(event)))
+                .values(state=target(event), updated_at=now, **values(now))
             )
+            if done.rowcount != 1:
+                row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
+                if row is None:
+                    raise NotFound(f"no job with id {job_id!r}")
+                raise InvalidTransition(f"job {job_id} is {row.state}: it cannot {event.value}")
         return self.get(job_id)
+
+    def cancel(self, job_id: str) -> Job:
+        # The lease token stays, so the worker's next heartbeat learns the job is gone and
+        # kills it; any completion it sends is refused (the state is final).
+        error = JobError(type="Cancelled", message="cancelled on request", kind="cancelled")
+        return self._transition(
+            job_id,
+            Event.cancel,
+            lambda now: {"finished_at": now, "error": _dumps(error.model_dump())},
+        )
+
+    def rerun(self, job_id: str) -> Job:
+        def fresh(now: float) -> dict[str, Any]:
+            return {
+                "failures": 0,
+                "lost": 0,
+                "lease_token": None,
+                "worker_id": None,
+                "error": None,
+                "result": None,
+                "finished_at": None,
+                "run_after": now,
+                "fallback_at": now + self.fallback_grace_s,
+                "fallback_used": False,
+            }
+
+        return self._transition(job_id, Event.rerun, fresh)
 
     def prune(self, older_than_seconds: float) -> int:
         cutoff = time.time() - older_than_seconds
@@ -635,6 +768,59 @@ class SQLStore(Store):
             )
         return int(done.rowcount or 0)
 
+    # -- published functions ---------------------------------------------------------------
+    def declarations(self, names: Sequence[str]) -> dict[str, FunctionOptions]:
+        if not names:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                select(functions.c.function, functions.c.options).where(
+                    functions.c.function.in_(list(names))
+                )
+            ).all()
+        return {r.function: FunctionOptions.model_validate_json(r.options) for r in rows}
+
+    def pending(self, *, limit: int = 1000) -> list[Pending]:
+        query = (
+            select(jobs.c.id, jobs.c.function, jobs.c.requested)
+            .where(jobs.c.resolved.is_(False), _in(jobs.c.state, ["queued"]))
+            .order_by(jobs.c.created_at)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            Pending(r.id, r.function, Requested.model_validate_json(r.requested or "{}"))
+            for r in rows
+        ]
+
+    def resolve(self, settled: Sequence[tuple[str, Resolved | JobError]]) -> int:
+        now = time.time()
+        count = 0
+        with self._write() as conn:
+            for job_id, outcome in settled:
+                pending = and_(jobs.c.id == job_id, jobs.c.resolved.is_(False))
+                fence: Any
+                if isinstance(outcome, JobError):
+                    values: dict[str, Any] = {
+                        "state": target(Event.reject),
+                        "error": _dumps(outcome.model_dump()),
+                        "finished_at": now,
+                    }
+                    fence = jobs.c.state.in_(sources(Event.reject))
+                else:
+                    values = {
+                        **_option_columns(outcome),
+                        "resolved": True,
+                        "fallback_at": now + self.fallback_grace_s if outcome.fallback else None,
+                    }
+                    fence = jobs.c.state == JobState.queued.value
+                done = conn.execute(
+                    update(jobs).where(pending, fence).values(updated_at=now, **values)
+                )
+                count += done.rowcount or 0
+        return count
+
     # -- workers -------------------------------------------------------------------------
     def register_worker(self, caps: Capabilities, worker_id: str | None = None) -> str:
         now = time.time()
@@ -645,19 +831,33 @@ class SQLStore(Store):
             "state": "active",
         }
         with self._write() as conn:
+            new_id = None
             if worker_id:
                 done = conn.execute(
                     update(workers).where(workers.c.id == worker_id).values(**values)
                 )
                 if done.rowcount == 1:
-                    return worker_id
-            new_id = worker_id or uuid.uuid4().hex
-            conn.execute(insert(workers).values(id=new_id, registered_at=now, **values))
+                    new_id = worker_id
+            if new_id is None:
+                new_id = worker_id or uuid.uuid4().hex
+                conn.execute(insert(workers).values(id=new_id, registered_at=now, **values))
+            if caps.functions:
+                rows = [
+                    {
+                        "function": path,
+                        "module": path.partition(":")[0],
+                        "options": options.model_dump_json(),
+                        "worker_id": new_id,
+                        "updated_at": now,
+                    }
+                    for path, options in sorted(caps.functions.items())
+                ]
+                conn.execute(self._upsert(functions, rows, "function"))
         return new_id
 
-    def _to_worker(self, row: Any, now: float) -> WorkerRecord:
+    def _to_worker(self, row: Any, now: float) -> WorkerInfo:
         alive = row.state == "active" and row.last_seen >= now - self.worker_ttl_s
-        return WorkerRecord(
+        return WorkerInfo(
             id=row.id,
             capabilities=Capabilities.model_validate_json(row.capabilities),
             registered_at=row.registered_at,
@@ -666,14 +866,14 @@ class SQLStore(Store):
             alive=alive,
         )
 
-    def get_worker(self, worker_id: str) -> WorkerRecord:
+    def get_worker(self, worker_id: str) -> WorkerInfo:
         with self._read() as conn:
             row = conn.execute(select(workers).where(workers.c.id == worker_id)).first()
         if row is None:
             raise NotFound(f"no worker with id {worker_id!r}")
         return self._to_worker(row, time.time())
 
-    def list_workers(self, *, alive_only: bool = False) -> list[WorkerRecord]:
+    def list_workers(self, *, alive_only: bool = False) -> list[WorkerInfo]:
         now = time.time()
         query = select(workers).order_by(workers.c.last_seen.desc())
         if alive_only:
@@ -685,23 +885,25 @@ class SQLStore(Store):
 
     def deregister_worker(self, worker_id: str) -> None:
         with self._write() as conn:
-            conn.execute(update(workers).where(workers.c.id == worker_id).values(state="stopped"))
+            done = conn.execute(
+                update(workers).where(workers.c.id == worker_id).values(state="stopped")
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no worker with id {worker_id!r}")
 
     # -- tokens --------------------------------------------------------------------------
-    def create_token(self, name: str, scope: Scope) -> tuple[TokenInfo, str]:
-        secret = f"hg{scope[0]}_{secrets.token_urlsafe(32)}"
-        info = TokenInfo(id=uuid.uuid4().hex[:16], name=name, scope=scope, created_at=time.time())
+    def add_token(self, info: TokenInfo, token_hash: str) -> None:
         with self._write() as conn:
             conn.execute(
                 insert(tokens).values(
                     id=info.id,
-                    name=name,
-                    scope=scope,
-                    hash=hash_token(secret),
+                    name=info.name,
+                    scope=info.scope,
+                    hash=token_hash,
                     created_at=info.created_at,
+                    expires_at=info.expires_at,
                 )
             )
-        return info, secret
 
     @staticmethod
     def _to_token(row: Any) -> TokenInfo:
@@ -710,36 +912,78 @@ class SQLStore(Store):
             name=row.name,
             scope=row.scope,
             created_at=row.created_at,
+            expires_at=row.expires_at,
             revoked_at=row.revoked_at,
         )
 
-    def verify_token(self, secret: str) -> TokenInfo | None:
-        digest = hash_token(secret)
+    def verify_token(self, token_hash: str) -> TokenInfo | None:
         with self._read() as conn:
-            row = conn.execute(select(tokens).where(tokens.c.hash == digest)).first()
-        if row is None or row.revoked_at is not None:
+            row = conn.execute(select(tokens).where(tokens.c.hash == token_hash)).first()
+        if row is None:
             return None
-        if not hmac.compare_digest(row.hash, digest):  # pragma: no cover - belt and braces
-            return None
-        return self._to_token(row)
+        info = self._to_token(row)
+        return info if info.active(time.time()) else None
 
     def list_tokens(self) -> list[TokenInfo]:
         with self._read() as conn:
             rows = conn.execute(select(tokens).order_by(tokens.c.created_at)).all()
         return [self._to_token(r) for r in rows]
 
-    def revoke_token(self, token_id: str) -> TokenInfo:
+    def revoke_token(self, token_id: str, *, force: bool = False) -> TokenInfo:
+        now = time.time()
+        active = and_(
+            tokens.c.revoked_at.is_(None),
+            or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
+        )
         with self._write() as conn:
-            done = conn.execute(
+            row = conn.execute(self._lock(select(tokens).where(tokens.c.id == token_id))).first()
+            if row is None:
+                raise NotFound(f"no token with id {token_id!r}")
+            if not force and row.scope == "admin" and self._to_token(row).active(now):
+                others = conn.execute(
+                    select(func.count()).where(
+                        tokens.c.scope == "admin", tokens.c.id != token_id, active
+                    )
+                ).scalar_one()
+                if not others:
+                    raise LastAdminToken(
+                        f"token {token_id} is the last active admin token: create another "
+                        "admin token first, or revoke it with --force (a restarted gateway "
+                        "then writes a new one to HOSTGPU_HOME/admin-token)"
+                    )
+            conn.execute(
                 update(tokens)
                 .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
-                .values(revoked_at=time.time())
+                .values(revoked_at=now)
             )
             row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
-        if row is None:
-            raise NotFound(f"no token with id {token_id!r}")
-        del done
         return self._to_token(row)
+
+    def has_active_admin(self) -> bool:
+        now = time.time()
+        with self._read() as conn:
+            found = conn.execute(
+                select(tokens.c.id)
+                .where(
+                    tokens.c.scope == "admin",
+                    tokens.c.revoked_at.is_(None),
+                    or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
+                )
+                .limit(1)
+            ).first()
+        return found is not None
+
+
+def _parse_cursor(cursor: str) -> tuple[float, str]:
+    created, sep, job_id = cursor.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return float(created), job_id
+    except ValueError:
+        raise InvalidInput(
+            f"bad cursor {cursor!r}: pass next_cursor from a previous page"
+        ) from None
 
 
 class _RowView:
@@ -747,7 +991,14 @@ class _RowView:
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.__dict__.update(data)
-        self.__dict__.setdefault("lease_token", None)
-        for key in ("lease_expires_at", "worker_id", "device", "result", "error", "timings"):
+        for key in (
+            "lease_token",
+            "lease_expires_at",
+            "worker_id",
+            "device",
+            "result",
+            "error",
+            "timings",
+            "finished_at",
+        ):
             self.__dict__.setdefault(key, None)
-        self.__dict__.setdefault("finished_at", None)

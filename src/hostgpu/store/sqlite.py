@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event, func
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 
 from hostgpu.store.sql import SQLStore
@@ -51,3 +52,11 @@ class SQLiteStore(SQLStore):
     def _read(self) -> Iterator[Connection]:
         with self.engine.connect() as conn:
             yield conn.execution_options(hostgpu_readonly=True)
+
+    def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
+        stmt = sqlite_insert(table).values(rows)
+        changed = {c: stmt.excluded[c] for c in rows[0] if c != key}
+        return stmt.on_conflict_do_update(index_elements=[key], set_=changed)
+
+    def _position(self, haystack: Any, needle: Any) -> Any:
+        return func.instr(haystack, needle)

@@ -1,12 +1,19 @@
-"""The native worker's control loop: register, lease, run, heartbeat, report, stop.
+"""The native worker's control loop: start children, register, lease, run, heartbeat, report,
+stop.
+
+Start: the child pool starts first; the first child imports the worker's modules and says
+which functions they publish (and which modules failed to import). The worker then registers
+its devices, modules and published functions, so the gateway can hold every job to its
+function's declared options. The parent never imports job code nor torch: the probe runs in
+a short-lived subprocess, cached under ``HOSTGPU_HOME``.
 
 Threads:
-- the caller's thread runs :meth:`WorkerAgent.run`: it leases (long-polling) whenever
-  the child pool has room, and handles stopping;
-- a reporter sends outcomes in batches as soon as they exist (one request carries
-  every result that finished while the previous request was in flight);
-- a heartbeat thread extends leases, marks long jobs as running, and kills jobs the
-  gateway says are lost (cancelled, or leased again elsewhere).
+- the caller's thread runs :meth:`WorkerAgent.run`: it leases (long-polling) whenever the
+  child pool has room, and handles stopping;
+- a reporter sends outcomes in batches as soon as they exist (one request carries every
+  result that finished while the previous request was in flight);
+- a heartbeat thread extends leases, marks long jobs as running, and kills jobs the gateway
+  says are lost (cancelled, or leased again elsewhere).
 Each thread has its own HTTP client, so a long poll never delays a heartbeat.
 """
 
@@ -31,19 +38,23 @@ from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponen
 import hostgpu
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.client import Client
-from hostgpu.errors import GatewayUnavailable, NotFound
+from hostgpu.devices.probe import Report
+from hostgpu.errors import ConfigError, GatewayUnavailable, NotFound
+from hostgpu.functions import FunctionOptions
 from hostgpu.jobs import Lease, Outcome
-from hostgpu.worker.runner import ChildPool, Task, TaskResult
+from hostgpu.worker.runner import ChildPool
 
 log = logging.getLogger("hostgpu.worker")
 T = TypeVar("T")
 
-#: Built-in pipelines a worker offers when their dependencies are installed.
+#: Built-in modules a worker offers when their dependencies are installed.
 BUILTIN_MODULES: dict[str, str] = {
+    "hostgpu.builtin": "",
     "hostgpu.pipelines.ingest": "sentence_transformers",
     "hostgpu.pipelines.search": "sentence_transformers",
-    "hostgpu.builtin": "",
 }
+#: How long the first child may take to import the worker's modules.
+READY_TIMEOUT_S = 300.0
 
 
 def builtin_modules() -> list[str]:
@@ -56,8 +67,6 @@ def builtin_modules() -> list[str]:
 
 def check_modules(modules: Sequence[str]) -> None:
     """Fail fast, in the parent and without importing, on a module that is not there."""
-    from hostgpu.errors import ConfigError
-
     for module in modules:
         try:
             found = importlib.util.find_spec(module)
@@ -82,22 +91,31 @@ class WorkerConfig:
     lease_wait: float = 5.0
     grace: float = 30.0
     started_after: float = 0.25
+    skip_broken_imports: bool = False
+    #: The accelerator probe (default: the cached probe of this host).
+    report: Report | None = None
 
 
 class WorkerAgent:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         check_modules(config.modules)
+        self.unavailable: dict[str, str] = {}
         if config.devices is None:
-            from hostgpu.devices import usable_devices
+            from hostgpu.devices import cached_report, usable_devices
+            from hostgpu.settings import get_settings
 
-            config.devices = usable_devices()
+            report = config.report or cached_report(get_settings().home_dir / "probe-cache.json")
+            config.devices = usable_devices(report=report)
+            self.unavailable = {m.kind: m.reason for m in report.missing}
+        self.modules = list(dict.fromkeys([*config.modules, *builtin_modules()]))
         self.caps = Capabilities(
             name=config.name or f"{socket.gethostname()}-{os.getpid()}",
             hostname=socket.gethostname(),
             devices=config.devices,
             labels=config.labels,
-            modules=sorted({*config.modules, *builtin_modules()}),
+            modules=self.modules,
+            unavailable=self.unavailable,
             concurrency=config.concurrency,
             version=hostgpu.__version__,
         )
@@ -111,15 +129,53 @@ class WorkerAgent:
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._started: set[str] = set()
         self._lock = threading.Lock()
-        self.pool = ChildPool(config.concurrency, self._on_result, preload=tuple(config.modules))
+        self.pool = ChildPool(config.concurrency, self._on_result, preload=tuple(self.modules))
         self.completed = 0
         self._mean_run_s: float | None = None
+
+    # -- start: what the children import and publish ------------------------------------------
+    def discover(self) -> None:
+        """Start the children and learn the published functions from the first one.
+
+        A module that fails to import stops the worker with the import error (a worker that
+        silently offers less than it was asked to is worse than one that does not start),
+        unless ``skip_broken_imports``: then it starts without advertising that module.
+        """
+        self.pool.start()
+        ready = self.pool.wait_ready(READY_TIMEOUT_S)
+        if ready is None:
+            raise ConfigError(
+                f"the worker's child process did not finish importing {', '.join(self.modules)} "
+                f"within {READY_TIMEOUT_S:.0f} s"
+            )
+        requested = set(self.config.modules)
+        broken = {m: e for m, e in ready.errors.items() if m in requested}
+        if broken and not self.config.skip_broken_imports:
+            self.pool.stop(cold=True, grace=0)
+            lines = "\n".join(f"  {module}: {error}" for module, error in broken.items())
+            raise ConfigError(
+                f"cannot import the worker's modules:\n{lines}\n"
+                "fix the import, or start with --skip-broken-imports to run without them"
+            )
+        for module, error in ready.errors.items():
+            log.warning("not offering %s: %s", module, error)
+        self.caps = self.caps.model_copy(
+            update={
+                "modules": [m for m in self.modules if m not in ready.errors],
+                "functions": {
+                    path: FunctionOptions.model_validate(options)
+                    for path, options in ready.functions.items()
+                },
+            }
+        )
 
     # -- gateway calls, retried while the gateway is away ------------------------------------
     def _client(self) -> Client:
         return Client(self.config.gateway, self.config.token, timeout=30.0)
 
-    def _retrying(self, call: Callable[[], T]) -> T:
+    def _retrying(self, call: Callable[[], T], *, while_stopping: bool = False) -> T:
+        """Call the gateway until it answers; give up at once on a cold stop, and on any stop
+        unless ``while_stopping`` (reports of finished jobs are worth a few more tries)."""
         retry = Retrying(
             retry=retry_if_exception_type(GatewayUnavailable),
             wait=wait_exponential(multiplier=0.2, max=5.0),
@@ -131,43 +187,35 @@ class WorkerAgent:
         )
         for attempt in retry:
             with attempt:
-                if attempt.retry_state.attempt_number > 1 and self._cold.is_set():
-                    raise GatewayUnavailable("worker is stopping cold; not retrying")
+                if attempt.retry_state.attempt_number > 1 and (
+                    self._cold.is_set() or (self._stop.is_set() and not while_stopping)
+                ):
+                    raise GatewayUnavailable("worker is stopping; not retrying")
                 return call()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def register(self, client: Client) -> None:
         reply = self._retrying(lambda: client.register(self.caps, self.worker_id))
-        self.worker_id = reply["worker_id"]
-        self.heartbeat_seconds = float(reply["heartbeat_seconds"])
+        self.worker_id = reply.worker_id
+        self.heartbeat_seconds = reply.heartbeat_seconds
         log.info(
-            "registered as %s with %s",
+            "registered as %s with %s; publishing %d function(s)",
             self.worker_id,
             ", ".join(f"{d.kind}:{d.name}" for d in self.caps.devices),
+            len(self.caps.functions),
         )
 
     # -- results -------------------------------------------------------------------------------
-    def _on_result(self, result: TaskResult) -> None:
-        run_s = result.timings.get("run_s")
+    def _on_result(self, outcome: Outcome) -> None:
+        run_s = (outcome.timings or {}).get("run_s")
         if run_s is not None:
             # An exponential moving average: recent jobs count most.
             previous = self._mean_run_s
             self._mean_run_s = run_s if previous is None else 0.8 * previous + 0.2 * run_s
         with self._lock:
-            self._leases.pop(result.job_id, None)
-            self._started.discard(result.job_id)
-        self._outbox.put(
-            Outcome(
-                job_id=result.job_id,
-                lease_token=result.lease_token,
-                status="succeeded" if result.status == "succeeded" else "failed",
-                result=result.result,
-                error=result.error,
-                retryable=result.retryable,
-                device=result.device or None,
-                timings=result.timings or None,
-            )
-        )
+            self._leases.pop(outcome.job_id, None)
+            self._started.discard(outcome.job_id)
+        self._outbox.put(outcome)
         with self._room:
             self._room.notify_all()
 
@@ -196,17 +244,20 @@ class WorkerAgent:
             client.close()
 
     def _send(self, client: Client, batch: list[Outcome]) -> None:
+        def send() -> Any:
+            return client.report(self._require_id(), batch)
+
         try:
-            replies = self._retrying(lambda: client.report(self._require_id(), batch))
+            replies = self._retrying(send, while_stopping=True)
         except NotFound:
             self.register(client)
-            replies = self._retrying(lambda: client.report(self._require_id(), batch))
+            replies = self._retrying(send, while_stopping=True)
         except GatewayUnavailable:
             log.error("dropping %d outcome(s): stopping while the gateway is away", len(batch))
             return
         for reply in replies:
-            if not reply["accepted"] and reply.get("reason"):
-                log.info("job %s: outcome refused (%s)", reply["job_id"], reply["reason"])
+            if not reply.accepted and reply.reason:
+                log.info("job %s: outcome refused (%s)", reply.job_id, reply.reason)
         self.completed += sum(1 for o in batch if o.status in ("succeeded", "failed"))
 
     def _require_id(self) -> str:
@@ -311,19 +362,9 @@ class WorkerAgent:
                     continue
                 with self._lock:
                     self._leases[lease.job_id] = (lease, time.monotonic())
-                self.pool.submit(
-                    Task(
-                        job_id=lease.job_id,
-                        lease_token=lease.lease_token,
-                        function=lease.function,
-                        payload=lease.payload,
-                        serializer=lease.serializer,
-                        timeout_s=lease.timeout_s,
-                        device=lease.device.torch_device,
-                    )
-                )
+                self.pool.submit(lease)
 
-    def _release(self, leases: Sequence[Lease | Task]) -> None:
+    def _release(self, leases: Sequence[Lease]) -> None:
         for lease in leases:
             with self._lock:
                 self._leases.pop(lease.job_id, None)
@@ -351,9 +392,16 @@ class WorkerAgent:
         signal.signal(signal.SIGINT, handler)
 
     def run(self, on_ready: Callable[[WorkerAgent], None] | None = None) -> int:
+        if not self.pool.ready:
+            self.discover()
         client = self._client()
-        self.pool.start()
-        self.register(client)
+        try:
+            self.register(client)
+        except GatewayUnavailable:
+            log.warning("stopped before the gateway answered")
+            self.pool.stop(cold=True, grace=0)
+            client.close()
+            return 0
         reporter = threading.Thread(target=self._reporter, name="hostgpu-reporter", daemon=True)
         beater = threading.Thread(
             target=self._heartbeat_loop, name="hostgpu-heartbeat", daemon=True
@@ -376,6 +424,8 @@ class WorkerAgent:
         while not self._cold.is_set() and time.monotonic() < deadline:
             if self.pool.wait_idle(0.2):
                 break
+        # Past the grace (or cold): kill the children still running and hand their jobs back,
+        # so no child keeps running a job that the gateway gives to another worker.
         unfinished = self.pool.stop(cold=True, grace=0)
         if unfinished:
             log.warning("handing back %d unfinished job(s)", len(unfinished))

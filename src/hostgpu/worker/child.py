@@ -4,15 +4,19 @@ A child is started with the ``spawn`` method (MPS and CUDA state does not surviv
 imports its preload modules once, then runs one job at a time for as long as it lives, so
 imported modules and whatever a job caches at module level (a loaded model) stay warm.
 
+Only functions published in the registry (``@hostgpu.function`` or ``hostgpu.register``, in
+the modules the child imports) run: a job naming anything else — ``os.system``, a class, a
+module attribute — fails at once, never retried. This is the worker's trust boundary.
+
 Keep this module's imports light: every child imports it before anything else.
 
-Protocol over the child's end of a duplex :func:`multiprocessing.Pipe`:
+Messages over the child's end of a duplex :func:`multiprocessing.Pipe` (named tuples):
 
 parent -> child
-    ``("run", job_id, function, payload, serializer, device)``; ``None`` asks the child to exit.
+    :class:`Run` per job; ``None`` asks the child to exit.
 child -> parent
-    ``("ready", pid, preload_errors)`` once, after the preload imports;
-    ``("done", job_id, ok, result, error, retryable, import_s, run_s)`` after each job.
+    :class:`Ready` once, after the preload imports, with the functions they published;
+    :class:`Done` after each job.
 """
 
 from __future__ import annotations
@@ -28,23 +32,55 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from hostgpu import context
-
-# (ok, result, error, retryable, import_s, run_s)
-Outcome = tuple[bool, Any, "dict[str, Any] | None", bool, float, float]
+from hostgpu.functions import Published, lookup, not_published_message, published
 
 PICKLE_REFUSED = (
     'pickled arguments are only accepted by functions declared with serializer="pickle" '
     "(trusted callers only); {function} takes JSON arguments"
 )
+#: Modules whose absence means the ml extra is not installed.
+ML_MODULES = frozenset(
+    {"torch", "sentence_transformers", "transformers", "chromadb", "pypdfium2", "PIL"}
+)
 
 
-class _JobError(Exception):
+class Run(NamedTuple):
+    """parent → child: run one job."""
+
+    job_id: str
+    function: str
+    payload: Any  # json: {"args": [...], "kwargs": {...}} or None; pickle: a base64 str
+    serializer: str
+    device: str  # torch device string: "cpu", "cuda:0", "mps"
+
+
+class Ready(NamedTuple):
+    """child → parent, once: the preload imports are done."""
+
+    pid: int
+    errors: dict[str, str]  # module → why it failed to import
+    functions: dict[str, dict[str, Any]]  # path → declared options (JSON-able)
+
+
+class Done(NamedTuple):
+    """child → parent: what happened to one job."""
+
+    job_id: str
+    ok: bool
+    result: Any
+    error: dict[str, Any] | None  # a JobError as a dict
+    retryable: bool
+    import_s: float
+    run_s: float
+
+
+class _Refused(Exception):
     """A failure before or after the user's function ran (import, payload, result)."""
 
     def __init__(self, kind: str, message: str, *, error_type: str, tb: str = "") -> None:
@@ -54,16 +90,13 @@ class _JobError(Exception):
         self.error_type = error_type
         self.tb = tb
 
-
-class _Resolved:
-    __slots__ = ("call", "serializer")
-
-    def __init__(self, call: Callable[..., Any], serializer: str) -> None:
-        self.call = call
-        self.serializer = serializer
-
-
-_cache: dict[str, _Resolved] = {}
+    def error(self) -> dict[str, Any]:
+        return {
+            "type": self.error_type,
+            "message": self.message,
+            "traceback": self.tb,
+            "kind": self.kind,
+        }
 
 
 def _rebuild_fd(dup: Any) -> int:
@@ -84,64 +117,72 @@ class InheritedFd:
         return _rebuild_fd, (reduction.DupFd(self.fd),)
 
 
-def resolve(function: str) -> tuple[_Resolved, float]:
-    """Import ``package.module:qualname`` and return the callable and the import time."""
-    cached = _cache.get(function)
-    if cached is not None:
-        return cached, 0.0
+def import_error_message(module: str, exc: BaseException) -> str:
+    """Why ``module`` failed to import, with the fix when it is the ml extra."""
+    missing = getattr(exc, "name", None)
+    if isinstance(exc, ModuleNotFoundError) and missing:
+        top = missing.partition(".")[0]
+        if top in ML_MODULES:
+            return (
+                f"{module} needs {top}, from the ml extra: pip install 'hostgpu[ml]' "
+                f"(ModuleNotFoundError: {exc})"
+            )
+        if missing == module or module.startswith(missing + "."):
+            return f"no module named {missing!r}: check the name and PYTHONPATH"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def resolve(function: str) -> tuple[Published, float]:
+    """The published function at ``function`` ("package.module:qualname") and the import time."""
+    found = lookup(function)
+    if found is not None:
+        return found, 0.0
     module_name, sep, qualname = function.partition(":")
     if not sep or not module_name or not qualname:
-        raise _JobError(
+        raise _Refused(
             "import",
             f"bad function reference {function!r}: expected 'package.module:qualname'",
             error_type="ValueError",
         )
     started = time.perf_counter()
     try:
-        obj: Any = importlib.import_module(module_name)
+        importlib.import_module(module_name)
     except BaseException as exc:  # an import can raise anything, SystemExit included
-        raise _JobError(
+        raise _Refused(
             "import",
-            f"cannot import module {module_name!r} for {function!r}: {exc}",
+            f"cannot import {module_name!r} for {function!r}: "
+            + import_error_message(module_name, exc),
             error_type=type(exc).__name__,
             tb=traceback.format_exc(),
         ) from None
     import_s = time.perf_counter() - started
-    for part in qualname.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise _JobError(
-                "import",
-                f"module {module_name!r} has no attribute {qualname!r} (looked up for "
-                f"{function!r}; is the function defined at module level?)",
-                error_type="AttributeError",
-            ) from None
-    serializer = "json"
-    options = getattr(obj, "options", None)
-    if options is not None:
-        serializer = str(getattr(options, "serializer", "json") or "json")
-    inner = getattr(obj, "fn", None)
-    call = inner if callable(inner) else obj
-    if not callable(call):
-        raise _JobError(
-            "import",
-            f"{function!r} is a {type(call).__name__}, not a callable",
-            error_type="TypeError",
-        )
-    resolved = _Resolved(call, serializer)
-    _cache[function] = resolved
-    return resolved, import_s
+    found = lookup(function)
+    if found is None:
+        raise _Refused("forbidden", not_published_message(function), error_type="NotPublished")
+    return found, import_s
 
 
 def _decode_args(
     function: str, payload: Any, serializer: str, declared: str
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if serializer not in ("json", "pickle"):
+        raise _Refused(
+            "serialization",
+            f"unknown serializer {serializer!r} (expected 'json' or 'pickle')",
+            error_type="ValueError",
+        )
+    if serializer != declared:
+        # The declaration decides: a JSON function never unpickles, whatever the job says.
+        if serializer == "pickle":
+            message = PICKLE_REFUSED.format(function=function)
+        else:
+            message = f"{function} takes pickled arguments (serializer='pickle'), not JSON"
+        raise _Refused("serialization", message, error_type="TypeError")
     if serializer == "json":
         if payload is None:
             return (), {}
         if not isinstance(payload, dict) or not set(payload) <= {"args", "kwargs"}:
-            raise _JobError(
+            raise _Refused(
                 "serialization",
                 'a JSON payload must be null or an object {"args": [...], "kwargs": {...}}, '
                 f"got {type(payload).__name__}",
@@ -150,25 +191,19 @@ def _decode_args(
         args = payload.get("args") or []
         kwargs = payload.get("kwargs") or {}
         if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-            raise _JobError(
+            raise _Refused(
                 "serialization",
                 'payload "args" must be an array and "kwargs" an object',
                 error_type="TypeError",
             )
         return tuple(args), kwargs
     if serializer == "pickle":
-        # Check the opt-in before touching the bytes: unpickling runs arbitrary code.
-        if declared != "pickle":
-            raise _JobError(
-                "serialization", PICKLE_REFUSED.format(function=function), error_type="TypeError"
-            )
         try:
             raw = base64.b64decode(payload, validate=True)
-            decoded = pickle.loads(raw)
-            args, kwargs = decoded
+            args, kwargs = pickle.loads(raw)
             return tuple(args), dict(kwargs)
         except (binascii.Error, TypeError, ValueError, pickle.UnpicklingError) as exc:
-            raise _JobError(
+            raise _Refused(
                 "serialization",
                 "the pickled payload must be base64 of pickle.dumps((args, kwargs)): "
                 f"{type(exc).__name__}: {exc}",
@@ -176,17 +211,13 @@ def _decode_args(
                 tb=traceback.format_exc(),
             ) from None
         except BaseException as exc:
-            raise _JobError(
+            raise _Refused(
                 "serialization",
                 f"cannot unpickle the arguments: {type(exc).__name__}: {exc}",
                 error_type=type(exc).__name__,
                 tb=traceback.format_exc(),
             ) from None
-    raise _JobError(
-        "serialization",
-        f"unknown serializer {serializer!r} (expected 'json' or 'pickle')",
-        error_type="ValueError",
-    )
+    raise AssertionError(serializer)  # pragma: no cover - checked above
 
 
 def _encode_result(function: str, result: Any, serializer: str) -> Any:
@@ -194,7 +225,7 @@ def _encode_result(function: str, result: Any, serializer: str) -> Any:
         try:
             return base64.b64encode(pickle.dumps(result)).decode("ascii")
         except BaseException as exc:
-            raise _JobError(
+            raise _Refused(
                 "serialization",
                 f"{function} returned a {type(result).__name__} that cannot be pickled: {exc}",
                 error_type=type(exc).__name__,
@@ -203,27 +234,29 @@ def _encode_result(function: str, result: Any, serializer: str) -> Any:
     try:
         json.dumps(result, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise _JobError(
+        raise _Refused(
             "serialization",
             f"{function} returned a {type(result).__name__} that is not JSON-serializable "
-            f"({exc}); return plain lists, dicts, strings, numbers, booleans or None "
+            f"({exc}); return plain lists, dicts, strings, finite numbers, booleans or None "
             '(or declare the function with serializer="pickle")',
             error_type=type(exc).__name__,
         ) from None
     return result
 
 
-def execute(job_id: str, function: str, payload: Any, serializer: str, device: str) -> Outcome:
+def execute(run: Run) -> Done:
     """Run one job in this process and describe what happened (never raises)."""
     import_s = 0.0
     run_s = 0.0
-    context.set_job(job_id, device)
+    context.set_job(run.job_id, run.device)
     try:
-        resolved, import_s = resolve(function)
-        args, kwargs = _decode_args(function, payload, serializer, resolved.serializer)
+        entry, import_s = resolve(run.function)
+        args, kwargs = _decode_args(
+            run.function, run.payload, run.serializer, entry.options.serializer
+        )
         started = time.perf_counter()
         try:
-            result = resolved.call(*args, **kwargs)
+            result = entry.fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit from a job must not end the child
             run_s = time.perf_counter() - started
             error = {
@@ -234,17 +267,12 @@ def execute(job_id: str, function: str, payload: Any, serializer: str, device: s
             }
             # Bad input (PipelineError, DeviceUnavailable, …) says it is not worth retrying.
             retryable = getattr(exc, "retryable", True) is not False
-            return False, None, error, retryable, import_s, run_s
+            return Done(run.job_id, False, None, error, retryable, import_s, run_s)
         run_s = time.perf_counter() - started
-        return True, _encode_result(function, result, serializer), None, True, import_s, run_s
-    except _JobError as exc:
-        error = {
-            "type": exc.error_type,
-            "message": exc.message,
-            "traceback": exc.tb,
-            "kind": exc.kind,
-        }
-        return False, None, error, False, import_s, run_s
+        encoded = _encode_result(run.function, result, run.serializer)
+        return Done(run.job_id, True, encoded, None, True, import_s, run_s)
+    except _Refused as exc:
+        return Done(run.job_id, False, None, exc.error(), False, import_s, run_s)
     finally:
         context.set_job(None, None)
 
@@ -258,6 +286,31 @@ def _flush() -> None:
             pass
 
 
+def _preload(modules: Sequence[str]) -> Ready:
+    errors: dict[str, str] = {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            errors[name] = import_error_message(name, exc)
+    loaded = [m for m in modules if m not in errors]
+    functions = {
+        path: options.model_dump(mode="json") for path, options in published(loaded).items()
+    }
+    return Ready(os.getpid(), errors, functions)
+
+
+def _apply_env(env: Mapping[str, str] | None) -> None:
+    if not env:
+        return
+    os.environ.update(env)
+    extra = env.get("PYTHONPATH")
+    if extra:
+        for entry in reversed(extra.split(os.pathsep)):
+            if entry and entry not in sys.path:
+                sys.path.insert(0, entry)
+
+
 def main(
     conn: Connection,
     preload: Sequence[str],
@@ -265,8 +318,10 @@ def main(
     crash_fd: int | InheritedFd | None = None,
 ) -> None:
     """Entry point of a child process (the target of ``multiprocessing.Process``)."""
-    # Ctrl-C reaches the whole process group; the parent decides how to shut down.
+    # Ctrl-C reaches the whole process group; the parent decides how to shut down. So does a
+    # service manager's SIGTERM to the whole group: the parent's warm stop lets jobs finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     crash_file: TextIO | None = None
     if isinstance(crash_fd, InheritedFd):  # "fork" passes arguments without pickling
         crash_fd = crash_fd.fd
@@ -276,21 +331,10 @@ def main(
             faulthandler.enable(file=crash_file, all_threads=True)
         except (OSError, ValueError):
             crash_file = None
-    if env:
-        os.environ.update(env)
-        extra = env.get("PYTHONPATH")
-        if extra:
-            for entry in reversed(extra.split(os.pathsep)):
-                if entry and entry not in sys.path:
-                    sys.path.insert(0, entry)
-    errors: list[str] = []
-    for name in preload:
-        try:
-            importlib.import_module(name)
-        except BaseException as exc:
-            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    _apply_env(env)
+    ready = _preload(preload)
     _flush()
-    conn.send(("ready", os.getpid(), errors))
+    conn.send(ready)
     while True:
         try:
             msg = conn.recv()
@@ -298,11 +342,10 @@ def main(
             break  # the parent went away
         if msg is None:
             break
-        _, job_id, function, payload, serializer, device = msg
-        outcome = execute(job_id, function, payload, serializer, device)
+        done = execute(msg)
         _flush()
         try:
-            conn.send(("done", job_id, *outcome))
+            conn.send(done)
         except (EOFError, OSError):
             break
         except Exception as exc:  # the outcome would not pickle: say so instead
@@ -312,7 +355,7 @@ def main(
                 "traceback": traceback.format_exc(),
                 "kind": "serialization",
             }
-            conn.send(("done", job_id, False, None, error, False, outcome[4], outcome[5]))
+            conn.send(done._replace(ok=False, result=None, error=error, retryable=False))
     _flush()
     if crash_file is not None:
         faulthandler.disable()

@@ -8,7 +8,9 @@ dispatches queued tasks to free children. A job past its timeout, a cancelled jo
 that dies are all handled by killing (or burying) the child and starting a replacement; the pool
 and the parent process carry on.
 
-``on_result`` is called from the supervisor thread, once per task, except for the tasks that
+The pool runs :class:`~hostgpu.jobs.Lease` records and reports each as an
+:class:`~hostgpu.jobs.Outcome`: the same records the worker gets from and gives to the gateway.
+``on_result`` is called from the supervisor thread, once per lease, except for the leases that
 :meth:`ChildPool.stop` returns (those are handed back to the caller instead).
 """
 
@@ -25,44 +27,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import IO, Any
 
+from hostgpu.jobs import JobError, Lease, Outcome, Payload
 from hostgpu.worker import child as child_module
+from hostgpu.worker.child import Done, Ready, Run
 
 log = logging.getLogger("hostgpu.worker")
 
 _STOP_CHILD_TIMEOUT = 5.0
 _CRASH_LOG_LIMIT = 64 * 1024
-
-
-@dataclass
-class Task:
-    """One job attempt handed to the pool."""
-
-    job_id: str
-    lease_token: str
-    function: str  # "package.module:qualname"
-    payload: Any  # json: {"args": [...], "kwargs": {...}} or None; pickle: base64 str
-    serializer: str  # "json" | "pickle"
-    timeout_s: float
-    device: str  # torch device string: "cpu", "cuda:0", "mps"
-
-
-@dataclass
-class TaskResult:
-    """What happened to a task; ``error`` has type, message, traceback and kind."""
-
-    job_id: str
-    lease_token: str
-    status: str  # "succeeded" | "failed"
-    result: Any = None
-    error: dict[str, Any] | None = None
-    retryable: bool = True
-    device: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _Child:
@@ -85,7 +61,7 @@ class _Child:
         self.crash_log = crash_log
         self.pid: int | None = proc.pid
         self.state = "starting"  # starting | idle | busy | broken | dead
-        self.task: Task | None = None
+        self.task: Lease | None = None
         self.submitted_at = 0.0
         self.dispatched_at = 0.0
         self.deadline = math.inf
@@ -100,12 +76,12 @@ def _signal_name(code: int) -> str:
 
 
 class ChildPool:
-    """A fixed number of long-lived child processes that run :class:`Task` objects."""
+    """A fixed number of long-lived child processes that run :class:`Lease` objects."""
 
     def __init__(
         self,
         concurrency: int,
-        on_result: Callable[[TaskResult], None],
+        on_result: Callable[[Outcome], None],
         *,
         preload: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
@@ -120,7 +96,7 @@ class ChildPool:
         self._ctx = multiprocessing.get_context(mp_context)
         self._lock = threading.Lock()
         self._idle_cond = threading.Condition(self._lock)
-        self._queue: deque[tuple[Task, float]] = deque()
+        self._queue: deque[tuple[Lease, float]] = deque()
         self._children: list[_Child] = []
         self._by_obj: dict[Any, _Child] = {}
         self._wait_objs: list[Any] = []
@@ -138,7 +114,10 @@ class ChildPool:
         self._closing = False
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self._pending: list[TaskResult] = []  # reports made outside the supervisor
+        self._pending: list[Outcome] = []  # reports made outside the supervisor
+        #: The first child's report of its imports and published functions.
+        self.ready: Ready | None = None
+        self._ready_event = threading.Event()
         self._undelivered = 0  # reports taken off the books but not yet given to on_result
 
     # -- public API -------------------------------------------------------------------------
@@ -156,7 +135,12 @@ class ChildPool:
             )
             self._thread.start()
 
-    def submit(self, task: Task) -> None:
+    def wait_ready(self, timeout: float) -> Ready | None:
+        """The first child's :class:`Ready` (imports done), or None if none came in time."""
+        self._ready_event.wait(timeout)
+        return self.ready
+
+    def submit(self, task: Lease) -> None:
         """Queue a task; it runs as soon as a child is free. Never blocks."""
         now = time.monotonic()
         with self._lock:
@@ -181,7 +165,7 @@ class ChildPool:
         with self._lock:
             return {c.task.job_id for c in self._children if c.task is not None}
 
-    def running(self) -> list[Task]:
+    def running(self) -> list[Lease]:
         """The tasks in a child or waiting for one."""
         with self._lock:
             tasks = [c.task for c in self._children if c.task is not None]
@@ -193,7 +177,7 @@ class ChildPool:
 
         Either way ``on_result`` gets a failed result of kind "cancelled" (not retryable).
         """
-        report: TaskResult | None = None
+        report: Outcome | None = None
         with self._lock:
             for i, (task, submitted) in enumerate(self._queue):
                 if task.job_id == job_id:
@@ -230,7 +214,7 @@ class ChildPool:
         with self._idle_cond:
             return self._idle_cond.wait_for(self._is_idle_locked, timeout)
 
-    def stop(self, *, cold: bool = False, grace: float = 30.0) -> list[Task]:
+    def stop(self, *, cold: bool = False, grace: float = 30.0) -> list[Lease]:
         """Stop the pool and return the tasks that did not finish (without reporting them).
 
         Warm (default): accept nothing more, hand back queued tasks, let running tasks finish
@@ -298,7 +282,7 @@ class ChildPool:
         with contextlib.suppress(OSError, AttributeError, ValueError):
             c.proc.kill()
 
-    def _bury_locked(self, c: _Child, now: float) -> TaskResult | None:
+    def _bury_locked(self, c: _Child, now: float) -> Outcome | None:
         """The child's process ended: report its task, forget it, start a replacement."""
         previous_state = c.state
         c.state = "dead"
@@ -314,7 +298,7 @@ class ChildPool:
             c.conn.close()
         with contextlib.suppress(ValueError, AttributeError):
             c.proc.close()
-        report: TaskResult | None = None
+        report: Outcome | None = None
         task = c.task
         c.task = None
         if task is not None:
@@ -426,13 +410,13 @@ class ChildPool:
                 continue
             while self._queue:
                 task, submitted = self._queue.popleft()
-                msg = (
-                    "run",
+                payload = task.payload
+                msg = Run(
                     task.job_id,
                     task.function,
-                    task.payload,
+                    payload.model_dump() if isinstance(payload, Payload) else payload,
                     task.serializer,
-                    task.device,
+                    task.device.torch_device,
                 )
                 try:
                     buf = ForkingPickler.dumps(msg)
@@ -486,7 +470,7 @@ class ChildPool:
 
     def _failure(
         self,
-        task: Task,
+        task: Lease,
         kind: str,
         error_type: str,
         message: str,
@@ -496,23 +480,23 @@ class ChildPool:
         dispatched_at: float = 0.0,
         now: float | None = None,
         traceback: str = "",
-    ) -> TaskResult:
+    ) -> Outcome:
         now = time.monotonic() if now is None else now
         timings = {"queue_s": (dispatched_at or now) - submitted_at, "total_s": now - submitted_at}
         if dispatched_at:
             timings["run_s"] = now - dispatched_at
             timings["import_s"] = 0.0
-        return TaskResult(
+        return Outcome(
             job_id=task.job_id,
             lease_token=task.lease_token,
             status="failed",
-            error={"type": error_type, "message": message, "traceback": traceback, "kind": kind},
+            error=JobError(type=error_type, message=message, traceback=traceback, kind=kind),  # type: ignore[arg-type]
             retryable=retryable,
-            device=task.device,
+            device=task.device.torch_device,
             timings=timings,
         )
 
-    def _deliver(self, report: TaskResult | None) -> None:
+    def _deliver(self, report: Outcome | None) -> None:
         if report is None:
             return
         try:
@@ -520,48 +504,47 @@ class ChildPool:
         except Exception:
             log.exception("on_result raised for job %s", report.job_id)
 
-    def _handle_message(self, c: _Child, msg: Any, now: float) -> TaskResult | None:
-        tag = msg[0]
-        if tag == "done":
-            _, job_id, ok, result, error, retryable, import_s, run_s = msg
+    def _handle_message(self, c: _Child, msg: Any, now: float) -> Outcome | None:
+        if isinstance(msg, Done):
             task = c.task
-            if task is None or task.job_id != job_id or c.kill_reason is not None:
+            if task is None or task.job_id != msg.job_id or c.kill_reason is not None:
                 return None  # cancelled, timed out or handed back meanwhile
             c.task = None
             c.state = "idle"
             c.deadline = math.inf
-            report = TaskResult(
+            return Outcome(
                 job_id=task.job_id,
                 lease_token=task.lease_token,
-                status="succeeded" if ok else "failed",
-                result=result,
-                error=error,
-                retryable=bool(retryable) if not ok else True,
-                device=task.device,
+                status="succeeded" if msg.ok else "failed",
+                result=msg.result,
+                error=JobError.model_validate(msg.error) if msg.error else None,
+                retryable=bool(msg.retryable) if not msg.ok else True,
+                device=task.device.torch_device,
                 timings={
                     "queue_s": c.dispatched_at - c.submitted_at,
-                    "import_s": import_s,
-                    "run_s": run_s,
+                    "import_s": msg.import_s,
+                    "run_s": msg.run_s,
                     "total_s": now - c.submitted_at,
                 },
             )
-            return report
-        if tag == "ready":
-            _, pid, errors = msg
-            c.pid = pid
+        if isinstance(msg, Ready):
+            c.pid = msg.pid
             if c.state == "starting":
                 c.state = "idle"
             self._startup_failures = 0
-            for err in errors:
-                if err not in self._preload_warned:
-                    self._preload_warned.add(err)
-                    log.warning("worker child could not preload %s", err)
+            if self.ready is None:
+                self.ready = msg
+                self._ready_event.set()
+            for module, err in msg.errors.items():
+                if module not in self._preload_warned:
+                    self._preload_warned.add(module)
+                    log.warning("worker child could not import %s: %s", module, err)
             return None
-        log.warning("unexpected message from worker child %s: %r", c.pid, tag)
+        log.warning("unexpected message from worker child %s: %r", c.pid, type(msg).__name__)
         return None
 
     def _supervise(self) -> None:
-        reports: list[TaskResult] = []
+        reports: list[Outcome] = []
         while True:
             with self._lock:
                 if self._closing and not self._children_alive_with_task_locked():
@@ -646,7 +629,7 @@ class ChildPool:
         # While closing, keep reaping children that stop() killed so their state settles.
         return any(c.kill_reason == "cancel" and c.task is not None for c in self._children)
 
-    def _check_deadlines_locked(self, now: float, reports: list[TaskResult]) -> None:
+    def _check_deadlines_locked(self, now: float, reports: list[Outcome]) -> None:
         for c in self._children:
             if c.task is None or c.kill_reason is not None or c.deadline > now:
                 continue

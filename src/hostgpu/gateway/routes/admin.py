@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from hostgpu.api import Pruned, PruneRequest
 from hostgpu.gateway.deps import AdminToken, StoreDep, run
-from hostgpu.gateway.schemas import Pruned, PruneRequest
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 

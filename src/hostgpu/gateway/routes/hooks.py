@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from hostgpu.gateway.deps import NotifierDep, SettingsDep, StoreDep, SubmitToken, run
+from hostgpu.gateway.deps import (
+    NotifierDep,
+    ResolverDep,
+    SettingsDep,
+    StoreDep,
+    SubmitToken,
+    WaitingDep,
+    run,
+)
+from hostgpu.jobs import JobSpec, Payload
 
 router = APIRouter(prefix="/v1/hooks", tags=["hooks"])
+
+#: The ingest job, by name: the gateway never imports the pipeline (nor torch with it).
+INGEST_FUNCTION = "hostgpu.pipelines.ingest:ingest_file"
 
 
 class UploadEvent(BaseModel):
     model_config = {"extra": "ignore"}  # copyparty sends more fields than we need
-    ap: str = Field(max_length=4096, description="Absolute path of the uploaded file")
+    ap: str = Field(min_length=1, max_length=4096, description="Absolute path of the uploaded file")
     sz: int | None = Field(default=None, ge=0)
 
 
@@ -23,17 +36,26 @@ class Queued(BaseModel):
     path: str
 
 
-def _inside(root: Path, path: str) -> Path:
-    """The real path of an upload, refused unless it lies inside the upload root."""
-    candidate = Path(path)
-    if not candidate.is_absolute():
-        candidate = root / candidate
-    real = candidate.resolve()  # follows symlinks: a link out of the root is refused too
-    if not real.is_relative_to(root.resolve()):
+def _inside(root: Path, path: str) -> tuple[Path, os.stat_result]:
+    """The real path of an upload, refused unless it is a file inside the upload root."""
+    try:
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = root / candidate
+        real = candidate.resolve()  # follows symlinks: a link out of the root is refused too
+        inside = real.is_relative_to(root.resolve())
+        stat = real.stat() if inside else None
+    except ValueError as exc:  # an embedded NUL byte
+        raise HTTPException(422, f"invalid path {path!r}: {exc}") from None
+    except FileNotFoundError:
+        raise HTTPException(404, f"no uploaded file at {path!r}") from None
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES…
+        raise HTTPException(422, f"invalid path {path!r}: {exc.strerror}") from None
+    if not inside or stat is None:
         raise HTTPException(403, f"{path!r} is outside the upload root")
     if not real.is_file():
         raise HTTPException(404, f"no uploaded file at {path!r}")
-    return real
+    return real, stat
 
 
 @router.post("/upload", status_code=202, response_model=Queued)
@@ -42,18 +64,20 @@ async def upload(
     store: StoreDep,
     settings: SettingsDep,
     notifier: NotifierDep,
+    resolver: ResolverDep,
+    waiting: WaitingDep,
     _: SubmitToken,
 ) -> Queued:
     """Queue an ingest job for a file that landed in the upload folder."""
     if settings.upload_root is None:
         raise HTTPException(409, "uploads are not enabled on this gateway (HOSTGPU_UPLOAD_ROOT)")
-    real = _inside(settings.upload_root, event.ap)
-    try:
-        from hostgpu.pipelines.jobs import ingest_spec
-    except ImportError:
-        raise HTTPException(
-            409, "this gateway lacks the ml extra needed to describe ingest jobs"
-        ) from None
-    [job] = await run(store.enqueue, [ingest_spec(real, source="upload")])
+    real, stat = _inside(settings.upload_root, event.ap)
+    spec = JobSpec(
+        function=INGEST_FUNCTION,
+        payload=Payload(args=[str(real)], kwargs={"display_path": str(real)}),
+        idempotency_key=f"ingest:upload:{real}:{stat.st_size}:{stat.st_mtime_ns}"[:200],
+    )
+    new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
+    [job] = await run(store.enqueue, new)
     notifier.notify("enqueued")
     return Queued(job_id=job.id, path=str(real))

@@ -1,4 +1,4 @@
-"""Submit, read, wait for and cancel jobs (scope: submit)."""
+"""Submit, read, wait for and cancel jobs (scope: submit; reading: read)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,26 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 
-from hostgpu.gateway.deps import NotifierDep, SettingsDep, StoreDep, SubmitToken, run
-from hostgpu.gateway.schemas import JobBatch, JobIds, JobList, Summary, WaitRequest
+from hostgpu.api import JobBatch, JobIds, JobList, Summary, WaitRequest
+from hostgpu.gateway.deps import (
+    AdminToken,
+    JobId,
+    NotifierDep,
+    ReadToken,
+    ResolverDep,
+    SettingsDep,
+    StoreDep,
+    SubmitToken,
+    WaitingDep,
+    run,
+)
 from hostgpu.jobs import Job, JobSpec, JobState
+from hostgpu.store import JobFilter
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 COALESCE_S = 0.02
-
-
-def _explain(request: Request, jobs: list[Job]) -> list[Job]:
-    return request.app.state.waiting.annotate(jobs)
 
 
 @router.post(
@@ -27,44 +35,70 @@ def _explain(request: Request, jobs: list[Job]) -> list[Job]:
     responses={200: {"model": Job, "description": "The idempotency key named an existing job"}},
 )
 async def submit_job(
-    spec: JobSpec, store: StoreDep, notifier: NotifierDep, _: SubmitToken, response: Response
+    spec: JobSpec,
+    store: StoreDep,
+    notifier: NotifierDep,
+    resolver: ResolverDep,
+    waiting: WaitingDep,
+    _: SubmitToken,
+    response: Response,
 ) -> Job:
-    """Submit one job. An existing idempotency key returns the existing job (200)."""
+    """Submit one job. Options left out take the function's declared ones; an option that
+    widens the declaration is refused (422). An existing idempotency key returns its job (200).
+    """
     started = time.time()
-    [job] = await run(store.enqueue, [spec])
+    new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
+    [job] = await run(store.enqueue, new)
     if job.created_at.timestamp() < started:
         response.status_code = 200  # the idempotency key named an existing job
     else:
         notifier.notify("enqueued")
+    [job] = await run(waiting.annotate, [job])
     return job
 
 
 @router.post("/batch", status_code=201, response_model=JobIds)
 async def submit_batch(
-    batch: JobBatch, store: StoreDep, notifier: NotifierDep, _: SubmitToken
+    batch: JobBatch,
+    store: StoreDep,
+    notifier: NotifierDep,
+    resolver: ResolverDep,
+    waiting: WaitingDep,
+    _: SubmitToken,
 ) -> JobIds:
-    """Submit up to 5,000 jobs in one request; returns their ids in order."""
-    jobs = await run(store.enqueue, batch.jobs)
+    """Submit up to 5,000 jobs in one request; returns their ids in order (all or none)."""
+    new = await run(resolver.new_jobs, batch.jobs, await run(waiting.workers))
+    jobs = await run(store.enqueue, new)
     notifier.notify("enqueued")
     return JobIds(ids=[j.id for j in jobs])
 
 
 @router.get("", response_model=JobList)
 async def list_jobs(
-    request: Request,
     store: StoreDep,
-    _: SubmitToken,
+    waiting: WaitingDep,
+    _: ReadToken,
     state: JobState | None = None,
+    function: Annotated[str | None, Query(max_length=300, pattern=r"^[\x20-\x7e]+$")] = None,
+    worker: Annotated[str | None, Query(pattern=r"^[0-9a-f]{1,32}$")] = None,
+    device: Annotated[str | None, Query(max_length=100, pattern=r"^[\x20-\x7e]+$")] = None,
+    id_prefix: Annotated[str | None, Query(pattern=r"^[0-9a-f]{1,32}$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    before: Annotated[float | None, Query(description="created_at cursor (UNIX time)")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=r"^[0-9]{1,12}(\.[0-9]{1,17})?:[0-9a-f]{1,32}$", description="next_cursor"),
+    ] = None,
 ) -> JobList:
-    """Newest jobs first; queued ones say why they wait."""
-    jobs = await run(store.list_jobs, state=state, limit=limit, before=before)
-    return JobList(jobs=await run(_explain, request, jobs))
+    """Newest jobs first, filtered; queued ones say why they wait. Page with ``cursor``."""
+    where = JobFilter(
+        state=state, function=function, worker_id=worker, device=device, id_prefix=id_prefix
+    )
+    jobs, next_cursor = await run(store.list_jobs, where, limit=limit, cursor=cursor)
+    return JobList(jobs=await run(waiting.annotate, jobs), next_cursor=next_cursor)
 
 
 @router.get("/summary", response_model=Summary)
-async def summary(store: StoreDep, _: SubmitToken) -> Summary:
+async def summary(store: StoreDep, _: ReadToken) -> Summary:
     """How many jobs are in each state."""
     counts = await run(store.count_by_state)
     return Summary(counts=counts, total=sum(counts.values()))
@@ -72,7 +106,11 @@ async def summary(store: StoreDep, _: SubmitToken) -> Summary:
 
 @router.post("/wait", response_model=JobList)
 async def wait_jobs(
-    body: WaitRequest, store: StoreDep, notifier: NotifierDep, settings: SettingsDep, _: SubmitToken
+    body: WaitRequest,
+    store: StoreDep,
+    notifier: NotifierDep,
+    settings: SettingsDep,
+    _: ReadToken,
 ) -> JobList:
     """Long-poll: the finished jobs among ``ids``, as soon as at least one is finished."""
     deadline = time.monotonic() + body.timeout
@@ -91,29 +129,38 @@ async def wait_jobs(
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
-    job_id: str,
-    request: Request,
+    job_id: JobId,
     store: StoreDep,
     notifier: NotifierDep,
     settings: SettingsDep,
-    _: SubmitToken,
+    waiting: WaitingDep,
+    _: ReadToken,
     wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
 ) -> Job:
-    """One job with its attempts; ``wait`` long-polls until it finishes."""
+    """One job (by id or unique id prefix) with its attempts; ``wait`` long-polls until it
+    finishes."""
     deadline = time.monotonic() + wait
     while True:
         event = notifier.event("finished")
         job = await run(store.get, job_id, history=True)
         remaining = deadline - time.monotonic()
         if job.state.terminal or remaining <= 0:
-            [job] = await run(_explain, request, [job])
+            [job] = await run(waiting.annotate, [job])
             return job
         await notifier.wait(event, min(remaining, settings.poll_interval * 4))
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(job_id: str, store: StoreDep, notifier: NotifierDep, _: SubmitToken) -> Job:
+async def cancel_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: SubmitToken) -> Job:
     """Cancel a job; a running one is killed at its worker's next heartbeat."""
     job = await run(store.cancel, job_id)
     notifier.notify("finished")
+    return job
+
+
+@router.post("/{job_id}/rerun", response_model=Job)
+async def rerun_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: AdminToken) -> Job:
+    """Queue a failed or cancelled job again, with its retries and lost leases reset."""
+    job = await run(store.rerun, job_id)
+    notifier.notify("enqueued")
     return job

@@ -7,33 +7,35 @@ import time
 
 from fastapi import APIRouter, Request
 
-from hostgpu.capabilities import Capabilities
-from hostgpu.gateway.deps import (
-    NotifierDep,
-    ReaderToken,
-    SettingsDep,
-    StoreDep,
-    WorkerToken,
-    run,
-)
-from hostgpu.gateway.schemas import (
+from hostgpu.api import (
     HeartbeatRequest,
     HeartbeatResponse,
     LeaseRequest,
     LeaseResponse,
     Registered,
-    ReportItem,
     ReportRequest,
     ReportResponse,
-    WorkerInfo,
     WorkerList,
 )
-from hostgpu.jobs import Outcome
+from hostgpu.capabilities import Capabilities
+from hostgpu.gateway.deps import (
+    NotifierDep,
+    ReaderOrWorker,
+    ResolverDep,
+    SettingsDep,
+    StoreDep,
+    WaitingDep,
+    WorkerId,
+    WorkerToken,
+    run,
+)
+from hostgpu.jobs import JobError, Outcome
+from hostgpu.store import Store
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
 
-def _capabilities(request: Request, store: StoreDep, worker_id: str) -> Capabilities:
+def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
     cache: dict[str, Capabilities] = request.app.state.worker_caps
     caps = cache.get(worker_id)
     if caps is None:
@@ -48,12 +50,22 @@ async def register(
     request: Request,
     store: StoreDep,
     settings: SettingsDep,
+    resolver: ResolverDep,
+    waiting: WaitingDep,
+    notifier: NotifierDep,
     _: WorkerToken,
     worker_id: str | None = None,
 ) -> Registered:
-    """Register (or, with ``worker_id``, re-register) a worker and its capabilities."""
+    """Register (or, with ``worker_id``, re-register) a worker, its devices and the functions
+    it publishes; jobs that waited for those functions' declarations are settled now."""
+    if worker_id is not None and not (len(worker_id) == 32 and worker_id.isalnum()):
+        worker_id = None  # not one of ours: a fresh id
     new_id = await run(store.register_worker, caps, worker_id)
     request.app.state.worker_caps[new_id] = caps
+    waiting.invalidate()
+    resolver.forget(list(caps.functions))
+    if await run(resolver.settle_pending, await run(waiting.workers)):
+        notifier.notify("enqueued")
     return Registered(
         worker_id=new_id,
         lease_seconds=settings.lease_seconds,
@@ -62,15 +74,14 @@ async def register(
 
 
 @router.get("", response_model=WorkerList)
-async def list_workers(store: StoreDep, _: ReaderToken, alive: bool = False) -> WorkerList:
+async def list_workers(store: StoreDep, _: ReaderOrWorker, alive: bool = False) -> WorkerList:
     """Registered workers and whether they are alive."""
-    records = await run(store.list_workers, alive_only=alive)
-    return WorkerList(workers=[WorkerInfo(**r.__dict__) for r in records])
+    return WorkerList(workers=await run(store.list_workers, alive_only=alive))
 
 
 @router.post("/{worker_id}/lease", response_model=LeaseResponse)
 async def lease(
-    worker_id: str,
+    worker_id: WorkerId,
     body: LeaseRequest,
     request: Request,
     store: StoreDep,
@@ -98,7 +109,7 @@ async def lease(
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
 async def heartbeat(
-    worker_id: str,
+    worker_id: WorkerId,
     body: HeartbeatRequest,
     store: StoreDep,
     settings: SettingsDep,
@@ -121,18 +132,14 @@ def _limit_results(outcomes: list[Outcome], limit: int) -> list[Outcome]:
         if outcome.status == "succeeded" and outcome.result is not None:
             size = len(json.dumps(outcome.result, separators=(",", ":")))
             if size > limit:
+                error = JobError(
+                    type="ResultTooLarge",
+                    message=f"the result is {size} bytes, over the gateway's limit of {limit} "
+                    "(HOSTGPU_MAX_RESULT_BYTES); return a path or a URL",
+                    kind="limit",
+                )
                 outcome = outcome.model_copy(
-                    update={
-                        "status": "failed",
-                        "result": None,
-                        "retryable": False,
-                        "error": {
-                            "type": "ResultTooLarge",
-                            "message": f"the result is {size} bytes, over the gateway's limit "
-                            f"of {limit} (HOSTGPU_MAX_RESULT_BYTES); return a path or a URL",
-                            "kind": "serialization",
-                        },
-                    }
+                    update={"status": "failed", "result": None, "retryable": False, "error": error}
                 )
         checked.append(outcome)
     return checked
@@ -140,26 +147,28 @@ def _limit_results(outcomes: list[Outcome], limit: int) -> list[Outcome]:
 
 @router.post("/{worker_id}/report", response_model=ReportResponse)
 async def report(
-    worker_id: str,
+    worker_id: WorkerId,
     body: ReportRequest,
     store: StoreDep,
     notifier: NotifierDep,
     settings: SettingsDep,
     _: WorkerToken,
 ) -> ReportResponse:
-    """Record outcomes; a stale lease token is refused (``accepted: false``)."""
+    """Record outcomes; a stale or unknown lease token is refused (``accepted: false``)."""
     outcomes = _limit_results(body.outcomes, settings.max_result_bytes)
-    results = await run(store.report, worker_id, outcomes)
+    results = await run(store.report, outcomes)
     if any(o.status != "started" for o in outcomes):
         notifier.notify("finished")
-    if any(o.status == "released" or o.status == "failed" for o in outcomes):
+    if any(o.status in ("released", "failed") for o in outcomes):
         notifier.notify("enqueued")
-    return ReportResponse(results=[ReportItem(**r.__dict__) for r in results])
+    return ReportResponse(results=results)
 
 
 @router.delete("/{worker_id}", status_code=204)
-async def deregister(worker_id: str, request: Request, store: StoreDep, _: WorkerToken) -> None:
+async def deregister(
+    worker_id: WorkerId, request: Request, store: StoreDep, waiting: WaitingDep, _: WorkerToken
+) -> None:
     """The worker is stopping cleanly."""
-    await run(store.get_worker, worker_id)
     await run(store.deregister_worker, worker_id)
     request.app.state.worker_caps.pop(worker_id, None)
+    waiting.invalidate()

@@ -1,0 +1,145 @@
+"""The /v1 wire schema: request and response bodies shared by the gateway and the client.
+
+The records themselves (``JobSpec``, ``Job``, ``Lease``, ``Outcome``, ``Capabilities``,
+``WorkerInfo``, ``TokenInfo``) live with their domain modules; this module holds only the
+envelopes around them. The gateway's OpenAPI schema is generated from these models, and the
+client parses responses into them, so both ends always agree.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hostgpu.capabilities import WorkerInfo
+from hostgpu.jobs import Job, JobSpec, Lease, Outcome, ReportResult
+from hostgpu.tokens import Scope, TokenInfo
+
+MAX_BATCH = 5000
+#: Job and worker ids are 32 hex digits; a unique prefix of 4 or more names one too.
+ID_PATTERN = r"^[0-9a-f]{4,32}$"
+LEASE_TOKEN_PATTERN = r"^[0-9a-f]{1,64}$"
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """Every error response: a sentence saying what is wrong and what to do."""
+
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": Problem, "description": text}
+    for status, text in {
+        400: "The request cannot be carried out",
+        401: "Missing, invalid, expired or revoked token",
+        403: "The token's scope does not allow this",
+        404: "No such job, worker or token",
+        409: "The object's state does not allow this",
+        413: "The request body is over the limit",
+        422: "The request does not match the schema, or widens a function's declared options",
+    }.items()
+}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+class JobBatch(_Request):
+    jobs: list[JobSpec] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class JobIds(BaseModel):
+    ids: list[str] = Field(description="the new (or, for a known idempotency key, existing) ids")
+
+
+class WaitRequest(_Request):
+    ids: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+    timeout: float = Field(default=10.0, ge=0, le=60, description="seconds to wait at most")
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = Field(
+        default=None, description="pass as `cursor` for the next (older) page; null: no more"
+    )
+
+
+class Summary(BaseModel):
+    counts: dict[str, int]
+    total: int
+
+
+# -- workers ------------------------------------------------------------------------------------
+class Registered(BaseModel):
+    worker_id: str
+    lease_seconds: float = Field(description="a lease lasts this long unless heartbeats extend it")
+    heartbeat_seconds: float = Field(description="send a heartbeat at least this often")
+
+
+class LeaseRequest(_Request):
+    max_jobs: int = Field(default=1, ge=1, le=1000)
+    wait: float = Field(default=0.0, ge=0, le=60, description="long-poll up to this many seconds")
+
+
+class LeaseResponse(BaseModel):
+    leases: list[Lease]
+
+
+class HeldLease(_Request):
+    job_id: str = Field(pattern=ID_PATTERN)
+    lease_token: str = Field(pattern=LEASE_TOKEN_PATTERN)
+
+
+class HeartbeatRequest(_Request):
+    leases: list[HeldLease] = Field(default_factory=list, max_length=10_000)
+
+
+class HeartbeatResponse(BaseModel):
+    lost: list[str] = Field(
+        description="jobs this worker must stop: cancelled, or leased again after its lease lapsed"
+    )
+
+
+class ReportRequest(_Request):
+    outcomes: list[Outcome] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class ReportResponse(BaseModel):
+    results: list[ReportResult]
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]
+
+
+# -- tokens and housekeeping --------------------------------------------------------------------
+class TokenRequest(_Request):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[\x20-\x7e]+$")
+    scope: Scope
+    expires_in_s: float | None = Field(
+        default=None, gt=0, le=10 * 365 * 86400, description="seconds until it stops working"
+    )
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="The secret; shown once, only its hash is kept")
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenInfo]
+
+
+class PruneRequest(_Request):
+    older_than_s: float = Field(ge=0, le=100 * 365 * 86400)
+
+
+class Pruned(BaseModel):
+    deleted: int

@@ -1,0 +1,128 @@
+"""A job's effective options: the function's published declaration, narrowed by the submission.
+
+At submit time the declaration usually is known (workers publish their functions when they
+register) and the job is stored resolved. A job submitted before any worker published its
+function is stored pending; it is settled when a declaration arrives — right after a
+worker registers, and once a second by every gateway, so a registration seen by one gateway
+settles jobs submitted through another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from hostgpu.capabilities import Capabilities
+from hostgpu.errors import NotPublished, OptionsConflict
+from hostgpu.functions import FunctionOptions, Requested, Resolved, not_published_message, resolve
+from hostgpu.jobs import JobError, JobSpec
+from hostgpu.store import NewJob, Store
+
+log = logging.getLogger("hostgpu.gateway")
+
+
+def requested(spec: JobSpec) -> Requested:
+    return Requested(
+        gpu=spec.gpu,
+        min_memory_gb=spec.min_memory_gb,
+        labels=spec.labels,
+        fallback=spec.fallback,
+        timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries,
+        priority=spec.priority,
+        serializer=spec.serializer,
+    )
+
+
+class Resolver:
+    """Turns submissions into storable jobs; settles pending ones. Caches declarations for
+    ``ttl`` seconds (a re-registered worker's new options apply within that time)."""
+
+    def __init__(self, store: Store, ttl: float = 1.0) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, FunctionOptions | None]] = {}
+
+    def declarations(self, names: Sequence[str]) -> dict[str, FunctionOptions]:
+        now = time.monotonic()
+        missing = [n for n in set(names) if now - self._cache.get(n, (-1e9, None))[0] > self.ttl]
+        if missing:
+            found = self.store.declarations(missing)
+            for name in missing:
+                self._cache[name] = (now, found.get(name))
+        out: dict[str, FunctionOptions] = {}
+        for name in names:
+            declared = self._cache[name][1]
+            if declared is not None:
+                out[name] = declared
+        return out
+
+    def forget(self, names: Sequence[str]) -> None:
+        for name in names:
+            self._cache.pop(name, None)
+
+    def new_jobs(self, specs: Sequence[JobSpec], workers: Sequence[Capabilities]) -> list[NewJob]:
+        """Storable jobs for ``specs`` (OptionsConflict or NotPublished: a 422 for the caller)."""
+        declared = self.declarations([s.function for s in specs])
+        jobs = []
+        for spec in specs:
+            asked = requested(spec)
+            declaration = declared.get(spec.function)
+            if declaration is None:
+                importers = [w for w in workers if spec.module in w.modules]
+                if importers:
+                    prefix = f"{spec.module}:"
+                    others = sorted(
+                        {f for w in importers for f in w.functions if f.startswith(prefix)}
+                    )
+                    raise NotPublished(
+                        not_published_message(spec.function)
+                        + f" (the workers that import {spec.module} publish: "
+                        + (", ".join(others) or "nothing")
+                        + "; restart them if the function is new)"
+                    )
+            options = resolve(spec.function, declaration, asked)
+            jobs.append(
+                NewJob(
+                    function=spec.function,
+                    payload=spec.payload,
+                    options=options,
+                    requested=asked,
+                    resolved=declaration is not None,
+                    idempotency_key=spec.idempotency_key,
+                )
+            )
+        return jobs
+
+    def settle_pending(self, workers: Sequence[Capabilities] = ()) -> int:
+        """Resolve (or reject) pending jobs whose function now has a declaration."""
+        pending = self.store.pending()
+        if not pending:
+            return 0
+        self.forget([p.function for p in pending])
+        declared = self.declarations([p.function for p in pending])
+        settled: list[tuple[str, Resolved | JobError]] = []
+        for job in pending:
+            declaration = declared.get(job.function)
+            module = job.function.partition(":")[0]
+            if declaration is None:
+                if any(module in w.modules for w in workers):
+                    error = JobError(
+                        type="NotPublished",
+                        message=not_published_message(job.function),
+                        kind="forbidden",
+                    )
+                    settled.append((job.job_id, error))
+                continue
+            try:
+                settled.append((job.job_id, resolve(job.function, declaration, job.requested)))
+            except OptionsConflict as exc:
+                error = JobError(type="OptionsConflict", message=str(exc), kind="conflict")
+                settled.append((job.job_id, error))
+        if not settled:
+            return 0
+        count = self.store.resolve(settled)
+        if count:
+            log.info("settled %d pending job(s) from published declarations", count)
+        return count

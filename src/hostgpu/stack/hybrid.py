@@ -1,0 +1,753 @@
+"""The hybrid stack: services in containers, the accelerator worker native on this host.
+
+``hostgpu stack up`` in steps (:meth:`HybridStack.up`):
+
+1. **Docker first.** :func:`~hostgpu.stack.docker.check_docker`; any failing required check
+   stops here with its reason and fix. Inside a container on a Mac's Linux VM it refuses
+   (Metal is unreachable there) unless ``allow_container``.
+2. **Secrets on the host, 0600, under ``HOSTGPU_HOME/stack``.** The admin token is made
+   here (or taken from ``HOSTGPU_HOME/admin-token``) and mounted read-only into the gateway
+   container, whose first start adopts it (``HOSTGPU_ADMIN_TOKEN_FILE``): the admin secret
+   never has to leave a container. The PostgreSQL password and copyparty's account live
+   next to it.
+3. **Images and containers.** ``compose build`` (cached layers: seconds when nothing
+   changed), then ``up`` and a wait until every container is healthy (``--wait`` on
+   Compose v2, polling ``docker inspect`` on v1).
+4. **Scoped tokens.** A ``worker`` token for the native worker (passed in its environment,
+   never on a command line) and a ``submit`` token for copyparty's upload hook (a 0600 file
+   in the folder mounted into copyparty, read at each upload). Tokens of an earlier run are
+   revoked.
+5. **The native worker**, a detached child process (its own session, so it outlives this
+   command), pointed at the containerised gateway and Chroma server (``CHROMA_HOST`` /
+   ``CHROMA_PORT``) with the upload folder as an allowed ingest root; its pid, start time and
+   log path go to ``HOSTGPU_HOME/stack/state.json``, so ``status`` and ``down`` work from
+   any shell.
+
+``down`` stops the worker warm (SIGTERM, finishing running jobs, up to ``grace`` seconds;
+then a second SIGTERM and a kill), revokes its tokens, then removes the containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from pydantic import BaseModel, Field
+
+from hostgpu.client import Client
+from hostgpu.errors import AuthError, ConfigError, HostGPUError
+from hostgpu.processes import port_free, worker_command
+from hostgpu.settings import Settings
+from hostgpu.stack.compose import Compose, ComposeError, Container
+from hostgpu.stack.docker import ComposeInfo, DockerReport, check_docker, explain
+
+SERVICES = ("gateway", "chroma", "copyparty")
+POSTGRES = "postgres"
+DEFAULT_PORTS = {"gateway": 8765, "chroma": 8000, "uploads": 3923}
+#: Environment variables naming a ready-made image instead of building that service.
+IMAGE_OVERRIDES = {
+    "chroma": "HOSTGPU_CHROMA_IMAGE",
+    "copyparty": "HOSTGPU_COPYPARTY_IMAGE",
+    "postgres": "HOSTGPU_POSTGRES_IMAGE",
+}
+#: Versions of the host venv passed to the image builds (client and server of one release).
+PINNED = {"chromadb": "CHROMADB_VERSION", "copyparty": "COPYPARTY_VERSION"}
+UPLOADS_USER = "hostgpu"
+
+
+class StackError(HostGPUError):
+    """The hybrid stack cannot do what was asked; the message says what to do."""
+
+
+class _Skip(Exception):
+    """Nothing to ask the gateway (it is not running)."""
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (created 0600, never looser in between)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)  # an older file may have had looser bits
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def find_compose_file(explicit: Path | None = None) -> Path:
+    """deploy/hybrid/compose.yaml: given, from HOSTGPU_STACK_COMPOSE_FILE, this checkout, or ./"""
+    import hostgpu
+
+    candidates: list[Path] = []
+    if explicit is not None:
+        candidates.append(explicit)
+    elif os.environ.get("HOSTGPU_STACK_COMPOSE_FILE"):
+        candidates.append(Path(os.environ["HOSTGPU_STACK_COMPOSE_FILE"]))
+    else:
+        # src/hostgpu/__init__.py → the repository root of an editable install or a clone.
+        candidates.append(
+            Path(hostgpu.__file__).resolve().parents[2] / "deploy/hybrid/compose.yaml"
+        )
+        candidates.append(Path.cwd() / "deploy/hybrid/compose.yaml")
+    for candidate in candidates:
+        path = candidate.expanduser().resolve()
+        if path.is_file():
+            return path
+    raise StackError(
+        f"no compose file at {', '.join(str(c) for c in candidates)}: the stack builds its "
+        "gateway image from a hostgpu checkout. Run it from a clone (git clone … && pip "
+        "install -e '.[ml]') or pass --compose-file deploy/hybrid/compose.yaml"
+    )
+
+
+def default_project(home: Path) -> str:
+    """`hostgpu` for ~/.hostgpu; another HOSTGPU_HOME gets its own project (and volumes)."""
+    if home.expanduser().resolve() == Path("~/.hostgpu").expanduser().resolve():
+        return "hostgpu"
+    return "hostgpu-" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
+
+
+def host_versions() -> dict[str, str]:
+    """Build arguments pinning the images to this venv's chromadb and copyparty."""
+    pinned = {}
+    for package, variable in PINNED.items():
+        try:
+            pinned[variable] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue  # the compose file's tested default applies
+    return pinned
+
+
+class WorkerRecord(BaseModel):
+    pid: int
+    create_time: float
+    name: str
+    log: str
+    started_at: float
+
+
+class StackState(BaseModel):
+    """What `stack up` leaves in HOSTGPU_HOME/stack/state.json for later commands."""
+
+    project: str
+    compose_file: str
+    compose: ComposeInfo
+    postgres: bool = False
+    rootless: bool = False  # the engine maps this user to root in containers
+    uploads: str
+    ports: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PORTS))
+    worker: WorkerRecord | None = None
+    token_ids: list[str] = Field(default_factory=list)
+    started_at: float = 0.0
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    @property
+    def uploads_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['uploads']}"
+
+    @property
+    def services(self) -> list[str]:
+        return [*SERVICES, *([POSTGRES] if self.postgres else [])]
+
+
+@dataclass
+class UpOptions:
+    postgres: bool = False
+    uploads: Path | None = None
+    ports: dict[str, int] | None = None
+    imports: tuple[str, ...] = ()
+    concurrency: int = 1
+    build: bool = True
+    allow_container: bool = False
+    timeout: float = 600.0  # for the containers to become healthy
+    worker_timeout: float = 180.0  # for the worker to register
+
+
+Say = Callable[[str], None]
+
+
+class HybridStack:
+    """The stack of one HOSTGPU_HOME: its state folder, compose project and native worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        compose_file: Path | None = None,
+        project: str | None = None,
+        say: Say | None = None,
+    ) -> None:
+        self.settings = settings
+        self.home = settings.home_dir
+        self.dir = self.home / "stack"
+        self.state_path = self.dir / "state.json"
+        self._compose_file = compose_file
+        self._project = project or os.environ.get("HOSTGPU_STACK_PROJECT") or None
+        self.say: Say = say or (lambda _message: None)
+
+    # -- files ----------------------------------------------------------------------------
+    @property
+    def worker_log(self) -> Path:
+        return self.home / "logs" / "stack-worker.log"
+
+    def load_state(self) -> StackState | None:
+        try:
+            return StackState.model_validate_json(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save_state(self, state: StackState) -> None:
+        write_private(self.state_path, state.model_dump_json(indent=2) + "\n")
+
+    def admin_secret(self) -> str:
+        """The stack's admin secret: kept in stack/gateway/admin-token (mounted read-only).
+
+        Made once: from HOSTGPU_HOME/admin-token when one exists (one secret for this home),
+        else fresh. HOSTGPU_HOME/admin-token is written when missing, so `hostgpu ingest`,
+        `search` and `jobs` reach the stack with nothing to configure.
+        """
+        private_dir(self.dir)
+        stack_copy = private_dir(self.dir / "gateway") / "admin-token"
+        home_copy = self.settings.admin_token_path
+        secret = stack_copy.read_text().strip() if stack_copy.exists() else ""
+        if not secret and home_copy.exists():
+            secret = home_copy.read_text().strip()
+        if not secret:
+            secret = f"hga_{secrets.token_urlsafe(32)}"
+        write_private(stack_copy, secret + "\n")
+        if not home_copy.exists():
+            write_private(home_copy, secret + "\n")
+        elif home_copy.read_text().strip() != secret:
+            self.say(
+                f"note: {home_copy} holds another gateway's token; the stack's admin token "
+                f"is in {stack_copy}"
+            )
+        return secret
+
+    def _secret_file(self, name: str, make: Callable[[], str]) -> str:
+        path = self.dir / name
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        value = make()
+        write_private(path, value + "\n")
+        return value
+
+    def uploads_password(self) -> str:
+        """copyparty's password: the same file `hostgpu up --uploads` uses."""
+        path = self.home / "uploads-password"
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        password = secrets.token_urlsafe(24)
+        write_private(path, password + "\n")
+        return password
+
+    def write_copyparty_config(self, uploads: Path) -> None:
+        if "\n" in str(uploads) or "  #" in str(uploads):
+            raise StackError(f"copyparty cannot share a folder named {str(uploads)!r}")
+        config = (
+            "[accounts]\n"
+            f"  {UPLOADS_USER}: {self.uploads_password()}\n"
+            "\n"
+            "[/]\n"
+            f"  {uploads}\n"
+            "  accs:\n"
+            f"    rw: {UPLOADS_USER}\n"
+        )
+        write_private(private_dir(self.dir / "uploads") / "copyparty.conf", config)
+
+    # -- compose --------------------------------------------------------------------------
+    def project(self, state: StackState | None = None) -> str:
+        if state is not None:
+            return state.project
+        return self._project or default_project(self.home)
+
+    def compose_env(self, state: StackState) -> dict[str, str]:
+        """What compose.yaml interpolates; passed as environment (it holds a password)."""
+        # The containers that read the 0600 files run as this user, so they can. A rootless
+        # engine (rootless Docker, Podman) maps this user to root inside: use root there.
+        if state.rootless:
+            uid, gid = 0, 0
+        elif hasattr(os, "getuid"):
+            uid, gid = os.getuid(), os.getgid()
+        else:  # Windows: Docker Desktop's file sharing does not check owners
+            uid, gid = 10001, 10001
+        env = {
+            "HOSTGPU_STACK_STATE": str(self.dir),
+            "HOSTGPU_UPLOAD_DIR": state.uploads,
+            "HOSTGPU_UID": os.environ.get("HOSTGPU_UID", str(uid)),
+            "HOSTGPU_GID": os.environ.get("HOSTGPU_GID", str(gid)),
+            "HOSTGPU_STACK_GATEWAY_PORT": str(state.ports["gateway"]),
+            "HOSTGPU_STACK_CHROMA_PORT": str(state.ports["chroma"]),
+            "HOSTGPU_STACK_UPLOADS_PORT": str(state.ports["uploads"]),
+            **host_versions(),
+        }
+        if state.postgres:
+            password = self._secret_file("postgres-password", lambda: secrets.token_urlsafe(24))
+            env["HOSTGPU_POSTGRES_PASSWORD"] = password
+            env["HOSTGPU_STACK_DATABASE_URL"] = (
+                f"postgresql://hostgpu:{password}@postgres:5432/hostgpu"
+            )
+        return env
+
+    def compose(self, state: StackState, *, env: dict[str, str] | None = None) -> Compose:
+        return Compose(
+            state.compose,
+            [Path(state.compose_file)],
+            state.project,
+            env=env if env is not None else self.compose_env(state),
+            profiles=[POSTGRES] if state.postgres else [],
+        )
+
+    # -- up -------------------------------------------------------------------------------
+    def check(self, *, allow_container: bool = False) -> DockerReport:
+        report = check_docker()
+        blocking = [c for c in report.failures() if c.required]
+        if allow_container:
+            blocking = [c for c in blocking if c.name != "container"]
+        if blocking:
+            raise StackError("Docker is not ready for the stack:\n" + explain(report))
+        return report
+
+    def up(self, options: UpOptions) -> StackState:
+        t0 = time.monotonic()
+        docker = self.check(allow_container=options.allow_container)
+        assert docker.compose is not None
+        self.say(
+            f"docker: {docker.engine} {docker.server_version}, compose {docker.compose.version}"
+        )
+
+        previous = self.load_state()
+        uploads = options.uploads or (Path(previous.uploads) if previous else self.home / "uploads")
+        uploads = uploads.expanduser().resolve()
+        uploads.mkdir(parents=True, exist_ok=True)
+        ports = {**DEFAULT_PORTS, **(previous.ports if previous else {}), **(options.ports or {})}
+        state = StackState(
+            project=self.project(previous),
+            compose_file=str(find_compose_file(self._compose_file)),
+            compose=docker.compose,
+            postgres=options.postgres,
+            rootless=docker.rootless,
+            uploads=str(uploads),
+            ports=ports,
+            worker=previous.worker if previous else None,
+            token_ids=previous.token_ids if previous else [],
+            started_at=time.time(),
+        )
+        compose = self.compose(state)
+        existing = compose.containers()
+        if previous is not None and existing and previous.postgres != options.postgres:
+            raise StackError(
+                f"the stack is up {'with' if previous.postgres else 'without'} --postgres: "
+                "run `hostgpu stack down` first to switch"
+            )
+        if not existing:
+            self._check_ports(ports)
+        if previous is not None and (previous.ports, previous.uploads) != (ports, str(uploads)):
+            # A running worker points at the old ports and folder: replace it.
+            if self._worker_process(previous.worker) is not None:
+                self.say(f"worker: {self.stop_worker(previous)} (new ports or upload folder)")
+            state.worker = None
+
+        self.admin_secret()
+        self.write_copyparty_config(uploads)
+        self.save_state(state)  # from here on, `stack down` can clean up whatever follows
+
+        services = state.services
+        t = time.monotonic()
+        self._images(compose, services, build=options.build)
+        self.say(f"images ready ({time.monotonic() - t:.1f} s)")
+        t = time.monotonic()
+        compose.up(services, timeout=options.timeout)
+        self._wait_gateway(state.gateway_url)
+        self.say(f"containers healthy: {', '.join(services)} ({time.monotonic() - t:.1f} s)")
+
+        t = time.monotonic()
+        worker = state.worker if self._worker_process(state.worker) else None
+        if worker is None:
+            worker_token = self._tokens(state)
+            self.save_state(state)
+            state.worker = self._start_worker(state, worker_token, options)
+            self.say(
+                f"worker {state.worker.name} (pid {state.worker.pid}) registered "
+                f"({time.monotonic() - t:.1f} s)"
+            )
+        else:
+            self.say(f"worker already running (pid {worker.pid})")
+        self.save_state(state)
+        self.settings.gateway_url_path.write_text(state.gateway_url + "\n")
+        self.say(f"stack up in {time.monotonic() - t0:.1f} s")
+        return state
+
+    def _check_ports(self, ports: dict[str, int]) -> None:
+        taken = [
+            f"{name} {port}" for name, port in ports.items() if not port_free("127.0.0.1", port)
+        ]
+        if taken:
+            options = ", ".join(f"--{name.split()[0]}-port" for name in taken)
+            raise StackError(
+                f"port(s) in use on 127.0.0.1: {', '.join(taken)} (another gateway, Chroma or "
+                f"upload server?): stop what holds them, or choose others with {options}"
+            )
+
+    def _images(self, compose: Compose, services: list[str], *, build: bool) -> None:
+        """Build the services made here; use (pull if missing) the images named instead."""
+        to_build = [s for s in services if not os.environ.get(IMAGE_OVERRIDES.get(s, ""), "")]
+        for service in services:
+            image = os.environ.get(IMAGE_OVERRIDES.get(service, ""), "")
+            if image and compose.docker("image", "inspect", image).returncode != 0:
+                self.say(f"pulling {image} for {service}")
+                pulled = compose.docker("pull", image, timeout=1800)
+                if pulled.returncode != 0:
+                    raise StackError(
+                        f"cannot pull {image} ({IMAGE_OVERRIDES[service]}): "
+                        f"{pulled.stderr.strip()[-300:]}\nfix: unset {IMAGE_OVERRIDES[service]} to "
+                        "build the service from BASE_IMAGE instead"
+                    )
+        if not build:
+            missing = [
+                s
+                for s in to_build
+                if compose.docker("image", "inspect", self._image_name(s)).returncode != 0
+            ]
+            if not missing:
+                return
+            to_build = missing
+        self.say(
+            f"building {', '.join(to_build)} (BASE_IMAGE="
+            f"{os.environ.get('BASE_IMAGE', 'python:3.11-slim')})"
+        )
+        try:
+            compose.build(to_build)
+        except ComposeError as exc:
+            raise StackError(
+                f"{exc}\nfix: the builds need the package index (and BASE_IMAGE: "
+                f"{os.environ.get('BASE_IMAGE', 'python:3.11-slim')}) to be reachable; "
+                "see the output above"
+            ) from None
+
+    @staticmethod
+    def _image_name(service: str) -> str:
+        return f"hostgpu/{service}:local"
+
+    def _wait_gateway(self, url: str, timeout: float = 60.0) -> None:
+        """The gateway answers through the published port (forwarding may lag the health)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the gateway container is healthy but {url} does not answer from this "
+                    "host: is another process holding the port, or does the engine not "
+                    "forward published ports to 127.0.0.1?"
+                )
+            time.sleep(0.5)
+
+    def _tokens(self, state: StackState) -> str:
+        """Fresh worker and submit tokens (earlier ones revoked); returns the worker token."""
+        admin = self.admin_secret()
+        with Client(state.gateway_url, admin) as api:
+            try:
+                known = {t.id for t in api.list_tokens()}
+            except AuthError:
+                raise StackError(
+                    f"the gateway refuses the stack's admin token ({self.dir}/gateway/"
+                    "admin-token): its database was made with another one. Run `hostgpu stack "
+                    "down --volumes` to start with an empty database, or put that database's "
+                    "admin token in the file"
+                ) from None
+            for token_id in state.token_ids:
+                if token_id in known:
+                    api.revoke_token(token_id)
+            worker = api.create_token(f"stack worker ({socket.gethostname()})", "worker")
+            submit = api.create_token("stack uploads hook", "submit")
+        write_private(private_dir(self.dir / "uploads") / "submit-token", submit.token + "\n")
+        state.token_ids = [worker.id, submit.id]
+        return worker.token
+
+    # -- the native worker ----------------------------------------------------------------
+    def worker_env(self, state: StackState, token: str) -> dict[str, str]:
+        env = {**os.environ}
+        for name in ("HOSTGPU_DATABASE_URL", "HOSTGPU_ADMIN_TOKEN_FILE"):
+            env.pop(name, None)
+        roots = [r for r in env.get("HOSTGPU_INGEST_ROOTS", "").split(os.pathsep) if r]
+        if state.uploads not in roots:
+            roots.append(state.uploads)
+        env.update(
+            HOSTGPU_HOME=str(self.home),
+            HOSTGPU_GATEWAY=state.gateway_url,
+            HOSTGPU_TOKEN=token,  # the environment, never the command line
+            CHROMA_HOST="127.0.0.1",
+            CHROMA_PORT=str(state.ports["chroma"]),
+            HOSTGPU_UPLOAD_ROOT=state.uploads,
+            HOSTGPU_INGEST_ROOTS=os.pathsep.join(roots),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _start_worker(self, state: StackState, token: str, options: UpOptions) -> WorkerRecord:
+        name = f"{socket.gethostname()}-stack"
+        extra = ["--name", name, "--label", f"stack={state.project}"]
+        if options.allow_container:
+            extra.append("--allow-container")
+        argv = worker_command(state.gateway_url, options.imports, options.concurrency, *extra)
+        self.worker_log.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(self.worker_log, "ab") as log:
+            log.write(f"--- hostgpu stack up: worker starting at {time.ctime()}\n".encode())
+            log.flush()
+            # Its own session: it outlives this command and a Ctrl-C in this terminal.
+            proc = subprocess.Popen(
+                argv,
+                env=self.worker_env(state, token),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.home,
+            )
+        record = WorkerRecord(
+            pid=proc.pid,
+            create_time=psutil.Process(proc.pid).create_time(),
+            name=name,
+            log=str(self.worker_log),
+            started_at=started,
+        )
+        state.worker = record
+        self.save_state(state)
+        deadline = time.monotonic() + options.worker_timeout
+        with Client(state.gateway_url, token) as api:
+            while True:
+                if proc.poll() is not None:
+                    raise StackError(
+                        f"the native worker exited with code {proc.returncode}:\n"
+                        f"{self.log_tail(self.worker_log)}"
+                    )
+                mine = [
+                    w
+                    for w in api.workers(alive=True)
+                    if w.capabilities.name == name and w.registered_at >= started - 5
+                ]
+                if mine:
+                    return record
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"the native worker did not register within {options.worker_timeout:.0f} s:"
+                        f"\n{self.log_tail(self.worker_log)}"
+                    )
+                time.sleep(0.3)
+
+    @staticmethod
+    def _worker_process(record: WorkerRecord | None) -> psutil.Process | None:
+        """The recorded worker's process, if it still runs (and is not a recycled pid)."""
+        if record is None:
+            return None
+        try:
+            proc = psutil.Process(record.pid)
+            if abs(proc.create_time() - record.create_time) > 1.0:
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            return None
+        return proc
+
+    def stop_worker(self, state: StackState, *, grace: float = 30.0) -> str:
+        """Warm stop: SIGTERM and wait; then a second SIGTERM (cold) and, last, a kill."""
+        proc = self._worker_process(state.worker)
+        if proc is None:
+            return "not running"
+        steps = [
+            (signal.SIGTERM, grace, "stopped"),
+            (signal.SIGTERM, 10.0, "stopped cold"),
+            (signal.SIGKILL, 10.0, "killed"),
+        ]
+        for sig, wait, outcome in steps:
+            try:
+                proc.send_signal(sig)
+                proc.wait(timeout=wait)
+                return outcome
+            except psutil.TimeoutExpired:
+                continue
+            except psutil.NoSuchProcess:
+                return outcome
+        raise StackError(f"the worker (pid {proc.pid}) did not exit even after SIGKILL")
+
+    # -- down, status, logs ---------------------------------------------------------------
+    def down(self, *, volumes: bool = False, grace: float = 30.0) -> dict[str, Any]:
+        state = self.load_state()
+        if state is None:
+            raise StackError(
+                f"no stack state in {self.state_path}: nothing was started from this "
+                "HOSTGPU_HOME (another one? set HOSTGPU_HOME)"
+            )
+        t = time.monotonic()
+        worker = self.stop_worker(state, grace=grace)
+        self.say(f"worker: {worker} ({time.monotonic() - t:.1f} s)")
+        if state.token_ids:
+            try:
+                with Client(state.gateway_url, self.admin_secret(), timeout=5) as api:
+                    for token_id in state.token_ids:
+                        api.revoke_token(token_id)
+            except HostGPUError:
+                pass  # the gateway may be gone already; its volume keeps revoked-or-not tokens
+        t = time.monotonic()
+        compose = self.compose(state)
+        compose.down(volumes=volumes, profiles=[POSTGRES])
+        left = compose.containers()
+        if left:
+            raise StackError(f"containers left after down: {', '.join(c.name for c in left)}")
+        self.say(
+            f"containers removed{' with their volumes' if volumes else ''} "
+            f"({time.monotonic() - t:.1f} s)"
+        )
+        gateway_url = self.settings.gateway_url_path
+        if gateway_url.exists() and gateway_url.read_text().strip() == state.gateway_url:
+            gateway_url.unlink()
+        state.worker = None
+        state.token_ids = []
+        self.save_state(state)
+        return {"worker": worker, "volumes_removed": volumes}
+
+    def status(self) -> dict[str, Any]:
+        """Containers, the worker (process and what the gateway knows), the queue."""
+        state = self.load_state()
+        if state is None:
+            raise StackError(
+                f"no stack state in {self.state_path}: start it with `hostgpu stack up`"
+            )
+        compose = self.compose(state)
+        containers = {c.service: c for c in compose.containers()}
+        rows = []
+        for service in state.services:
+            found: Container | None = containers.get(service)
+            row: dict[str, Any] = {
+                "service": service,
+                "state": "missing",
+                "health": None,
+                "ports": [],
+            }
+            if found is not None:
+                row.update(found.as_dict())
+            rows.append(row)
+        proc = self._worker_process(state.worker)
+        worker: dict[str, Any] = {
+            "pid": state.worker.pid if state.worker else None,
+            "running": proc is not None,
+            "name": state.worker.name if state.worker else None,
+            "log": str(self.worker_log),
+            "registered": False,
+        }
+        queue: dict[str, int] | None = None
+        gateway_error = None
+        gateway_up = any(r["service"] == "gateway" and r["state"] == "running" for r in rows)
+        if not gateway_up:
+            gateway_error = "the gateway container is not running: `hostgpu stack up` starts it"
+        try:
+            if not gateway_up:
+                raise _Skip
+            with Client(state.gateway_url, self.admin_secret(), timeout=5) as api:
+                queue = api.summary().counts
+                if state.worker is not None:
+                    mine = [
+                        w
+                        for w in api.workers()
+                        if w.capabilities.name == state.worker.name
+                        and w.registered_at >= state.worker.started_at - 5
+                    ]
+                    if mine:
+                        latest = max(mine, key=lambda w: w.registered_at)
+                        worker.update(
+                            registered=True,
+                            alive=latest.alive,
+                            id=latest.id,
+                            devices=[f"{d.kind}:{d.name}" for d in latest.capabilities.devices],
+                            last_heartbeat_s=round(max(0.0, time.time() - latest.last_seen), 1),
+                        )
+        except _Skip:
+            pass
+        except HostGPUError as exc:
+            gateway_error = str(exc)
+        healthy = (
+            all(r["state"] == "running" and r["health"] in (None, "healthy") for r in rows)
+            and worker["running"]
+            and bool(worker.get("alive"))
+        )
+        return {
+            "project": state.project,
+            "healthy": healthy,
+            "gateway": state.gateway_url,
+            "chroma": f"http://127.0.0.1:{state.ports['chroma']}",
+            "uploads": {
+                "url": state.uploads_url,
+                "folder": state.uploads,
+                "user": UPLOADS_USER,
+                "password_file": str(self.home / "uploads-password"),
+            },
+            "postgres": state.postgres,
+            "containers": rows,
+            "worker": worker,
+            "queue": queue,
+            "gateway_error": gateway_error,
+        }
+
+    def logs(self, service: str | None = None, *, tail: int = 200) -> str:
+        state = self.load_state()
+        if state is None:
+            raise StackError(f"no stack state in {self.state_path}: nothing to show")
+        if service is not None and service != "worker" and service not in state.services:
+            raise ConfigError(
+                f"unknown service {service!r}: use one of {', '.join([*state.services, 'worker'])}"
+            )
+        parts = []
+        if service != "worker":
+            parts.append(self.compose(state).logs([service] if service else [], tail=tail))
+        if service in (None, "worker"):
+            parts.append(
+                f"--- worker ({self.worker_log}) ---\n{self.log_tail(self.worker_log, tail)}"
+            )
+        return "\n".join(p.rstrip() for p in parts if p.strip()) + "\n"
+
+    @staticmethod
+    def log_tail(path: Path, lines: int = 40) -> str:
+        if not path.exists():
+            return "(no log yet)"
+        text = path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def dump(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)
+
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "HybridStack",
+    "StackError",
+    "StackState",
+    "UpOptions",
+    "find_compose_file",
+]

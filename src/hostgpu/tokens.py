@@ -1,0 +1,75 @@
+"""API tokens: scopes, minting and hashing. The store only persists what this module makes.
+
+Scopes, narrowest first:
+
+- ``read``: lists, job details, metrics, the dashboard's live view; nothing that changes state;
+- ``submit``: jobs (submit, wait, cancel) and ``read``'s views;
+- ``infer``: the OpenAI-compatible inference API;
+- ``worker``: join a pool and run published functions (register, lease, heartbeat, report);
+- ``share``: lend a machine: like ``worker``, but only model-engine jobs are ever leased to it;
+- ``admin``: everything, tokens included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from typing import Literal, get_args
+
+from pydantic import BaseModel, Field
+
+Scope = Literal["admin", "submit", "worker", "read", "infer", "share"]
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+TOKEN_ID_PATTERN = r"^[0-9a-f]{1,32}$"
+
+
+class TokenInfo(BaseModel):
+    """A token's record (never its secret)."""
+
+    id: str
+    name: str
+    scope: Scope
+    created_at: float = Field(description="UNIX time")
+    expires_at: float | None = Field(default=None, description="UNIX time; null: never")
+    revoked_at: float | None = None
+
+    def active(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+def hash_token(secret: str) -> str:
+    # Tokens are 256 random bits, so a plain SHA-256 is enough: there is nothing to
+    # brute-force, and lookups by hash stay a single indexed read.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mint(
+    name: str, scope: Scope, *, now: float, expires_at: float | None = None
+) -> tuple[TokenInfo, str]:
+    """A new token record and its secret (shown once; only the hash is stored)."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+    secret = f"hg{scope[0]}_{secrets.token_urlsafe(32)}"
+    info = TokenInfo(
+        id=uuid.uuid4().hex[:16], name=name, scope=scope, created_at=now, expires_at=expires_at
+    )
+    return info, secret
+
+
+#: Which scopes a route needing a scope admits (admin always passes).
+IMPLIED: dict[Scope, frozenset[Scope]] = {
+    "read": frozenset({"read", "submit"}),
+    "submit": frozenset({"submit"}),
+    "infer": frozenset({"infer"}),
+    "worker": frozenset({"worker", "share"}),
+    "share": frozenset({"share"}),
+    "admin": frozenset(),
+}
+
+
+def admits(token_scope: Scope, needed: tuple[Scope, ...]) -> bool:
+    """Whether a token of ``token_scope`` may call a route that needs one of ``needed``."""
+    if token_scope == "admin":
+        return True
+    return any(token_scope in IMPLIED[n] or token_scope == n for n in needed)
