@@ -37,8 +37,10 @@ def builtin(name: str) -> ModelSpec:
     """A built-in spec on one CPU thread: the test machine's two cores are shared, and a
     second torch/llama.cpp thread that waits for a descheduled peer makes decoding 10× slower."""
     spec = next(spec for spec in BUILTIN_MODELS if spec.name == name)
-    key = "n_threads" if spec.engine == "llama.cpp" else "threads"
-    return spec.model_copy(update={"options": {**spec.options, key: 1}})
+    options: dict[str, object] = {"n_threads" if spec.engine == "llama.cpp" else "threads": 1}
+    if spec.engine == "transformers":
+        options["kv_cache_tokens"] = 4096  # the tests' requests are short: a smaller cache
+    return spec.model_copy(update={"options": {**spec.options, **options}})
 
 
 def _require_llm() -> None:

@@ -385,8 +385,9 @@ def architecture(spec: ModelSpec) -> Architecture:
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-#: Default KV cache, in tokens, an engine reserves (shared by its concurrent requests).
-DEFAULT_KV_CACHE_TOKENS = 8192
+#: Default KV cache, in tokens, an engine reserves (shared by its concurrent requests):
+#: room for eight concurrent 2k-token requests.
+DEFAULT_KV_CACHE_TOKENS = 16384
 #: Activations, allocator slack and runtime: a fraction over weights + KV cache.
 OVERHEAD = 0.15
 
@@ -395,7 +396,7 @@ def estimate_memory_bytes(spec: ModelSpec) -> int:
     """Weights as the engine holds them plus its KV cache, plus a margin."""
     arch = architecture(spec)
     context = spec.context_length or arch.context_length
-    kv_tokens = int(spec.options.get("kv_cache_tokens", max(context, DEFAULT_KV_CACHE_TOKENS)))
+    kv_tokens = int(spec.options.get("kv_cache_tokens", DEFAULT_KV_CACHE_TOKENS))
     if spec.engine == "llama.cpp":
         # llama.cpp keeps the quantised weights and an f16 cache of n_ctx tokens.
         weights = arch.file_bytes

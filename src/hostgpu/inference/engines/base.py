@@ -479,9 +479,12 @@ class Engine(ABC):
         # One tiny generation, counted in the load: the first forward passes pay for memory
         # the KV cache and kernels touch for the first time (seconds on a busy CPU), and that
         # belongs to loading, not to the first user's time to first token.
-        self.complete(
-            "Hello", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-        ).completion()
+        try:
+            warm_up = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+            self.complete("Hello", warm_up).completion()
+        except BaseException:
+            self.unload()
+            raise
         self.load_seconds = time.perf_counter() - started
 
     def unload(self) -> None:

@@ -19,7 +19,8 @@ takes 0.3 s instead of de-quantising for 15–25 s at every load.
 Options (``[models.NAME.options]``):
 
 - ``dtype``: ``float32`` (default), ``float16`` or ``bfloat16`` (not on the CPU);
-- ``kv_cache_tokens``: KV cache size shared by all running requests (default 8192);
+- ``kv_cache_tokens``: KV cache shared by all running requests (default 16384: eight
+  concurrent 2k-token requests; when it is full, requests wait or are evicted and re-prefilled);
 - ``max_batch``: most requests decoded together (default 16);
 - ``max_batch_tokens``: most tokens in one forward pass, prefill included (default 512);
 - ``page_size``: KV cache page, in tokens (default 256);
@@ -49,6 +50,7 @@ from hostgpu.inference.engines.base import (
     template_messages,
 )
 from hostgpu.inference.errors import EngineError, EngineUnavailable, InvalidRequest
+from hostgpu.inference.models import DEFAULT_KV_CACHE_TOKENS
 
 log = logging.getLogger("hostgpu.inference")
 
@@ -125,7 +127,7 @@ class TransformersEngine(Engine):
             eos = tokenizer.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         page_size = int(options.get("page_size", 256))
-        kv_tokens = int(options.get("kv_cache_tokens", 8192))
+        kv_tokens = int(options.get("kv_cache_tokens", DEFAULT_KV_CACHE_TOKENS))
         model_context = int(getattr(model.config, "max_position_embeddings", 0) or kv_tokens)
         self._context = min(self.spec.context_length or model_context, model_context, kv_tokens)
         self._eos = frozenset(int(e) for e in eos_ids)
