@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    console = Console()
+    # A wide table even when the output is a file or a pipe (rich assumes 80 columns there).
+    console = Console(width=max(140, Console().width))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     prompts = args.prompts.split(",")
     arms = args.arms.split(",")
