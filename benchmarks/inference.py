@@ -1,0 +1,429 @@
+"""LLM inference: the engine in-process (A) against the same engine behind HTTP + SSE (B).
+
+    python benchmarks/inference.py [--model smollm2] [--device cpu] [--tokens 128]
+                                   [--concurrency 1,8] [--prompts short,long] [--rounds 2]
+
+Protocol (issue 12): the same model, greedy, exactly ``--tokens`` output tokens per stream
+(``ignore_eos``), a short and a long prompt, concurrency 1 and 8, arms interleaved round by
+round so a busy machine hurts every arm alike. For each (prompt, concurrency, arm) the table
+shows time to first token, inter-token gaps p50/p95 (between consecutive deltas as the reader
+sees them), tokens/s per stream (decode: tokens after the first over the time after it) and in
+total (all tokens over the run's wall time), and the ratio of total tokens/s to arm A.
+
+Arms:
+
+- A, :func:`arm_in_process`: ``engine.chat()`` streams read by threads in this process.
+- B, :func:`arm_http`: ``python -m hostgpu.inference.server`` in its own process, read
+  over HTTP as OpenAI SSE (``/v1/chat/completions``, ``stream: true``). Its CPU time per run
+  is reported too.
+- C and D (the lead adds them): :func:`arm_http` pointed at a hostgpu gateway with a worker
+  that has the model warm (C) or must load it (D); the gateway speaks the same OpenAI API, so
+  an arm is ``partial(arm_http, base_url, token=...)`` plus a way to make it cold.
+
+Also measured: load time, and cancellation latency in-process (from ``stream.cancel()`` to
+the engine having dropped the request: ``stream.wait_released()``, which for the
+transformers engine means the batching loop removed it from its scheduler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from hostgpu.inference.engines import Engine, SamplingParams, create_engine
+from hostgpu.inference.models import load_registry
+from hostgpu.processes import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SHORT = "What is the capital of France?"
+_PASSAGE = (
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type, oil-based ink and a wooden screw press. Books "
+    "became cheaper, literacy spread, and ideas travelled faster than ever before. Printers "
+    "set up shops in trading cities, scholars exchanged corrected editions, and pamphlets "
+    "carried news and arguments across borders. "
+)
+# About 1,000 tokens for SmolLM2's tokenizer: a long prompt that makes prefill matter.
+LONG = _PASSAGE * 14 + "\nSummarise the text above in a few sentences."
+PROMPTS = {"short": SHORT, "long": LONG}
+
+
+@dataclass
+class StreamRecord:
+    """What one reader saw: when it asked, when each delta arrived, and how many tokens."""
+
+    started: float
+    arrivals: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0] - self.started
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
+
+    def decode_rate(self) -> float:
+        span = self.arrivals[-1] - self.arrivals[0]
+        return (self.tokens - 1) / span if span > 0 else float("nan")
+
+
+@dataclass
+class RunResult:
+    arm: str
+    prompt: str
+    concurrency: int
+    wall: float
+    streams: list[StreamRecord]
+    server_cpu: float | None = None
+
+    def row(self) -> dict[str, float]:
+        gaps = sorted(g for s in self.streams for g in s.gaps())
+        total = sum(s.tokens for s in self.streams)
+        return {
+            "ttft_p50": statistics.median(s.ttft for s in self.streams),
+            "itl_p50": percentile(gaps, 0.5),
+            "itl_p95": percentile(gaps, 0.95),
+            "stream_tok_s": statistics.median(s.decode_rate() for s in self.streams),
+            "total_tok_s": total / self.wall,
+        }
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _run_concurrently(
+    concurrency: int, one: Callable[[], StreamRecord]
+) -> tuple[float, list[StreamRecord]]:
+    records: list[StreamRecord] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def target() -> None:
+        try:
+            record = one()
+        except BaseException as exc:  # surfaced below: a benchmark must not hide failures
+            with lock:
+                errors.append(exc)
+            return
+        with lock:
+            records.append(record)
+
+    threads = [threading.Thread(target=target) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} stream(s) failed: {errors[0]!r}") from errors[0]
+    return wall, records
+
+
+# -- arms -------------------------------------------------------------------------------------
+def arm_in_process(engine: Engine, prompt: str, concurrency: int, tokens: int) -> RunResult:
+    """A: the engine in this process."""
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+    def one() -> StreamRecord:
+        record = StreamRecord(started=time.perf_counter())
+        stream = engine.chat([{"role": "user", "content": prompt}], params)
+        for _ in stream:
+            record.arrivals.append(time.perf_counter())
+        record.tokens = stream.completion().usage.completion_tokens
+        if record.tokens != tokens:
+            raise RuntimeError(f"got {record.tokens} tokens, wanted exactly {tokens}")
+        return record
+
+    wall, records = _run_concurrently(concurrency, one)
+    return RunResult("A in-process", "", concurrency, wall, records)
+
+
+def arm_http(
+    base_url: str,
+    model: str,
+    prompt: str,
+    concurrency: int,
+    tokens: int,
+    *,
+    token: str | None = None,
+    label: str = "B http+sse",
+    server_pid: int | None = None,
+) -> RunResult:
+    """An OpenAI-compatible server at ``base_url`` (``…/v1``), read as SSE: arms B, C, D."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    def one() -> StreamRecord:
+        record = StreamRecord(started=time.perf_counter())
+        with (
+            httpx.Client(timeout=600, headers=headers) as client,
+            client.stream("POST", f"{base_url}/chat/completions", json=body) as response,
+        ):
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {response.read().decode()[:300]}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    record.tokens = chunk["usage"]["completion_tokens"]
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                choices = chunk.get("choices") or []
+                if choices and choices[0]["delta"].get("content"):
+                    record.arrivals.append(time.perf_counter())
+        if record.tokens != tokens:
+            raise RuntimeError(f"got {record.tokens} tokens, wanted exactly {tokens}")
+        return record
+
+    process = psutil.Process(server_pid) if server_pid else None
+    cpu_before = sum(process.cpu_times()[:2]) if process else 0.0
+    wall, records = _run_concurrently(concurrency, one)
+    cpu = sum(process.cpu_times()[:2]) - cpu_before if process else None
+    return RunResult(label, "", concurrency, wall, records, server_cpu=cpu)
+
+
+def start_server(
+    model: str, device: str, threads: int | None
+) -> tuple[subprocess.Popen[bytes], str, float]:
+    """Arm B's server in its own process; returns it, its base URL and its start seconds."""
+    port = free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hostgpu.inference.server",
+            "--model",
+            model,
+            "--device",
+            device,
+            "--port",
+            str(port),
+            *(["--threads", str(threads)] if threads else []),
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not start within 300 s")
+        time.sleep(0.2)
+    return proc, f"{url}/v1", time.perf_counter() - started
+
+
+def cancellation_latency(engine: Engine, samples: int) -> list[float]:
+    """Seconds from cancel() to the engine having dropped the request, mid-generation."""
+    latencies = []
+    params = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+    for _ in range(samples):
+        stream = engine.chat([{"role": "user", "content": SHORT}], params)
+        for _ in range(3):  # a few tokens in: the request is decoding, not queued
+            stream.next(timeout=120)
+        cancelled = time.perf_counter()
+        stream.cancel()
+        if not stream.wait_released(timeout=30):
+            raise RuntimeError("a cancelled request was still running after 30 s")
+        latencies.append(time.perf_counter() - cancelled)
+    return latencies
+
+
+# -- main -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--prompts", default="short,long")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cancel-samples", type=int, default=5)
+    parser.add_argument("--arms", default="A,B")
+    parser.add_argument(
+        "--threads", type=int, help="engine CPU threads in both arms (1 is steadier on a busy CPU)"
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A wide table even when the output is a file or a pipe (rich assumes 80 columns there).
+    console = Console(width=max(140, Console().width))
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    prompts = args.prompts.split(",")
+    arms = args.arms.split(",")
+    load_before = os.getloadavg()
+
+    spec = load_registry().get(args.model)
+    if args.threads:
+        key = "n_threads" if spec.engine == "llama.cpp" else "threads"
+        spec = spec.model_copy(update={"options": {**spec.options, key: args.threads}})
+    engine = create_engine(spec)
+    engine.load(args.device)
+    console.print(
+        f"A: loaded {args.model} ({spec.engine}) on {args.device} in {engine.load_seconds:.1f} s"
+    )
+    server = base_url = None
+    if "B" in arms:
+        server, base_url, server_start = start_server(args.model, args.device, args.threads)
+        console.print(f"B: server up (load included) in {server_start:.1f} s")
+
+    results: list[RunResult] = []
+    try:
+        for round_ in range(args.rounds):
+            for prompt in prompts:
+                for concurrency in concurrencies:
+                    for arm in arms:
+                        if arm == "A":
+                            result = arm_in_process(
+                                engine, PROMPTS[prompt], concurrency, args.tokens
+                            )
+                        else:
+                            assert base_url is not None and server is not None
+                            result = arm_http(
+                                base_url,
+                                args.model,
+                                PROMPTS[prompt],
+                                concurrency,
+                                args.tokens,
+                                server_pid=server.pid,
+                            )
+                        result.prompt = prompt
+                        results.append(result)
+                        row = result.row()
+                        console.print(
+                            f"round {round_ + 1} {prompt:5} c={concurrency} {result.arm}: "
+                            f"{row['total_tok_s']:.1f} tok/s total, "
+                            f"ttft {row['ttft_p50'] * 1000:.0f} ms"
+                        )
+        cancel = cancellation_latency(engine, args.cancel_samples) if args.cancel_samples else []
+    finally:
+        engine.unload()
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+
+    table = Table(
+        title=f"{args.model} on {args.device}: {args.tokens} tokens/stream, greedy, "
+        f"{args.rounds} round(s)"
+    )
+    for column in (
+        "prompt",
+        "conc",
+        "arm",
+        "TTFT p50 ms",
+        "ITL p50 ms",
+        "ITL p95 ms",
+        "tok/s/stream",
+        "tok/s total",
+        "vs A",
+        "server CPU s",
+    ):
+        table.add_column(column, justify="right" if column not in ("prompt", "arm") else "left")
+    summary = []
+    for prompt in prompts:
+        for concurrency in concurrencies:
+            base_total = None
+            for arm_name in dict.fromkeys(r.arm for r in results):
+                runs = [
+                    r
+                    for r in results
+                    if r.arm == arm_name and r.prompt == prompt and r.concurrency == concurrency
+                ]
+                merged = RunResult(
+                    arm_name,
+                    prompt,
+                    concurrency,
+                    sum(r.wall for r in runs),
+                    [s for r in runs for s in r.streams],
+                )
+                row = merged.row()
+                cpu = [r.server_cpu for r in runs if r.server_cpu is not None]
+                if base_total is None:
+                    base_total = row["total_tok_s"]
+                summary.append(
+                    {
+                        "prompt": prompt,
+                        "concurrency": concurrency,
+                        "arm": arm_name,
+                        **row,
+                        "server_cpu_s": statistics.mean(cpu) if cpu else None,
+                    }
+                )
+                table.add_row(
+                    prompt,
+                    str(concurrency),
+                    arm_name,
+                    f"{row['ttft_p50'] * 1000:.0f}",
+                    f"{row['itl_p50'] * 1000:.1f}",
+                    f"{row['itl_p95'] * 1000:.1f}",
+                    f"{row['stream_tok_s']:.1f}",
+                    f"{row['total_tok_s']:.1f}",
+                    f"{row['total_tok_s'] / base_total:.2f}",
+                    f"{statistics.mean(cpu):.1f}" if cpu else "",
+                )
+    console.print(table)
+    if cancel:
+        console.print(
+            f"cancellation (A, {len(cancel)} samples, cancel() → engine dropped the request): "
+            f"p50 {statistics.median(cancel) * 1000:.0f} ms, max {max(cancel) * 1000:.0f} ms"
+        )
+    load_after = os.getloadavg()
+    console.print(
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores shared)"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"inference-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "load_seconds": engine.load_seconds,
+                "summary": summary,
+                "cancel_seconds": cancel,
+                "loadavg": [load_before, load_after],
+                "runs": [{**asdict(r), "streams": [asdict(s) for s in r.streams]} for r in results],
+            },
+            indent=1,
+        )
+    )
+    console.print(f"raw numbers: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
