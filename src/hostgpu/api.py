@@ -107,6 +107,10 @@ class HeartbeatResponse(BaseModel):
     lost: list[str] = Field(
         description="jobs this worker must stop: cancelled, or leased again after its lease lapsed"
     )
+    lost_leases: list[HeldLease] = Field(
+        default_factory=list,
+        description="the same, as leases: a worker may hold an old and a new lease of one job",
+    )
 
 
 class ReportRequest(_Request):

@@ -226,10 +226,14 @@ class Client:
         )
         return LeaseResponse.model_validate(data).leases
 
-    def heartbeat(self, worker_id: str, leases: Sequence[tuple[str, str]]) -> list[str]:
+    def heartbeat(
+        self, worker_id: str, leases: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """Extend the leases held; returns the (job id, lease token) pairs to stop."""
         body = {"leases": [{"job_id": j, "lease_token": t} for j, t in leases]}
         data = self.request("POST", f"/v1/workers/{worker_id}/heartbeat", json=body)
-        return HeartbeatResponse.model_validate(data).lost
+        reply = HeartbeatResponse.model_validate(data)
+        return [(held.job_id, held.lease_token) for held in reply.lost_leases]
 
     def report(
         self,

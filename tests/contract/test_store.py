@@ -201,7 +201,7 @@ def test_heartbeat_extends_and_reports_lost(store: Store) -> None:
     result = store.heartbeat(
         wid, [(a.job_id, a.lease_token), (b.job_id, b.lease_token)], lease_seconds=30
     )
-    assert result.lost == [b.job_id]
+    assert result.lost == [(b.job_id, b.lease_token)]
     with pytest.raises(NotFound):
         store.heartbeat("unknown-worker", [], lease_seconds=30)
 
@@ -266,6 +266,8 @@ def test_cancel(store: Store) -> None:
     assert lease.job_id == running.id
     assert store.cancel(queued.id).state is JobState.cancelled
     assert store.cancel(running.id).state is JobState.cancelled
+    [attempt] = store.get(running.id, history=True).history or []
+    assert attempt.outcome == "cancelled" and attempt.finished_at is not None
     assert not ok(store, lease).accepted
     with pytest.raises(InvalidTransition):
         store.cancel(queued.id)
@@ -470,7 +472,7 @@ def test_requeue_takes_a_running_job_back_without_using_a_retry(store: Store) ->
     assert again.state is JobState.queued and again.failures == 0 and again.lost == 0
     assert again.worker_id is None
     # The old holder hears at its next heartbeat, and its late report is refused.
-    assert store.heartbeat(wid, [(job.id, lease.lease_token)], lease_seconds=30).lost == [job.id]
+    assert store.heartbeat(wid, [(job.id, lease.lease_token)], lease_seconds=30).lost == [(job.id, lease.lease_token)]
     assert not ok(store, lease, 1).accepted
     with pytest.raises(InvalidTransition):
         store.requeue(job.id)  # queued now: nothing to take back

@@ -63,8 +63,9 @@ class JobFilter:
 
 @dataclass(frozen=True)
 class HeartbeatResult:
-    #: Jobs the worker must stop: cancelled, or leased again after the worker's lease lapsed.
-    lost: list[str]
+    #: (job id, lease token) of the leases the worker must stop: cancelled, finished, or the
+    #: job leased again after this lease lapsed.
+    lost: list[tuple[str, str]]
 
 
 class Store(abc.ABC):

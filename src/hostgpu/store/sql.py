@@ -647,7 +647,7 @@ class SQLStore(Store):
         self, worker_id: str, leases: Sequence[tuple[str, str]], *, lease_seconds: float
     ) -> HeartbeatResult:
         now = time.time()
-        held: list[str] = []
+        held: set[tuple[str, str]] = set()
         with self._write() as conn:
             # A lease lost in a crash is leased again: at-least-once holds without a
             # durable commit of every heartbeat.
@@ -664,16 +664,18 @@ class SQLStore(Store):
                 raise NotFound(f"no worker with id {worker_id!r}: register again")
             if not leases:
                 return HeartbeatResult(lost=[])
-            wanted = dict(leases)
-            held = [
-                row.id
+            # Pairs, not a dict by job id: a worker may hold an old lease of a job (stopping
+            # its child) and the job's new lease at once.
+            wanted = set(leases)
+            held = {
+                (row.id, row.lease_token)
                 for row in conn.execute(
                     select(jobs.c.id, jobs.c.lease_token).where(
-                        jobs.c.id.in_(list(wanted)), jobs.c.state.in_(ACTIVE)
+                        jobs.c.id.in_(sorted({job_id for job_id, _ in wanted})),
+                        jobs.c.state.in_(ACTIVE),
                     )
                 )
-                if row.lease_token == wanted[row.id]
-            ]
+            } & wanted
             if held:
                 # Re-check the fence in the UPDATE itself: under READ COMMITTED another
                 # gateway may have re-leased a job between the SELECT and here, and its new
@@ -681,14 +683,13 @@ class SQLStore(Store):
                 conn.execute(
                     update(jobs)
                     .where(
-                        jobs.c.id.in_(held),
+                        jobs.c.id.in_(sorted(job_id for job_id, _ in held)),
                         jobs.c.state.in_(ACTIVE),
-                        jobs.c.lease_token.in_([wanted[job_id] for job_id in held]),
+                        jobs.c.lease_token.in_(sorted(token for _, token in held)),
                     )
                     .values(lease_expires_at=now + lease_seconds)
                 )
-        held_set = set(held)
-        return HeartbeatResult(lost=[job_id for job_id in wanted if job_id not in held_set])
+        return HeartbeatResult(lost=[pair for pair in leases if pair not in held])
 
     def report(self, outcomes: Sequence[Outcome]) -> list[ReportResult]:
         """Record outcomes in a handful of statements, however many there are.
@@ -850,11 +851,18 @@ class SQLStore(Store):
         # The lease token stays, so the worker's next heartbeat learns the job is gone and
         # kills it; any completion it sends is refused (the state is final).
         error = JobError(type="Cancelled", message="cancelled on request", kind="cancelled")
-        return self._transition(
+        job = self._transition(
             job_id,
             Event.cancel,
             lambda now: {"finished_at": now, "error": _dumps(error.model_dump())},
         )
+        with self._write() as conn:  # the attempt that was running ends here too
+            conn.execute(
+                update(attempts)
+                .where(attempts.c.job_id == job.id, attempts.c.outcome.is_(None))
+                .values(outcome="cancelled", finished_at=time.time())
+            )
+        return self.get(job.id, history=job.history is not None)
 
     def rerun(self, job_id: str) -> Job:
         def fresh(now: float) -> dict[str, Any]:

@@ -126,8 +126,10 @@ class WorkerAgent:
         self._finished = threading.Event()
         self._room = threading.Condition()
         self._outbox: queue.Queue[Outcome | None] = queue.Queue()
-        self._leases: dict[str, tuple[Lease, float]] = {}
-        self._started: set[str] = set()
+        # By (job id, lease token): a job taken back (requeued, or lost and leased again)
+        # can come back to this worker while its old child is still being stopped.
+        self._leases: dict[tuple[str, str], tuple[Lease, float]] = {}
+        self._started: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self.pool = ChildPool(config.concurrency, self._on_result, preload=tuple(self.modules))
         self.completed = 0
@@ -220,9 +222,10 @@ class WorkerAgent:
             # An exponential moving average: recent jobs count most.
             previous = self._mean_run_s
             self._mean_run_s = run_s if previous is None else 0.8 * previous + 0.2 * run_s
+        key = (outcome.job_id, outcome.lease_token)
         with self._lock:
-            self._leases.pop(outcome.job_id, None)
-            self._started.discard(outcome.job_id)
+            self._leases.pop(key, None)
+            self._started.discard(key)
         self._outbox.put(outcome)
         with self._room:
             self._room.notify_all()
@@ -307,12 +310,12 @@ class WorkerAgent:
         with self._lock:
             fresh = [
                 lease
-                for job_id, (lease, at) in self._leases.items()
-                if job_id in executing
-                and job_id not in self._started
+                for key, (lease, at) in self._leases.items()
+                if key in executing
+                and key not in self._started
                 and now - at >= self.config.started_after
             ]
-            self._started.update(lease.job_id for lease in fresh)
+            self._started.update((lease.job_id, lease.lease_token) for lease in fresh)
         for lease in fresh:
             self._outbox.put(
                 Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="started")
@@ -336,9 +339,9 @@ class WorkerAgent:
         except GatewayUnavailable as exc:
             log.warning("heartbeat failed: %s", exc)
             return
-        for job_id in lost:
+        for job_id, token in lost:
             log.warning("job %s is no longer ours (cancelled or re-leased); stopping it", job_id)
-            self.pool.cancel(job_id)
+            self.pool.cancel(job_id, token)
 
     # -- the lease loop ------------------------------------------------------------------------
     def _prefetch(self) -> int:
@@ -379,7 +382,7 @@ class WorkerAgent:
                 self._release([lease])
                 continue
             with self._lock:
-                self._leases[lease.job_id] = (lease, time.monotonic())
+                self._leases[(lease.job_id, lease.lease_token)] = (lease, time.monotonic())
             self.pool.submit(lease)
 
     def _poll_seconds(self) -> float:
@@ -419,7 +422,7 @@ class WorkerAgent:
     def _release(self, leases: Sequence[Lease]) -> None:
         for lease in leases:
             with self._lock:
-                self._leases.pop(lease.job_id, None)
+                self._leases.pop((lease.job_id, lease.lease_token), None)
             self._outbox.put(
                 Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="released")
             )

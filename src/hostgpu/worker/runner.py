@@ -160,10 +160,10 @@ class ChildPool:
             busy = sum(1 for c in self._children if c.task is not None)
             return max(0, self.concurrency - busy - len(self._queue))
 
-    def executing(self) -> set[str]:
-        """The job ids of the tasks a child is running now (not those waiting for one)."""
+    def executing(self) -> set[tuple[str, str]]:
+        """(job id, lease token) of the leases a child is running now (not those waiting)."""
         with self._lock:
-            return {c.task.job_id for c in self._children if c.task is not None}
+            return {(c.task.job_id, c.task.lease_token) for c in self._children if c.task}
 
     def running(self) -> list[Lease]:
         """The tasks in a child or waiting for one."""
@@ -172,15 +172,20 @@ class ChildPool:
             tasks.extend(t for t, _ in self._queue)
             return tasks
 
-    def cancel(self, job_id: str) -> bool:
-        """Drop a queued task or kill the child running it; False when the pool does not have it.
+    def cancel(self, job_id: str, lease_token: str | None = None) -> bool:
+        """Drop a queued task or kill the child running it (that lease only, when
+        ``lease_token`` is given); False when the pool does not have it.
 
         Either way ``on_result`` gets a failed result of kind "cancelled" (not retryable).
         """
+
+        def mine(task: Lease) -> bool:
+            return task.job_id == job_id and lease_token in (None, task.lease_token)
+
         report: Outcome | None = None
         with self._lock:
             for i, (task, submitted) in enumerate(self._queue):
-                if task.job_id == job_id:
+                if mine(task):
                     del self._queue[i]
                     report = self._failure(
                         task,
@@ -199,7 +204,7 @@ class ChildPool:
                     break
             else:
                 for c in self._children:
-                    if c.task is not None and c.task.job_id == job_id:
+                    if c.task is not None and mine(c.task):
                         if c.kill_reason is None:
                             c.kill_reason = "cancel"
                             self._kill(c)

@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request
 
 from hostgpu.api import (
+    HeldLease,
     HeartbeatRequest,
     HeartbeatResponse,
     LeaseRequest,
@@ -176,7 +177,10 @@ async def heartbeat(
         [(held.job_id, held.lease_token) for held in body.leases],
         lease_seconds=settings.lease_seconds,
     )
-    return HeartbeatResponse(lost=result.lost)
+    return HeartbeatResponse(
+        lost=sorted({job_id for job_id, _ in result.lost}),
+        lost_leases=[HeldLease(job_id=j, lease_token=t) for j, t in result.lost],
+    )
 
 
 def _limit_results(outcomes: list[Outcome], limit: int) -> list[Outcome]:
