@@ -6,10 +6,13 @@ the gateway's routes declare, so both ends of the wire agree by construction.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hostgpu.api import (
     HeartbeatResponse,
@@ -41,6 +44,15 @@ from hostgpu.errors import (
 from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome
 from hostgpu.settings import Settings, get_settings
 from hostgpu.tokens import Scope, TokenInfo
+
+
+def file_digest(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Client:
@@ -79,16 +91,27 @@ class Client:
         self.close()
 
     # -- plumbing --------------------------------------------------------------------------
-    def request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> Any:
+    def _send(
+        self, method: str, path: str, *, timeout: float | None = None, **kw: Any
+    ) -> httpx.Response:
         if timeout is not None:
             kw["timeout"] = timeout
         try:
-            response = self._http.request(method, path, **kw)
+            return self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise GatewayUnavailable(
                 f"cannot reach the gateway at {self.gateway} ({exc.__class__.__name__}: {exc}); "
                 "is `hostgpu up` or `hostgpu gateway` running?"
             ) from exc
+
+    def request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> Any:
+        response = self._send(method, path, timeout=timeout, **kw)
+        self._raise_for(response, method, path)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def _raise_for(self, response: httpx.Response, method: str, path: str) -> None:
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)
@@ -105,9 +128,6 @@ class Client:
             if status == 422:
                 raise InvalidInput(message)
             raise GatewayError(message, status=status)
-        if response.status_code == 204 or not response.content:
-            return None
-        return response.json()
 
     # -- jobs --------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, *, wait: float = 0) -> Job:
@@ -189,6 +209,60 @@ class Client:
     def whoami(self) -> TokenInfo:
         """The record of this client's own token (any scope)."""
         return TokenInfo.model_validate(self.request("GET", "/v1/tokens/self"))
+
+    # -- blobs --------------------------------------------------------------------------------
+    def has_blob(self, digest: str) -> bool:
+        response = self._send("HEAD", f"/v1/blobs/{digest}")
+        if response.status_code == 404:
+            return False
+        self._raise_for(response, "HEAD", f"/v1/blobs/{digest}")
+        return True
+
+    def put_blob(self, path: Path) -> str:
+        """Upload a file (once: its content address is its SHA-256) and return its digest.
+
+        Streamed from disk; retried a few times when the connection drops (the same bytes
+        under the same name: an upload is idempotent)."""
+        digest = file_digest(path)
+        if self.has_blob(digest):
+            return digest
+        for attempt in Retrying(
+            retry=retry_if_exception_type(GatewayUnavailable),
+            stop=stop_after_attempt(4),
+            wait=wait_exponential(multiplier=0.5, max=5),
+            reraise=True,
+        ):
+            with attempt, path.open("rb") as handle:
+                self.request(
+                    "PUT",
+                    f"/v1/blobs/{digest}",
+                    content=handle,
+                    headers={"content-type": "application/octet-stream"},
+                    timeout=max(60.0, path.stat().st_size / 1e6),
+                )
+        return digest
+
+    def fetch_blob(self, digest: str, target: Path) -> Path:
+        """Download a blob to ``target`` (through a temporary file), checking its digest."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        sha = hashlib.sha256()
+        try:
+            with self._http.stream("GET", f"/v1/blobs/{digest}", timeout=300) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response, "GET", f"/v1/blobs/{digest}")
+                with tmp.open("wb") as out:
+                    for chunk in response.iter_bytes(1024 * 1024):
+                        sha.update(chunk)
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            raise GatewayUnavailable(f"cannot fetch blob {digest}: {exc}") from exc
+        if sha.hexdigest() != digest:
+            tmp.unlink(missing_ok=True)
+            raise GatewayError(f"blob {digest} arrived as {sha.hexdigest()}: refetch it")
+        tmp.replace(target)
+        return target
 
     # -- tokens and housekeeping ---------------------------------------------------------------
     def create_token(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from pathlib import Path
 
 _device: ContextVar[str | None] = ContextVar("hostgpu_device", default=None)
 _job_id: ContextVar[str | None] = ContextVar("hostgpu_job_id", default=None)
@@ -24,6 +25,27 @@ def device() -> str:
     from hostgpu.devices import best_device
 
     return best_device().torch_device
+
+
+def inputs_dir() -> Path | None:
+    """The folder where this worker keeps fetched job inputs (None outside a worker)."""
+    root = os.environ.get("HOSTGPU_INPUTS_DIR")
+    return Path(root) if root else None
+
+
+def input_path(digest: str) -> Path:
+    """The local file of one of the running job's inputs (a blob its worker fetched and
+    checked before the job started)."""
+    root = inputs_dir()
+    path = root / digest[:2] / digest if root else None
+    if path is None or not path.is_file():
+        from hostgpu.errors import PipelineError
+
+        raise PipelineError(
+            f"input {digest} is not on this worker: list it in the job's inputs "
+            "(JobSpec.inputs), so the worker fetches it before the job runs"
+        )
+    return path
 
 
 def job_id() -> str | None:

@@ -13,12 +13,13 @@ import enum
 import math
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hostgpu.capabilities import Device
 from hostgpu.requirements import (
+    DIGEST_PATTERN,
     FUNCTION_PATTERN,
     FUNCTION_RE,
     GPU_PATTERN,
@@ -126,6 +127,7 @@ ErrorKind = Literal[
     "lost",  # the worker stopped heartbeating
     "conflict",  # the submission's options conflict with the declaration
     "limit",  # over a size limit
+    "input",  # an input blob could not be fetched
 ]
 
 
@@ -183,6 +185,12 @@ class JobSpec(BaseModel):
     max_retries: int | None = Field(default=None, ge=0, le=100)
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, json_schema_extra={"pattern": SAFE_TEXT}
+    )
+    inputs: list[Annotated[str, Field(pattern=DIGEST_PATTERN)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="SHA-256 digests of blobs uploaded with PUT /v1/blobs/{digest}: the worker "
+        "fetches them before it runs the job (hostgpu.context.input_path(digest))",
     )
 
     @field_validator("function")
@@ -284,6 +292,9 @@ class Lease(BaseModel):
     device: Device = Field(description="the device of the worker this job must run on")
     fallback_used: bool = False
     lease_expires_at: datetime
+    inputs: list[str] = Field(
+        default_factory=list, description="digests of the blobs to fetch before running it"
+    )
 
 
 OutcomeStatus = Literal["succeeded", "failed", "started", "released"]

@@ -13,6 +13,8 @@ FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 GPU_PATTERN = r"^(mps|cuda|gpu|cpu|any|mlx|cuda:[A-Za-z0-9_. ()-]{1,100})$"
 FUNCTION_RE = re.compile(FUNCTION_PATTERN)
 GPU_RE = re.compile(GPU_PATTERN)
+#: A blob's name: the hex SHA-256 of its bytes.
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 #: Printable ASCII without NUL and friends: ids, keys and names end up in SQL and in logs.
 SAFE_TEXT = r"^[\x20-\x7e]*$"
 

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=16 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_BODY_BYTES")
     )
+    max_blob_bytes: int = Field(
+        default=4 * 1024**3, gt=0, validation_alias=_alias("HOSTGPU_MAX_BLOB_BYTES")
+    )
     max_result_bytes: int = Field(
         default=8 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_RESULT_BYTES")
     )

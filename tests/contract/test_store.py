@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ def spec(
     payload: Payload | str | None = None,
     idempotency_key: str | None = None,
     resolved: bool = True,
+    inputs: tuple[str, ...] = (),
     **requested: object,
 ) -> NewJob:
     """A job as the gateway hands it to the store (options resolved without a declaration)."""
@@ -70,6 +72,7 @@ def spec(
         requested=asked,
         resolved=resolved,
         idempotency_key=idempotency_key,
+        inputs=inputs,
     )
 
 
@@ -472,7 +475,9 @@ def test_requeue_takes_a_running_job_back_without_using_a_retry(store: Store) ->
     assert again.state is JobState.queued and again.failures == 0 and again.lost == 0
     assert again.worker_id is None
     # The old holder hears at its next heartbeat, and its late report is refused.
-    assert store.heartbeat(wid, [(job.id, lease.lease_token)], lease_seconds=30).lost == [(job.id, lease.lease_token)]
+    assert store.heartbeat(wid, [(job.id, lease.lease_token)], lease_seconds=30).lost == [
+        (job.id, lease.lease_token)
+    ]
     assert not ok(store, lease, 1).accepted
     with pytest.raises(InvalidTransition):
         store.requeue(job.id)  # queued now: nothing to take back
@@ -582,3 +587,33 @@ def test_job_facts_are_the_light_record_of_a_job(store: Store) -> None:
     assert done.run_after <= done.leased_at <= done.finished_at
     assert facts[waiting.id].leased_at is None and facts[waiting.id].requirement == "mps"
     assert store.job_facts([]) == []
+
+
+def test_blobs_are_kept_checked_and_pruned_when_no_job_needs_them(store: Store) -> None:
+    import hashlib
+    import io
+
+    data = os.urandom(3 * 1024 * 1024 + 17)  # more than one chunk
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(InvalidInput, match="hash to"):
+        store.put_blob("0" * 64, io.BytesIO(data))
+    assert store.blob_info("0" * 64) is None
+    info = store.put_blob(digest, io.BytesIO(data))
+    assert info.size == len(data)
+    assert store.put_blob(digest, io.BytesIO(b"ignored: already there")).size == len(data)
+    assert b"".join(store.read_blob(digest)) == data
+    spare = os.urandom(100)
+    spare_digest = hashlib.sha256(spare).hexdigest()
+    store.put_blob(spare_digest, io.BytesIO(spare))
+    [job] = store.enqueue([spec(inputs=(digest,))])
+    _, [lease] = lease_all(store, caps())
+    assert lease.inputs == [digest]
+    time.sleep(0.05)
+    store.prune(0.01)  # the job is queued: its blob stays; the spare one goes
+    assert store.blob_info(digest) is not None and store.blob_info(spare_digest) is None
+    with pytest.raises(NotFound):
+        list(store.read_blob(spare_digest))
+    ok(store, lease)
+    time.sleep(0.05)
+    assert store.prune(0.01) == 1
+    assert store.blob_info(digest) is None

@@ -40,9 +40,17 @@ SCOPES = {
     ("POST", "/v1/admin/prune"): set(),
     ("GET", "/metrics"): {"submit", "read"},
     ("POST", "/v1/hooks/upload"): {"submit"},
+    ("PUT", "/v1/blobs/{digest}"): {"submit"},
+    ("HEAD", "/v1/blobs/{digest}"): {"submit"},
+    ("GET", "/v1/blobs/{digest}"): {"read", "submit", "worker", "share"},
 }
 #: A value for each path parameter that matches its pattern (so scope, not shape, decides).
-PATH_VALUES = {"job_id": "0123abcd", "worker_id": "f" * 32, "token_id": "0123456789abcdef"}
+PATH_VALUES = {
+    "job_id": "0123abcd",
+    "worker_id": "f" * 32,
+    "token_id": "0123456789abcdef",
+    "digest": "a" * 64,
+}
 
 
 def routes(gateway: Gateway) -> list[tuple[str, str]]:

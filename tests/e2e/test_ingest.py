@@ -52,8 +52,10 @@ def make_bad_files(folder: Path) -> dict[str, str]:
     }
 
 
-def test_ingest_batch_with_bad_files_then_search(gateway: Gateway, tmp_path: Path) -> None:
-    Worker(gateway, env_extra={"HOSTGPU_INGEST_ROOTS": str(tmp_path)}).start()
+def test_ingest_batch_with_bad_files_then_search(
+    gateway: Gateway, worker: Worker, tmp_path: Path
+) -> None:
+    """From a client folder the worker is told nothing about: the files travel as blobs."""
     folder = tmp_path / "docs"
     folder.mkdir()
     for name in ("metal-vs-containers.pdf", "job-queues-and-leases.pdf", "notes.md"):
@@ -66,7 +68,7 @@ def test_ingest_batch_with_bad_files_then_search(gateway: Gateway, tmp_path: Pat
 
     with gateway.client() as api:
         jobs = api.list_jobs(limit=50).jobs
-    by_file = {Path(j.payload.args[0]).name: j for j in jobs}  # type: ignore[union-attr]
+    by_file = {Path(j.payload.kwargs["display_path"]).name: j for j in jobs}  # type: ignore[union-attr]
     for name, needle in expected_errors.items():
         job = by_file[name]
         assert job.state.value == "failed", (name, job.state)

@@ -32,10 +32,19 @@ def ingest(
             "must be readable there (HOSTGPU_INGEST_ROOTS on the nodes). Default: the gateway",
         ),
     ] = None,
+    by_path: Annotated[
+        bool,
+        typer.Option("--by-path", help="Send paths, not files: the workers share this folder"),
+    ] = False,
 ) -> None:
-    """Queue one ingest job per file; a worker renders, embeds and stores the pages."""
+    """Queue one ingest job per file; a worker renders, embeds and stores the pages.
+
+    Files are uploaded to the gateway (each content once) so any worker can read them,
+    wherever it runs; --by-path sends paths instead, for a folder the workers share
+    (HOSTGPU_INGEST_ROOTS on the workers).
+    """
     from hostgpu.pipelines.ingest import discover
-    from hostgpu.pipelines.jobs import ingest_spec
+    from hostgpu.pipelines.jobs import ingest_spec, upload_spec
 
     files = discover(paths, recursive=recursive)
     if not files:
@@ -46,7 +55,17 @@ def ingest(
         _ingest_through(files)
         return
     client = backend.client
-    ids = client.submit_batch([ingest_spec(f) for f in files])
+    if by_path:
+        specs = [ingest_spec(f) for f in files]
+    else:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            uploading = bar.add_task("upload", total=len(files))
+            specs = []
+            for f in files:
+                specs.append(upload_spec(client, f))
+                bar.advance(uploading)
+    ids = client.submit_batch(specs)
     if not wait:
         for path, job_id in zip(files, ids, strict=True):
             console.print(f"{job_id}  {path}")

@@ -34,7 +34,7 @@ from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.resolver import Resolver
-from hostgpu.gateway.routes import admin, events, hooks, jobs, stats, tokens, workers
+from hostgpu.gateway.routes import admin, blobs, events, hooks, jobs, stats, tokens, workers
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.retry import RetryPolicy
 from hostgpu.settings import Settings, get_settings
@@ -181,6 +181,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         hooks.router,
         stats.router,
         events.router,
+        blobs.router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
 
@@ -200,7 +201,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     mount_dashboard(app)
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, exempt=("/v1/blobs/",)
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

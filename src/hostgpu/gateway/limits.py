@@ -17,12 +17,14 @@ class BodyTooLarge(HTTPException):
 class BodyLimitMiddleware:
     """Answer 413 for bodies over ``max_bytes``, whether or not Content-Length says so."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        #: Path prefixes with a limit of their own (blob uploads stream to disk).
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.exempt):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from hostgpu.capabilities import Capabilities
-from hostgpu.errors import NotPublished, OptionsConflict
+from hostgpu.errors import InvalidInput, NotPublished, OptionsConflict
 from hostgpu.functions import FunctionOptions, Requested, Resolved, not_published_message, resolve
 from hostgpu.jobs import JobError, JobSpec
 from hostgpu.store import NewJob, Store
@@ -92,6 +92,12 @@ class Resolver:
                         + "; restart them if the function is new)"
                     )
             options = resolve(spec.function, declaration, asked)
+            for digest in spec.inputs or []:
+                if self.store.blob_info(digest) is None:
+                    raise InvalidInput(
+                        f"input {digest} is not uploaded: PUT /v1/blobs/{digest} first "
+                        "(`hostgpu ingest` and the SDK do this for you)"
+                    )
             self.pending_hint |= declaration is None
             jobs.append(
                 NewJob(
@@ -101,6 +107,7 @@ class Resolver:
                     requested=asked,
                     resolved=declaration is not None,
                     idempotency_key=spec.idempotency_key,
+                    inputs=tuple(spec.inputs or ()),
                 )
             )
         return jobs

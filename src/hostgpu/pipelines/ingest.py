@@ -17,7 +17,9 @@ be able to index ``/etc/passwd`` or the worker's own token file and search it ba
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,8 +46,12 @@ def limits() -> dict[str, int]:
 
 
 def readable_roots() -> list[Path]:
-    """The folders an ingest job may read on this worker."""
-    return [*get_settings().allowed_ingest_roots, SAMPLES]
+    """The folders an ingest job may read on this worker: HOSTGPU_INGEST_ROOTS, the upload
+    root, the folder of fetched job inputs, and the bundled samples (always last)."""
+    from hostgpu.context import inputs_dir
+
+    fetched = [found.resolve()] if (found := inputs_dir()) else []
+    return [*get_settings().allowed_ingest_roots, *fetched, SAMPLES]
 
 
 def checked_source(path: str) -> Path:
@@ -281,3 +287,18 @@ def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]
         },
         "notes": notes,
     }
+
+
+@function(gpu=get_settings().ingest_gpu, timeout=3600, retries=1)
+def ingest_upload(digest: str, *, display_path: str) -> dict[str, Any]:
+    """Ingest a file the client uploaded to the gateway (the job's input blob ``digest``);
+    ``display_path`` is its name on the client, and its identity for replacement."""
+    from hostgpu.context import input_path
+
+    blob = input_path(digest)
+    # The file's type is its suffix: a hard link beside the blob gives the content its name.
+    named = blob.with_name(blob.name + Path(display_path).suffix.lower())
+    if named != blob and not named.exists():
+        with contextlib.suppress(FileExistsError):  # another child linked it first
+            os.link(blob, named)
+    return ingest_file(str(named), display_path=display_path)

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hostgpu.client import Client
 from hostgpu.jobs import JobSpec, Payload
-from hostgpu.pipelines.ingest import SAMPLES, discover, ingest_file
+from hostgpu.pipelines.ingest import SAMPLES, discover, ingest_file, ingest_upload
 from hostgpu.pipelines.search import search
 
 
@@ -24,6 +25,19 @@ def ingest_spec(path: Path, *, source: str = "cli") -> JobSpec:
         function=ingest_file.path,
         payload=Payload(args=[str(resolved)], kwargs={"display_path": str(resolved)}),
         idempotency_key=f"ingest:{source}:{resolved}:{stat.st_size}:{stat.st_mtime_ns}"[:200],
+    )
+
+
+def upload_spec(client: Client, path: Path) -> JobSpec:
+    """Upload a file to the gateway (once per content) and describe the job that ingests it:
+    the worker needs no access to this machine's disk."""
+    resolved = path.resolve()
+    digest = client.put_blob(resolved)
+    return JobSpec(
+        function=ingest_upload.path,
+        payload=Payload(args=[digest], kwargs={"display_path": str(resolved)}),
+        inputs=[digest],
+        idempotency_key=f"ingest:upload:{digest}:{resolved}"[:200],
     )
 
 
@@ -43,4 +57,4 @@ def run_search(query: str, k: int = 5) -> list[dict[str, Any]]:
     return search.remote(query, k)
 
 
-__all__ = ["ingest_paths", "ingest_spec", "run_search", "sample_paths"]
+__all__ = ["ingest_paths", "ingest_spec", "run_search", "sample_paths", "upload_spec"]

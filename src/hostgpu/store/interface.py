@@ -13,9 +13,9 @@ The store persists; it does not decide. Which state a job moves to is the state 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from hostgpu.capabilities import Capabilities, WorkerInfo
 from hostgpu.functions import FunctionOptions, Requested, Resolved
@@ -39,6 +39,17 @@ class NewJob:
     requested: Requested
     resolved: bool
     idempotency_key: str | None = None
+    #: Digests of the blobs the job needs (uploaded beforehand).
+    inputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """A blob's digest (SHA-256, hex), size in bytes and arrival time (UNIX)."""
+
+    digest: str
+    size: int
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def prune(self, older_than_seconds: float) -> int:
-        """Delete finished jobs older than this; returns how many."""
+        """Delete finished jobs older than this, and blobs older than this that no remaining
+        job needs; returns how many jobs."""
 
     @abc.abstractmethod
     def requeue(self, job_id: str, *, delay_s: float = 0.0) -> Job:
@@ -158,6 +170,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def job_facts(self, job_ids: Sequence[str]) -> list[JobFacts]:
         """Light records of the jobs among ``job_ids`` that exist (no payload or result)."""
+
+    # -- blobs --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def put_blob(self, digest: str, source: BinaryIO) -> BlobInfo:
+        """Keep the bytes of ``source`` (read to its end) as blob ``digest``; InvalidInput
+        when they do not hash to it. Storing a blob that exists is a no-op."""
+
+    @abc.abstractmethod
+    def blob_info(self, digest: str) -> BlobInfo | None:
+        """The blob's record, or None."""
+
+    @abc.abstractmethod
+    def read_blob(self, digest: str) -> Iterator[bytes]:
+        """The blob's bytes in chunks (NotFound)."""
 
     # -- published functions ----------------------------------------------------------
     @abc.abstractmethod

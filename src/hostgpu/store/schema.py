@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -43,6 +45,7 @@ jobs = Table(
     Column("lost", Integer, nullable=False, server_default="0"),
     Column("resolved", Boolean, nullable=False, server_default=text("true")),
     Column("requested", Text),
+    Column("inputs", Text),
     Column("lease_token", String(32)),
     Column("lease_expires_at", Float),
     Column("worker_id", String(32)),
@@ -142,3 +145,28 @@ tokens = Table(
     Column("expires_at", Float),
     Column("revoked_at", Float),
 )
+
+# Files jobs need (content-addressed); the bytes live in blob_chunks (PostgreSQL) or in files
+# beside a SQLite database.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+Index("ix_blobs_created", blobs.c.created_at)
+blob_chunks = Table(
+    "blob_chunks",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+job_inputs = Table(
+    "job_inputs",
+    metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("digest", String(64), primary_key=True),
+)
+Index("ix_job_inputs_digest", job_inputs.c.digest)

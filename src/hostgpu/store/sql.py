@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from alembic import command
 from alembic.config import Config
@@ -76,8 +76,16 @@ from hostgpu.retry import RetryPolicy
 from hostgpu.routing import GIB, SATISFIES, canonical_labels, label_subsets, pick_device
 from hostgpu.stats import ExpiredLease, JobFacts, QueueGroup, ThroughputBucket, WorkerLoad
 from hostgpu.store import figures
-from hostgpu.store.interface import HeartbeatResult, JobFilter, NewJob, Pending, Store
-from hostgpu.store.schema import attempts, functions, jobs, tokens, workers
+from hostgpu.store.blobs import FileBlobs, TableBlobs
+from hostgpu.store.interface import (
+    BlobInfo,
+    HeartbeatResult,
+    JobFilter,
+    NewJob,
+    Pending,
+    Store,
+)
+from hostgpu.store.schema import attempts, blobs, functions, job_inputs, jobs, tokens, workers
 from hostgpu.tokens import TokenInfo
 
 ACTIVE = sorted(s.value for s in ACTIVE_STATES)
@@ -99,6 +107,7 @@ LEASE_COLUMNS = (
     jobs.c.priority,
     jobs.c.run_after,
     jobs.c.created_at,
+    jobs.c.inputs,
 )
 TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -216,6 +225,10 @@ class SQLStore(Store):
         """1-based position of ``needle`` in ``haystack``, 0 when absent (no LIKE wildcards)."""
         raise NotImplementedError
 
+    def _blobs(self) -> FileBlobs | TableBlobs:
+        """Where this backend keeps blob bytes."""
+        return TableBlobs()
+
     def _relax(self, conn: Connection) -> None:
         """Make this transaction's commit cheap where losing it in a crash is harmless."""
 
@@ -331,6 +344,7 @@ class SQLStore(Store):
                     "idempotency_key": key,
                     "resolved": job.resolved,
                     "requested": job.requested.model_dump_json(exclude_none=True),
+                    "inputs": _dumps(list(job.inputs)) if job.inputs else None,
                     "state": JobState.queued.value,
                     "attempts": 0,
                     "failures": 0,
@@ -346,6 +360,13 @@ class SQLStore(Store):
                     batch_keys[key] = row
             if rows:
                 conn.execute(insert(jobs), rows)
+                needs = [
+                    {"job_id": r["id"], "digest": d}
+                    for r in rows
+                    for d in dict.fromkeys(_loads(r["inputs"]) or [])
+                ]
+                if needs:
+                    conn.execute(insert(job_inputs), needs)
                 self._emit(conn, "runnable")
         return [
             self._to_job(existing[item]) if isinstance(item, str) else self._to_job(_RowView(item))
@@ -595,6 +616,7 @@ class SQLStore(Store):
                         device=device,
                         fallback_used=fallback_used,
                         lease_expires_at=_dt(expires),
+                        inputs=_loads(row.inputs) or [],
                     )
                 )
             if updates:
@@ -924,12 +946,56 @@ class SQLStore(Store):
     def prune(self, older_than_seconds: float) -> int:
         cutoff = time.time() - older_than_seconds
         old = select(jobs.c.id).where(jobs.c.state.in_(TERMINAL), jobs.c.finished_at < cutoff)
+        keeper = self._blobs()
         with self._write() as conn:
             conn.execute(delete(attempts).where(attempts.c.job_id.in_(old)))
+            conn.execute(delete(job_inputs).where(job_inputs.c.job_id.in_(old)))
             done = conn.execute(
                 delete(jobs).where(jobs.c.state.in_(TERMINAL), jobs.c.finished_at < cutoff)
             )
+            # Blobs no remaining job needs, and old enough not to be an upload whose job is
+            # about to be submitted.
+            orphans = list(
+                conn.execute(
+                    select(blobs.c.digest).where(
+                        blobs.c.created_at < cutoff,
+                        blobs.c.digest.notin_(select(job_inputs.c.digest)),
+                    )
+                ).scalars()
+            )
+            if orphans:
+                conn.execute(delete(blobs).where(blobs.c.digest.in_(orphans)))
+                keeper.delete(conn, orphans)
         return int(done.rowcount or 0)
+
+    # -- blobs ---------------------------------------------------------------------------
+    def put_blob(self, digest: str, source: BinaryIO) -> BlobInfo:
+        existing = self.blob_info(digest)
+        if existing is not None:
+            return existing
+        keeper = self._blobs()
+        now = time.time()
+        try:
+            with self._write() as conn:
+                size = keeper.write(conn, digest, source)
+                conn.execute(insert(blobs).values(digest=digest, size=size, created_at=now))
+        except IntegrityError:  # another upload of the same bytes won the race
+            pass
+        found = self.blob_info(digest)
+        assert found is not None
+        return found
+
+    def blob_info(self, digest: str) -> BlobInfo | None:
+        with self._read() as conn:
+            row = conn.execute(select(blobs).where(blobs.c.digest == digest)).first()
+        return None if row is None else BlobInfo(row.digest, row.size, row.created_at)
+
+    def read_blob(self, digest: str) -> Iterator[bytes]:
+        if self.blob_info(digest) is None:
+            raise NotFound(f"no blob {digest}: upload it first (PUT /v1/blobs/{digest})")
+        keeper = self._blobs()
+        with self._read() as conn:
+            yield from keeper.read(conn, digest)
 
     # -- figures (read-only) ---------------------------------------------------------------
     def queue_groups(self) -> list[QueueGroup]:

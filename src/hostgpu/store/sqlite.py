@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,7 @@ from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event, 
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 
+from hostgpu.store.blobs import FileBlobs
 from hostgpu.store.sql import SQLStore
 
 
@@ -60,3 +63,10 @@ class SQLiteStore(SQLStore):
 
     def _position(self, haystack: Any, needle: Any) -> Any:
         return func.instr(haystack, needle)
+
+    def _blobs(self) -> FileBlobs:
+        # Files beside the database: one gateway per SQLite store, and no bytes in its WAL.
+        database = make_url(self.url).database or ""
+        if database in ("", ":memory:"):
+            return FileBlobs(Path(tempfile.gettempdir()) / f"hostgpu-blobs-{os.getpid()}")
+        return FileBlobs(Path(database).expanduser().resolve().parent / "blobs")

@@ -29,7 +29,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -41,7 +43,7 @@ from hostgpu.client import Client
 from hostgpu.devices.probe import Report
 from hostgpu.errors import ConfigError, GatewayUnavailable, NotFound
 from hostgpu.functions import FunctionOptions
-from hostgpu.jobs import Lease, Outcome
+from hostgpu.jobs import JobError, Lease, Outcome
 from hostgpu.worker.runner import ChildPool
 
 log = logging.getLogger("hostgpu.worker")
@@ -131,7 +133,18 @@ class WorkerAgent:
         self._leases: dict[tuple[str, str], tuple[Lease, float]] = {}
         self._started: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
-        self.pool = ChildPool(config.concurrency, self._on_result, preload=tuple(self.modules))
+        from hostgpu.settings import get_settings
+
+        #: Where a job's input blobs are fetched to (checked against their digest) before it
+        #: runs; children find them through ``hostgpu.context.input_path``.
+        self.inputs_dir = get_settings().home_dir / "inputs"
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hostgpu-fetch")
+        self.pool = ChildPool(
+            config.concurrency,
+            self._on_result,
+            preload=tuple(self.modules),
+            env={"HOSTGPU_INPUTS_DIR": str(self.inputs_dir)},
+        )
         self.completed = 0
         self._mean_run_s: float | None = None
         #: Slots promised to a lease request in flight (the lease loop's or the reporter's).
@@ -363,7 +376,9 @@ class WorkerAgent:
         # floored at zero and would hide how far past the limit the worker already is), and so
         # do slots promised to a lease request in flight.
         limit = self.config.concurrency * (1 + self._prefetch())
-        return limit - len(self.pool.running()) - self._reserved
+        with self._lock:
+            held = len(self._leases)  # in a child, queued for one, or fetching its inputs
+        return limit - held - self._reserved
 
     def _reserve(self) -> int:
         with self._room:
@@ -383,6 +398,41 @@ class WorkerAgent:
                 continue
             with self._lock:
                 self._leases[(lease.job_id, lease.lease_token)] = (lease, time.monotonic())
+            missing = [d for d in lease.inputs if not self._input_file(d).is_file()]
+            if missing:
+                # Fetched off the lease loop; the lease is held (and heartbeated) meanwhile.
+                self._fetcher.submit(self._fetch_then_run, lease, missing)
+            else:
+                self.pool.submit(lease)
+
+    def _input_file(self, digest: str) -> Path:
+        return self.inputs_dir / digest[:2] / digest
+
+    def _fetch_then_run(self, lease: Lease, digests: list[str]) -> None:
+        try:
+            with self._client() as client:
+                for digest in digests:
+                    client.fetch_blob(digest, self._input_file(digest))
+        except Exception as exc:  # a missing or damaged blob fails this attempt, retryably
+            error = JobError(
+                type=type(exc).__name__,
+                message=f"could not fetch the job's inputs: {exc}",
+                kind="input",
+            )
+            self._on_result(
+                Outcome(
+                    job_id=lease.job_id,
+                    lease_token=lease.lease_token,
+                    status="failed",
+                    error=error,
+                    retryable=True,
+                    device=lease.device.torch_device,
+                )
+            )
+            return
+        if self._stop.is_set():
+            self._release([lease])
+        else:
             self.pool.submit(lease)
 
     def _poll_seconds(self) -> float:

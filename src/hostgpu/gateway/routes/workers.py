@@ -8,9 +8,9 @@ import time
 from fastapi import APIRouter, Request
 
 from hostgpu.api import (
-    HeldLease,
     HeartbeatRequest,
     HeartbeatResponse,
+    HeldLease,
     LeaseRequest,
     LeaseResponse,
     Registered,
