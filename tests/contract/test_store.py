@@ -605,7 +605,7 @@ def test_blobs_are_kept_checked_and_pruned_when_no_job_needs_them(store: Store) 
     spare = os.urandom(100)
     spare_digest = hashlib.sha256(spare).hexdigest()
     store.put_blob(spare_digest, io.BytesIO(spare))
-    [job] = store.enqueue([spec(inputs=(digest,))])
+    store.enqueue([spec(inputs=(digest,))])
     _, [lease] = lease_all(store, caps())
     assert lease.inputs == [digest]
     time.sleep(0.05)
