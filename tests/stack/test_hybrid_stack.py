@@ -5,7 +5,8 @@ module with `hostgpu stack up --uploads DIR` exactly as a user runs it (BASE_IMA
 engine's env file), then:
 
 - `hostgpu stack status` says healthy (table and --json);
-- a sample PDF in the upload folder → `hostgpu ingest` → embedded on the native worker →
+- a sample PDF in a client folder → `hostgpu ingest` (uploaded as a blob) → embedded on the
+  native worker →
   stored in the containerised Chroma server → `hostgpu search` finds its page;
 - a file PUT to the containerised copyparty → its hook → the gateway container → ingested
   by the native worker → searchable;
@@ -94,7 +95,12 @@ class Stack:
         deadline = time.monotonic() + timeout
         mine: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            mine = [j for j in self.jobs() if j["payload"]["args"] == [str(path)]]
+            mine = [
+                j
+                for j in self.jobs()
+                if j["payload"]["kwargs"].get("display_path") == str(path)
+                or j["payload"]["args"] == [str(path)]
+            ]
             if mine and mine[0]["state"] == "succeeded":
                 return mine[0]
             assert not mine or mine[0]["state"] not in ("failed", "cancelled"), mine[0]
@@ -184,19 +190,22 @@ def test_status_is_healthy(stack: Stack) -> None:
     assert "worker" in table and "queue" in table
 
 
-def test_ingest_by_path_is_embedded_natively_and_stored_in_the_chroma_container(
-    stack: Stack,
+def test_ingest_from_a_client_folder_is_embedded_natively_and_stored_in_the_chroma_container(
+    stack: Stack, tmp_path: Path
 ) -> None:
+    """A folder the worker is told nothing about: the file travels through the gateway's
+    blob store to the native worker, whose vectors land in the Chroma container."""
     import chromadb
 
-    stack.uploads.mkdir(parents=True, exist_ok=True)
-    sample = stack.uploads / "metal-vs-containers.pdf"
+    sample = tmp_path / "client-docs" / "metal-vs-containers.pdf"
+    sample.parent.mkdir()
     shutil.copy(SAMPLES / sample.name, sample)
     done = stack.hostgpu("ingest", str(sample), "--wait")
     assert "1 file(s) ingested, 0 failed" in done.stdout, done.stdout
     job = stack.wait_ingested(sample)
     assert job["device"] == "cpu" and job["worker_id"]
 
+    assert job["payload"]["args"] != [str(sample)], "sent by path, not uploaded"
     hits = stack.search("why Metal is unreachable inside Docker Desktop containers")
     assert Path(hits[0]["file"]) == sample
 
