@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.waiting = WaitingExplainer(store)
     app.state.resolver = Resolver(store)
     app.state.tokens = TokenCache()
+    app.state.touched = {}  # worker id → when this gateway last marked it alive
 
     metrics = Metrics(store)
     app.state.metrics = metrics

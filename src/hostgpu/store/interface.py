@@ -110,9 +110,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def lease(
-        self, worker_id: str, caps: Capabilities, *, max_jobs: int, lease_seconds: float
+        self,
+        worker_id: str,
+        caps: Capabilities,
+        *,
+        max_jobs: int,
+        lease_seconds: float,
+        probe: bool = True,
     ) -> list[Lease]:
-        """Hand up to ``max_jobs`` runnable jobs that ``caps`` satisfies to the worker."""
+        """Hand up to ``max_jobs`` runnable jobs that ``caps`` satisfies to the worker
+        (``probe``: look before taking the write lock, as most polls find nothing)."""
 
     @abc.abstractmethod
     def heartbeat(

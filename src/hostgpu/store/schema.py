@@ -60,25 +60,16 @@ jobs = Table(
     Column("finished_at", Float),
 )
 
-# The lease reads queued jobs lane by lane (function, requirement kind), each in lease
-# order; a partial index keeps that proportional to the queued jobs, not the history.
+# The lease reads queued jobs lane by lane (one per function), each in lease order; a
+# partial index keeps that proportional to the queued jobs, not the history.
 Index(
     "ix_jobs_lane",
     jobs.c.function,
-    jobs.c.gpu_kind,
     jobs.c.priority.desc(),
     jobs.c.run_after,
     jobs.c.created_at,
     sqlite_where=jobs.c.state == "queued",
     postgresql_where=jobs.c.state == "queued",
-)
-# Jobs that may fall back to the CPU, for the fallback lane of each function.
-Index(
-    "ix_jobs_fallback",
-    jobs.c.function,
-    jobs.c.fallback_at,
-    sqlite_where=(jobs.c.state == "queued") & (jobs.c.fallback == "cpu"),
-    postgresql_where=(jobs.c.state == "queued") & (jobs.c.fallback == "cpu"),
 )
 # Requeueing expired leases looks only at active jobs (migration 0002 says why this is
 # not a (state, expiry) index).

@@ -480,11 +480,10 @@ class SQLStore(Store):
     def _lanes_query(self, caps: Capabilities) -> Select[Any] | None:
         """The candidates a worker may lease, as one statement built once per capability set.
 
-        One lane per (published function, requirement kind the worker can serve), each read
-        through the ``ix_jobs_lane`` index in lease order with its own LIMIT, then merged: a
-        worker never walks past jobs it cannot run, however many there are (a deep backlog of
-        another function, or of jobs needing a device it lacks). Jobs that may fall back to
-        the CPU are one more lane per function. ``:now`` and ``:n`` are parameters.
+        One lane per published function, each read through the ``ix_jobs_lane`` index in
+        lease order with its own LIMIT, then merged: a worker never walks past other
+        functions' jobs, however many there are. Within a lane it skips the jobs it cannot run
+        (another device), which are few in practice. ``:now`` and ``:n`` are parameters.
         """
         key = caps.model_dump_json(include={"devices", "labels", "functions"})
         cached = self._lane_cache.get(key)
@@ -496,34 +495,23 @@ class SQLStore(Store):
             labels = or_(jobs.c.labels.is_(None), jobs.c.labels.in_(label_subsets(caps.labels)))
         else:
             labels = jobs.c.labels.is_(None)
-        served: dict[str, list[Device]] = {}
-        for device in caps.devices:
-            for kind in SATISFIES[device.kind]:
-                served.setdefault(kind, []).append(device)
-        has_cpu = any(d.kind == "cpu" for d in caps.devices)
-        lanes: list[Select[Any]] = []
-        kinds = sorted(served)
-        for function in sorted(caps.functions):
-            for kind in kinds:
-                lanes.append(
-                    self._lane(function, now, limit, labels, jobs.c.gpu_kind == kind).where(
-                        self._device_clause(served[kind])
-                    )
-                )
-            if has_cpu:
-                # Jobs of other kinds whose CPU fallback is open: one lane per function, read
-                # through the small fallback index.
-                lanes.append(
-                    self._lane(
-                        function,
-                        now,
-                        limit,
-                        labels,
-                        jobs.c.fallback == "cpu",
-                        jobs.c.fallback_at <= now,
-                        jobs.c.gpu_kind.notin_([literal_column(f"'{k}'") for k in kinds]),
-                    )
-                )
+        # One condition for all the worker's devices: the job's kind is one a device serves
+        # and that device meets its name and memory; or its CPU fallback is open.
+        fits = [
+            and_(
+                jobs.c.gpu_kind.in_([literal_column(f"'{k}'") for k in SATISFIES[d.kind]]),
+                self._device_clause([d]),
+            )
+            for d in caps.devices
+        ]
+        if any(d.kind == "cpu" for d in caps.devices):
+            fits.append(and_(jobs.c.fallback == "cpu", jobs.c.fallback_at <= now))
+        if not fits:
+            return None
+        lanes = [
+            self._lane(function, now, limit, labels, or_(*fits))
+            for function in sorted(caps.functions)
+        ]
         if not lanes:
             return None
         merged = union_all(*[lane.subquery().select() for lane in lanes]).subquery("lanes")
@@ -557,7 +545,13 @@ class SQLStore(Store):
         return rows
 
     def lease(
-        self, worker_id: str, caps: Capabilities, *, max_jobs: int, lease_seconds: float
+        self,
+        worker_id: str,
+        caps: Capabilities,
+        *,
+        max_jobs: int,
+        lease_seconds: float,
+        probe: bool = True,
     ) -> list[Lease]:
         if max_jobs <= 0:
             return []
@@ -568,9 +562,11 @@ class SQLStore(Store):
         params = {"now": now, "n": max_jobs}
         # Read before taking the write lock: most polls of an idle fleet find nothing, and
         # then cost one read instead of a write transaction that serialises every lessee.
-        with self._read() as conn:
-            if not conn.execute(query, params).first():
-                return []
+        # (Skipped when the caller was just told that jobs it can run arrived.)
+        if probe:
+            with self._read() as conn:
+                if not conn.execute(query, params).first():
+                    return []
         expires = now + lease_seconds
         leases: list[Lease] = []
         with self._write() as conn:

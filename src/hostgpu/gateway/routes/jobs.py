@@ -59,17 +59,28 @@ def announce(notifier: Notifier, settings: Settings, jobs: Sequence[Job]) -> Non
 
 
 async def _until_finished(
-    job_id: str, store: Store, notifier: Notifier, settings: Settings, wait: float
+    job_id: str,
+    store: Store,
+    notifier: Notifier,
+    settings: Settings,
+    wait: float,
+    *,
+    history: bool = True,
+    event: asyncio.Event | None = None,
 ) -> Job:
-    """The job once it is finished, or as it is when ``wait`` seconds have passed."""
+    """The job once it is finished, or as it is when ``wait`` seconds have passed. With
+    ``event`` (taken before the job was stored) the first read waits for a finish first."""
     deadline = time.monotonic() + wait
     while True:
+        if event is not None:
+            await notifier.wait(event, min(wait, REPOLL_S))
         event = notifier.event("finished")
-        job = await run(store.get, job_id, history=True)
+        job = await run(store.get, job_id, history=history)
         remaining = deadline - time.monotonic()
         if job.state.terminal or remaining <= 0:
             return job
         await notifier.wait(event, min(remaining, REPOLL_S))
+        event = None
 
 
 @router.post(
@@ -103,6 +114,7 @@ async def submit_job(
     With ``wait``, the answer comes when the job finishes (or the wait ends).
     """
     started = time.time()
+    finished = notifier.event("finished")  # before the job exists: no finish is missed
     new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
     [job] = await run(store.enqueue, new)
     metrics.record_submitted([job], started)
@@ -111,8 +123,11 @@ async def submit_job(
     else:
         announce(notifier, settings, [job])
     if wait > 0 and not job.state.terminal:
-        job = await _until_finished(job.id, store, notifier, settings, wait)
-    [job] = await run(waiting.annotate, [job])
+        job = await _until_finished(
+            job.id, store, notifier, settings, wait, history=False, event=finished
+        )
+    if not job.state.terminal:
+        [job] = await run(waiting.annotate, [job])
     return job
 
 

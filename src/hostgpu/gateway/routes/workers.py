@@ -106,10 +106,16 @@ async def lease_jobs(
     if worker_id in notifier.draining:
         return []
     # The long poll is this worker's sign of life while it holds no leases (no heartbeat
-    # writes from idle workers): the write happens only when the last contact is stale.
-    await run(store.touch_worker, worker_id, older_than=settings.lease_seconds / 3)
+    # writes from idle workers): the write happens only when the last contact is stale, and
+    # this gateway asks the store only once per heartbeat period.
+    touched: dict[str, float] = request.app.state.touched
+    period = settings.lease_seconds / 3
+    if time.monotonic() - touched.get(worker_id, -1e9) >= period:
+        await run(store.touch_worker, worker_id, older_than=period)
+        touched[worker_id] = time.monotonic()
     deadline = time.monotonic() + wait
     waiter = notifier.lease_waiter(worker_id, caps)
+    woken = False
     try:
         while True:
             waiter.event.clear()
@@ -119,6 +125,7 @@ async def lease_jobs(
                 caps,
                 max_jobs=max_jobs,
                 lease_seconds=settings.lease_seconds,
+                probe=not woken,
             )
             remaining = deadline - time.monotonic()
             if leases:
@@ -128,7 +135,7 @@ async def lease_jobs(
                 return leases
             if await request.is_disconnected():
                 return leases
-            await waiter.wait(min(remaining, REPOLL_S))
+            woken = await waiter.wait(min(remaining, REPOLL_S))
             if worker_id in notifier.draining:
                 return []
     finally:
