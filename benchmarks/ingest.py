@@ -17,6 +17,7 @@ on CPU), and the first (cold) job's latency against a later (warm) one.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -70,7 +71,14 @@ def through_hostgpu(
     device: str,
     concurrency: int = 1,
 ) -> dict:
-    env = {"BATCH_SIZE_TEXT": str(batch), "DEVICE": device, "HF_HUB_OFFLINE": "1"}
+    roots = os.pathsep.join(sorted({str(p.parent) for p in [*paths, *warmups]}))
+    env = {
+        "BATCH_SIZE_TEXT": str(batch),
+        "DEVICE": device,
+        "HF_HUB_OFFLINE": "1",
+        # The corpus is read by path: the worker may read only folders it is told about.
+        "HOSTGPU_INGEST_ROOTS": roots,
+    }
     gw = Gateway(home, f"sqlite:///{home / 'bench.db'}", env_extra=env).start()
     worker = Worker(gw, concurrency=concurrency, env_extra=env)
     try:

@@ -81,6 +81,15 @@ def check_modules(modules: Sequence[str]) -> None:
             )
 
 
+def child_threads(concurrency: int) -> dict[str, str]:
+    """CPU threads per child: the cores shared out, so N children running torch at once do
+    not each start one thread per core (on 16 cores, two children with 16 threads each ran
+    slower than one). Settings the user made win."""
+    share = str(max(1, (os.cpu_count() or 1) // concurrency))
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    return {name: share for name in names if name not in os.environ}
+
+
 @dataclass
 class WorkerConfig:
     gateway: str | None = None
@@ -143,7 +152,7 @@ class WorkerAgent:
             config.concurrency,
             self._on_result,
             preload=tuple(self.modules),
-            env={"HOSTGPU_INPUTS_DIR": str(self.inputs_dir)},
+            env={"HOSTGPU_INPUTS_DIR": str(self.inputs_dir), **child_threads(config.concurrency)},
         )
         self.completed = 0
         self._mean_run_s: float | None = None
