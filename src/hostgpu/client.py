@@ -300,9 +300,7 @@ class Client:
         )
         return LeaseResponse.model_validate(data).leases
 
-    def heartbeat(
-        self, worker_id: str, leases: Sequence[tuple[str, str]]
-    ) -> list[tuple[str, str]]:
+    def heartbeat(self, worker_id: str, leases: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         """Extend the leases held; returns the (job id, lease token) pairs to stop."""
         body = {"leases": [{"job_id": j, "lease_token": t} for j, t in leases]}
         data = self.request("POST", f"/v1/workers/{worker_id}/heartbeat", json=body)

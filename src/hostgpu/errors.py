@@ -63,6 +63,11 @@ class NotPublished(InvalidInput):
     """The function is not published with @hostgpu.function in a module its workers import."""
 
 
+class InputNotUploaded(InvalidInput):
+    """A job names an input blob the gateway does not have yet: upload it, then submit again
+    (409: the same request succeeds once the blob is there)."""
+
+
 class StoreError(HostGPUError):
     """The job store failed."""
 

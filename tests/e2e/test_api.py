@@ -161,6 +161,8 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
             "inf",
         ),
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "timeout_s": False}}, 422, "timeout_s"),
+        # A blob not uploaded yet: 409, the same request succeeds after the PUT.
+        ("POST", "/v1/jobs", {"json": {"function": "m:f", "inputs": ["ab" * 32]}}, 409, "PUT"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_reason(

@@ -157,6 +157,28 @@ def test_ray_start_merges_the_users_options() -> None:
         plan_start(advert, head=True, address="127.0.0.2:6379")
 
 
+def test_a_joining_node_is_told_about_token_auth(tmp_path: Path) -> None:
+    """`ray start --head` turns token auth on where a token exists; a joining node never
+    does, and fails with Ray's "InvalidAuthToken": say what to set before that happens."""
+    advert = advertise(probe(facts=mac()))
+    home = tmp_path / "home"
+    env = {"HOME": str(home)}
+    join = plan_start(advert, head=False, address="127.0.0.2:6379", environ=env)
+    assert not any("RAY_AUTH_MODE" in note for note in join.notes)  # no token anywhere
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("t" * 64)
+    join = plan_start(advert, head=False, address="127.0.0.2:6379", environ=env)
+    assert any("set RAY_AUTH_MODE=token" in note for note in join.notes)
+    assert "RAY_AUTH_MODE" not in join.env  # Ray's own rule: an explicit address never
+    token = tmp_path / "token"
+    token.write_text("t" * 64)
+    elsewhere = {"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(token)}
+    assert plan_start(advert, head=False, address="a:1", environ=elsewhere).notes
+    chosen = {**env, "RAY_AUTH_MODE": "token"}  # the user has decided: nothing to say
+    assert not plan_start(advert, head=False, address="a:1", environ=chosen).notes
+    assert not plan_start(advert, head=True, address=None, environ=env).notes
+
+
 def test_ray_start_in_a_macs_docker_vm_prints_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,6 +22,7 @@ from hostgpu.errors import (
     AmbiguousId,
     DuplicateKey,
     HostGPUError,
+    InputNotUploaded,
     InvalidInput,
     InvalidTransition,
     LastAdminToken,
@@ -138,14 +139,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         notifier.on("tokens", app.state.tokens.clear)
         notifier.on("resync", app.state.tokens.clear)
         stop_listening = store.subscribe(notifier.heard_from_store)
-        # Expired leases are looked for a few times per lease period (a read when there are
-        # none): an idle gateway costs the database next to nothing.
+        # Expired leases are looked for twice per lease period (a read when there are none):
+        # an idle gateway costs the database next to nothing, and a dead worker's jobs come
+        # back within one and a half lease periods.
         task = asyncio.create_task(
             _housekeeping(
                 app,
                 min(1.0, settings.lease_seconds / 4),
                 grace=settings.lease_seconds,
-                expiry_every=settings.lease_seconds / 4,
+                expiry_every=settings.lease_seconds / 2,
             )
         )
         try:
@@ -216,6 +218,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         (InvalidTransition, 409),
         (DuplicateKey, 409),
         (LastAdminToken, 409),
+        (InputNotUploaded, 409),
         (InvalidInput, 422),
         (HostGPUError, 400),
     ]

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from anyio import to_thread
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hostgpu.jobs import Job, JobState, Outcome, ReportResult
@@ -48,7 +48,7 @@ class _StoreGauges(Collector):
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         now = time.time()
         family = GaugeMetricFamily("hostgpu_jobs", "Jobs in the store by state", labels=["state"])
         for state, count in self.store.count_by_state().items():
@@ -93,6 +93,15 @@ class _StoreGauges(Collector):
         for (kind, name), count in sorted(counts.items()):
             by_device.add_metric([kind, name], count)
         yield by_device
+
+        transactions = CounterMetricFamily(
+            "hostgpu_store_transactions",
+            "Store transactions this gateway process ran (scrapes included), by kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.store.transactions.items()):
+            transactions.add_metric([kind], count)
+        yield transactions
 
 
 class Metrics:

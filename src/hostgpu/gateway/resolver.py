@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from hostgpu.capabilities import Capabilities
-from hostgpu.errors import InvalidInput, NotPublished, OptionsConflict
+from hostgpu.errors import InputNotUploaded, NotPublished, OptionsConflict
 from hostgpu.functions import FunctionOptions, Requested, Resolved, not_published_message, resolve
 from hostgpu.jobs import JobError, JobSpec
 from hostgpu.store import NewJob, Store
@@ -94,9 +94,9 @@ class Resolver:
             options = resolve(spec.function, declaration, asked)
             for digest in spec.inputs or []:
                 if self.store.blob_info(digest) is None:
-                    raise InvalidInput(
+                    raise InputNotUploaded(
                         f"input {digest} is not uploaded: PUT /v1/blobs/{digest} first "
-                        "(`hostgpu ingest` and the SDK do this for you)"
+                        "(`hostgpu ingest` does this for you; from Python, Client.put_blob)"
                     )
             self.pending_hint |= declaration is None
             jobs.append(

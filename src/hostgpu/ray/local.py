@@ -7,6 +7,12 @@ use ``127.0.0.2``, which Ray leaves alone and Linux routes to the loopback devic
 is its own process group, so stopping one (SIGTERM to ``ray start``) or killing one (SIGKILL
 to the group: raylet, agents and workers) touches nothing else on the machine; ``ray stop``
 would end every Ray process of every user.
+
+Every node gets ``RAY_AUTH_MODE=disabled`` (a loopback cluster for tests and benchmarks):
+left unset, ``ray start --head`` turns token auth on when ``~/.ray/auth_token`` exists (any
+earlier ``ray.init()`` on the machine writes one) while ``ray start --address`` does not, so
+a joining node would be refused by its own head, and a driver that imported Ray before
+being told the mode cannot change it (Ray reads it at import).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class RayNode:
             RAY_USAGE_STATS_ENABLED="0",
             # SIGTERM stops the node now instead of draining it for 30 s.
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+            RAY_AUTH_MODE="disabled",  # the same on every node: see the module docstring
         )
         if self.facts is not None:
             env["HOSTGPU_PROBE_FACTS"] = str(self.facts)

@@ -4,6 +4,7 @@ found, and the cluster's nodes with their hostgpu devices."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,7 +113,26 @@ def plan_start(
     argv += merged.ray_args() + rest
     env = dict(environ or {})
     env[NODE_ENV] = merged.node_json()
+    if address and "RAY_AUTH_MODE" not in env and _has_auth_token(env):
+        # `ray start --head` turns token auth on by itself when a token exists; `ray start
+        # --address` never does (Ray will not send a local token to an address it was given),
+        # and a head with token auth then refuses the node with "InvalidAuthToken".
+        notes.append(
+            "a Ray auth token exists here but RAY_AUTH_MODE is unset: if the head uses token "
+            "auth (`ray start --head` turns it on where a token exists), set RAY_AUTH_MODE=token"
+        )
     return StartPlan(argv=argv, env=env, notes=notes)
+
+
+def _has_auth_token(env: dict[str, str]) -> bool:
+    """Whether Ray would find an auth token: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token`` (Ray's own order)."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return True
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".ray", "auth_token"
+    )
+    return os.path.isfile(path)
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -142,6 +162,10 @@ def cluster_status(address: str | None, timeout: float = 20.0) -> list[NodeStatu
     from hostgpu.ray.backend import node_descriptions
 
     owns = not ray.is_initialized()
+    if owns and address and "RAY_AUTH_MODE" not in os.environ and _has_auth_token(dict(os.environ)):
+        # ray.init(address=X) never turns token auth on by itself (only "auto" does), and
+        # a head started while a token existed requires it.
+        os.environ["RAY_AUTH_MODE"] = "token"
     if owns:
         try:
             ray.init(address=address or "auto", logging_level=logging.WARNING)

@@ -84,6 +84,8 @@ class Store(abc.ABC):
 
     #: Whether several gateways may share this store (and hear each other's events).
     shared: bool = False
+    #: Transactions run by this process, by kind ("read", "write"): what an idle fleet costs.
+    transactions: dict[str, int]
 
     # -- jobs -----------------------------------------------------------------------
     @abc.abstractmethod

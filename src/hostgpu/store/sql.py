@@ -196,6 +196,7 @@ class SQLStore(Store):
         self.engine = self._create_engine(url)
         #: This store's id in the events it publishes, so a gateway can skip its own.
         self.origin = uuid.uuid4().hex[:12]
+        self.transactions = {"read": 0, "write": 0}
         self._lane_cache: dict[str, Select[Any]] = {}
         self._migrate()
 
@@ -243,11 +244,13 @@ class SQLStore(Store):
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
+        self.transactions["write"] += 1
         with self._translated(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
+        self.transactions["read"] += 1
         with self._translated(), self.engine.connect() as conn:
             yield conn
 
@@ -637,18 +640,27 @@ class SQLStore(Store):
 
     def touch_worker(self, worker_id: str, *, older_than: float) -> bool:
         now = time.time()
-        with self._read() as conn:
-            row = conn.execute(
-                select(workers.c.last_seen, workers.c.state).where(workers.c.id == worker_id)
-            ).first()
-        if row is None:
-            raise NotFound(f"no worker with id {worker_id!r}: register again")
-        if row.state == "active" and row.last_seen >= now - older_than:
-            return False
         with self._write() as conn:
             self._relax(conn)
-            self._touch(conn, worker_id, now)
-        return True
+            done = conn.execute(
+                update(workers)
+                .where(
+                    workers.c.id == worker_id,
+                    or_(
+                        workers.c.last_seen < now - older_than,
+                        workers.c.state.notin_(["active", "draining"]),
+                    ),
+                )
+                .values(
+                    last_seen=now,
+                    state=case((workers.c.state == "draining", "draining"), else_="active"),
+                )
+            )
+        if done.rowcount:
+            return True
+        if self.get_worker(worker_id) is None:  # pragma: no cover - get_worker raises
+            raise NotFound(worker_id)
+        return False
 
     def _touch(self, conn: Connection, worker_id: str, now: float) -> None:
         # A draining worker stays draining: its heartbeats keep it alive, not leasing.

@@ -53,7 +53,8 @@ class SQLiteStore(SQLStore):
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        self.transactions["read"] += 1
+        with self._translated(), self.engine.connect() as conn:
             yield conn.execution_options(hostgpu_readonly=True)
 
     def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:

@@ -104,4 +104,3 @@ async def download(digest: Digest, store: StoreDep, _: ReaderOrWorker) -> Stream
         media_type="application/octet-stream",
         headers={"content-length": str(info.size), "etag": f'"{digest}"'},
     )
-

@@ -138,6 +138,8 @@ async def lease_jobs(
             woken = await waiter.wait(min(remaining, REPOLL_S))
             if worker_id in notifier.draining:
                 return []
+            if not woken and time.monotonic() >= deadline:
+                return []  # nothing woke it: the store has nothing new for it either
     finally:
         notifier.remove(waiter)
 
