@@ -4,9 +4,12 @@ Scopes, narrowest first:
 
 - ``read``: lists, job details, metrics, the dashboard's live view; nothing that changes state;
 - ``submit``: jobs (submit, wait, cancel) and ``read``'s views;
-- ``infer``: the OpenAI-compatible inference API;
+- ``infer``: the OpenAI-compatible inference API (reserved: the gateway has no inference
+  routes yet, so an ``infer`` token opens nothing but ``/v1/tokens/self``);
 - ``worker``: join a pool and run published functions (register, lease, heartbeat, report);
-- ``share``: lend a machine: like ``worker``, but only model-engine jobs are ever leased to it;
+- ``share``: lend a machine, with only model-engine jobs ever leased to it. Reserved like
+  ``infer``: until the lease enforces "model-engine jobs only", a ``share`` token admits no
+  worker route (admitting it as ``worker`` would let it lease any job and read its arguments);
 - ``admin``: everything, tokens included.
 """
 
@@ -62,7 +65,7 @@ IMPLIED: dict[Scope, frozenset[Scope]] = {
     "read": frozenset({"read", "submit"}),
     "submit": frozenset({"submit"}),
     "infer": frozenset({"infer"}),
-    "worker": frozenset({"worker", "share"}),
+    "worker": frozenset({"worker"}),  # not "share": see the module docstring
     "share": frozenset({"share"}),
     "admin": frozenset(),
 }

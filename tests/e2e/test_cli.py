@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from hostgpu.testing import free_port
+from hostgpu.testing import Gateway, free_port
 
 
 def hostgpu(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -113,9 +113,14 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
 
 def test_worker_install_prints_service_files(home: Path) -> None:
     token_file = home / "worker-token"
-    token_file.write_text("hgw_x\n")
+    token_file.write_text("hgw_secret_x\n")
+    token_file.chmod(0o644)
+    loose = hostgpu(
+        home, "worker", "install", "--print", "--token-file", str(token_file), check=False
+    )
+    assert loose.returncode != 0 and "chmod 600" in loose.stdout + loose.stderr
     token_file.chmod(0o600)
-    for platform, needle in (("darwin", "<key>KeepAlive</key>"), ("linux", "[Service]")):
+    for platform, needle in (("darwin", "<key>KeepAlive</key>"), ("linux", "KillMode=mixed")):
         out = hostgpu(
             home,
             "worker",
@@ -131,3 +136,47 @@ def test_worker_install_prints_service_files(home: Path) -> None:
             "my.tasks",
         ).stdout
         assert needle in out and "my.tasks" in out and "http://gw:8765" in out
+        assert str(token_file) in out and "hgw_secret_x" not in out  # a path, never the token
+
+
+def test_worker_install_mints_a_worker_token_into_a_private_file(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """Without --token-file the service gets its own worker-scoped token (never the admin
+    token), in a file created 0600; the unit names the file and holds no secret."""
+    fake_home = tmp_path / "user"
+    env_home = {"HOME": str(fake_home)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hostgpu",
+            "worker",
+            "install",
+            "--platform",
+            "linux",
+            "--gateway",
+            gateway.url,
+            "--import",
+            "my.tasks",
+        ],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")},
+            "HOSTGPU_HOME": str(gateway.home),
+            **env_home,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    minted = gateway.home / "worker-token"
+    assert minted.stat().st_mode & 0o777 == 0o600
+    secret = minted.read_text().strip()
+    unit = (fake_home / ".config/systemd/user/hostgpu-worker.service").read_text()
+    assert f"HOSTGPU_TOKEN_FILE={minted}" in unit and secret not in unit
+    assert secret not in done.stdout + done.stderr
+    with gateway.http(token=secret) as http:
+        assert http.get("/v1/tokens/self").json()["scope"] == "worker"
+        assert http.get("/v1/tokens").status_code == 403  # not an admin

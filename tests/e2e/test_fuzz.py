@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import positive_data_acceptance
 
 from hostgpu.gateway import create_app
 from hostgpu.gateway.bootstrap import ensure_admin_token

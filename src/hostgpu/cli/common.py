@@ -27,9 +27,8 @@ TokenFileOpt = Annotated[
     Path | None,
     typer.Option(
         "--token-file",
-        envvar="HOSTGPU_TOKEN_FILE",
-        help="File holding the API token (mode 0600). Default: HOSTGPU_TOKEN, else the local "
-        "admin token in HOSTGPU_HOME",
+        help="File holding the API token (mode 0600). Default: HOSTGPU_TOKEN, else "
+        "HOSTGPU_TOKEN_FILE, else the local admin token in HOSTGPU_HOME (the SDK's order)",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]

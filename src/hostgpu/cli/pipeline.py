@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 import hostgpu
-from hostgpu.cli.common import GatewayOpt, JsonOpt, TokenFileOpt, console, err, token_from
+from hostgpu.cli.common import (
+    GatewayOpt,
+    JsonOpt,
+    TokenFileOpt,
+    console,
+    err,
+    print_json,
+    token_from,
+)
 from hostgpu.jobs import JobState
 from hostgpu.sdk import GatewayBackend
 
@@ -154,7 +161,7 @@ def search(
     hostgpu.connect(gateway, token_from(token_file))
     hits = run_search(query, k)
     if as_json:
-        console.print(json.dumps(hits, indent=2))
+        print_json(hits)
         return
     if not hits:
         console.print("no results: ingest something first (`hostgpu ingest PATH --wait`)")

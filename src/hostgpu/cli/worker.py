@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from hostgpu.cli.common import GatewayOpt, TokenFileOpt, console, err, token_from
+from hostgpu.errors import HostGPUError
 
 app = typer.Typer(help="Run a native worker, or install it as a service.")
 
@@ -97,7 +99,14 @@ def run(
 @app.command()
 def install(
     gateway: GatewayOpt = None,
-    token_file: TokenFileOpt = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="The worker's token file (mode 0600; a worker-scoped token). Default: a new "
+            "worker token, minted with your admin token, in HOSTGPU_HOME/worker-token",
+        ),
+    ] = None,
     imports: Annotated[
         list[str], typer.Option("--import", help="Module whose functions it runs (repeatable)")
     ] = [],  # noqa: B006
@@ -106,33 +115,51 @@ def install(
         str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
     ] = None,
     print_only: Annotated[
-        bool, typer.Option("--print", help="Print the file, write nothing")
+        bool, typer.Option("--print", help="Print the file, write nothing (and mint no token)")
     ] = False,
 ) -> None:
-    """Write a launchd agent (macOS) or systemd user unit (Linux) that runs this worker."""
-    import sys
-    from pathlib import Path
+    """Write a launchd agent (macOS) or systemd user unit (Linux) that runs this worker.
 
-    from hostgpu.settings import get_settings
+    The service reads its token from a 0600 file (HOSTGPU_TOKEN_FILE), never from the
+    service file itself, and the token is worker-scoped: a service never runs as admin.
+    """
+    import socket
+    import sys
+
+    from hostgpu.client import Client
+    from hostgpu.settings import get_settings, read_secret, write_secret
     from hostgpu.worker.service import service_file, write
 
     settings = get_settings()
-    resolved_token = token_from(token_file) or settings.resolved_token()
-    if not resolved_token:
-        raise typer.BadParameter(
-            "give --token-file (a worker token: hostgpu token create --scope worker)"
-        )
+    url = gateway or settings.resolved_gateway()
+    if token_file is not None:
+        token_file = token_file.expanduser().absolute()
+        read_secret(token_file)  # private and not empty, or say how to fix it now
+    else:
+        token_file = settings.home_dir / "worker-token"
+        if not print_only:
+            name = f"worker service on {socket.gethostname()}"
+            try:
+                created = Client(url).create_token(name, "worker")
+            except HostGPUError as exc:
+                raise typer.BadParameter(
+                    f"could not mint a worker token at {url} ({exc}): give --token-file with "
+                    "a worker token (`hostgpu token create --scope worker > FILE` on a machine "
+                    "with the admin token, then chmod 600 FILE)"
+                ) from None
+            write_secret(token_file, created.token)
+            err.print(f"minted worker token {created.id} ({name!r}) into {token_file}")
     service = service_file(
         platform or sys.platform,
-        gateway=gateway or settings.resolved_gateway(),
-        token=resolved_token,
+        gateway=url,
+        token_file=token_file,
         modules=list(imports),
         concurrency=concurrency,
         home=Path.home(),
         hostgpu_home=settings.home_dir,
     )
     if print_only:
-        console.print(service.content, markup=False, highlight=False)
+        sys.stdout.write(service.content)
         return
     write(service)
     console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")

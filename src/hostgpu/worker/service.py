@@ -2,19 +2,26 @@
 
 The worker must run natively (not in a container) to reach Metal or CUDA; a service
 manager keeps it running across logins and restarts it when it exits.
+
+A service file never holds a token: it names a token *file* (``HOSTGPU_TOKEN_FILE``, mode
+0600, which the worker refuses to read when it is any looser). Unit files and plists are
+readable by other tools (``systemctl --user show`` prints ``Environment=``, backups copy
+``~/Library/LaunchAgents``), a 0600 file beside the store is not.
 """
 
 from __future__ import annotations
 
+import plistlib
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 from hostgpu.processes import worker_command
 
 LAUNCHD_LABEL = "dev.hostgpu.worker"
 SYSTEMD_UNIT = "hostgpu-worker.service"
+#: Seconds a warm stop may take (running jobs finish) before the service manager kills.
+STOP_GRACE_S = 60
 
 
 @dataclass(frozen=True)
@@ -27,51 +34,51 @@ class ServiceFile:
 def launchd_plist(
     command: list[str], env: dict[str, str], home: Path, log_dir: Path
 ) -> ServiceFile:
-    args = "\n".join(f"    <string>{escape(a)}</string>" for a in command)
-    env_xml = "\n".join(
-        f"    <key>{escape(k)}</key><string>{escape(v)}</string>" for k, v in sorted(env.items())
-    )
-    content = f"""<?xml version="1.0" encoding="UTF-8"?>
-<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
-<plist version="1.0">
-<dict>
-  <key>Label</key><string>{LAUNCHD_LABEL}</string>
-  <key>ProgramArguments</key>
-  <array>
-{args}
-  </array>
-  <key>EnvironmentVariables</key>
-  <dict>
-{env_xml}
-  </dict>
-  <key>RunAtLoad</key><true/>
-  <key>KeepAlive</key><true/>
-  <key>ExitTimeOut</key><integer>60</integer>
-  <key>StandardOutPath</key><string>{escape(str(log_dir / "worker.log"))}</string>
-  <key>StandardErrorPath</key><string>{escape(str(log_dir / "worker.log"))}</string>
-</dict>
-</plist>
-"""
+    log = str(log_dir / "worker.log")
+    plist = {
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": command,
+        "EnvironmentVariables": dict(sorted(env.items())),
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        # launchd sends SIGTERM (a warm stop), then SIGKILL after this many seconds.
+        "ExitTimeOut": STOP_GRACE_S,
+        "StandardOutPath": log,
+        "StandardErrorPath": log,
+    }
+    content = plistlib.dumps(plist, sort_keys=False).decode()
     path = home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
     hint = f"launchctl bootstrap gui/$(id -u) {shlex.quote(str(path))}"
     return ServiceFile(path, content, hint)
 
 
+def _systemd_quote(arg: str) -> str:
+    # systemd's own quoting: double quotes, backslash escapes, and "%" doubled (specifiers).
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    plain = escaped == arg and arg and not any(c.isspace() or c in "'\";$" for c in arg)
+    return arg if plain else f'"{escaped}"'
+
+
 def systemd_unit(command: list[str], env: dict[str, str], home: Path) -> ServiceFile:
-    env_lines = "\n".join(f"Environment={shlex.quote(f'{k}={v}')}" for k, v in sorted(env.items()))
+    env_lines = "\n".join(
+        f"Environment={_systemd_quote(f'{k}={v}')}" for k, v in sorted(env.items())
+    )
     content = f"""[Unit]
 Description=hostgpu native worker
 After=network-online.target
 Wants=network-online.target
 
 [Service]
-ExecStart={shlex.join(command)}
+ExecStart={" ".join(_systemd_quote(a) for a in command)}
 {env_lines}
 Restart=on-failure
 RestartSec=5
-# The first SIGTERM is a warm stop: running jobs get this long to finish.
+# The first SIGTERM is a warm stop: running jobs get TimeoutStopSec to finish. "mixed"
+# sends it to the worker only (the default would also hit its job children at once, killing
+# the jobs a warm stop lets finish); whatever is left after the timeout is SIGKILLed.
 KillSignal=SIGTERM
-TimeoutStopSec=60
+KillMode=mixed
+TimeoutStopSec={STOP_GRACE_S}
 
 [Install]
 WantedBy=default.target
@@ -85,14 +92,15 @@ def service_file(
     platform: str,
     *,
     gateway: str,
-    token: str,
+    token_file: Path,
     modules: list[str],
     concurrency: int,
     home: Path,
     hostgpu_home: Path,
 ) -> ServiceFile:
+    """The service file for ``platform`` ("darwin": launchd; else systemd)."""
     command = worker_command(gateway, modules, concurrency)
-    env = {"HOSTGPU_TOKEN": token, "HOSTGPU_HOME": str(hostgpu_home)}
+    env = {"HOSTGPU_TOKEN_FILE": str(token_file.absolute()), "HOSTGPU_HOME": str(hostgpu_home)}
     if platform == "darwin":
         return launchd_plist(command, env, home, hostgpu_home / "logs")
     return systemd_unit(command, env, home)
@@ -101,5 +109,3 @@ def service_file(
 def write(service: ServiceFile) -> None:
     service.path.parent.mkdir(parents=True, exist_ok=True)
     service.path.write_text(service.content)
-    # The file carries a token: readable by its owner only.
-    service.path.chmod(0o600)

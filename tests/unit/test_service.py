@@ -1,0 +1,65 @@
+"""`hostgpu worker install`'s files, read back by the tools that will read them: plistlib for
+launchd, `systemd-analyze verify` for systemd."""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hostgpu.processes import worker_command
+from hostgpu.worker.service import service_file
+
+# Arguments a shell or an XML writer would get wrong.
+ODD = ["my.tasks", "pkg with space", "100%", 'quote"d', "a&b<c>"]
+
+
+def _service(platform: str, tmp_path: Path) -> tuple[str, Path]:
+    token = tmp_path / "dir with space" / "worker-token"
+    service = service_file(
+        platform,
+        gateway="http://gw:8765/?x=1&y=%20",
+        token_file=token,
+        modules=ODD,
+        concurrency=2,
+        home=tmp_path,
+        hostgpu_home=tmp_path / "hg",
+    )
+    return service.content, token
+
+
+def test_launchd_plist_round_trips(tmp_path: Path) -> None:
+    content, token = _service("darwin", tmp_path)
+    plist = plistlib.loads(content.encode())
+    assert plist["ProgramArguments"] == worker_command("http://gw:8765/?x=1&y=%20", ODD, 2)
+    assert plist["EnvironmentVariables"] == {
+        "HOSTGPU_TOKEN_FILE": str(token),
+        "HOSTGPU_HOME": str(tmp_path / "hg"),
+    }
+    assert plist["KeepAlive"] is True and plist["ExitTimeOut"] == 60
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-analyze") and not os.environ.get("CI"),
+    reason="needs systemd-analyze",
+)
+def test_systemd_unit_verifies_and_quotes(tmp_path: Path) -> None:
+    content, token = _service("linux", tmp_path)
+    assert "KillMode=mixed" in content and "HOSTGPU_TOKEN=" not in content
+    unit = tmp_path / "hostgpu-worker.service"
+    unit.write_text(content)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    # verify exits 0 even for settings it ignores; its warnings name the file.
+    assert done.returncode == 0 and unit.name not in done.stdout + done.stderr, done.stderr
+    # systemd splits ExecStart like a POSIX shell for these quotes, after "%%" → "%".
+    exec_start = next(line for line in content.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start.removeprefix("ExecStart=").replace("%%", "%"))
+    assert argv == worker_command("http://gw:8765/?x=1&y=%20", ODD, 2)
+    assert f'Environment="HOSTGPU_TOKEN_FILE={token}"' in content
