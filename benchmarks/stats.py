@@ -155,8 +155,8 @@ def figures(store: SQLStore, metrics: Metrics) -> dict[str, Callable[[], object]
         "worker load, 5 min": lambda: store.worker_load(time.time() - 300),
         "job facts, 100 ids (per metrics flush)": lambda: store.job_facts(ids),
         "count by state (existing)": store.count_by_state,
-        "whole /metrics scrape": lambda: metrics.registry.collect() and list(
-            metrics.registry.collect()
+        "whole /metrics scrape": lambda: (
+            metrics.registry.collect() and list(metrics.registry.collect())
         ),
     }
 

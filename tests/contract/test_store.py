@@ -617,3 +617,29 @@ def test_blobs_are_kept_checked_and_pruned_when_no_job_needs_them(store: Store) 
     time.sleep(0.05)
     assert store.prune(0.01) == 1
     assert store.blob_info(digest) is None
+
+
+def test_touch_worker_writes_only_when_the_contact_is_stale(store: Store) -> None:
+    wid = store.register_worker(caps())
+    assert store.touch_worker(wid, older_than=60) is False  # registered just now
+    seen = store.get_worker(wid).last_seen
+    time.sleep(0.05)
+    assert store.touch_worker(wid, older_than=0.01) is True
+    assert store.get_worker(wid).last_seen > seen
+    with pytest.raises(NotFound, match="register again"):
+        store.touch_worker("f" * 32, older_than=0)
+
+
+def test_a_lease_can_carry_the_workers_sign_of_life(store: Store) -> None:
+    c = caps()
+    wid = store.register_worker(c)
+    seen = store.get_worker(wid).last_seen
+    time.sleep(0.05)
+    # Nothing queued: the touch still lands, in the same transaction.
+    assert store.lease(wid, c, max_jobs=1, lease_seconds=30, touch_older_than=0.01) == []
+    assert store.get_worker(wid).last_seen > seen
+    [job] = store.enqueue([spec()])
+    leased = store.lease(wid, c, max_jobs=1, lease_seconds=30, touch_older_than=60)
+    assert [lease.job_id for lease in leased] == [job.id]
+    with pytest.raises(NotFound):
+        store.lease("f" * 32, c, max_jobs=1, lease_seconds=30, touch_older_than=0)

@@ -61,7 +61,12 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
                 )
             except httpx.TransportError:
                 reply = None
-            if reply is not None and reply.status_code == 200 and reply.json()["workers"]:
+            # `up` is up once its worker publishes functions (it registers once before).
+            if (
+                reply is not None
+                and reply.status_code == 200
+                and any(w["capabilities"]["functions"] for w in reply.json()["workers"])
+            ):
                 break
         time.sleep(0.2)
     else:
@@ -70,6 +75,42 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def test_one_up_per_home_and_down_stops_everything(up: subprocess.Popen[str], home: Path) -> None:
+    family = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
+    assert len(family) >= 3  # up, gateway, worker (and its children)
+    second = hostgpu(home, "up", check=False)
+    assert second.returncode != 0 and "hostgpu down" in second.stdout + second.stderr
+    stopped = hostgpu(home, "down")
+    assert f"pid {up.pid}" in stopped.stdout
+    assert up.wait(30) == 0
+    left = psutil.wait_procs(family, timeout=30)[1]
+    assert not left, f"still running after hostgpu down: {left}"
+    assert not (home / "up.pid").exists()
+    assert "nothing to stop" in hostgpu(home, "down").stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_up_stops_its_processes_on_sigterm_and_sighup(
+    up: subprocess.Popen[str], signum: int
+) -> None:
+    family = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
+    up.send_signal(signum)
+    assert up.wait(60) == 0
+    left = psutil.wait_procs(family, timeout=30)[1]
+    assert not left, f"orphans after {signal.Signals(signum).name}: {left}"
+
+
+def test_a_busy_port_given_is_an_error(home: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = hostgpu(home, "up", "--port", str(port), check=False)
+    assert out.returncode != 0 and f"port {port} is in use" in out.stdout + out.stderr
 
 
 def test_doctor_json_and_require(home: Path) -> None:
@@ -100,7 +141,10 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
     assert created["token"] and created["scope"] == "submit"
     hostgpu(home, "token", "revoke", created["id"])
     assert "submit" in hostgpu(home, "token", "list").stdout
-    assert "deleted 2" in hostgpu(home, "prune", "--older-than", "0s").stdout
+    unasked = hostgpu(home, "prune", "--older-than", "0s", check=False)  # no terminal to ask
+    assert unasked.returncode != 0 and "--yes" in unasked.stdout + unasked.stderr
+    assert "deleted 2" in hostgpu(home, "prune", "--older-than", "0s", "--yes").stdout
+    assert hostgpu(home, "--version").stdout.startswith("hostgpu 0.")
 
     bad = hostgpu(home, "submit", "hostgpu.builtin:noop", "--gpu", "tpu", check=False)
     assert bad.returncode != 0 and "gpu must be one of" in (bad.stdout + bad.stderr)

@@ -178,3 +178,13 @@ def test_a_worker_child_starts_without_the_client_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"a child imports {out.stdout.strip()}"
+
+
+def test_the_package_and_its_metadata_agree_on_the_version() -> None:
+    import tomllib
+    from pathlib import Path
+
+    import hostgpu
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert hostgpu.__version__ == pyproject["project"]["version"]

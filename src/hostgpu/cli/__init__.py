@@ -20,10 +20,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hostgpu import __version__
+
+        sys.stdout.write(f"hostgpu {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit"
+    ),
+) -> None:
+    """Run accelerator work where the accelerator really is."""
+
+
 app.command(help="What accelerators this process can use, and why not the others.")(doctor)
 app.command("gateway", help="Run the gateway (HTTP API + job store).")(gateway.serve)
 app.add_typer(worker.app, name="worker")
 app.command("up")(local.up)
+app.command("down")(local.down)
 app.command("demo")(local.demo)
 app.command("jobs")(jobs.list_jobs)
 app.command("job")(jobs.show_job)

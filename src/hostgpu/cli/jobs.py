@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime
 from typing import Annotated, Any
@@ -270,11 +271,23 @@ def raise_for_exit(job: Job, *, waited: bool = True) -> None:
 
 def prune(
     older_than: Annotated[str, typer.Option("--older-than", help="Age like 7d, 12h, 30m")] = "7d",
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask, even for an age under an hour")
+    ] = False,
     gateway: GatewayOpt = None,
     token_file: TokenFileOpt = None,
 ) -> None:
-    """Delete finished jobs older than the given age (admin token)."""
+    """Delete finished jobs older than the given age (admin token). An age under an hour
+    (`--older-than 0s` deletes every finished job) asks first, unless --yes."""
     seconds = parse_duration(older_than)
+    if seconds < 3600 and not yes:
+        if not sys.stdin.isatty():
+            raise typer.BadParameter(
+                f"--older-than {older_than} deletes recent results too: add --yes to confirm"
+            )
+        typer.confirm(
+            f"delete every finished job older than {older_than}, results included?", abort=True
+        )
     with client(gateway, token_file) as api:
         deleted = api.prune(seconds)
     console.print(f"deleted {deleted} finished job(s) older than {older_than}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,7 +15,16 @@ from rich.table import Table
 from hostgpu.cli.common import console, err
 from hostgpu.client import Client
 from hostgpu.settings import get_settings
+from hostgpu.stack import pidfile
 from hostgpu.stack.local import LocalStack, healthy
+
+PID_FILE = "up.pid"
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    # SIGTERM (`hostgpu down`, `timeout`, a service manager) and SIGHUP (the terminal closed)
+    # take Ctrl-C's path: the worker stops warm, then the gateway; nothing is orphaned.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def up(
@@ -31,39 +42,54 @@ def up(
         ),
     ] = None,
 ) -> None:
-    """Start a gateway and one native worker here (SQLite, embedded Chroma); Ctrl-C stops both."""
+    """Start a gateway and one native worker here (SQLite, embedded Chroma); Ctrl-C (or
+    SIGTERM, SIGHUP, `hostgpu down`) stops both. One `up` per HOSTGPU_HOME."""
     settings = get_settings()
+    pid_path = settings.home_dir / PID_FILE
+    pidfile.claim(pid_path)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     extra_env: dict[str, str] | None = None
     if uploads is not None:
         uploads = uploads.expanduser().resolve()
         uploads.mkdir(parents=True, exist_ok=True)
         extra_env = {"HOSTGPU_UPLOAD_ROOT": str(uploads)}
     stack = LocalStack(
-        settings, port=port, concurrency=concurrency, imports=tuple(imports), extra_env=extra_env
+        settings,
+        port=port,
+        concurrency=concurrency,
+        imports=tuple(imports),
+        extra_env=extra_env,
+        port_given=port is not None,
     )
     with ExitStack() as cleanup:
-        with console.status("starting gateway and worker…"):
-            stack.start()
-        cleanup.callback(stack.stop)
-        console.print(f"[green]gateway[/] {stack.url}   dashboard {stack.url}/")
-        console.print(f"admin token in {settings.home_dir / 'admin-token'}")
-        if uploads is not None:
-            from hostgpu.pipelines.uploads import UploadServer
-
-            # The hook only queues jobs: it gets a submit token, not the admin one.
-            with Client(stack.url, stack.admin_token()) as api:
-                hook_token = api.create_token("uploads hook", "submit").token
-            server = UploadServer(
-                uploads, gateway=stack.url, token=hook_token, home=settings.home_dir
-            )
-            server.start()
-            cleanup.callback(server.stop)
-            console.print(
-                f"[green]uploads[/] {server.url}  (user {server.user}, password in "
-                f"{server.password_path}) → ingested on upload"
-            )
-        console.print(f"logs in {stack.logs}/   Ctrl-C to stop")
+        cleanup.callback(pidfile.release, pid_path)
         try:
+            with console.status("starting gateway and worker…"):
+                stack.start()  # interrupted, it stops what it started, then re-raises
+        except KeyboardInterrupt:
+            console.print("stopped before it was up")
+            return
+        cleanup.callback(stack.stop)
+        try:
+            console.print(f"[green]gateway[/] {stack.url}   dashboard {stack.url}/")
+            console.print(f"admin token in {settings.home_dir / 'admin-token'}")
+            if uploads is not None:
+                from hostgpu.pipelines.uploads import UploadServer
+
+                # The hook only queues jobs: it gets a submit token, not the admin one.
+                with Client(stack.url, stack.admin_token()) as api:
+                    hook_token = api.create_token("uploads hook", "submit").token
+                server = UploadServer(
+                    uploads, gateway=stack.url, token=hook_token, home=settings.home_dir
+                )
+                server.start()
+                cleanup.callback(server.stop)
+                console.print(
+                    f"[green]uploads[/] {server.url}  (user {server.user}, password in "
+                    f"{server.password_path}) → ingested on upload"
+                )
+            console.print(f"logs in {stack.logs}/   Ctrl-C to stop")
             while stack.alive():
                 time.sleep(0.5)
             err.print("[red]a process exited[/]; see the logs above")
@@ -74,6 +100,32 @@ def up(
                 stack.stop()
             except KeyboardInterrupt:
                 stack.stop(cold=True, grace=5)
+
+
+def down(
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for running jobs to finish (warm stop)")
+    ] = 60.0,
+) -> None:
+    """Stop what `hostgpu up` started for this HOSTGPU_HOME: the worker warm (running jobs
+    finish, up to --timeout), then the gateway; then anything left is killed."""
+    import psutil
+
+    settings = get_settings()
+    holder = pidfile.running(settings.home_dir / PID_FILE)
+    if holder is None:
+        console.print(f"nothing to stop: no `hostgpu up` runs for {settings.home_dir}")
+        return
+    family = [holder, *holder.children(recursive=True)]
+    holder.terminate()
+    with console.status(f"stopping hostgpu up (pid {holder.pid})…"):
+        _, left = psutil.wait_procs(family, timeout=timeout)
+    for proc in left:  # past the warm stop's time: kill what is left, children included
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=10)
+    note = f" ({len(left)} killed after {timeout:.0f} s)" if left else ""
+    console.print(f"stopped hostgpu up (pid {holder.pid}) and {len(family) - 1} process(es){note}")
 
 
 def demo(

@@ -33,8 +33,10 @@ class LocalStack:
         concurrency: int = 1,
         imports: tuple[str, ...] = (),
         extra_env: dict[str, str] | None = None,
+        port_given: bool = False,
     ) -> None:
         self.settings = settings
+        self.port_given = port_given  # a busy --port is an error; a busy default moves
         self.home = settings.home_dir
         self.port = port or settings.port
         self.concurrency = concurrency
@@ -74,7 +76,12 @@ class LocalStack:
             if healthy(self.url):
                 raise ConfigError(
                     f"a gateway already answers on {self.url}: use it (hostgpu jobs, hostgpu "
-                    "demo), or stop it first"
+                    "demo), or stop it first (`hostgpu down` if `hostgpu up` started it)"
+                )
+            if self.port_given:
+                raise ConfigError(
+                    f"port {self.port} is in use by another program: choose another --port, "
+                    "or leave it out to take a free one"
                 )
             self.port = free_port()
         self.gateway = self._spawn(

@@ -119,9 +119,14 @@ class Store(abc.ABC):
         max_jobs: int,
         lease_seconds: float,
         probe: bool = True,
+        touch_older_than: float | None = None,
     ) -> list[Lease]:
         """Hand up to ``max_jobs`` runnable jobs that ``caps`` satisfies to the worker
-        (``probe``: look before taking the write lock, as most polls find nothing)."""
+        (``probe``: look before taking the write lock, as most polls find nothing).
+
+        ``touch_older_than``: also mark the worker alive, as :meth:`touch_worker` does, in the
+        same transaction (which then takes the write lock and skips the probe); raises
+        NotFound for a worker that is not registered."""
 
     @abc.abstractmethod
     def heartbeat(

@@ -555,13 +555,21 @@ class SQLStore(Store):
         max_jobs: int,
         lease_seconds: float,
         probe: bool = True,
+        touch_older_than: float | None = None,
     ) -> list[Lease]:
-        if max_jobs <= 0:
-            return []
         query = self._lanes_query(caps)
-        if query is None:
-            return []
         now = time.time()
+        if touch_older_than is not None:
+            # The worker's sign of life rides on this poll's transaction: an idle worker's
+            # long poll is then one write, not a write (touch) and a read (probe).
+            with self._write() as conn:
+                self._before_lease(conn)
+                self._touch_if_stale(conn, worker_id, now, touch_older_than)
+                if max_jobs <= 0 or query is None:
+                    return []
+                return self._lease_in(conn, worker_id, caps, query, now, max_jobs, lease_seconds)
+        if max_jobs <= 0 or query is None:
+            return []
         params = {"now": now, "n": max_jobs}
         # Read before taking the write lock: most polls of an idle fleet find nothing, and
         # then cost one read instead of a write transaction that serialises every lessee.
@@ -570,96 +578,116 @@ class SQLStore(Store):
             with self._read() as conn:
                 if not conn.execute(query, params).first():
                     return []
-        expires = now + lease_seconds
-        leases: list[Lease] = []
         with self._write() as conn:
             self._before_lease(conn)
-            rows = self._claim(conn, conn.execute(query, params).all())
-            updates = []
-            attempt_rows = []
-            for row in rows:
-                fallback_open = row.fallback == "cpu" and (row.fallback_at or 0) <= now
-                picked = pick_device(_requirements(row), caps, fallback_open=fallback_open)
-                if picked is None:  # pragma: no cover - SQL and Python rule disagree
-                    continue
-                device, fallback_used = picked
-                token = uuid.uuid4().hex
-                attempt = row.attempts + 1
-                updates.append(
-                    {
-                        "b_id": row.id,
-                        "b_token": token,
-                        "b_device": device.torch_device,
-                        "b_fallback": fallback_used,
-                    }
+            return self._lease_in(conn, worker_id, caps, query, now, max_jobs, lease_seconds)
+
+    def _lease_in(
+        self,
+        conn: Connection,
+        worker_id: str,
+        caps: Capabilities,
+        query: Select[Any],
+        now: float,
+        max_jobs: int,
+        lease_seconds: float,
+    ) -> list[Lease]:
+        """The lease itself, inside the caller's write transaction."""
+        params = {"now": now, "n": max_jobs}
+        expires = now + lease_seconds
+        leases: list[Lease] = []
+        rows = self._claim(conn, conn.execute(query, params).all())
+        updates = []
+        attempt_rows = []
+        for row in rows:
+            fallback_open = row.fallback == "cpu" and (row.fallback_at or 0) <= now
+            picked = pick_device(_requirements(row), caps, fallback_open=fallback_open)
+            if picked is None:  # pragma: no cover - SQL and Python rule disagree
+                continue
+            device, fallback_used = picked
+            token = uuid.uuid4().hex
+            attempt = row.attempts + 1
+            updates.append(
+                {
+                    "b_id": row.id,
+                    "b_token": token,
+                    "b_device": device.torch_device,
+                    "b_fallback": fallback_used,
+                }
+            )
+            attempt_rows.append(
+                {
+                    "job_id": row.id,
+                    "attempt": attempt,
+                    "worker_id": worker_id,
+                    "device": device.torch_device,
+                    "lease_token": token,
+                    "started_at": now,
+                }
+            )
+            leases.append(
+                Lease(
+                    job_id=row.id,
+                    lease_token=token,
+                    attempt=attempt,
+                    function=row.function,
+                    payload=_loads(row.payload),
+                    serializer=row.serializer,
+                    timeout_s=row.timeout_s,
+                    device=device,
+                    fallback_used=fallback_used,
+                    lease_expires_at=_dt(expires),
+                    inputs=_loads(row.inputs) or [],
                 )
-                attempt_rows.append(
-                    {
-                        "job_id": row.id,
-                        "attempt": attempt,
-                        "worker_id": worker_id,
-                        "device": device.torch_device,
-                        "lease_token": token,
-                        "started_at": now,
-                    }
-                )
-                leases.append(
-                    Lease(
-                        job_id=row.id,
-                        lease_token=token,
-                        attempt=attempt,
-                        function=row.function,
-                        payload=_loads(row.payload),
-                        serializer=row.serializer,
-                        timeout_s=row.timeout_s,
-                        device=device,
-                        fallback_used=fallback_used,
-                        lease_expires_at=_dt(expires),
-                        inputs=_loads(row.inputs) or [],
-                    )
-                )
-            if updates:
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == bindparam("b_id"))
-                    .values(
-                        state=target(Event.lease),
-                        lease_token=bindparam("b_token"),
-                        lease_expires_at=expires,
-                        worker_id=worker_id,
-                        device=bindparam("b_device"),
-                        fallback_used=bindparam("b_fallback"),
-                        attempts=jobs.c.attempts + 1,
-                        updated_at=now,
-                    ),
-                    updates,
-                )
-                conn.execute(insert(attempts), attempt_rows)
-                self._touch(conn, worker_id, now)
+            )
+        if updates:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == bindparam("b_id"))
+                .values(
+                    state=target(Event.lease),
+                    lease_token=bindparam("b_token"),
+                    lease_expires_at=expires,
+                    worker_id=worker_id,
+                    device=bindparam("b_device"),
+                    fallback_used=bindparam("b_fallback"),
+                    attempts=jobs.c.attempts + 1,
+                    updated_at=now,
+                ),
+                updates,
+            )
+            conn.execute(insert(attempts), attempt_rows)
+            self._touch(conn, worker_id, now)
         return leases
 
     def touch_worker(self, worker_id: str, *, older_than: float) -> bool:
-        now = time.time()
         with self._write() as conn:
             self._relax(conn)
-            done = conn.execute(
-                update(workers)
-                .where(
-                    workers.c.id == worker_id,
-                    or_(
-                        workers.c.last_seen < now - older_than,
-                        workers.c.state.notin_(["active", "draining"]),
-                    ),
-                )
-                .values(
-                    last_seen=now,
-                    state=case((workers.c.state == "draining", "draining"), else_="active"),
-                )
+            return self._touch_if_stale(conn, worker_id, time.time(), older_than)
+
+    def _touch_if_stale(
+        self, conn: Connection, worker_id: str, now: float, older_than: float
+    ) -> bool:
+        """Mark the worker alive if its last contact is older than ``older_than`` seconds (or
+        it was marked dead): one conditional UPDATE, no read first."""
+        done = conn.execute(
+            update(workers)
+            .where(
+                workers.c.id == worker_id,
+                or_(
+                    workers.c.last_seen < now - older_than,
+                    workers.c.state.notin_(["active", "draining"]),
+                ),
             )
+            .values(
+                last_seen=now,
+                state=case((workers.c.state == "draining", "draining"), else_="active"),
+            )
+        )
         if done.rowcount:
             return True
-        if self.get_worker(worker_id) is None:  # pragma: no cover - get_worker raises
-            raise NotFound(worker_id)
+        if conn.execute(select(workers.c.id).where(workers.c.id == worker_id)).first() is None:
+            raise NotFound(f"no worker with id {worker_id!r}: register again")
         return False
 
     def _touch(self, conn: Connection, worker_id: str, now: float) -> None:

@@ -108,11 +108,12 @@ async def lease_jobs(
     # The long poll is this worker's sign of life while it holds no leases (no heartbeat
     # writes from idle workers): the write happens only when the last contact is stale, and
     # this gateway asks the store only once per heartbeat period.
+    # The touch rides on the first lease transaction (one write instead of a write and a read).
     touched: dict[str, float] = request.app.state.touched
     period = settings.lease_seconds / 3
+    touch: float | None = None
     if time.monotonic() - touched.get(worker_id, -1e9) >= period:
-        await run(store.touch_worker, worker_id, older_than=period)
-        touched[worker_id] = time.monotonic()
+        touch = period
     deadline = time.monotonic() + wait
     waiter = notifier.lease_waiter(worker_id, caps)
     woken = False
@@ -126,7 +127,11 @@ async def lease_jobs(
                 max_jobs=max_jobs,
                 lease_seconds=settings.lease_seconds,
                 probe=not woken,
+                touch_older_than=touch,
             )
+            if touch is not None:
+                touched[worker_id] = time.monotonic()
+                touch = None
             remaining = deadline - time.monotonic()
             if leases:
                 notifier.notify("leased")
