@@ -8,6 +8,8 @@ client parses responses into them, so both ends always agree.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from hostgpu.capabilities import WorkerInfo
@@ -62,7 +64,9 @@ class JobIds(BaseModel):
 
 
 class WaitRequest(_Request):
-    ids: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+    ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
+        min_length=1, max_length=MAX_BATCH, description="job ids, or unique prefixes (4+ hex)"
+    )
     timeout: float = Field(default=10.0, ge=0, le=60, description="seconds to wait at most")
 
 

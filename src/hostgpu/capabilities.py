@@ -3,16 +3,25 @@ functions; and a registered worker as the gateway knows it."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 from hostgpu.functions import FunctionOptions
+from hostgpu.requirements import (
+    MODULE_PATTERN,
+    FunctionPath,
+    LabelKey,
+    LabelValue,
+    ModuleName,
+    Text,
+    closed_keys,
+)
 
 DeviceKind = Literal["cuda", "mps", "mlx", "cpu"]
 #: Printable ASCII: names end up in SQL, logs and terminals.
 NAME_PATTERN = r"^[\x20-\x7e]+$"
-MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*$"
+__all__ = ["MODULE_PATTERN", "NAME_PATTERN", "Capabilities", "Device", "WorkerInfo"]
 
 
 class Device(BaseModel):
@@ -44,24 +53,28 @@ class Capabilities(BaseModel):
     name: str = Field(max_length=200, pattern=NAME_PATTERN)
     hostname: str = Field(default="", max_length=255, pattern=r"^[\x20-\x7e]*$")
     devices: list[Device] = Field(default_factory=list, max_length=64)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=16)
-    modules: list[str] = Field(
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=16, json_schema_extra=closed_keys
+    )
+    modules: list[ModuleName] = Field(
         default_factory=list,
         max_length=1000,
         description="modules this worker imports: the only ones whose functions it runs",
     )
-    functions: dict[str, FunctionOptions] = Field(
+    functions: dict[FunctionPath, FunctionOptions] = Field(
         default_factory=dict,
         max_length=10_000,
+        json_schema_extra=closed_keys,
         description="published functions (module:qualname) and their declared options",
     )
-    unavailable: dict[str, str] = Field(
+    unavailable: dict[Annotated[str, Field(pattern=r"^[\x20-\x7e]{1,16}$")], Text] = Field(
         default_factory=dict,
         max_length=8,
+        json_schema_extra=closed_keys,
         description="accelerator kind → why this worker cannot offer it (the probe's reason)",
     )
     concurrency: int = Field(default=1, ge=1, le=4096)
-    version: str = Field(default="", max_length=64)
+    version: str = Field(default="", max_length=64, pattern=r"^[\x20-\x7e]*$")
     serves: Literal["functions", "models"] = Field(
         default="functions",
         description='"models": a shared machine that serves model engines only',

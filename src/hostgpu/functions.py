@@ -19,7 +19,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hostgpu.errors import ConfigError, OptionsConflict
-from hostgpu.requirements import GPU_PATTERN, Requirements, normalise_gpu
+from hostgpu.requirements import (
+    GPU_PATTERN,
+    LabelKey,
+    LabelValue,
+    Requirements,
+    closed_keys,
+    normalise_gpu,
+)
 
 Serializer = Literal["json", "pickle"]
 
@@ -43,7 +50,9 @@ class FunctionOptions(BaseModel):
         default=None, ge=0, le=100_000, description="minimum accelerator memory, GB"
     )
     priority: int = Field(default=0, ge=-1000, le=1000)
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=16, json_schema_extra=closed_keys
+    )
     serializer: Serializer = "json"
     warm: bool = Field(
         default=False,
@@ -134,7 +143,9 @@ class Requested(BaseModel):
 
     gpu: str | None = None
     min_memory_gb: float | None = None
-    labels: dict[str, str] | None = None
+    labels: dict[LabelKey, LabelValue] | None = Field(
+        default=None, max_length=16, json_schema_extra=closed_keys
+    )
     fallback: Literal["cpu", "none"] | None = None
     timeout_s: float | None = None
     max_retries: int | None = None

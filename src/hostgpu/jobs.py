@@ -24,7 +24,10 @@ from hostgpu.requirements import (
     FUNCTION_RE,
     GPU_PATTERN,
     SAFE_TEXT,
+    LabelKey,
+    LabelValue,
     Requirements,
+    closed_keys,
     normalise_gpu,
 )
 
@@ -176,7 +179,9 @@ class JobSpec(BaseModel):
         json_schema_extra={"pattern": GPU_PATTERN},
     )
     min_memory_gb: float | None = Field(default=None, ge=0, le=100_000)
-    labels: dict[str, str] | None = Field(default=None, max_length=16)
+    labels: dict[LabelKey, LabelValue] | None = Field(
+        default=None, max_length=16, json_schema_extra=closed_keys
+    )
     fallback: Literal["cpu", "none"] | None = Field(
         default=None, description='"cpu" only when the function declares it; "none" drops it'
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -17,6 +18,28 @@ GPU_RE = re.compile(GPU_PATTERN)
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 #: Printable ASCII without NUL and friends: ids, keys and names end up in SQL and in logs.
 SAFE_TEXT = r"^[\x20-\x7e]*$"
+#: Free text (reasons, messages): anything but NUL, which PostgreSQL text cannot hold. Said in
+#: the schema, so a client (or a fuzzer) knows before the database refuses it.
+NO_NUL = r"^[^\x00]*$"
+MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*$"
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9_.\-/]{1,63}$"
+
+
+def closed_keys(schema: dict[str, Any]) -> None:
+    """``json_schema_extra`` for a dict field with constrained keys: pydantic states the keys as
+    ``patternProperties`` and leaves other keys allowed; say they are not, so the schema
+    refuses what the model refuses."""
+    for part in [schema, *schema.get("anyOf", [])]:
+        if "patternProperties" in part:
+            part["additionalProperties"] = False
+
+
+# Field types shared by the wire models: the schema states every rule the store relies on.
+Text = Annotated[str, Field(max_length=2000, pattern=NO_NUL)]
+LabelKey = Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Field(max_length=200, pattern=NO_NUL)]
+ModuleName = Annotated[str, Field(max_length=300, pattern=MODULE_PATTERN)]
+FunctionPath = Annotated[str, Field(max_length=300, pattern=FUNCTION_PATTERN)]
 
 
 def normalise_gpu(value: str) -> str:
@@ -38,7 +61,9 @@ class Requirements(BaseModel):
         json_schema_extra={"pattern": GPU_PATTERN},
     )
     min_memory_gb: float | None = Field(default=None, ge=0, le=100_000)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=16)
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=16, json_schema_extra=closed_keys
+    )
 
     @field_validator("gpu")
     @classmethod
