@@ -222,3 +222,23 @@ def test_health_metrics_dashboard_and_openapi(gateway: Gateway) -> None:
         text = http.get("/metrics").text
     assert 'hostgpu_jobs{state="queued"} 1.0' in text
     assert "hostgpu_http_requests_total" in text
+
+
+def test_docs_page_works_offline(gateway: Gateway) -> None:
+    page = httpx.get(f"{gateway.url}/docs")
+    assert page.status_code == 200
+    # Every script and stylesheet comes from the gateway itself: no CDN to reach.
+    assert "cdn." not in page.text and "https://" not in page.text.split("<body>")[0]
+    assert "/docs/static/swagger-ui-bundle.js" in page.text
+    script = httpx.get(f"{gateway.url}/docs/static/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+
+
+def test_a_wrong_method_says_which_ones_the_path_takes(gateway: Gateway) -> None:
+    with gateway.http() as http:
+        listed = http.options("/v1/jobs")  # GET lists, POST submits: both are allowed
+        assert listed.status_code == 405
+        assert {"GET", "POST"} <= {m.strip() for m in listed.headers["allow"].split(",")}
+        assert "use GET" in listed.json()["detail"]
+        one = http.delete("/v1/jobs/0123abcd")
+        assert one.status_code == 405 and "DELETE" not in one.headers["allow"]

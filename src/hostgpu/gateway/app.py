@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hostgpu
@@ -28,6 +32,7 @@ from hostgpu.errors import (
     LastAdminToken,
     NotFound,
 )
+from hostgpu.gateway.apidocs import install_docs
 from hostgpu.gateway.auth import TokenCache
 from hostgpu.gateway.dashboard import mount_dashboard
 from hostgpu.gateway.deps import ReadToken
@@ -163,7 +168,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         version=hostgpu.__version__,
         description="Routes jobs to workers that really have the accelerator they need.",
         lifespan=lifespan,
+        docs_url=None,  # apidocs.install_docs: the same page, without a CDN
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.store = store
     app.state.notifier = Notifier()
@@ -239,3 +247,37 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": f"invalid request: {summary}", "errors": errors}, 422)
 
     app.add_exception_handler(RequestValidationError, validation)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route that matched the path;
+            # a path served by several routes (GET and POST /v1/jobs) needs them all.
+            allowed = _allowed_methods(request) or sorted(
+                m.strip() for m in headers.get("Allow", "").split(",") if m.strip()
+            )
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed on {request.url.path}: use " + " or ".join(
+                allowed
+            )
+            return JSONResponse({"detail": detail}, 405, headers=headers)
+        return await http_exception_handler(request, exc)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API serves on this path, from the OpenAPI document's templates."""
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(
+        request.app.state, "allowed_methods", None
+    )
+    if table is None:
+        table = []
+        for template, operations in request.app.openapi()["paths"].items():
+            regex, _, _ = compile_path(template)
+            methods = {m.upper() for m in operations}
+            table.append((regex, methods | ({"HEAD"} if "GET" in methods else set())))
+        request.app.state.allowed_methods = table
+    path = request.url.path
+    return sorted({m for regex, methods in table if regex.match(path) for m in methods})
