@@ -215,6 +215,19 @@ def test_warm_stop_finishes_the_running_job(gateway: Gateway, workers: list[Work
     assert handle.result(timeout=5) == 1.5
 
 
+def test_a_worker_cut_off_from_its_gateway_stops_on_the_first_sigterm(
+    gateway: Gateway, workers: list[Worker]
+) -> None:
+    w = Worker(gateway).start()
+    gateway.kill()  # the worker now retries a gateway that is gone
+    time.sleep(1.0)
+    started = time.monotonic()
+    w.signal(signal.SIGTERM)
+    assert w.proc is not None and w.proc.wait(30) == 0
+    assert time.monotonic() - started < 15  # not after its retries give up
+    gateway.start()  # for the fixture's teardown
+
+
 def test_cold_stop_hands_the_job_back(gateway: Gateway, workers: list[Worker]) -> None:
     w = Worker(gateway).start()
     handle = f.sleepy.spawn(20)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -376,10 +377,20 @@ def test_grace_exceeded_kills_and_returns(make_pool: PoolFactory) -> None:
     t = task("sleep", 30)
     pool.submit(t)
     time.sleep(0.3)
+    busy = [c.pid for c in pool._children if c.task is not None]
+    assert busy and all(busy)
     started = time.monotonic()
     assert [u.job_id for u in pool.stop(grace=0.5)] == [t.job_id]
     assert time.monotonic() - started < 5
     assert collector.results == {}
+    # Handed back *and* killed: no child keeps running a job that runs again elsewhere.
+    assert not [
+        pid
+        for pid in busy
+        if pid is not None
+        and psutil.pid_exists(pid)
+        and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def test_many_noop_tasks(make_pool: PoolFactory) -> None:

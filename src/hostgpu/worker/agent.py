@@ -208,21 +208,30 @@ class WorkerAgent:
     def _retrying(self, call: Callable[[], T], *, while_stopping: bool = False) -> T:
         """Call the gateway until it answers; give up at once on a cold stop, and on any stop
         unless ``while_stopping`` (reports of finished jobs are worth a few more tries)."""
+        # The pause between tries ends early when the stop that ends the retrying comes.
+        interrupt = self._cold if while_stopping else self._stop
+
+        def pause(seconds: float) -> None:
+            interrupt.wait(seconds)
+
         retry = Retrying(
             retry=retry_if_exception_type(GatewayUnavailable),
             wait=wait_exponential(multiplier=0.2, max=5.0),
             stop=stop_never,
+            sleep=pause,
             before_sleep=lambda state: log.warning(
                 "gateway unreachable (%s); retrying", state.outcome and state.outcome.exception()
             ),
             reraise=True,
         )
         for attempt in retry:
+            # Checked outside the attempt: raised inside it, this GatewayUnavailable would be
+            # retried like any other, and a worker cut off from its gateway would never stop.
+            if attempt.retry_state.attempt_number > 1 and (
+                self._cold.is_set() or (self._stop.is_set() and not while_stopping)
+            ):
+                raise GatewayUnavailable("worker is stopping; not retrying")
             with attempt:
-                if attempt.retry_state.attempt_number > 1 and (
-                    self._cold.is_set() or (self._stop.is_set() and not while_stopping)
-                ):
-                    raise GatewayUnavailable("worker is stopping; not retrying")
                 return call()
         raise AssertionError("unreachable")  # pragma: no cover
 
