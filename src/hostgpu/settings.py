@@ -50,7 +50,6 @@ class Settings(BaseSettings):
     max_result_bytes: int = Field(
         default=8 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_RESULT_BYTES")
     )
-    poll_interval: float = Field(default=0.05, validation_alias=_alias("HOSTGPU_POLL_INTERVAL"))
     max_lost_leases: int = Field(
         default=10, ge=0, validation_alias=_alias("HOSTGPU_MAX_LOST_LEASES")
     )
@@ -78,7 +77,6 @@ class Settings(BaseSettings):
     )
     batch_size_text: int = Field(default=32, validation_alias=_alias("BATCH_SIZE_TEXT"))
     batch_size_visual: int = Field(default=4, validation_alias=_alias("BATCH_SIZE_VISUAL"))
-    worker_port: int | None = Field(default=None, validation_alias=_alias("WORKER_PORT"))
     render_dpi: int = Field(default=100, validation_alias=_alias("HOSTGPU_RENDER_DPI"))
     upload_root: Path | None = Field(default=None, validation_alias=_alias("HOSTGPU_UPLOAD_ROOT"))
     ingest_roots: str = Field(
