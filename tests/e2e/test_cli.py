@@ -224,3 +224,39 @@ def test_worker_install_mints_a_worker_token_into_a_private_file(
     with gateway.http(token=secret) as http:
         assert http.get("/v1/tokens/self").json()["scope"] == "worker"
         assert http.get("/v1/tokens").status_code == 403  # not an admin
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hostgpu",
+                "worker",
+                *args,
+                "--platform",
+                "linux",
+                "--gateway",
+                gateway.url,
+            ],
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")},
+                "HOSTGPU_HOME": str(gateway.home),
+                **env_home,
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["installed"] and status["token_file_present"]
+    assert status["gateway_error"] is None and status["manager"] == "systemctl"
+    removed = cli("uninstall")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "revoked worker token" in removed.stdout
+    assert not (fake_home / ".config/systemd/user/hostgpu-worker.service").exists()
+    assert not minted.exists()
+    with gateway.http(token=secret) as http:
+        assert http.get("/v1/tokens/self").status_code == 401  # the service's token is dead
+    assert json.loads(cli("status", "--json").stdout)["installed"] is False

@@ -42,6 +42,8 @@ def test_launchd_plist_round_trips(tmp_path: Path) -> None:
         "HOSTGPU_HOME": str(tmp_path / "hg"),
     }
     assert plist["KeepAlive"] is True and plist["ExitTimeOut"] == 60
+    assert plist["ThrottleInterval"] == 10
+    assert plist["StandardErrorPath"] == str(tmp_path / "Library/Logs/hostgpu/worker.log")
 
 
 @pytest.mark.skipif(

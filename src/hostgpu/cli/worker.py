@@ -163,3 +163,141 @@ def install(
         return
     write(service)
     console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")
+
+
+def _run_manager(argv: list[str]) -> tuple[int, str] | None:
+    """Run a service-manager command; None when its tool is not here (or has no session)."""
+    import shutil
+    import subprocess
+
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, str(exc)
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+@app.command()
+def uninstall(
+    gateway: GatewayOpt = None,
+    platform: Annotated[
+        str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
+    ] = None,
+    keep_token: Annotated[
+        bool,
+        typer.Option("--keep-token", help="Keep (and do not revoke) HOSTGPU_HOME/worker-token"),
+    ] = False,
+) -> None:
+    """Stop and remove the service `hostgpu worker install` wrote, and revoke the worker token
+    it minted (HOSTGPU_HOME/worker-token; needs your admin token)."""
+    import sys
+
+    from hostgpu.client import Client
+    from hostgpu.settings import get_settings, read_secret
+    from hostgpu.worker.service import manager, service_path
+
+    settings = get_settings()
+    plat = platform or sys.platform
+    path = service_path(plat, Path.home())
+    ran = _run_manager(manager(plat, path).unload)
+    if ran is None:
+        console.print(f"no {manager(plat, path).tool} here: nothing to stop")
+    elif ran[0] != 0:
+        console.print(f"stopping the service: {ran[1] or 'not loaded'}", highlight=False)
+    else:
+        console.print("service stopped")
+    if path.exists():
+        path.unlink()
+        console.print(f"removed {path}")
+    else:
+        console.print(f"no service file at {path}")
+    token_file = settings.home_dir / "worker-token"
+    if keep_token or not token_file.exists():
+        return
+    url = gateway or settings.resolved_gateway()
+    try:
+        with Client(url, read_secret(token_file)) as worker_api:
+            token_id = worker_api.whoami().id
+        with Client(url) as admin_api:
+            admin_api.revoke_token(token_id)
+    except HostGPUError as exc:
+        err.print(
+            f"[yellow]could not revoke the worker token[/] ({exc}); `hostgpu token list` and "
+            "`hostgpu token revoke ID` with an admin token do it",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    token_file.unlink()
+    console.print(f"revoked worker token {token_id} and removed {token_file}")
+
+
+@app.command()
+def status(
+    gateway: GatewayOpt = None,
+    platform: Annotated[
+        str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """The worker service on this machine: its file, whether the service manager runs it, and
+    what the gateway last heard from the workers on this host."""
+    import socket
+    import sys
+
+    from hostgpu.capabilities import WorkerInfo
+    from hostgpu.cli.common import print_json
+    from hostgpu.client import Client
+    from hostgpu.settings import get_settings
+    from hostgpu.worker.service import manager, service_path
+
+    settings = get_settings()
+    plat = platform or sys.platform
+    path = service_path(plat, Path.home())
+    ran = _run_manager(manager(plat, path).state)
+    running = None if ran is None else ran[0] == 0
+    host = socket.gethostname()
+    workers: list[WorkerInfo] = []
+    gateway_error = None
+    try:
+        with Client(gateway or settings.resolved_gateway()) as api:
+            workers = [w for w in api.workers() if w.capabilities.hostname == host]
+    except HostGPUError as exc:
+        gateway_error = str(exc)
+    report = {
+        "service_file": str(path),
+        "installed": path.exists(),
+        "manager": manager(plat, path).tool,
+        "running": running,
+        "token_file": str(settings.home_dir / "worker-token"),
+        "token_file_present": (settings.home_dir / "worker-token").exists(),
+        "workers_on_this_host": [
+            {
+                "id": w.id,
+                "name": w.capabilities.name,
+                "state": w.state,
+                "alive": w.alive,
+                "last_seen": w.last_seen,
+                "devices": [d.kind for d in w.capabilities.devices],
+            }
+            for w in workers
+        ],
+        "gateway_error": gateway_error,
+    }
+    if as_json:
+        print_json(report)
+        return
+    console.print(f"service file  {path} ({'present' if path.exists() else 'absent'})")
+    state = {None: f"unknown (no {report['manager']} here)", True: "running", False: "not running"}
+    console.print(f"service       {state[running]}")
+    if gateway_error:
+        console.print(f"gateway       [yellow]{gateway_error}[/]", highlight=False)
+    for w in workers:
+        console.print(
+            f"worker        {w.capabilities.name} {w.state}{' (alive)' if w.alive else ''}; "
+            f"devices {', '.join(d.kind for d in w.capabilities.devices)}",
+            highlight=False,
+        )
+    if not workers and not gateway_error:
+        console.print(f"worker        none from {host} registered at the gateway")

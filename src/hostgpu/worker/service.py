@@ -11,6 +11,7 @@ readable by other tools (``systemctl --user show`` prints ``Environment=``, back
 
 from __future__ import annotations
 
+import os
 import plistlib
 import shlex
 from dataclasses import dataclass
@@ -31,24 +32,58 @@ class ServiceFile:
     start_hint: str
 
 
-def launchd_plist(
-    command: list[str], env: dict[str, str], home: Path, log_dir: Path
-) -> ServiceFile:
-    log = str(log_dir / "worker.log")
+@dataclass(frozen=True)
+class Manager:
+    """How a platform's service manager loads, unloads and reports the worker's service."""
+
+    tool: str  # the program that must be on PATH
+    load: list[str]
+    unload: list[str]
+    state: list[str]  # exit status 0: loaded and running
+
+
+def manager(platform: str, path: Path) -> Manager:
+    if platform == "darwin":
+        domain = f"gui/{os.getuid()}"
+        return Manager(
+            "launchctl",
+            ["launchctl", "bootstrap", domain, str(path)],
+            ["launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"],
+            ["launchctl", "print", f"{domain}/{LAUNCHD_LABEL}"],
+        )
+    return Manager(
+        "systemctl",
+        ["systemctl", "--user", "enable", "--now", SYSTEMD_UNIT],
+        ["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT],
+        ["systemctl", "--user", "is-active", "--quiet", SYSTEMD_UNIT],
+    )
+
+
+def service_path(platform: str, home: Path) -> Path:
+    if platform == "darwin":
+        return home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    return home / ".config" / "systemd" / "user" / SYSTEMD_UNIT
+
+
+def launchd_plist(command: list[str], env: dict[str, str], home: Path) -> ServiceFile:
+    log = str(home / "Library" / "Logs" / "hostgpu" / "worker.log")
     plist = {
         "Label": LAUNCHD_LABEL,
         "ProgramArguments": command,
         "EnvironmentVariables": dict(sorted(env.items())),
         "RunAtLoad": True,
         "KeepAlive": True,
+        # A worker that exits at once (gateway refused its token) is restarted at most
+        # every 10 s, not in a tight loop.
+        "ThrottleInterval": 10,
         # launchd sends SIGTERM (a warm stop), then SIGKILL after this many seconds.
         "ExitTimeOut": STOP_GRACE_S,
         "StandardOutPath": log,
         "StandardErrorPath": log,
     }
     content = plistlib.dumps(plist, sort_keys=False).decode()
-    path = home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
-    hint = f"launchctl bootstrap gui/$(id -u) {shlex.quote(str(path))}"
+    path = service_path("darwin", home)
+    hint = f"mkdir -p ~/Library/Logs/hostgpu && {shlex.join(manager('darwin', path).load)}"
     return ServiceFile(path, content, hint)
 
 
@@ -83,8 +118,11 @@ TimeoutStopSec={STOP_GRACE_S}
 [Install]
 WantedBy=default.target
 """
-    path = home / ".config" / "systemd" / "user" / SYSTEMD_UNIT
-    hint = f"systemctl --user daemon-reload && systemctl --user enable --now {SYSTEMD_UNIT}"
+    path = service_path("linux", home)
+    hint = (
+        f"systemctl --user daemon-reload && {shlex.join(manager('linux', path).load)}\n"
+        "  loginctl enable-linger $USER   # to keep it running after you log out"
+    )
     return ServiceFile(path, content, hint)
 
 
@@ -102,10 +140,12 @@ def service_file(
     command = worker_command(gateway, modules, concurrency)
     env = {"HOSTGPU_TOKEN_FILE": str(token_file.absolute()), "HOSTGPU_HOME": str(hostgpu_home)}
     if platform == "darwin":
-        return launchd_plist(command, env, home, hostgpu_home / "logs")
+        return launchd_plist(command, env, home)
     return systemd_unit(command, env, home)
 
 
 def write(service: ServiceFile) -> None:
     service.path.parent.mkdir(parents=True, exist_ok=True)
     service.path.write_text(service.content)
+    if service.path.suffix == ".plist":  # launchd does not create the log folder
+        (service.path.parents[2] / "Logs" / "hostgpu").mkdir(parents=True, exist_ok=True)
