@@ -189,31 +189,22 @@ def test_worker_install_mints_a_worker_token_into_a_private_file(
     """Without --token-file the service gets its own worker-scoped token (never the admin
     token), in a file created 0600; the unit names the file and holds no secret."""
     fake_home = tmp_path / "user"
-    env_home = {"HOME": str(fake_home)}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hostgpu",
-            "worker",
-            "install",
-            "--platform",
-            "linux",
-            "--gateway",
-            gateway.url,
-            "--import",
-            "my.tasks",
-        ],
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")},
-            "HOSTGPU_HOME": str(gateway.home),
-            **env_home,
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        """`hostgpu worker ARGS` as this user, on Linux, against the test gateway."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")}
+        env.update(HOSTGPU_HOME=str(gateway.home), HOME=str(fake_home))
+        platform = ["--platform", "linux", "--gateway", gateway.url]
+        return subprocess.run(
+            [sys.executable, "-m", "hostgpu", "worker", *args, *platform],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    done = cli("install", "--import", "my.tasks")
     assert done.returncode == 0, done.stdout + done.stderr
     minted = gateway.home / "worker-token"
     assert minted.stat().st_mode & 0o777 == 0o600
@@ -224,30 +215,6 @@ def test_worker_install_mints_a_worker_token_into_a_private_file(
     with gateway.http(token=secret) as http:
         assert http.get("/v1/tokens/self").json()["scope"] == "worker"
         assert http.get("/v1/tokens").status_code == 403  # not an admin
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hostgpu",
-                "worker",
-                *args,
-                "--platform",
-                "linux",
-                "--gateway",
-                gateway.url,
-            ],
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")},
-                "HOSTGPU_HOME": str(gateway.home),
-                **env_home,
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
 
     status = json.loads(cli("status", "--json").stdout)
     assert status["installed"] and status["token_file_present"]
