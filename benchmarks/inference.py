@@ -16,9 +16,10 @@ Arms:
 - B, :func:`arm_http`: ``python -m hostgpu.inference.server`` in its own process, read
   over HTTP as OpenAI SSE (``/v1/chat/completions``, ``stream: true``). Its CPU time per run
   is reported too.
-- C and D (the lead adds them): :func:`arm_http` pointed at a hostgpu gateway with a worker
-  that has the model warm (C) or must load it (D); the gateway speaks the same OpenAI API, so
-  an arm is ``partial(arm_http, base_url, token=...)`` plus a way to make it cold.
+- C and D (not built: the gateway has no inference routes yet): :func:`arm_http` pointed at
+  a hostgpu gateway with a worker that has the model warm (C) or must load it (D); once the
+  gateway speaks the same OpenAI API, an arm is ``partial(arm_http, base_url, token=...)``
+  plus a way to make it cold.
 
 Also measured: load time, and cancellation latency in-process (from ``stream.cancel()`` to
 the engine having dropped the request: ``stream.wait_released()``, which for the

@@ -1,8 +1,8 @@
 """One engine behind a minimal OpenAI-compatible HTTP server (no auth, no queue, no routing).
 
 This is the inference benchmark's arm B (the engine behind the thinnest HTTP layer that
-streams SSE) and the reference the gateway's ``/v1`` inference routes follow: the same
-request parsing, error shape, SSE framing and disconnect handling.
+streams SSE), and the reference for the gateway's ``/v1`` inference routes (planned, not
+built yet): the same request parsing, error shape, SSE framing and disconnect handling.
 
     python -m hostgpu.inference.server --model smollm2 --device cpu --port 8100
 
