@@ -9,6 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
+import psutil
 import typer
 from rich.table import Table
 
@@ -109,8 +110,6 @@ def down(
 ) -> None:
     """Stop what `hostgpu up` started for this HOSTGPU_HOME: the worker warm (running jobs
     finish, up to --timeout), then the gateway; then anything left is killed."""
-    import psutil
-
     settings = get_settings()
     holder = pidfile.running(settings.home_dir / PID_FILE)
     if holder is None:
@@ -119,13 +118,28 @@ def down(
     family = [holder, *holder.children(recursive=True)]
     holder.terminate()
     with console.status(f"stopping hostgpu up (pid {holder.pid})…"):
-        _, left = psutil.wait_procs(family, timeout=timeout)
+        left = _wait_gone(family, timeout)
     for proc in left:  # past the warm stop's time: kill what is left, children included
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(left, timeout=10)
     note = f" ({len(left)} killed after {timeout:.0f} s)" if left else ""
     console.print(f"stopped hostgpu up (pid {holder.pid}) and {len(family) - 1} process(es){note}")
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; return those still running after ``timeout``.
+    A zombie counts as gone: it has exited, and only its parent can reap it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(proc)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
 
 
 def demo(
