@@ -88,7 +88,8 @@ class WorkerInfo(BaseModel):
     capabilities: Capabilities
     registered_at: float = Field(description="UNIX time")
     last_seen: float = Field(description="UNIX time of the last heartbeat")
-    state: Literal["active", "stopped", "lost"] = Field(
-        description="active: heartbeating; stopped: deregistered; lost: heartbeats stopped"
+    state: Literal["active", "draining", "stopped", "lost"] = Field(
+        description="active: heartbeating; draining: stopping, finishing its jobs, leasing "
+        "none; stopped: deregistered; lost: heartbeats stopped"
     )
     alive: bool

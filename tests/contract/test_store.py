@@ -643,3 +643,12 @@ def test_a_lease_can_carry_the_workers_sign_of_life(store: Store) -> None:
     assert [lease.job_id for lease in leased] == [job.id]
     with pytest.raises(NotFound):
         store.lease("f" * 32, c, max_jobs=1, lease_seconds=30, touch_older_than=0)
+
+
+def test_a_draining_worker_is_listed_as_draining(store: Store) -> None:
+    # Every warm stop drains first: listing workers meanwhile must work (it was a 500).
+    wid = store.register_worker(caps())
+    store.drain_worker(wid)
+    [listed] = store.list_workers(alive_only=True)
+    assert listed.state == "draining" and listed.alive
+    assert store.get_worker(wid).state == "draining"

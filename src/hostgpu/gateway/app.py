@@ -280,4 +280,8 @@ def _allowed_methods(request: Request) -> list[str]:
             table.append((regex, methods | ({"HEAD"} if "GET" in methods else set())))
         request.app.state.allowed_methods = table
     path = request.url.path
-    return sorted({m for regex, methods in table if regex.match(path) for m in methods})
+    matches = [(regex, methods) for regex, methods in table if regex.match(path)]
+    # A path that a template names outright (/v1/jobs/batch) is that route's alone, not also
+    # /v1/jobs/{job_id}'s, whose id pattern would refuse "batch".
+    exact = [methods for regex, methods in matches if "(?P<" not in regex.pattern]
+    return sorted({m for methods in (exact or [m for _, m in matches]) for m in methods})
