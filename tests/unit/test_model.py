@@ -188,3 +188,18 @@ def test_the_package_and_its_metadata_agree_on_the_version() -> None:
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert hostgpu.__version__ == pyproject["project"]["version"]
+
+
+def test_up_says_when_its_worker_cannot_run_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from hostgpu.cli.local import pipeline_note
+
+    assert pipeline_note() is None  # the dev install has the ml extra
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sentence_transformers" else real(name, *a),
+    )
+    assert "pip install 'hostgpu[ml]'" in (pipeline_note() or "")

@@ -22,6 +22,18 @@ from hostgpu.stack.local import LocalStack, healthy
 PID_FILE = "up.pid"
 
 
+def pipeline_note() -> str | None:
+    """What `up` says when its worker cannot run the document pipeline (no ml extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sentence_transformers") is not None:
+        return None
+    return (
+        "this worker does not offer the document pipeline (hostgpu ingest / search): "
+        "pip install 'hostgpu[ml]' and start again"
+    )
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     # SIGTERM (`hostgpu down`, `timeout`, a service manager) and SIGHUP (the terminal closed)
     # take Ctrl-C's path: the worker stops warm, then the gateway; nothing is orphaned.
@@ -75,6 +87,9 @@ def up(
         try:
             console.print(f"[green]gateway[/] {stack.url}   dashboard {stack.url}/")
             console.print(f"admin token in {settings.home_dir / 'admin-token'}")
+            note = pipeline_note()
+            if note:
+                err.print(f"[yellow]note[/]: {note}", highlight=False)
             if uploads is not None:
                 from hostgpu.pipelines.uploads import UploadServer
 
