@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hostgpu.capabilities import WorkerInfo
 from hostgpu.jobs import Job, JobSpec, Lease, Outcome, ReportResult
+from hostgpu.requirements import NOT_BOOL
 from hostgpu.stats import ThroughputBucket, WorkerLoad
 from hostgpu.tokens import Scope, TokenInfo
 
@@ -67,7 +68,9 @@ class WaitRequest(_Request):
     ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
         min_length=1, max_length=MAX_BATCH, description="job ids, or unique prefixes (4+ hex)"
     )
-    timeout: float = Field(default=10.0, ge=0, le=60, description="seconds to wait at most")
+    timeout: Annotated[float, Field(ge=0, le=60), NOT_BOOL] = Field(
+        default=10.0, description="seconds to wait at most"
+    )
 
 
 class JobList(BaseModel):
@@ -90,8 +93,10 @@ class Registered(BaseModel):
 
 
 class LeaseRequest(_Request):
-    max_jobs: int = Field(default=1, ge=1, le=1000)
-    wait: float = Field(default=0.0, ge=0, le=60, description="long-poll up to this many seconds")
+    max_jobs: Annotated[int, Field(ge=1, le=1000), NOT_BOOL] = 1
+    wait: Annotated[float, Field(ge=0, le=60), NOT_BOOL] = Field(
+        default=0.0, description="long-poll up to this many seconds"
+    )
 
 
 class LeaseResponse(BaseModel):
@@ -139,8 +144,8 @@ class WorkerList(BaseModel):
 class TokenRequest(_Request):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[\x20-\x7e]+$")
     scope: Scope
-    expires_in_s: float | None = Field(
-        default=None, gt=0, le=10 * 365 * 86400, description="seconds until it stops working"
+    expires_in_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400), NOT_BOOL] | None = Field(
+        default=None, description="seconds until it stops working"
     )
 
 
@@ -153,7 +158,7 @@ class TokenList(BaseModel):
 
 
 class PruneRequest(_Request):
-    older_than_s: float = Field(ge=0, le=100 * 365 * 86400)
+    older_than_s: Annotated[float, Field(ge=0, le=100 * 365 * 86400), NOT_BOOL]
 
 
 class Pruned(BaseModel):

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from hostgpu.functions import FunctionOptions
 from hostgpu.requirements import (
     MODULE_PATTERN,
+    NOT_BOOL,
     FunctionPath,
     LabelKey,
     LabelValue,
@@ -28,9 +29,9 @@ class Device(BaseModel):
     """One usable compute device, as the probe found it."""
 
     kind: DeviceKind = Field(description="cuda | mps (Metal through torch) | mlx | cpu")
-    index: int | None = Field(default=None, ge=0, le=1024)
+    index: Annotated[int, Field(ge=0, le=1024), NOT_BOOL] | None = None
     name: str = Field(max_length=200, pattern=NAME_PATTERN)
-    memory_bytes: int | None = Field(default=None, ge=0)
+    memory_bytes: Annotated[int, Field(ge=0), NOT_BOOL] | None = None
     compute_capability: str | None = Field(default=None, max_length=16, pattern=NAME_PATTERN)
 
     @property
@@ -73,7 +74,7 @@ class Capabilities(BaseModel):
         json_schema_extra=closed_keys,
         description="accelerator kind → why this worker cannot offer it (the probe's reason)",
     )
-    concurrency: int = Field(default=1, ge=1, le=4096)
+    concurrency: Annotated[int, Field(ge=1, le=4096), NOT_BOOL] = 1
     version: str = Field(default="", max_length=64, pattern=r"^[\x20-\x7e]*$")
     serves: Literal["functions", "models"] = Field(
         default="functions",

@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hostgpu.errors import ConfigError, OptionsConflict
 from hostgpu.requirements import (
     GPU_PATTERN,
+    NOT_BOOL,
     LabelKey,
     LabelValue,
     Requirements,
@@ -44,12 +45,16 @@ class FunctionOptions(BaseModel):
     fallback: Literal["cpu"] | None = Field(
         default=None, description='"cpu": may run on a CPU after the grace period'
     )
-    timeout: float = Field(default=600.0, gt=0, le=7 * 24 * 3600, description="seconds")
-    retries: int = Field(default=2, ge=0, le=100, description="re-runs after a failure")
-    memory: float | None = Field(
-        default=None, ge=0, le=100_000, description="minimum accelerator memory, GB"
+    timeout: Annotated[float, Field(gt=0, le=7 * 24 * 3600), NOT_BOOL] = Field(
+        default=600.0, description="seconds"
     )
-    priority: int = Field(default=0, ge=-1000, le=1000)
+    retries: Annotated[int, Field(ge=0, le=100), NOT_BOOL] = Field(
+        default=2, description="re-runs after a failure"
+    )
+    memory: Annotated[float, Field(ge=0, le=100_000), NOT_BOOL] | None = Field(
+        default=None, description="minimum accelerator memory, GB"
+    )
+    priority: Annotated[int, Field(ge=-1000, le=1000), NOT_BOOL] = 0
     labels: dict[LabelKey, LabelValue] = Field(
         default_factory=dict, max_length=16, json_schema_extra=closed_keys
     )

@@ -23,6 +23,7 @@ from hostgpu.requirements import (
     FUNCTION_PATTERN,
     FUNCTION_RE,
     GPU_PATTERN,
+    NOT_BOOL,
     SAFE_TEXT,
     LabelKey,
     LabelValue,
@@ -178,16 +179,16 @@ class JobSpec(BaseModel):
         description="narrow the declared device: mps | cuda | cuda:<name> | mlx | gpu | cpu | any",
         json_schema_extra={"pattern": GPU_PATTERN},
     )
-    min_memory_gb: float | None = Field(default=None, ge=0, le=100_000)
+    min_memory_gb: Annotated[float, Field(ge=0, le=100_000), NOT_BOOL] | None = None
     labels: dict[LabelKey, LabelValue] | None = Field(
         default=None, max_length=16, json_schema_extra=closed_keys
     )
     fallback: Literal["cpu", "none"] | None = Field(
         default=None, description='"cpu" only when the function declares it; "none" drops it'
     )
-    priority: int | None = Field(default=None, ge=-1000, le=1000)
-    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
-    max_retries: int | None = Field(default=None, ge=0, le=100)
+    priority: Annotated[int, Field(ge=-1000, le=1000), NOT_BOOL] | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600), NOT_BOOL] | None = None
+    max_retries: Annotated[int, Field(ge=0, le=100), NOT_BOOL] | None = None
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, json_schema_extra={"pattern": SAFE_TEXT}
     )
@@ -315,7 +316,7 @@ class Outcome(BaseModel):
     error: JobError | None = None
     retryable: bool = Field(default=True, description="whether a failure may be retried")
     device: str | None = Field(default=None, max_length=100)
-    timings: dict[str, float] | None = None
+    timings: dict[str, Annotated[float, NOT_BOOL]] | None = None
 
     @field_validator("result")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
 #: A job's function: "package.module:qualname".
 FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
@@ -33,6 +33,18 @@ def closed_keys(schema: dict[str, Any]) -> None:
         if "patternProperties" in part:
             part["additionalProperties"] = False
 
+
+def _not_a_bool(value: Any) -> Any:
+    # JSON true/false are not numbers, though pydantic reads them as 1 and 0. (Its strict mode
+    # refuses them, but also 300.0 for an integer, which JSON Schema calls an integer.)
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true or false")
+    return value
+
+
+#: In ``Annotated[int, Field(ge=…), NOT_BOOL]``: after the constraints, so the schema keeps
+#: them as JSON Schema ``minimum``/``maximum``.
+NOT_BOOL = BeforeValidator(_not_a_bool)
 
 # Field types shared by the wire models: the schema states every rule the store relies on.
 Text = Annotated[str, Field(max_length=2000, pattern=NO_NUL)]

@@ -161,6 +161,9 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
             "inf",
         ),
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "timeout_s": False}}, 422, "timeout_s"),
+        # true/false are not numbers, anywhere in a request.
+        ("POST", "/v1/admin/prune", {"json": {"older_than_s": False}}, 422, "not true or false"),
+        ("POST", "/v1/jobs", {"json": {"function": "m:f", "priority": True}}, 422, "priority"),
         # A blob not uploaded yet: 409, the same request succeeds after the PUT.
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "inputs": ["ab" * 32]}}, 409, "PUT"),
     ],
