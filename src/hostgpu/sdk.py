@@ -23,7 +23,8 @@ import pickle
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
@@ -149,6 +150,31 @@ def raise_for(job: Job) -> None:
         )
     if job.state is JobState.cancelled:
         raise JobCancelled(f"job {job.id} was cancelled", job_id=job.id)
+
+
+@contextmanager
+def map_progress(name: str, total: int, *, enabled: bool) -> Iterator[tuple[Any, Any, Any]]:
+    """``.map()``'s two bars, on every backend: the bar, its "submit" task and its "run" task."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not enabled, transient=False) as bar:
+        yield (
+            bar,
+            bar.add_task(f"submit {name}", total=total),
+            bar.add_task(f"run {name}", total=total),
+        )
 
 
 class WaitingNotice:
@@ -307,28 +333,12 @@ class GatewayBackend:
         return_exceptions: bool,
         timeout: float | None,
     ) -> list[Any]:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
         client = self.client
         serializer = fn.options.serializer
         results: list[Any] = [None] * len(items)
         pending: dict[str, int] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, disable=not progress, transient=False) as bar:
-            submitted = bar.add_task(f"submit {fn.__name__}", total=len(items))
-            finished = bar.add_task(f"run {fn.__name__}", total=len(items))
+        with map_progress(fn.__name__, len(items), enabled=progress) as (bar, submitted, finished):
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
                 ids = client.submit_batch([job_spec(fn, args, {}) for args in chunk])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -93,21 +93,30 @@ def ingest(
                     result = job.result
                     pages += result["pages"]
                     bar.update(pages_task, completed=pages)
-                    table.add_row(
-                        str(path),
-                        str(result["pages"]),
-                        str(result["chunks"]),
-                        result["device"],
-                        f"{result['timings']['total_s']:.2f}",
-                        "[green]ok[/]"
-                        + (f" ({'; '.join(result['notes'])})" if result.get("notes") else ""),
-                    )
+                    table.add_row(*_done_row(path, result))
                 else:
                     failures += 1
                     message = job.error.message if job.error else job.state.value
                     table.add_row(str(path), "", "", job.device or "", "", f"[red]{message}[/]")
+    _summary(table, len(ids), failures, pages)
+
+
+def _done_row(path: Path, result: dict[str, Any]) -> tuple[str, ...]:
+    """A table row for a file ``ingest_file`` finished."""
+    notes = f" ({'; '.join(result['notes'])})" if result.get("notes") else ""
+    return (
+        str(path),
+        str(result["pages"]),
+        str(result["chunks"]),
+        result["device"],
+        f"{result['timings']['total_s']:.2f}",
+        "[green]ok[/]" + notes,
+    )
+
+
+def _summary(table: Table, files: int, failures: int, pages: int) -> None:
     console.print(table)
-    console.print(f"{len(ids) - failures} file(s) ingested, {failures} failed, {pages} pages")
+    console.print(f"{files - failures} file(s) ingested, {failures} failed, {pages} pages")
     if failures:
         raise typer.Exit(1)
 
@@ -132,20 +141,9 @@ def _ingest_through(files: list[Path]) -> None:
                 table.add_row(str(path), "", "", "", "", f"[red]{exc.message}[/]")
             else:
                 pages += result["pages"]
-                table.add_row(
-                    str(path),
-                    str(result["pages"]),
-                    str(result["chunks"]),
-                    result["device"],
-                    f"{result['timings']['total_s']:.2f}",
-                    "[green]ok[/]"
-                    + (f" ({'; '.join(result['notes'])})" if result.get("notes") else ""),
-                )
+                table.add_row(*_done_row(path, result))
             bar.advance(files_task)
-    console.print(table)
-    console.print(f"{len(files) - failures} file(s) ingested, {failures} failed, {pages} pages")
-    if failures:
-        raise typer.Exit(1)
+    _summary(table, len(files), failures, pages)
 
 
 def search(

@@ -11,6 +11,9 @@ from hostgpu.cli.common import GatewayOpt, TokenFileOpt, console, err, token_fro
 from hostgpu.errors import HostGPUError
 
 app = typer.Typer(help="Run a native worker, or install it as a service.")
+PlatformOpt = Annotated[
+    str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
+]
 
 
 def _labels(values: list[str]) -> dict[str, str]:
@@ -111,9 +114,7 @@ def install(
         list[str], typer.Option("--import", help="Module whose functions it runs (repeatable)")
     ] = [],  # noqa: B006
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
-    platform: Annotated[
-        str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
-    ] = None,
+    platform: PlatformOpt = None,
     print_only: Annotated[
         bool, typer.Option("--print", help="Print the file, write nothing (and mint no token)")
     ] = False,
@@ -182,9 +183,7 @@ def _run_manager(argv: list[str]) -> tuple[int, str] | None:
 @app.command()
 def uninstall(
     gateway: GatewayOpt = None,
-    platform: Annotated[
-        str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
-    ] = None,
+    platform: PlatformOpt = None,
     keep_token: Annotated[
         bool,
         typer.Option("--keep-token", help="Keep (and do not revoke) HOSTGPU_HOME/worker-token"),
@@ -236,9 +235,7 @@ def uninstall(
 @app.command()
 def status(
     gateway: GatewayOpt = None,
-    platform: Annotated[
-        str | None, typer.Option(help="darwin (launchd) or linux (systemd); default: this one")
-    ] = None,
+    platform: PlatformOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """The worker service on this machine: its file, whether the service manager runs it, and

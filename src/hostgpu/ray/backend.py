@@ -41,7 +41,7 @@ from hostgpu.functions import FunctionOptions
 from hostgpu.ray.resources import NODE_ENV, NodeView, Request, request_for, waiting_reason
 from hostgpu.ray.runner import Call, Declared, Envelope, WarmRunner, declared_key, run_task
 from hostgpu.requirements import Requirements
-from hostgpu.sdk import WAITING_NOTICE_S, decode_result, encode_arguments
+from hostgpu.sdk import WAITING_NOTICE_S, decode_result, encode_arguments, map_progress
 from hostgpu.settings import get_settings
 
 if TYPE_CHECKING:
@@ -583,26 +583,10 @@ class RayBackend:
         return_exceptions: bool,
         timeout: float | None,
     ) -> list[Any]:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
         ray = _ray()
         deadline = None if timeout is None else time.monotonic() + timeout
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
         results: list[Any] = [None] * len(items)
-        with Progress(*columns, disable=not progress, transient=False) as bar:
-            submitted = bar.add_task(f"submit {fn.__name__}", total=len(items))
-            finished = bar.add_task(f"run {fn.__name__}", total=len(items))
+        with map_progress(fn.__name__, len(items), enabled=progress) as (bar, submitted, finished):
             handles: list[RayHandle[R]] = []
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]

@@ -124,9 +124,9 @@ class Store(abc.ABC):
         """Hand up to ``max_jobs`` runnable jobs that ``caps`` satisfies to the worker
         (``probe``: look before taking the write lock, as most polls find nothing).
 
-        ``touch_older_than``: also mark the worker alive, as :meth:`touch_worker` does, in the
-        same transaction (which then takes the write lock and skips the probe); raises
-        NotFound for a worker that is not registered."""
+        ``touch_older_than``: also mark the worker alive when its last contact is older than
+        that many seconds, in the same transaction (which then takes the write lock and skips
+        the probe); raises NotFound for a worker that is not registered."""
 
     @abc.abstractmethod
     def heartbeat(
@@ -224,11 +224,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_workers(self, *, alive_only: bool = False) -> list[WorkerInfo]:
         """Registered workers, newest contact first."""
-
-    @abc.abstractmethod
-    def touch_worker(self, worker_id: str, *, older_than: float) -> bool:
-        """Mark the worker alive when its last contact is older than ``older_than`` seconds
-        (NotFound when unknown); whether a write was needed."""
 
     @abc.abstractmethod
     def drain_worker(self, worker_id: str) -> None:

@@ -660,11 +660,6 @@ class SQLStore(Store):
             self._touch(conn, worker_id, now)
         return leases
 
-    def touch_worker(self, worker_id: str, *, older_than: float) -> bool:
-        with self._write() as conn:
-            self._relax(conn)
-            return self._touch_if_stale(conn, worker_id, time.time(), older_than)
-
     def _touch_if_stale(
         self, conn: Connection, worker_id: str, now: float, older_than: float
     ) -> bool:
