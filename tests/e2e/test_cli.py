@@ -38,10 +38,12 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")}
     env.update(HOSTGPU_HOME=str(home), HF_HUB_OFFLINE="1")
     port = free_port()
+    # Its output goes to a file: a pipe nobody reads could fill and block `up` mid-stop.
+    output = open(home / "up-output.txt", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "hostgpu", "up", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -49,7 +51,7 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
     url = f"http://127.0.0.1:{port}"
     token_file = home / "admin-token"
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, (home / "up-output.txt").read_text()
         if token_file.exists():
             # The token is written before the gateway listens: refused connections are
             # expected for a moment.
@@ -75,6 +77,7 @@ def up(home: Path) -> Iterator[subprocess.Popen[str]]:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    output.close()
 
 
 def test_one_up_per_home_and_down_stops_everything(up: subprocess.Popen[str], home: Path) -> None:
@@ -150,7 +153,10 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
     assert bad.returncode != 0 and "gpu must be one of" in (bad.stdout + bad.stderr)
 
     up.send_signal(signal.SIGINT)
-    assert up.wait(60) == 0
+    try:
+        assert up.wait(60) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail("up did not stop on Ctrl-C:\n" + (home / "up-output.txt").read_text())
     gone = psutil.wait_procs(children, timeout=30)[1]
     assert not gone, f"children still running after Ctrl-C: {gone}"
 
