@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from hostgpu.capabilities import WorkerInfo
+from hostgpu.inference.jobs import EngineState, StreamEvent
 from hostgpu.jobs import Job, JobSpec, Lease, Outcome, ReportResult
 from hostgpu.requirements import NOT_BOOL
 from hostgpu.stats import ThroughputBucket, WorkerLoad
@@ -138,6 +139,21 @@ class ReportResponse(BaseModel):
 
 class WorkerList(BaseModel):
     workers: list[WorkerInfo]
+
+
+class StreamBatch(_Request):
+    """A model server's news: text of its running inference jobs, and its engines' state."""
+
+    events: list[StreamEvent] = Field(default_factory=list, max_length=10_000)
+    engines: list[EngineState] | None = Field(
+        default=None, max_length=64, description="set when an engine loaded, unloaded or changed"
+    )
+
+
+class StreamReply(BaseModel):
+    cancelled: list[str] = Field(
+        description="jobs whose client went away (or that were cancelled): stop generating"
+    )
 
 
 # -- tokens and housekeeping --------------------------------------------------------------------

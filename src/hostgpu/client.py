@@ -7,11 +7,13 @@ the gateway's routes declare, so both ends of the wire agree by construction.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hostgpu.api import (
@@ -23,6 +25,8 @@ from hostgpu.api import (
     QueueStats,
     Registered,
     ReportResponse,
+    StreamBatch,
+    StreamReply,
     Summary,
     Throughput,
     TokenCreated,
@@ -41,6 +45,8 @@ from hostgpu.errors import (
     InvalidTransition,
     NotFound,
 )
+from hostgpu.inference.jobs import EngineState, StreamEvent
+from hostgpu.inference.openai_schema import ModelList
 from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome
 from hostgpu.settings import Settings, get_settings
 from hostgpu.tokens import Scope, TokenInfo
@@ -114,8 +120,15 @@ class Client:
     def _raise_for(self, response: httpx.Response, method: str, path: str) -> None:
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
+                body = response.json()
+                # The inference routes answer in OpenAI's error shape.
+                error = body.get("error") if isinstance(body, dict) else None
+                detail = (
+                    error.get("message", response.text)
+                    if isinstance(error, dict)
+                    else body.get("detail", response.text)
+                )
+            except (ValueError, AttributeError):
                 detail = response.text
             status = response.status_code
             message = f"{method} {path}: {status} {detail}"
@@ -322,6 +335,47 @@ class Client:
             body["lease"] = {"max_jobs": lease, "wait": wait}
         data = self.request("POST", f"/v1/workers/{worker_id}/report", json=body, timeout=wait + 30)
         return ReportResponse.model_validate(data)
+
+    def stream(
+        self,
+        worker_id: str,
+        events: Sequence[StreamEvent],
+        engines: Sequence[EngineState] | None = None,
+    ) -> list[str]:
+        """Send a model server's stream events (and engine states); returns the ids of the
+        jobs to stop generating."""
+        body = StreamBatch(
+            events=list(events), engines=None if engines is None else list(engines)
+        ).model_dump(mode="json", exclude_none=True)
+        data = self.request("POST", f"/v1/workers/{worker_id}/streams", json=body)
+        return StreamReply.model_validate(data).cancelled
+
+    # -- inference -----------------------------------------------------------------------------
+    def models(self) -> ModelList:
+        """The models the fleet's model servers serve, and where each is loaded."""
+        return ModelList.model_validate(self.request("GET", "/v1/models"))
+
+    def stream_completion(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST an OpenAI request to ``path`` with ``stream: true``; yields its chunks (the
+        last one carries the usage). An error sent in the stream raises GatewayError."""
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        # No read timeout: a request may wait in the queue (the gateway sends keep-alives).
+        timeout = httpx.Timeout(30.0, read=None)
+        try:
+            with connect_sse(self._http, "POST", path, json=body, timeout=timeout) as source:
+                response = source.response
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response, "POST", path)
+                for event in source.iter_sse():
+                    if event.data == "[DONE]":
+                        return
+                    chunk = json.loads(event.data)
+                    if isinstance(chunk.get("error"), dict):
+                        raise GatewayError(f"POST {path}: {chunk['error'].get('message')}")
+                    yield chunk
+        except httpx.TransportError as exc:
+            raise GatewayUnavailable(f"lost the stream from {self.gateway}: {exc}") from exc
 
     def drain(self, worker_id: str) -> None:
         """Say this worker is stopping: its long polls end, it is leased nothing more."""

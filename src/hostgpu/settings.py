@@ -50,6 +50,19 @@ class Settings(BaseSettings):
     max_result_bytes: int = Field(
         default=8 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_RESULT_BYTES")
     )
+    # Inference API (per token, per gateway).
+    infer_rate_per_minute: int = Field(
+        default=600, gt=0, validation_alias=_alias("HOSTGPU_INFER_RATE_PER_MINUTE")
+    )
+    infer_concurrency: int = Field(
+        default=16, gt=0, validation_alias=_alias("HOSTGPU_INFER_CONCURRENCY")
+    )
+    infer_max_tokens: int = Field(
+        default=8192, gt=0, validation_alias=_alias("HOSTGPU_INFER_MAX_TOKENS")
+    )
+    infer_keepalive_seconds: float = Field(
+        default=10.0, gt=0, validation_alias=_alias("HOSTGPU_INFER_KEEPALIVE_SECONDS")
+    )
     max_lost_leases: int = Field(
         default=10, ge=0, validation_alias=_alias("HOSTGPU_MAX_LOST_LEASES")
     )

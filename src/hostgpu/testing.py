@@ -111,19 +111,25 @@ class Worker:
     env_extra: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
+    #: The token it joins with (default: the gateway's admin token).
+    token: str = ""
+
+    def command_line(self, name: str) -> list[str]:
+        return worker_command(
+            self.gateway.url, self.imports, self.concurrency, "--name", name, *self.extra_args
+        )
+
     def start(self, wait: bool = True) -> Worker:
         name = self.name or f"w{uuid.uuid4().hex[:6]}"
         self.name = name
-        args = worker_command(
-            self.gateway.url, self.imports, self.concurrency, "--name", name, *self.extra_args
-        )
+        args = self.command_line(name)
         log = open(self.gateway.home / f"worker-{name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             args,
             env=child_env(
                 self.gateway.home,
                 self.gateway.pythonpath,
-                HOSTGPU_TOKEN=self.gateway.token,
+                HOSTGPU_TOKEN=self.token or self.gateway.token,
                 **self.env_extra,
             ),
             stdout=log,
@@ -166,3 +172,37 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         return stop_process(self.proc, timeout)
+
+
+@dataclass
+class ModelServer(Worker):
+    """``hostgpu serve MODEL…`` (or, with ``share``, ``hostgpu share --models …``)."""
+
+    models: tuple[str, ...] = ("smollm2",)
+    share: bool = False
+
+    def command_line(self, name: str) -> list[str]:
+        if self.share:
+            return hostgpu_command(
+                "share",
+                "--gateway",
+                self.gateway.url,
+                "--models",
+                ",".join(self.models),
+                "--max-concurrency",
+                str(self.concurrency),
+                "--name",
+                name,
+                *self.extra_args,
+            )
+        return hostgpu_command(
+            "serve",
+            *self.models,
+            "--gateway",
+            self.gateway.url,
+            "--max-concurrency",
+            str(self.concurrency),
+            "--name",
+            name,
+            *self.extra_args,
+        )

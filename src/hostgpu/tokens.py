@@ -4,12 +4,12 @@ Scopes, narrowest first:
 
 - ``read``: lists, job details, metrics, the dashboard's live view; nothing that changes state;
 - ``submit``: jobs (submit, wait, cancel) and ``read``'s views;
-- ``infer``: the OpenAI-compatible inference API (reserved: the gateway has no inference
-  routes yet, so an ``infer`` token opens nothing but ``/v1/tokens/self``);
+- ``infer``: the OpenAI-compatible inference API (chat and text completions, models);
 - ``worker``: join a pool and run published functions (register, lease, heartbeat, report);
-- ``share``: lend a machine, with only model-engine jobs ever leased to it. Reserved like
-  ``infer``: until the lease enforces "model-engine jobs only", a ``share`` token admits no
-  worker route (admitting it as ``worker`` would let it lease any job and read its arguments);
+- ``share``: lend a machine: the worker routes, for a machine that serves model engines only.
+  The gateway registers it as such whatever it claims (it publishes only the inference
+  function, so no other job is ever leased to it) and lets the token act only for the machine
+  it registered, never for a function worker (whose jobs it would lease and read);
 - ``admin``: everything, tokens included.
 """
 
@@ -65,7 +65,7 @@ IMPLIED: dict[Scope, frozenset[Scope]] = {
     "read": frozenset({"read", "submit"}),
     "submit": frozenset({"submit"}),
     "infer": frozenset({"infer"}),
-    "worker": frozenset({"worker"}),  # not "share": see the module docstring
+    "worker": frozenset({"worker"}),  # not "share": the worker routes admit it on their own
     "share": frozenset({"share"}),
     "admin": frozenset(),
 }

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from hostgpu.cli import gateway, jobs, local, stack, tokens, worker
+from hostgpu.cli import gateway, jobs, local, models, stack, tokens, worker
 from hostgpu.cli import ray as ray_cli
 from hostgpu.cli.common import err
 from hostgpu.cli.doctor import doctor
@@ -51,6 +51,11 @@ app.command("workers")(jobs.list_workers)
 app.command("cancel")(jobs.cancel)
 app.command("submit")(jobs.submit)
 app.command("prune")(jobs.prune)
+app.command("serve")(models.serve)
+app.command("share")(models.share)
+app.command("models")(models.list_models)
+app.command("generate")(models.generate)
+app.command("chat")(models.chat)
 app.add_typer(tokens.app, name="token")
 app.add_typer(stack.app, name="stack")
 app.add_typer(ray_cli.app, name="ray")

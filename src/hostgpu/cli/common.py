@@ -59,3 +59,24 @@ def parse_duration(text: str) -> float:
         return float(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h or 7d") from None
+
+
+def native_report(allow_container: bool, what: str) -> Any:
+    """This host's (cached) accelerator probe; exits with doctor's reason when this process
+    runs in a container on a Mac's VM, unless ``allow_container``."""
+    from hostgpu.devices import cached_report
+    from hostgpu.settings import get_settings
+
+    report = cached_report(get_settings().home_dir / "probe-cache.json")
+    if report.vm_on_macos and not allow_container:
+        # doctor's rule: a container on a Mac runs in a Linux VM that cannot reach Metal, so
+        # everything here would run on the CPU, 10-20x slower, without a word.
+        err.print(
+            f"[red]refusing to start[/]: this process runs in a {report.container or 'container'}"
+            f" container inside {report.vm or 'a Linux VM'} on macOS, where Metal is "
+            f"unreachable\n  fix: run {what} natively on the Mac (or `hostgpu stack up`, which "
+            "does); --allow-container starts it here anyway, CPU only",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    return report

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hostgpu.cli.common import GatewayOpt, TokenFileOpt, console, err, token_from
+from hostgpu.cli.common import GatewayOpt, TokenFileOpt, console, err, native_report, token_from
 from hostgpu.errors import HostGPUError
 
 app = typer.Typer(help="Run a native worker, or install it as a service.")
@@ -60,23 +60,10 @@ def run(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from hostgpu.devices import cached_report
-    from hostgpu.settings import get_settings
     from hostgpu.worker.agent import WorkerAgent, WorkerConfig
 
     # Probed in a subprocess and cached: the worker's parent never imports torch.
-    report = cached_report(get_settings().home_dir / "probe-cache.json")
-    if report.vm_on_macos and not allow_container:
-        # doctor's rule: a container on a Mac runs in a Linux VM that cannot reach Metal, so
-        # this worker would run every job on the CPU, 10-20x slower, without a word.
-        err.print(
-            f"[red]refusing to start[/]: this process runs in a {report.container or 'container'}"
-            f" container inside {report.vm or 'a Linux VM'} on macOS, where Metal is "
-            "unreachable\n  fix: run `hostgpu worker` natively on the Mac (or `hostgpu stack "
-            "up`, which does); --allow-container starts it here anyway, CPU only",
-            highlight=False,
-        )
-        raise typer.Exit(2)
+    report = native_report(allow_container, "`hostgpu worker`")
 
     agent = WorkerAgent(
         WorkerConfig(

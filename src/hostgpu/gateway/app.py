@@ -39,9 +39,23 @@ from hostgpu.gateway.deps import ReadToken
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
+from hostgpu.gateway.quotas import TokenQuotas
 from hostgpu.gateway.resolver import Resolver
-from hostgpu.gateway.routes import admin, blobs, events, hooks, jobs, stats, tokens, workers
+from hostgpu.gateway.routes import (
+    admin,
+    blobs,
+    events,
+    hooks,
+    inference,
+    jobs,
+    stats,
+    tokens,
+    workers,
+)
+from hostgpu.gateway.streams import StreamHub
 from hostgpu.gateway.waiting import WaitingExplainer
+from hostgpu.inference import openai_schema as oa
+from hostgpu.inference.errors import InferenceError
 from hostgpu.retry import RetryPolicy
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
@@ -180,6 +194,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.resolver = Resolver(store)
     app.state.tokens = TokenCache()
     app.state.touched = {}  # worker id → when this gateway last marked it alive
+    app.state.streams = StreamHub()
+    app.state.quotas = TokenQuotas(settings.infer_rate_per_minute, settings.infer_concurrency)
 
     metrics = Metrics(store)
     app.state.metrics = metrics
@@ -193,6 +209,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         stats.router,
         events.router,
         blobs.router,
+        inference.router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
 
@@ -236,6 +253,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=status)
 
         app.add_exception_handler(exc_type, handler)
+
+    async def inference_error(_: Request, exc: Exception) -> JSONResponse:
+        # The inference routes answer as OpenAI's API does, so its clients read the reason.
+        assert isinstance(exc, InferenceError)
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        return JSONResponse(oa.error_body(exc), status_code=exc.status_code, headers=headers)
+
+    app.add_exception_handler(InferenceError, inference_error)
 
     async def validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

@@ -24,6 +24,8 @@ AdminToken = Annotated[TokenInfo, Depends(require("admin"))]
 SubmitToken = Annotated[TokenInfo, Depends(require("submit"))]
 ReadToken = Annotated[TokenInfo, Depends(require("read"))]
 WorkerToken = Annotated[TokenInfo, Depends(require("worker"))]
+#: The worker routes a lent machine uses too (each checks the worker is a lent one).
+WorkerOrShare = Annotated[TokenInfo, Depends(require("worker", "share"))]
 ReaderOrWorker = Annotated[TokenInfo, Depends(require("read", "worker"))]
 AnyToken = Annotated[TokenInfo, Depends(require(*SCOPES))]
 

@@ -14,8 +14,9 @@ import time
 from collections.abc import Sequence
 
 from hostgpu.capabilities import Capabilities
-from hostgpu.errors import InputNotUploaded, NotPublished, OptionsConflict
+from hostgpu.errors import InputNotUploaded, InvalidInput, NotPublished, OptionsConflict
 from hostgpu.functions import FunctionOptions, Requested, Resolved, not_published_message, resolve
+from hostgpu.inference.jobs import INFERENCE_FUNCTION
 from hostgpu.jobs import JobError, JobSpec
 from hostgpu.store import NewJob, Store
 
@@ -71,8 +72,22 @@ class Resolver:
         for name in names:
             self._cache.pop(name, None)
 
-    def new_jobs(self, specs: Sequence[JobSpec], workers: Sequence[Capabilities]) -> list[NewJob]:
-        """Storable jobs for ``specs`` (OptionsConflict or NotPublished: a 422 for the caller)."""
+    def new_jobs(
+        self,
+        specs: Sequence[JobSpec],
+        workers: Sequence[Capabilities],
+        *,
+        inference: bool = False,
+    ) -> list[NewJob]:
+        """Storable jobs for ``specs`` (OptionsConflict or NotPublished: a 422 for the caller).
+
+        Inference jobs come only from the inference routes (``inference``), which hold them to
+        the ``infer`` scope and its limits; a ``submit`` token cannot queue one."""
+        if not inference and any(s.function == INFERENCE_FUNCTION for s in specs):
+            raise InvalidInput(
+                f"{INFERENCE_FUNCTION} runs only through POST /v1/chat/completions and "
+                "/v1/completions (a token of scope infer)"
+            )
         declared = self.declarations([s.function for s in specs])
         jobs = []
         for spec in specs:

@@ -7,7 +7,9 @@ They sit under :class:`hostgpu.errors.HostGPUError`::
         ├── ModelNotFound      no model of that name is registered (404)
         ├── InvalidRequest     the request itself is wrong: bad roles, too long… (400)
         ├── EngineUnavailable  the model's engine cannot run here: not installed, no device (503)
-        └── EngineError        the engine failed while loading or generating (500)
+        ├── EngineError        the engine failed while loading or generating (500)
+        ├── NoServer           no live model server serves the model (503, Retry-After)
+        └── RateLimited        the token is over its rate or concurrency limit (429)
 
 ``InvalidRequest`` carries OpenAI's ``param`` and ``code`` (``context_length_exceeded``…) so a
 route can answer in OpenAI's error shape without re-deriving them.
@@ -70,3 +72,20 @@ class EngineUnavailable(InferenceError):
 
 class EngineError(InferenceError):
     """The engine failed."""
+
+
+class NoServer(InferenceError):
+    """No live model server can serve the model: start one, or try again later."""
+
+    status_code = 503
+    error_type = "server_error"
+    #: Seconds a client should wait before it tries again (the ``Retry-After`` header).
+    retry_after = 10
+
+
+class RateLimited(InferenceError):
+    """The token is over its request rate or its concurrent-request limit."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    retry_after = 1

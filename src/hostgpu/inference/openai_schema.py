@@ -33,8 +33,8 @@ from hostgpu.inference.engines.base import (
     CHAT_ROLES,
     MAX_STOP_SEQUENCES,
     Completion,
-    GenerationStream,
     SamplingParams,
+    TokenStream,
 )
 from hostgpu.inference.errors import InferenceError, InvalidRequest
 
@@ -344,6 +344,8 @@ class ModelCard(BaseModel):
     engine: str | None = None
     #: Where the model is loaded now (worker and device), for routing and for people.
     loaded_on: list[dict[str, Any]] = Field(default_factory=list)
+    #: The model servers that may serve it (the gateway's listing).
+    servers: list[dict[str, Any]] | None = None
 
 
 class ModelList(BaseModel):
@@ -426,7 +428,7 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 
 async def chat_sse(
-    stream: GenerationStream, model: str, *, include_usage: bool = False
+    stream: TokenStream, model: str, *, include_usage: bool = False
 ) -> AsyncIterator[str]:
     """SSE lines of a streamed chat completion; cancels generation if the reader goes away."""
     ident, created = new_id("chatcmpl"), int(time.time())
@@ -457,7 +459,7 @@ async def chat_sse(
 
 
 async def completion_sse(
-    stream: GenerationStream, model: str, *, include_usage: bool = False
+    stream: TokenStream, model: str, *, include_usage: bool = False
 ) -> AsyncIterator[str]:
     """SSE lines of a streamed text completion; cancels generation if the reader goes away."""
     ident, created = new_id("cmpl"), int(time.time())

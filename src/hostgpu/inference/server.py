@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hostgpu.inference import openai_schema as oa
-from hostgpu.inference.engines.base import Completion, Engine, GenerationStream
+from hostgpu.inference.engines.base import Completion, Engine, TokenStream
 from hostgpu.inference.errors import InferenceError, InvalidRequest, ModelNotFound
 
 log = logging.getLogger("hostgpu.inference")
@@ -38,7 +38,7 @@ def error_response(exc: InferenceError) -> JSONResponse:
     return JSONResponse(oa.error_body(exc), status_code=exc.status_code)
 
 
-async def _wait_or_disconnect(request: Request, stream: GenerationStream) -> Completion | None:
+async def wait_or_disconnect(request: Request, stream: TokenStream) -> Completion | None:
     """The completion, or None (generation cancelled) when the client went away first."""
     done = asyncio.ensure_future(stream.acompletion())
     try:
@@ -107,9 +107,9 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
         if body.stream:
             lines = oa.chat_sse(stream, body.model, include_usage=body.include_usage)
             return StreamingResponse(
-                _closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
+                closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        completion = await _wait_or_disconnect(request, stream)
+        completion = await wait_or_disconnect(request, stream)
         if completion is None:
             return JSONResponse({}, status_code=499)
         return oa.chat_response(completion, body.model)
@@ -123,9 +123,9 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
         if body.stream:
             lines = oa.completion_sse(stream, body.model, include_usage=body.include_usage)
             return StreamingResponse(
-                _closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
+                closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        completion = await _wait_or_disconnect(request, stream)
+        completion = await wait_or_disconnect(request, stream)
         if completion is None:
             return JSONResponse({}, status_code=499)
         return oa.completion_response(completion, body.model)
@@ -133,7 +133,7 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
     return app
 
 
-async def _closing(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+async def closing(lines: AsyncIterator[str]) -> AsyncIterator[str]:
     """Close the SSE generator (which cancels generation) even when the client vanished."""
     try:
         async for line in lines:

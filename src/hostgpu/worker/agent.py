@@ -45,6 +45,7 @@ from hostgpu.errors import ConfigError, GatewayUnavailable, NotFound
 from hostgpu.functions import FunctionOptions
 from hostgpu.jobs import JobError, Lease, Outcome
 from hostgpu.worker.runner import ChildPool
+from hostgpu.worker.serving import EnginePool, Streamer
 
 log = logging.getLogger("hostgpu.worker")
 T = TypeVar("T")
@@ -105,6 +106,16 @@ class WorkerConfig:
     skip_broken_imports: bool = False
     #: The accelerator probe (default: the cached probe of this host).
     report: Report | None = None
+    #: Serve these models (registry names) instead of running functions: a model server.
+    models: list[str] = field(default_factory=list)
+    #: Seconds an unused model stays loaded.
+    keep_alive: float = 300.0
+    #: Memory the loaded models may take together (bytes; None: no limit).
+    memory_budget: int | None = None
+    #: Longest generation, seconds.
+    generation_timeout: float = 600.0
+    #: Asked before each lease: False pauses leasing (``hostgpu share --only-when-idle``).
+    may_lease: Callable[[], bool] | None = None
 
 
 class WorkerAgent:
@@ -119,16 +130,28 @@ class WorkerAgent:
             report = config.report or cached_report(get_settings().home_dir / "probe-cache.json")
             config.devices = usable_devices(report=report)
             self.unavailable = {m.kind: m.reason for m in report.missing}
-        self.modules = list(dict.fromkeys([*config.modules, *builtin_modules()]))
+        serving = bool(config.models)
+        if serving and config.modules:
+            raise ConfigError(
+                "a worker either runs functions (--import) or serves models (hostgpu serve): "
+                "start one of each"
+            )
+        self.modules = [] if serving else list(dict.fromkeys([*config.modules, *builtin_modules()]))
+        labels = dict(config.labels)
+        if serving:
+            from hostgpu.inference.jobs import MODEL_LABEL_VALUE, model_label
+
+            labels.update({model_label(m): MODEL_LABEL_VALUE for m in config.models})
         self.caps = Capabilities(
             name=config.name or f"{socket.gethostname()}-{os.getpid()}",
             hostname=socket.gethostname(),
             devices=config.devices,
-            labels=config.labels,
+            labels=labels,
             modules=self.modules,
             unavailable=self.unavailable,
             concurrency=config.concurrency,
             version=hostgpu.__version__,
+            serves="models" if serving else "functions",
         )
         self.worker_id: str | None = None
         self.heartbeat_seconds = 10.0
@@ -148,12 +171,19 @@ class WorkerAgent:
         #: runs; children find them through ``hostgpu.context.input_path``.
         self.inputs_dir = get_settings().home_dir / "inputs"
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hostgpu-fetch")
-        self.pool = ChildPool(
-            config.concurrency,
-            self._on_result,
-            preload=tuple(self.modules),
-            env={"HOSTGPU_INPUTS_DIR": str(self.inputs_dir), **child_threads(config.concurrency)},
-        )
+        self.pool: ChildPool | EnginePool
+        if serving:
+            self.pool = self._engine_pool()
+        else:
+            self.pool = ChildPool(
+                config.concurrency,
+                self._on_result,
+                preload=tuple(self.modules),
+                env={
+                    "HOSTGPU_INPUTS_DIR": str(self.inputs_dir),
+                    **child_threads(config.concurrency),
+                },
+            )
         self.completed = 0
         self._mean_run_s: float | None = None
         #: Slots promised to a lease request in flight (the lease loop's or the reporter's).
@@ -161,6 +191,37 @@ class WorkerAgent:
         #: Whether the lease loop's long poll is in flight (it keeps an idle worker alive).
         self._polling = False
         self._last_contact = 0.0
+
+    def _engine_pool(self) -> EnginePool:
+        from hostgpu.inference.jobs import MAX_MODELS_PER_SERVER
+        from hostgpu.inference.models import load_registry
+
+        config = self.config
+        if len(config.models) > MAX_MODELS_PER_SERVER:
+            raise ConfigError(f"a model server serves at most {MAX_MODELS_PER_SERVER} models")
+        registry = load_registry()
+        specs = {name: registry.get(name) for name in config.models}
+        if config.memory_budget is not None:
+            for spec in specs.values():
+                if spec.estimated_memory_bytes() > config.memory_budget:
+                    raise ConfigError(
+                        f"{spec.name} needs about {spec.estimated_memory_bytes() / 1e9:.2f} GB, "
+                        f"over the memory limit of {config.memory_budget / 1e9:.2f} GB: raise "
+                        "--max-memory or serve a smaller model"
+                    )
+        devices = config.devices or []
+        best = next((d for d in devices if d.is_accelerator), None)
+        device = best.torch_device if best else "cpu"
+        return EnginePool(
+            specs,
+            device,
+            self._on_result,
+            Streamer(self._client, on_cancel=lambda job_id: self.pool.cancel(job_id)),
+            concurrency=config.concurrency,
+            keep_alive=config.keep_alive,
+            memory_budget=config.memory_budget,
+            timeout=config.generation_timeout,
+        )
 
     # -- start: what the children import and publish ------------------------------------------
     def discover(self) -> None:
@@ -238,6 +299,8 @@ class WorkerAgent:
     def register(self, client: Client) -> None:
         reply = self._retrying(lambda: client.register(self.caps, self.worker_id))
         self.worker_id = reply.worker_id
+        if isinstance(self.pool, EnginePool):
+            self.pool.streamer.worker_id = reply.worker_id
         self.heartbeat_seconds = reply.heartbeat_seconds
         log.info(
             "registered as %s with %s; publishing %d function(s)",
@@ -393,7 +456,12 @@ class WorkerAgent:
         # Everything in the pool counts, queued tasks included (the pool's free_slots() is
         # floored at zero and would hide how far past the limit the worker already is), and so
         # do slots promised to a lease request in flight.
-        limit = self.config.concurrency * (1 + self._prefetch())
+        if self.config.may_lease is not None and not self.config.may_lease():
+            return 0
+        # A model server holds one lease per stream: generations are long and batch on the
+        # engine, so leasing ahead would only take work from other servers.
+        prefetch = 0 if isinstance(self.pool, EnginePool) else self._prefetch()
+        limit = self.config.concurrency * (1 + prefetch)
         with self._lock:
             held = len(self._leases)  # in a child, queued for one, or fetching its inputs
         return limit - held - self._reserved

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from hostgpu.api import (
     HeartbeatRequest,
@@ -16,9 +17,12 @@ from hostgpu.api import (
     Registered,
     ReportRequest,
     ReportResponse,
+    StreamBatch,
+    StreamReply,
     WorkerList,
 )
 from hostgpu.capabilities import Capabilities
+from hostgpu.errors import NotFound
 from hostgpu.gateway.deps import (
     MetricsDep,
     NotifierDep,
@@ -28,16 +32,51 @@ from hostgpu.gateway.deps import (
     StoreDep,
     WaitingDep,
     WorkerId,
-    WorkerToken,
+    WorkerOrShare,
     run,
 )
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.routes.jobs import REPOLL_S
-from hostgpu.jobs import JobError, Lease, Outcome
+from hostgpu.gateway.streams import StreamHub
+from hostgpu.inference.jobs import INFERENCE_FUNCTION, LENDER_LABEL, MODEL_LABEL_PREFIX
+from hostgpu.jobs import JobError, JobState, Lease, Outcome
 from hostgpu.settings import Settings
 from hostgpu.store import Store
+from hostgpu.tokens import TokenInfo
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
+
+
+def _lent(caps: Capabilities, token: TokenInfo) -> Capabilities:
+    functions = {
+        name: options for name, options in caps.functions.items() if name == INFERENCE_FUNCTION
+    }
+    labels = {k: v for k, v in caps.labels.items() if k.startswith(MODEL_LABEL_PREFIX)} | {
+        LENDER_LABEL: token.id
+    }
+    return caps.model_copy(
+        update={"serves": "models", "functions": functions, "modules": [], "labels": labels}
+    )
+
+
+async def _check_access(request: Request, store: Store, token: TokenInfo, worker_id: str) -> None:
+    """A ``share`` token acts only for the machine it registered (never for a function
+    worker, whose jobs it would otherwise lease and read)."""
+    if token.scope != "share":
+        return
+    caps = await run(_capabilities, request, store, worker_id)
+    if caps.serves != "models" or caps.labels.get(LENDER_LABEL) != token.id:
+        raise HTTPException(403, "a share token acts only for the machine it registered")
+
+
+async def worker_access(
+    request: Request, worker_id: WorkerId, store: StoreDep, token: WorkerOrShare
+) -> TokenInfo:
+    await _check_access(request, store, token, worker_id)
+    return token
+
+
+WorkerAccess = Annotated[TokenInfo, Depends(worker_access)]
 
 
 def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
@@ -58,11 +97,22 @@ async def register(
     resolver: ResolverDep,
     waiting: WaitingDep,
     notifier: NotifierDep,
-    _: WorkerToken,
+    token: WorkerOrShare,
     worker_id: str | None = None,
 ) -> Registered:
     """Register (or, with ``worker_id``, re-register) a worker, its devices and the functions
-    it publishes; jobs that waited for those functions' declarations are settled now."""
+    it publishes; jobs that waited for those functions' declarations are settled now.
+
+    A ``share`` token registers a lent machine: whatever it says, it serves model engines
+    only (it publishes nothing but the inference function), so no other job is ever leased
+    to it, and it is labelled with the token's id."""
+    if token.scope == "share":
+        caps = _lent(caps, token)
+    if worker_id is not None and token.scope == "share":
+        try:
+            await _check_access(request, store, token, worker_id)
+        except NotFound:
+            worker_id = None
     if worker_id is not None and not (len(worker_id) == 32 and worker_id.isalnum()):
         worker_id = None  # not one of ours: a fresh id
     new_id = await run(store.register_worker, caps, worker_id)
@@ -157,7 +207,7 @@ async def lease(
     store: StoreDep,
     notifier: NotifierDep,
     settings: SettingsDep,
-    _: WorkerToken,
+    _: WorkerAccess,
 ) -> LeaseResponse:
     """Lease up to ``max_jobs`` jobs this worker can run; long-polls up to ``wait`` seconds."""
     leases = await lease_jobs(
@@ -168,7 +218,7 @@ async def lease(
 
 @router.post("/{worker_id}/drain", status_code=204)
 async def drain(
-    worker_id: WorkerId, store: StoreDep, notifier: NotifierDep, _: WorkerToken
+    worker_id: WorkerId, store: StoreDep, notifier: NotifierDep, _: WorkerAccess
 ) -> None:
     """The worker is stopping: its long polls end now and it is leased nothing more; its
     heartbeats keep its running jobs' leases until it deregisters."""
@@ -182,7 +232,7 @@ async def heartbeat(
     body: HeartbeatRequest,
     store: StoreDep,
     settings: SettingsDep,
-    _: WorkerToken,
+    _: WorkerAccess,
 ) -> HeartbeatResponse:
     """Mark the worker alive, extend its leases; ``lost`` lists jobs it must stop."""
     result = await run(
@@ -226,7 +276,7 @@ async def report(
     notifier: NotifierDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-    _: WorkerToken,
+    _: WorkerAccess,
 ) -> ReportResponse:
     """Record outcomes (a stale or unknown lease token is refused: ``accepted: false``) and,
     with ``lease``, lease the worker's next jobs in the same round trip."""
@@ -256,9 +306,44 @@ async def report(
 
 @router.delete("/{worker_id}", status_code=204)
 async def deregister(
-    worker_id: WorkerId, request: Request, store: StoreDep, waiting: WaitingDep, _: WorkerToken
+    worker_id: WorkerId, request: Request, store: StoreDep, waiting: WaitingDep, _: WorkerAccess
 ) -> None:
     """The worker is stopping cleanly."""
     await run(store.deregister_worker, worker_id)
     request.app.state.worker_caps.pop(worker_id, None)
     waiting.invalidate()
+
+
+@router.post("/{worker_id}/streams", response_model=StreamReply)
+async def streams(
+    worker_id: WorkerId,
+    body: StreamBatch,
+    request: Request,
+    store: StoreDep,
+    _: WorkerAccess,
+) -> StreamReply:
+    """A model server's token stream: the text of its running inference jobs, relayed to
+    their readers on this gateway. ``cancelled``: jobs nobody reads any more, to stop."""
+    hub: StreamHub = request.app.state.streams
+    if body.engines is not None:
+        caps = await run(_capabilities, request, store, worker_id)
+        hub.engines[worker_id] = body.engines
+        hub.names[worker_id] = caps.name
+    cancelled: set[str] = set()
+    for event in body.events:
+        ok = hub.verified(event.job_id, worker_id)
+        if ok is None:
+            ok = await run(_runs_on, store, event.job_id, worker_id)
+            hub.verify(event.job_id, worker_id, ok)
+        if not ok or hub.publish(event):
+            cancelled.add(event.job_id)
+    return StreamReply(cancelled=sorted(cancelled))
+
+
+def _runs_on(store: Store, job_id: str, worker_id: str) -> bool:
+    """Whether the job is leased to this worker now (only its server may stream its text)."""
+    try:
+        job = store.get(job_id)
+    except NotFound:
+        return False
+    return job.worker_id == worker_id and job.state in (JobState.leased, JobState.running)

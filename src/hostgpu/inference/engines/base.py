@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from hostgpu.inference.errors import EngineError, InvalidRequest
 from hostgpu.inference.models import ModelSpec
@@ -438,6 +438,17 @@ class GenerationStream:
         async for _ in self:
             pass
         return self._request.completion()
+
+
+class TokenStream(Protocol):
+    """What a response is written from: an engine's :class:`GenerationStream`, or the
+    gateway's relay of one that runs on a model server."""
+
+    def __aiter__(self) -> AsyncIterator[StreamDelta]: ...
+
+    async def acompletion(self) -> Completion: ...
+
+    def cancel(self) -> bool: ...
 
 
 # -- engines ----------------------------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""The OpenAI-compatible inference API (scope: infer): chat and text completions, models.
+
+A request becomes a job of the durable queue (see :mod:`hostgpu.inference.jobs`) at
+interactive priority, routed to a model server that serves the model, and its tokens come
+back through the stream relay (:mod:`hostgpu.gateway.streams`) as OpenAI's SSE chunks, with
+keep-alive comments while it waits in the queue. Errors use OpenAI's error shape. A client
+that goes away cancels the job; its server stops generating at its next event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hostgpu.capabilities import Capabilities
+from hostgpu.gateway.auth import require
+from hostgpu.gateway.deps import run
+from hostgpu.gateway.routes.jobs import announce
+from hostgpu.gateway.streams import RemoteStream, StreamHub, with_keepalive
+from hostgpu.inference import openai_schema as oa
+from hostgpu.inference.engines.base import check_messages
+from hostgpu.inference.errors import InvalidRequest, NoServer
+from hostgpu.inference.jobs import (
+    INFERENCE_FUNCTION,
+    MODEL_LABEL_VALUE,
+    GenerateRequest,
+    Sampling,
+    model_label,
+    served_models,
+)
+from hostgpu.inference.server import SSE_HEADERS, closing, wait_or_disconnect
+from hostgpu.jobs import JobSpec, Payload
+from hostgpu.tokens import TokenInfo
+
+router = APIRouter(tags=["inference"])
+
+InferToken = Annotated[TokenInfo, Depends(require("infer"))]
+ModelsToken = Annotated[TokenInfo, Depends(require("infer", "read"))]
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+
+
+def _servers(workers: list[Capabilities], model: str) -> list[Capabilities]:
+    return [w for w in workers if model in served_models(w.labels)]
+
+
+@router.get("/v1/models", response_model=oa.ModelList)
+async def list_models(request: Request, _: ModelsToken) -> oa.ModelList:
+    """The models live model servers serve, and where each is loaded now."""
+    state = request.app.state
+    hub: StreamHub = state.streams
+    workers = await run(state.waiting.workers)
+    names = sorted({m for w in workers for m in served_models(w.labels)})
+    live = {w.name for w in workers}
+    by_name = {w.name: w for w in workers}
+    cards = []
+    for name in names:
+        loaded_on = []
+        for worker_id, engines in hub.engines.items():
+            for engine in engines:
+                if engine.model == name and engine.loaded:
+                    worker = hub.names.get(worker_id)
+                    if worker in live:
+                        loaded_on.append(
+                            {"worker": worker, "device": engine.device, "active": engine.active}
+                        )
+        servers = [w for w in by_name.values() if name in served_models(w.labels)]
+        cards.append(
+            oa.ModelCard(
+                id=name,
+                loaded_on=loaded_on,
+                servers=[
+                    {
+                        "worker": w.name,
+                        "devices": [d.torch_device for d in w.devices],
+                        "shared": w.serves == "models" and "hostgpu.lender" in w.labels,
+                    }
+                    for w in servers
+                ],
+            )
+        )
+    return oa.ModelList(data=cards)
+
+
+async def _body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise InvalidRequest("the body is not valid JSON") from None
+
+
+async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
+    """Queue the request as an inference job and open its stream."""
+    state = request.app.state
+    store, notifier, settings = state.store, state.notifier, state.settings
+    workers = await run(state.waiting.workers)
+    if not _servers(workers, gen.model):
+        raise NoServer(
+            f"no worker can load {gen.model}: none of the live model servers serves it; start "
+            f"one with `hostgpu serve {gen.model}` (or `hostgpu share --models {gen.model}` on "
+            "a lender's machine)",
+            param="model",
+            code="model_not_available",
+        )
+    spec = JobSpec(
+        function=INFERENCE_FUNCTION,
+        payload=Payload(kwargs={"request": gen.model_dump(mode="json")}),
+        labels={model_label(gen.model): MODEL_LABEL_VALUE},
+    )
+    started = time.time()
+    new = await run(state.resolver.new_jobs, [spec], workers, inference=True)
+    [job] = await run(store.enqueue, new)
+    state.metrics.record_submitted([job], started)
+    announce(notifier, settings, [job])
+
+    async def fetch() -> Any:
+        return await run(store.get, job.id)
+
+    async def cancel() -> None:
+        try:
+            await run(store.cancel, job.id)
+        except Exception:  # finished meanwhile: nothing to cancel
+            return
+        notifier.notify("finished")
+
+    return RemoteStream(state.streams, job.id, fetch, cancel)
+
+
+async def _respond(
+    request: Request,
+    token: TokenInfo,
+    gen: GenerateRequest,
+    body: oa.ChatCompletionRequest | oa.CompletionRequest,
+    *,
+    sse: Callable[..., AsyncIterator[str]],
+    whole: Callable[..., Any],
+) -> Any:
+    quotas = request.app.state.quotas
+    quotas.admit(token.id)
+    try:
+        remote = await _start(request, gen)
+    except BaseException:
+        quotas.release(token.id)
+        raise
+    if body.stream:
+        every = request.app.state.settings.infer_keepalive_seconds
+
+        async def lines() -> AsyncIterator[str]:
+            try:
+                sse_lines = sse(remote, gen.model, include_usage=body.include_usage)
+                async for line in with_keepalive(closing(sse_lines), every, oa.SSE_KEEPALIVE):
+                    yield line
+            finally:
+                remote.cancel()  # a no-op once it finished
+                quotas.release(token.id)
+
+        return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        completion = await wait_or_disconnect(request, remote)
+    finally:
+        quotas.release(token.id)
+    if completion is None:
+        return JSONResponse({}, status_code=499)
+    return whole(completion, gen.model)
+
+
+def _sampling(request: Request, body: oa.ChatCompletionRequest | oa.CompletionRequest) -> Sampling:
+    params = body.sampling_params()
+    params.check()
+    limit = request.app.state.settings.infer_max_tokens
+    if params.max_tokens is not None and params.max_tokens > limit:
+        raise InvalidRequest(
+            f"max_tokens is {params.max_tokens}, over this gateway's limit of {limit} "
+            "(HOSTGPU_INFER_MAX_TOKENS)",
+            param="max_tokens",
+        )
+    return Sampling.of(params)
+
+
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=_BODY)
+async def chat_completions(request: Request, token: InferToken) -> Any:
+    """OpenAI's chat completions (``stream: true`` for SSE)."""
+    body = oa.parse_request(oa.ChatCompletionRequest, await _body(request))
+    sampling = _sampling(request, body)
+    messages = body.chat_messages()
+    check_messages(messages)
+    gen = GenerateRequest(model=body.model, kind="chat", messages=messages, sampling=sampling)
+    return await _respond(request, token, gen, body, sse=oa.chat_sse, whole=oa.chat_response)
+
+
+@router.post("/v1/completions", response_model=None, openapi_extra=_BODY)
+async def completions(request: Request, token: InferToken) -> Any:
+    """OpenAI's (legacy) text completions (``stream: true`` for SSE)."""
+    body = oa.parse_request(oa.CompletionRequest, await _body(request))
+    sampling = _sampling(request, body)
+    gen = GenerateRequest(
+        model=body.model, kind="completion", prompt=body.prompt_text(), sampling=sampling
+    )
+    return await _respond(
+        request, token, gen, body, sse=oa.completion_sse, whole=oa.completion_response
+    )

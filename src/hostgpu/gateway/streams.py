@@ -1,0 +1,259 @@
+"""Relay model servers' token streams to the clients waiting on this gateway.
+
+A model server posts :class:`~hostgpu.inference.jobs.StreamEvent` batches; the
+:class:`StreamHub` puts each event in its job's :class:`Relay`, and the client's
+:class:`RemoteStream` reads them. A ``RemoteStream`` behaves like an engine's
+``GenerationStream`` (``async for`` deltas, ``acompletion()``, ``cancel()``), so the gateway
+formats responses and SSE with the same code as the single-engine server.
+
+What the relay does not see, the store has: every inference job's result is reported like any
+job's. When a stream goes quiet the reader looks at the job, and a job that finished without
+its stream reaching this gateway (its server posted to another gateway of the same database,
+or died and the job ran again elsewhere) is answered from its stored result. A job re-run
+after a lost lease streams again from the start; the reader skips the text it already sent
+(exact with greedy decoding; a sampled re-run continues from the new attempt's text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from hostgpu.inference.engines.base import Completion, StreamDelta, Usage
+from hostgpu.inference.errors import EngineError, InferenceError, InvalidRequest, ModelNotFound
+from hostgpu.inference.jobs import EngineState, GenerateResult, StreamEvent
+from hostgpu.jobs import Job, JobState
+
+#: How long a stream may be silent before its reader looks at the job in the store.
+QUIET_S = 1.0
+#: Relays nobody reads are dropped after this long (events for jobs of other gateways).
+ORPHAN_S = 60.0
+
+
+class Relay:
+    """One job's events on this gateway."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.cancelled = False
+        self.reading = False
+        self.created = time.monotonic()
+
+
+class StreamHub:
+    def __init__(self) -> None:
+        self._relays: dict[str, Relay] = {}
+        #: (job id, worker id) pairs checked against the store: a server streams only its jobs.
+        self._verified: dict[tuple[str, str], bool] = {}
+        #: Worker id → its engines, as it last said, and its name.
+        self.engines: dict[str, list[EngineState]] = {}
+        self.names: dict[str, str] = {}
+
+    def relay(self, job_id: str) -> Relay:
+        relay = self._relays.get(job_id)
+        if relay is None:
+            self._sweep()
+            relay = self._relays[job_id] = Relay()
+        return relay
+
+    def close(self, job_id: str) -> None:
+        self._relays.pop(job_id, None)
+
+    def verified(self, job_id: str, worker_id: str) -> bool | None:
+        return self._verified.get((job_id, worker_id))
+
+    def verify(self, job_id: str, worker_id: str, ok: bool) -> None:
+        if len(self._verified) > 100_000:
+            self._verified.clear()
+        self._verified[(job_id, worker_id)] = ok
+
+    def publish(self, event: StreamEvent) -> bool:
+        """Hand an event to its reader; True when nobody wants the job's text any more."""
+        relay = self.relay(event.job_id)
+        if relay.cancelled:
+            return True
+        relay.queue.put_nowait(event)
+        return False
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for job_id in [
+            j for j, r in self._relays.items() if not r.reading and now - r.created > ORPHAN_S
+        ]:
+            del self._relays[job_id]
+
+
+def error_from_body(body: dict[str, Any]) -> InferenceError:
+    """The exception an OpenAI error body stands for (the engine's error on the server)."""
+    inner = body.get("error")
+    error: dict[str, Any] = inner if isinstance(inner, dict) else body
+    message = str(error.get("message") or "generation failed")
+    kind: type[InferenceError] = EngineError
+    if error.get("code") == "model_not_found":
+        kind = ModelNotFound
+    elif error.get("type") == "invalid_request_error":
+        kind = InvalidRequest
+    return kind(message, param=error.get("param"), code=error.get("code"))
+
+
+class RemoteStream:
+    """An inference job's text as it arrives: the interface of an engine's stream."""
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        job_id: str,
+        fetch_job: Callable[[], Awaitable[Job]],
+        cancel_job: Callable[[], Awaitable[Any]],
+    ) -> None:
+        self.hub = hub
+        self.job_id = job_id
+        self.relay = hub.relay(job_id)
+        self.relay.reading = True
+        self._fetch_job = fetch_job
+        self._cancel_job = cancel_job
+        self._completion: Completion | None = None
+        self._error: InferenceError | None = None
+        self._text: list[str] = []
+        self._sent = 0  # characters delivered to the reader
+        self._started = time.perf_counter()
+        self._first_at: float | None = None
+        self._closed = False
+        self._cancel_task: asyncio.Task[Any] | None = None
+        #: The device the job runs on, once its first event said.
+        self.device: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._completion is not None or self._error is not None
+
+    async def __aiter__(self) -> AsyncIterator[StreamDelta]:
+        lease: str | None = None
+        attempt_chars = 0
+        while not self.done:
+            try:
+                event = await asyncio.wait_for(self.relay.queue.get(), QUIET_S)
+            except TimeoutError:
+                job = await self._fetch_job()
+                if job.state.terminal:
+                    delta = self._finish_from_job(job)
+                    if delta is not None:
+                        yield delta
+                continue
+            if event.lease_token != lease:  # a new attempt streams from its start
+                lease, attempt_chars = event.lease_token, 0
+            self.device = event.device or self.device
+            if event.error is not None:
+                self._fail(error_from_body(event.error))
+                break
+            # Skip what an earlier attempt already delivered.
+            skip = max(0, min(len(event.text), self._sent - attempt_chars))
+            attempt_chars += len(event.text)
+            text = event.text[skip:]
+            if text:
+                yield self._deliver(text, event.tokens)
+            if event.result is not None:
+                self._complete(event.result, "".join(self._text))
+        self._close()
+        if self._error is not None:
+            raise self._error
+
+    def _deliver(self, text: str, tokens: int) -> StreamDelta:
+        if self._first_at is None:
+            self._first_at = time.perf_counter()
+        self._text.append(text)
+        self._sent += len(text)
+        return StreamDelta(text, tokens)
+
+    def _complete(self, result: GenerateResult, text: str) -> None:
+        self.device = result.device or self.device
+        self._completion = Completion(
+            id=self.job_id,
+            text=text,
+            finish_reason="length" if result.finish_reason == "length" else "stop",
+            usage=Usage(result.prompt_tokens, result.completion_tokens),
+            time_to_first_token=(
+                None if self._first_at is None else self._first_at - self._started
+            ),
+            duration=time.perf_counter() - self._started,
+        )
+
+    def _fail(self, error: InferenceError) -> None:
+        self._error = error
+
+    def _finish_from_job(self, job: Job) -> StreamDelta | None:
+        """The job finished without its stream's end reaching this gateway: its stored
+        result (or error) ends the stream."""
+        if job.state is JobState.succeeded:
+            result = GenerateResult.model_validate(job.result)
+            rest = result.text[self._sent :]
+            delta = self._deliver(rest, result.completion_tokens) if rest else None
+            self._complete(result, result.text)
+            return delta
+        if job.state is JobState.cancelled:
+            self._fail(EngineError("the request was cancelled", code="cancelled"))
+        else:
+            message = job.error.message if job.error else "generation failed"
+            self._fail(EngineError(message))
+        return None
+
+    async def acompletion(self) -> Completion:
+        async for _ in self:
+            pass
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion
+
+    def cancel(self) -> bool:
+        """The reader went away: stop the job (its server stops at its next event)."""
+        if self.done:
+            self._close()
+            return False
+        self.relay.cancelled = True  # first: a cancelled relay outlives its reader
+        self._close()
+        self._error = EngineError("cancelled", code="cancelled")
+        # Cancelled in the store too: a job still queued must not run for nobody.
+        self._cancel_task = asyncio.ensure_future(self._cancel_job())
+        return True
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.relay.reading = False
+            if not self.relay.cancelled:
+                self.hub.close(self.job_id)
+
+
+async def with_keepalive(
+    lines: AsyncIterator[str], every: float, comment: str
+) -> AsyncIterator[str]:
+    """``lines``, with ``comment`` sent whenever nothing else was for ``every`` seconds (a
+    request waiting in the queue keeps its connection, and its proxies, alive)."""
+    iterator = aiter(lines)
+    pending: asyncio.Future[str] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield comment
+                continue
+            try:
+                line = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield line
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,430 @@
+"""A model server's engines: run leased inference jobs on warm models, stream their text.
+
+:class:`EnginePool` takes the place of the child pool in a worker that serves models
+(``hostgpu serve``, ``hostgpu share``): the same lease loop, heartbeats, reports, drain and
+stop drive it, so a model server keeps every promise a function worker keeps (a lost lease is
+re-run elsewhere, a stop finishes in-flight work within the grace, then hands the rest back).
+
+- Engines load on first use, on the worker's best device, and stay warm; one that served
+  nothing for ``keep_alive`` seconds is unloaded (as Ollama's ``keep_alive``), and so is the
+  least recently used idle one when a load would pass the memory budget.
+- Each running job has a thread that reads its engine stream; requests on one model share the
+  engine, which batches them.
+- :class:`Streamer` sends the text to the gateway as it comes, in batches (one request carries
+  every event that arrived while the previous one was in flight), and cancels the jobs the
+  gateway says nobody reads any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from hostgpu.client import Client
+from hostgpu.errors import HostGPUError
+from hostgpu.inference import openai_schema as oa
+from hostgpu.inference.engines import Engine, GenerationStream, create_engine
+from hostgpu.inference.errors import EngineError, InferenceError
+from hostgpu.inference.jobs import (
+    INFERENCE_FUNCTION,
+    EngineState,
+    GenerateRequest,
+    GenerateResult,
+    StreamEvent,
+    function_options,
+)
+from hostgpu.inference.models import ModelSpec
+from hostgpu.jobs import ErrorKind, JobError, Lease, Outcome, Payload
+from hostgpu.worker.child import Ready
+
+log = logging.getLogger("hostgpu.serve")
+
+Key = tuple[str, str]  # (job id, lease token)
+
+
+@dataclass
+class _Running:
+    lease: Lease
+    model: str
+    stream: GenerationStream | None = None
+    #: Why it was stopped from here: "stop" hands the lease back, "cancel" reports it.
+    stopped: str | None = None
+
+
+class Streamer:
+    """Sends stream events and engine states to the gateway from one thread, batched."""
+
+    def __init__(self, client_factory: Callable[[], Client], on_cancel: Callable[[str], object]):
+        self._client_factory = client_factory
+        self._on_cancel = on_cancel
+        self._queue: queue.Queue[StreamEvent | list[EngineState] | None] = queue.Queue()
+        self.worker_id: str | None = None
+        self._thread = threading.Thread(target=self._run, name="hostgpu-streamer", daemon=True)
+        self.sent_events = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, event: StreamEvent) -> None:
+        self._queue.put(event)
+
+    def engines(self, states: list[EngineState]) -> None:
+        self._queue.put(states)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        client = self._client_factory()
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                items: list[StreamEvent | list[EngineState] | None] = [first]
+                while True:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                done = items[-1] is None
+                events = [i for i in items if isinstance(i, StreamEvent)]
+                # (a None can only come last: close() is the last thing put)
+                states = [i for i in items if isinstance(i, list)]
+                self._post(client, events, states[-1] if states else None)
+                if done:
+                    return
+        finally:
+            client.close()
+
+    def _post(
+        self, client: Client, events: list[StreamEvent], states: list[EngineState] | None
+    ) -> None:
+        if self.worker_id is None:
+            return
+        try:
+            cancelled = client.stream(self.worker_id, events, states)
+        except HostGPUError as exc:
+            # The text is lost for live readers, not for the job: its result goes in the
+            # report, and the gateway answers from that.
+            log.warning("could not send %d stream event(s): %s", len(events), exc)
+            return
+        self.sent_events += len(events)
+        for job_id in cancelled:
+            self._on_cancel(job_id)
+
+
+class EnginePool:
+    """Runs leased inference jobs on warm engines (the child pool's interface)."""
+
+    def __init__(
+        self,
+        specs: Mapping[str, ModelSpec],
+        device: str,
+        on_result: Callable[[Outcome], None],
+        streamer: Streamer,
+        *,
+        concurrency: int = 4,
+        keep_alive: float = 300.0,
+        memory_budget: int | None = None,
+        timeout: float = 600.0,
+    ) -> None:
+        self.specs = dict(specs)
+        self.device = device
+        self.concurrency = concurrency
+        self.keep_alive = keep_alive
+        self.memory_budget = memory_budget
+        self.timeout = timeout
+        self._on_result = on_result
+        self.streamer = streamer
+        self._lock = threading.Condition()
+        self._engines: dict[str, Engine] = {}
+        self._load_locks = {name: threading.Lock() for name in self.specs}
+        self._last_used: dict[str, float] = {}
+        self._running: dict[Key, _Running] = {}
+        self._accepting = True
+        self._closed = threading.Event()
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="hostgpu-serve")
+        self._janitor = threading.Thread(target=self._unload_idle, name="hostgpu-keepalive")
+        self._janitor.daemon = True
+        self.ready: Ready | None = None
+        #: For status lines: requests finished, tokens generated.
+        self.served = 0
+        self.tokens = 0
+
+    # -- the child pool's interface -----------------------------------------------------------
+    def start(self) -> None:
+        if self.ready is None:
+            options = function_options(self.timeout).model_dump(mode="json")
+            self.ready = Ready(os.getpid(), {}, {INFERENCE_FUNCTION: options})
+            self.streamer.start()
+            self._janitor.start()
+
+    def wait_ready(self, timeout: float) -> Ready | None:
+        return self.ready
+
+    def submit(self, task: Lease) -> None:
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("the engine pool is stopping and accepts no more tasks")
+            self._running[(task.job_id, task.lease_token)] = _Running(task, model="")
+        self._executor.submit(self._serve, task)
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return 0 if not self._accepting else max(0, self.concurrency - len(self._running))
+
+    def executing(self) -> set[Key]:
+        with self._lock:
+            return set(self._running)
+
+    def running(self) -> list[Lease]:
+        with self._lock:
+            return [r.lease for r in self._running.values()]
+
+    def cancel(self, job_id: str, lease_token: str | None = None) -> bool:
+        return self._stop_jobs(
+            lambda key: key[0] == job_id and lease_token in (None, key[1]), "cancel"
+        )
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._running, timeout)
+
+    def stop(self, *, cold: bool = False, grace: float = 30.0) -> list[Lease]:
+        """Accept nothing more; let running generations finish for ``grace`` seconds (none
+        when cold), then stop the rest and return their leases; unload every engine."""
+        with self._lock:
+            self._accepting = False
+            if not cold:
+                self._lock.wait_for(lambda: not self._running, max(grace, 0.0))
+            unfinished = [r.lease for r in self._running.values()]
+        self._stop_jobs(lambda key: True, "stop")
+        self._executor.shutdown(wait=True)
+        self._closed.set()
+        for name in list(self._engines):
+            self._unload(name)
+        self.streamer.close()
+        return unfinished
+
+    # -- engines ------------------------------------------------------------------------------
+    def states(self) -> list[EngineState]:
+        with self._lock:
+            active: dict[str, int] = {}
+            for r in self._running.values():
+                active[r.model] = active.get(r.model, 0) + 1
+            return [
+                EngineState(
+                    model=name,
+                    loaded=name in self._engines,
+                    device=self.device if name in self._engines else None,
+                    active=active.get(name, 0),
+                )
+                for name in sorted(self.specs)
+            ]
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return sorted(self._engines)
+
+    def _engine(self, name: str) -> Engine:
+        with self._load_locks[name]:
+            with self._lock:
+                engine = self._engines.get(name)
+            if engine is not None:
+                return engine
+            self._make_room(name)
+            engine = create_engine(self.specs[name])
+            started = time.monotonic()
+            engine.load(self.device)
+            log.info("loaded %s on %s in %.1f s", name, self.device, time.monotonic() - started)
+            with self._lock:
+                self._engines[name] = engine
+                self._last_used[name] = time.monotonic()
+        self.streamer.engines(self.states())
+        return engine
+
+    def _make_room(self, name: str) -> None:
+        """Unload idle engines, least recently used first, until ``name`` fits the budget;
+        wait for busy ones to go idle (a request waits rather than overcommit memory)."""
+        if self.memory_budget is None:
+            return
+        need = self.specs[name].estimated_memory_bytes()
+
+        def used() -> int:
+            return sum(self.specs[n].estimated_memory_bytes() for n in self._engines)
+
+        while True:
+            with self._lock:
+                if used() + need <= self.memory_budget:
+                    return
+                busy = {r.model for r in self._running.values() if r.stream is not None}
+                idle = sorted(
+                    (n for n in self._engines if n not in busy), key=self._last_used.__getitem__
+                )
+            if idle:
+                self._unload(idle[0])
+                continue
+            if self._closed.wait(0.2):
+                raise EngineError("the model server is stopping")
+
+    def _unload(self, name: str) -> None:
+        with self._lock:
+            engine = self._engines.pop(name, None)
+        if engine is not None:
+            engine.unload()
+            log.info("unloaded %s", name)
+            if not self._closed.is_set():
+                self.streamer.engines(self.states())
+
+    def _unload_idle(self) -> None:
+        while not self._closed.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                busy = {r.model for r in self._running.values()}
+                stale = [
+                    n
+                    for n in self._engines
+                    if n not in busy and now - self._last_used.get(n, now) > self.keep_alive
+                ]
+            for name in stale:
+                self._unload(name)
+
+    # -- one job ------------------------------------------------------------------------------
+    def _stop_jobs(self, which: Callable[[Key], bool], why: str) -> bool:
+        with self._lock:
+            hits = [r for key, r in self._running.items() if which(key)]
+            for r in hits:
+                r.stopped = r.stopped or why
+        for r in hits:
+            if r.stream is not None:
+                r.stream.cancel()
+        return bool(hits)
+
+    def _serve(self, lease: Lease) -> None:
+        key = (lease.job_id, lease.lease_token)
+        started = time.monotonic()
+        outcome: Outcome | None
+        try:
+            outcome = self._generate(lease, started)
+        except Exception as exc:  # the job fails; the server carries on
+            log.exception("inference job %s failed", lease.job_id)
+            outcome = self._failed(lease, exc, started)
+        with self._lock:
+            running = self._running.pop(key, None)
+            if running is not None and running.model:
+                self._last_used[running.model] = time.monotonic()
+            self._lock.notify_all()
+        if running is not None and running.stopped == "stop":
+            return  # handed back by stop(): the agent releases it
+        if outcome is not None:
+            self._on_result(outcome)
+        self.streamer.engines(self.states())
+
+    def _generate(self, lease: Lease, started: float) -> Outcome | None:
+        key = (lease.job_id, lease.lease_token)
+        payload = lease.payload if isinstance(lease.payload, Payload) else Payload()
+        request = GenerateRequest.model_validate(payload.kwargs.get("request"))
+        if request.model not in self.specs:
+            raise EngineError(f"model {request.model!r} is not served here")
+        with self._lock:
+            running = self._running[key]
+            running.model = request.model
+        engine = self._engine(request.model)
+        params = request.sampling.params()
+        if request.kind == "chat":
+            stream = engine.chat(request.messages or [], params)
+        else:
+            stream = engine.complete(request.prompt or "", params)
+        with self._lock:
+            running.stream = stream
+            stopped = running.stopped
+        if stopped:
+            stream.cancel()
+        deadline = started + lease.timeout_s
+        event: dict[str, Any] = {"job_id": lease.job_id, "lease_token": lease.lease_token}
+        timed_out = False
+        while True:
+            try:
+                wait = None if timed_out else max(0.0, deadline - time.monotonic())
+                delta = stream.next(timeout=wait)
+            except TimeoutError:
+                timed_out = True
+                stream.cancel()
+                continue
+            if delta is None:
+                break
+            self.streamer.send(
+                StreamEvent(**event, text=delta.text, tokens=delta.tokens, device=self.device)
+            )
+        completion = stream.completion()
+        self.tokens += completion.usage.completion_tokens
+        if completion.finish_reason == "cancelled":
+            why: ErrorKind = "timeout" if timed_out else "cancelled"
+            message = (
+                f"generation passed the job's timeout of {lease.timeout_s:g} s"
+                if timed_out
+                else "generation cancelled (the client went away or the job was cancelled)"
+            )
+            error = JobError(type="Cancelled", message=message, kind=why)
+            self.streamer.send(
+                StreamEvent(**event, error={"error": {"message": message, "type": why}})
+            )
+            return Outcome(
+                job_id=lease.job_id,
+                lease_token=lease.lease_token,
+                status="failed",
+                error=error,
+                retryable=False,
+                device=self.device,
+            )
+        result = GenerateResult(
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.usage.prompt_tokens,
+            completion_tokens=completion.usage.completion_tokens,
+            time_to_first_token=completion.time_to_first_token,
+            duration=completion.duration,
+            device=self.device,
+        )
+        self.streamer.send(StreamEvent(**event, result=result, device=self.device))
+        self.served += 1
+        return Outcome(
+            job_id=lease.job_id,
+            lease_token=lease.lease_token,
+            status="succeeded",
+            result=result.model_dump(mode="json"),
+            device=self.device,
+            timings={"run_s": time.monotonic() - started},
+        )
+
+    def _failed(self, lease: Lease, exc: Exception, started: float) -> Outcome:
+        retryable = not isinstance(exc, InferenceError) or exc.retryable
+        error = JobError(type=type(exc).__name__, message=str(exc) or repr(exc))
+        with contextlib.suppress(Exception):
+            body = (
+                oa.error_body(exc)
+                if isinstance(exc, InferenceError)
+                else {"error": {"message": error.message, "type": "server_error"}}
+            )
+            self.streamer.send(
+                StreamEvent(job_id=lease.job_id, lease_token=lease.lease_token, error=body)
+            )
+        return Outcome(
+            job_id=lease.job_id,
+            lease_token=lease.lease_token,
+            status="failed",
+            error=error,
+            retryable=bool(retryable),
+            device=self.device,
+            timings={"run_s": time.monotonic() - started},
+        )
