@@ -1,4 +1,4 @@
-"""LLM inference: the engine in-process (A) against the same engine behind HTTP + SSE (B).
+"""LLM inference: the engine in-process (A), behind HTTP + SSE (B), through hostgpu (C, D).
 
     python benchmarks/inference.py [--model smollm2] [--device cpu] [--tokens 128]
                                    [--concurrency 1,8] [--prompts short,long] [--rounds 2]
@@ -16,10 +16,16 @@ Arms:
 - B, :func:`arm_http`: ``python -m hostgpu.inference.server`` in its own process, read
   over HTTP as OpenAI SSE (``/v1/chat/completions``, ``stream: true``). Its CPU time per run
   is reported too.
-- C and D (not built: the gateway has no inference routes yet): :func:`arm_http` pointed at
-  a hostgpu gateway with a worker that has the model warm (C) or must load it (D); once the
-  gateway speaks the same OpenAI API, an arm is ``partial(arm_http, base_url, token=...)``
-  plus a way to make it cold.
+- C: :func:`arm_http` pointed at a hostgpu gateway (SQLite, its own ``HOSTGPU_HOME``) with a
+  model server (``hostgpu serve``) that has the model warm: each request is a durable job,
+  leased by the server, its tokens relayed back through the gateway. The gateway's CPU time
+  per run is its own column.
+- D: C cold: a second gateway and server started with ``--keep-alive 0``; before each run the
+  benchmark waits until the server has unloaded the model, so the first request loads it.
+
+Targets (issue 12): C adds at most 15 ms to B's time to first token (p50), and C's total
+tokens/s at concurrency 8 is at least 0.95 of B's. The table's "TTFT − B" and "vs B" columns
+say it.
 
 Also measured: load time, and cancellation latency in-process (from ``stream.cancel()`` to
 the engine having dropped the request: ``stream.wait_released()``, which for the
@@ -34,6 +40,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hostgpu.inference.engines import Engine, SamplingParams, create_engine
-from hostgpu.inference.models import load_registry
+from hostgpu.inference.models import load_registry, model_cache_dir
 from hostgpu.processes import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,6 +99,7 @@ class RunResult:
     wall: float
     streams: list[StreamRecord]
     server_cpu: float | None = None
+    gateway_cpu: float | None = None
 
     def row(self) -> dict[str, float]:
         gaps = sorted(g for s in self.streams for g in s.gaps())
@@ -169,6 +177,7 @@ def arm_http(
     token: str | None = None,
     label: str = "B http+sse",
     server_pid: int | None = None,
+    gateway_pid: int | None = None,
 ) -> RunResult:
     """An OpenAI-compatible server at ``base_url`` (``…/v1``), read as SSE: arms B, C, D."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -205,11 +214,84 @@ def arm_http(
             raise RuntimeError(f"got {record.tokens} tokens, wanted exactly {tokens}")
         return record
 
-    process = psutil.Process(server_pid) if server_pid else None
-    cpu_before = sum(process.cpu_times()[:2]) if process else 0.0
+    def cpu_seconds(pid: int | None) -> float | None:
+        return sum(psutil.Process(pid).cpu_times()[:2]) if pid else None
+
+    server_before, gateway_before = cpu_seconds(server_pid), cpu_seconds(gateway_pid)
     wall, records = _run_concurrently(concurrency, one)
-    cpu = sum(process.cpu_times()[:2]) - cpu_before if process else None
-    return RunResult(label, "", concurrency, wall, records, server_cpu=cpu)
+    server_after, gateway_after = cpu_seconds(server_pid), cpu_seconds(gateway_pid)
+    return RunResult(
+        label,
+        "",
+        concurrency,
+        wall,
+        records,
+        server_cpu=None if server_after is None else server_after - (server_before or 0),
+        gateway_cpu=None if gateway_after is None else gateway_after - (gateway_before or 0),
+    )
+
+
+class HostgpuArm:
+    """A gateway and a model server in a scratch ``HOSTGPU_HOME``: arm C, or D when ``cold``."""
+
+    def __init__(self, model: str, threads: int | None, home: Path, *, cold: bool) -> None:
+        from hostgpu.inference.models import load_registry
+        from hostgpu.testing import Gateway, ModelServer
+
+        self.model = model
+        self.cold = cold
+        home.mkdir(parents=True, exist_ok=True)
+        self.gateway = Gateway(home, f"sqlite:///{home / 'hostgpu.db'}").start()
+        env = {"HOSTGPU_MODEL_CACHE": str(model_cache_dir())}
+        if threads:
+            spec = load_registry().get(model)
+            key = "n_threads" if spec.engine == "llama.cpp" else "threads"
+            options = {**spec.options, key: threads}
+            body = spec.model_dump(mode="json", exclude={"name"}, exclude_none=True)
+            env["HOSTGPU_MODELS"] = json.dumps({model: {**body, "options": options}})
+        extra = ("--keep-alive", "0") if cold else ()
+        self.server = ModelServer(
+            self.gateway, models=(model,), concurrency=8, env_extra=env, extra_args=extra
+        ).start()
+        with self.gateway.client() as admin:
+            self.token = admin.create_token("benchmark", "infer").token
+        self.url = f"{self.gateway.url}/v1"
+
+    def loaded(self) -> bool:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        cards = httpx.get(f"{self.url}/models", headers=headers, timeout=10).json()["data"]
+        return any(card["loaded_on"] for card in cards if card["id"] == self.model)
+
+    def prepare(self) -> None:
+        """Warm (C): one request loads the model. Cold (D): wait until it is unloaded."""
+        if not self.cold:
+            if not self.loaded():
+                arm_http(self.url, self.model, SHORT, 1, 4, token=self.token)
+            return
+        deadline = time.monotonic() + 60
+        while self.loaded():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cold arm's server kept the model loaded for 60 s")
+            time.sleep(0.2)
+
+    def run(self, prompt: str, concurrency: int, tokens: int) -> RunResult:
+        self.prepare()
+        assert self.server.proc is not None and self.gateway.proc is not None
+        return arm_http(
+            self.url,
+            self.model,
+            prompt,
+            concurrency,
+            tokens,
+            token=self.token,
+            label="D hostgpu cold" if self.cold else "C hostgpu warm",
+            server_pid=self.server.proc.pid,
+            gateway_pid=self.gateway.proc.pid,
+        )
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.gateway.stop()
 
 
 def start_server(
@@ -276,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default="short,long")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cancel-samples", type=int, default=5)
-    parser.add_argument("--arms", default="A,B")
+    parser.add_argument("--arms", default="A,B,C,D")
     parser.add_argument(
         "--threads", type=int, help="engine CPU threads in both arms (1 is steadier on a busy CPU)"
     )
@@ -302,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     if "B" in arms:
         server, base_url, server_start = start_server(args.model, args.device, args.threads)
         console.print(f"B: server up (load included) in {server_start:.1f} s")
+    scratch = Path(tempfile.mkdtemp(prefix="hostgpu-inference-bench-"))
+    hostgpu_arms = {
+        arm: HostgpuArm(args.model, args.threads, scratch / arm, cold=arm == "D")
+        for arm in ("C", "D")
+        if arm in arms
+    }
 
     results: list[RunResult] = []
     try:
@@ -312,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                         if arm == "A":
                             result = arm_in_process(
                                 engine, PROMPTS[prompt], concurrency, args.tokens
+                            )
+                        elif arm in hostgpu_arms:
+                            result = hostgpu_arms[arm].run(
+                                PROMPTS[prompt], concurrency, args.tokens
                             )
                         else:
                             assert base_url is not None and server is not None
@@ -337,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.terminate()
             server.wait(30)
+        for hostgpu_arm in hostgpu_arms.values():
+            hostgpu_arm.stop()
 
     table = Table(
         title=f"{args.model} on {args.device}: {args.tokens} tokens/stream, greedy, "
@@ -352,13 +446,16 @@ def main(argv: list[str] | None = None) -> int:
         "tok/s/stream",
         "tok/s total",
         "vs A",
+        "vs B",
+        "TTFT − B ms",
         "server CPU s",
+        "gateway CPU s",
     ):
         table.add_column(column, justify="right" if column not in ("prompt", "arm") else "left")
     summary = []
     for prompt in prompts:
         for concurrency in concurrencies:
-            base_total = None
+            base_total = b_total = b_ttft = None
             for arm_name in dict.fromkeys(r.arm for r in results):
                 runs = [
                     r
@@ -374,8 +471,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 row = merged.row()
                 cpu = [r.server_cpu for r in runs if r.server_cpu is not None]
+                gw_cpu = [r.gateway_cpu for r in runs if r.gateway_cpu is not None]
                 if base_total is None:
                     base_total = row["total_tok_s"]
+                if arm_name.startswith("B"):
+                    b_total, b_ttft = row["total_tok_s"], row["ttft_p50"]
                 summary.append(
                     {
                         "prompt": prompt,
@@ -383,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                         "arm": arm_name,
                         **row,
                         "server_cpu_s": statistics.mean(cpu) if cpu else None,
+                        "gateway_cpu_s": statistics.mean(gw_cpu) if gw_cpu else None,
                     }
                 )
                 table.add_row(
@@ -395,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['stream_tok_s']:.1f}",
                     f"{row['total_tok_s']:.1f}",
                     f"{row['total_tok_s'] / base_total:.2f}",
+                    f"{row['total_tok_s'] / b_total:.2f}" if b_total else "",
+                    f"{(row['ttft_p50'] - b_ttft) * 1000:+.0f}" if b_ttft is not None else "",
                     f"{statistics.mean(cpu):.1f}" if cpu else "",
+                    f"{statistics.mean(gw_cpu):.2f}" if gw_cpu else "",
                 )
     console.print(table)
     if cancel:

@@ -271,6 +271,27 @@ def test_killed_server_request_completes_on_another(
     assert job["state"] == "succeeded"
 
 
+def test_requests_go_to_the_server_with_the_model_warm(
+    gateway: Gateway, workers: list[Worker], infer_token: str
+) -> None:
+    start_server(gateway, workers, name="warm")
+    client = oai(gateway, infer_token)
+    client.chat.completions.create(model="smollm2", messages=HELLO, **GREEDY)  # loads it
+    start_server(gateway, workers, name="cold")
+    for _ in range(4):
+        client.chat.completions.create(model="smollm2", messages=HELLO, **GREEDY)  # type: ignore[arg-type]
+    with gateway.http() as http:
+        names = {
+            w["id"]: w["capabilities"]["name"] for w in http.get("/v1/workers").json()["workers"]
+        }
+    served_by = [names[str(j["worker_id"])] for j in job_of(gateway)]
+    assert served_by == ["warm"] * 5
+    with gateway.http(infer_token) as http:
+        [card] = http.get("/v1/models").json()["data"]
+    assert [e["worker"] for e in card["loaded_on"]] == ["warm"]
+    assert sorted(s["worker"] for s in card["servers"]) == ["cold", "warm"]
+
+
 @pytest.fixture
 def share_token(gateway: Gateway) -> Iterator[str]:
     with gateway.client() as c:

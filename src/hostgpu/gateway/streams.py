@@ -22,9 +22,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from hostgpu.gateway.notify import LeaseWaiter, Runnable
 from hostgpu.inference.engines.base import Completion, StreamDelta, Usage
 from hostgpu.inference.errors import EngineError, InferenceError, InvalidRequest, ModelNotFound
-from hostgpu.inference.jobs import EngineState, GenerateResult, StreamEvent
+from hostgpu.inference.jobs import (
+    INFERENCE_FUNCTION,
+    EngineState,
+    GenerateResult,
+    StreamEvent,
+    served_models,
+)
 from hostgpu.jobs import Job, JobState
 
 #: How long a stream may be silent before its reader looks at the job in the store.
@@ -69,6 +76,22 @@ class StreamHub:
         if len(self._verified) > 100_000:
             self._verified.clear()
         self._verified[(job_id, worker_id)] = ok
+
+    def preference(self, job: Runnable) -> Callable[[LeaseWaiter], tuple[int, int]] | None:
+        """For an inference job: offer it first to servers that have its model loaded, the
+        least busy first (a cold server is woken only when no warm one waits for work)."""
+        models = served_models(job.requirements.labels)
+        if job.function != INFERENCE_FUNCTION or not models:
+            return None
+        model = models[0]
+
+        def rank(waiter: LeaseWaiter) -> tuple[int, int]:
+            for engine in self.engines.get(waiter.worker_id, []):
+                if engine.model == model and engine.loaded:
+                    return 0, engine.active
+            return 1, 0
+
+        return rank
 
     def publish(self, event: StreamEvent) -> bool:
         """Hand an event to its reader; True when nobody wants the job's text any more."""

@@ -34,6 +34,7 @@ class LocalStack:
         imports: tuple[str, ...] = (),
         extra_env: dict[str, str] | None = None,
         port_given: bool = False,
+        models: tuple[str, ...] = (),
     ) -> None:
         self.settings = settings
         self.port_given = port_given  # a busy --port is an error; a busy default moves
@@ -41,10 +42,12 @@ class LocalStack:
         self.port = port or settings.port
         self.concurrency = concurrency
         self.imports = imports
+        self.models = models
         self.env = {**os.environ, "HOSTGPU_HOME": str(self.home), **(extra_env or {})}
         self.env.pop("HOSTGPU_GATEWAY", None)
         self.gateway: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        self.model_server: subprocess.Popen[bytes] | None = None
         self.logs = self.home / "logs"
         self._files: list[IO[bytes]] = []
 
@@ -109,39 +112,55 @@ class LocalStack:
         return path.read_text().strip()
 
     def start_worker(self, timeout: float = 120.0) -> None:
-        env = {**self.env, "HOSTGPU_TOKEN": self.settings.token or self.admin_token()}
         args = ["worker", "--gateway", self.url, "--concurrency", str(self.concurrency)]
         args += [arg for module in self.imports for arg in ("--import", module)]
-        self.worker = self._spawn("worker", args, env)
+        self.worker = self._start_registered("worker", args, "functions", timeout)
+
+    def start_model_server(self, timeout: float = 120.0) -> None:
+        """``hostgpu serve`` for ``models`` (they load on first use)."""
+        args = ["serve", *self.models, "--gateway", self.url]
+        self.model_server = self._start_registered("model-server", args, "models", timeout)
+
+    def _start_registered(
+        self, name: str, args: list[str], serves: str, timeout: float
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker process and wait until it has registered its functions."""
+        env = {**self.env, "HOSTGPU_TOKEN": self.settings.token or self.admin_token()}
+        proc = self._spawn(name, args, env)
         headers = {"Authorization": f"Bearer {env['HOSTGPU_TOKEN']}"}
         deadline = time.monotonic() + timeout
         while True:
-            if self.worker.poll() is not None:
+            if proc.poll() is not None:
                 raise HostGPUError(
-                    f"the worker exited with code {self.worker.returncode}:\n{self._tail('worker')}"
+                    f"the {name} exited with code {proc.returncode}:\n{self._tail(name)}"
                 )
             reply = httpx.get(f"{self.url}/v1/workers", params={"alive": True}, headers=headers)
             if reply.status_code == 200 and any(
-                w["capabilities"]["functions"] for w in reply.json()["workers"]
+                w["capabilities"]["functions"] and w["capabilities"]["serves"] == serves
+                for w in reply.json()["workers"]
             ):
-                return
+                return proc
             if time.monotonic() > deadline:
-                raise HostGPUError(f"the worker did not register within {timeout:.0f} s")
+                raise HostGPUError(f"the {name} did not register within {timeout:.0f} s")
             time.sleep(0.2)
 
     def start(self) -> None:
         try:
             self.start_gateway()
             self.start_worker()
+            if self.models:
+                self.start_model_server()
         except BaseException:
             self.stop(grace=5)
             raise
 
     def alive(self) -> bool:
-        return all(p is not None and p.poll() is None for p in (self.gateway, self.worker))
+        procs = [self.gateway, self.worker, *([self.model_server] if self.models else [])]
+        return all(p is not None and p.poll() is None for p in procs)
 
     def stop(self, *, grace: float = 30.0, cold: bool = False) -> None:
-        """Worker first (warm stop, finishing its jobs), then the gateway."""
+        """Workers first (warm stop, finishing their jobs), then the gateway."""
+        stop_process(self.model_server, grace, cold=cold)
         stop_process(self.worker, grace, cold=cold)
         stop_process(self.gateway, grace)
         for handle in self._files:
@@ -149,4 +168,5 @@ class LocalStack:
         self._files.clear()
 
     def log_paths(self) -> list[Path]:
-        return [self.logs / "gateway.log", self.logs / "worker.log"]
+        names = ["gateway", "worker", *(["model-server"] if self.models else [])]
+        return [self.logs / f"{name}.log" for name in names]

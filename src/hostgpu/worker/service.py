@@ -1,4 +1,5 @@
-"""`hostgpu worker install`: run the worker as a launchd agent (macOS) or systemd user unit.
+"""`hostgpu worker install` (and `hostgpu share --install`): run the worker (or a lender) as a
+launchd agent (macOS) or systemd user unit.
 
 The worker must run natively (not in a container) to reach Metal or CUDA; a service
 manager keeps it running across logins and restarts it when it exits.
@@ -19,8 +20,18 @@ from pathlib import Path
 
 from hostgpu.processes import worker_command
 
-LAUNCHD_LABEL = "dev.hostgpu.worker"
-SYSTEMD_UNIT = "hostgpu-worker.service"
+
+def launchd_label(kind: str = "worker") -> str:
+    return f"dev.hostgpu.{kind}"
+
+
+def systemd_unit_name(kind: str = "worker") -> str:
+    return f"hostgpu-{kind}.service"
+
+
+#: The function worker's service; ``hostgpu share --install`` writes a "share" one beside it.
+LAUNCHD_LABEL = launchd_label()
+SYSTEMD_UNIT = systemd_unit_name()
 #: Seconds a warm stop may take (running jobs finish) before the service manager kills.
 STOP_GRACE_S = 60
 
@@ -42,37 +53,43 @@ class Manager:
     state: list[str]  # exit status 0: loaded and running
 
 
-def manager(platform: str, path: Path) -> Manager:
+def manager(platform: str, path: Path, kind: str = "worker") -> Manager:
     if platform == "darwin":
         domain = f"gui/{os.getuid()}"
+        label = launchd_label(kind)
         return Manager(
             "launchctl",
             ["launchctl", "bootstrap", domain, str(path)],
-            ["launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"],
-            ["launchctl", "print", f"{domain}/{LAUNCHD_LABEL}"],
+            ["launchctl", "bootout", f"{domain}/{label}"],
+            ["launchctl", "print", f"{domain}/{label}"],
         )
+    unit = systemd_unit_name(kind)
     return Manager(
         "systemctl",
-        ["systemctl", "--user", "enable", "--now", SYSTEMD_UNIT],
-        ["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT],
-        ["systemctl", "--user", "is-active", "--quiet", SYSTEMD_UNIT],
+        ["systemctl", "--user", "enable", "--now", unit],
+        ["systemctl", "--user", "disable", "--now", unit],
+        ["systemctl", "--user", "is-active", "--quiet", unit],
     )
 
 
-def service_path(platform: str, home: Path) -> Path:
+def service_path(platform: str, home: Path, kind: str = "worker") -> Path:
     if platform == "darwin":
-        return home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
-    return home / ".config" / "systemd" / "user" / SYSTEMD_UNIT
+        return home / "Library" / "LaunchAgents" / f"{launchd_label(kind)}.plist"
+    return home / ".config" / "systemd" / "user" / systemd_unit_name(kind)
 
 
-def launchd_plist(command: list[str], env: dict[str, str], home: Path) -> ServiceFile:
-    log = str(home / "Library" / "Logs" / "hostgpu" / "worker.log")
+def launchd_plist(
+    command: list[str], env: dict[str, str], home: Path, kind: str = "worker"
+) -> ServiceFile:
+    log = str(home / "Library" / "Logs" / "hostgpu" / f"{kind}.log")
     plist = {
-        "Label": LAUNCHD_LABEL,
+        "Label": launchd_label(kind),
         "ProgramArguments": command,
         "EnvironmentVariables": dict(sorted(env.items())),
         "RunAtLoad": True,
-        "KeepAlive": True,
+        # A worker runs for good; a lender that reached its time limit exits 0 and stays
+        # stopped (it is restarted only after a failure).
+        "KeepAlive": True if kind == "worker" else {"SuccessfulExit": False},
         # A worker that exits at once (gateway refused its token) is restarted at most
         # every 10 s, not in a tight loop.
         "ThrottleInterval": 10,
@@ -82,8 +99,8 @@ def launchd_plist(command: list[str], env: dict[str, str], home: Path) -> Servic
         "StandardErrorPath": log,
     }
     content = plistlib.dumps(plist, sort_keys=False).decode()
-    path = service_path("darwin", home)
-    hint = f"mkdir -p ~/Library/Logs/hostgpu && {shlex.join(manager('darwin', path).load)}"
+    path = service_path("darwin", home, kind)
+    hint = f"mkdir -p ~/Library/Logs/hostgpu && {shlex.join(manager('darwin', path, kind).load)}"
     return ServiceFile(path, content, hint)
 
 
@@ -94,12 +111,14 @@ def _systemd_quote(arg: str) -> str:
     return arg if plain else f'"{escaped}"'
 
 
-def systemd_unit(command: list[str], env: dict[str, str], home: Path) -> ServiceFile:
+def systemd_unit(
+    command: list[str], env: dict[str, str], home: Path, kind: str = "worker"
+) -> ServiceFile:
     env_lines = "\n".join(
         f"Environment={_systemd_quote(f'{k}={v}')}" for k, v in sorted(env.items())
     )
     content = f"""[Unit]
-Description=hostgpu native worker
+Description={"hostgpu native worker" if kind == "worker" else "hostgpu: lending this machine"}
 After=network-online.target
 Wants=network-online.target
 
@@ -118,9 +137,9 @@ TimeoutStopSec={STOP_GRACE_S}
 [Install]
 WantedBy=default.target
 """
-    path = service_path("linux", home)
+    path = service_path("linux", home, kind)
     hint = (
-        f"systemctl --user daemon-reload && {shlex.join(manager('linux', path).load)}\n"
+        f"systemctl --user daemon-reload && {shlex.join(manager('linux', path, kind).load)}\n"
         "  loginctl enable-linger $USER   # to keep it running after you log out"
     )
     return ServiceFile(path, content, hint)
@@ -138,10 +157,22 @@ def service_file(
 ) -> ServiceFile:
     """The service file for ``platform`` ("darwin": launchd; else systemd)."""
     command = worker_command(gateway, modules, concurrency)
+    return command_service(platform, command, token_file, home, hostgpu_home)
+
+
+def command_service(
+    platform: str,
+    command: list[str],
+    token_file: Path,
+    home: Path,
+    hostgpu_home: Path,
+    kind: str = "worker",
+) -> ServiceFile:
+    """A service running ``command`` with its token in ``token_file`` (``kind``: worker, share)."""
     env = {"HOSTGPU_TOKEN_FILE": str(token_file.absolute()), "HOSTGPU_HOME": str(hostgpu_home)}
     if platform == "darwin":
-        return launchd_plist(command, env, home)
-    return systemd_unit(command, env, home)
+        return launchd_plist(command, env, home, kind)
+    return systemd_unit(command, env, home, kind)
 
 
 def write(service: ServiceFile) -> None:

@@ -46,6 +46,8 @@ from hostgpu.jobs import ErrorKind, JobError, Lease, Outcome, Payload
 from hostgpu.worker.child import Ready
 
 log = logging.getLogger("hostgpu.serve")
+# transformers' batching logs every start and stop at INFO: keep the server's log to its own.
+logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 
 Key = tuple[str, str]  # (job id, lease token)
 
