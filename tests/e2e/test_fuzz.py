@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import positive_data_acceptance
+from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from hostgpu.gateway import create_app
 from hostgpu.gateway.bootstrap import ensure_admin_token
@@ -27,6 +27,11 @@ STREAMS = {"/v1/events"}
 #: Content-addressed uploads: the path is the SHA-256 of the body, a rule no schema can state,
 #: so a "schema-valid" random body is refused (with a 4xx and its reason, which is checked).
 CONTENT_ADDRESSED = {("PUT", "/v1/blobs/{digest}")}
+#: The inference API with no model server connected: a valid request gets the documented 503
+#: (with Retry-After and what to start), and the OpenAI request models hold rules a schema
+#: cannot state (n=1, no penalties). Checked by hand below: a 4xx with OpenAI's error shape,
+#: or that 503, never another 5xx.
+INFERENCE = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions")}
 
 
 def _clamp_waits(case: schemathesis.Case) -> None:
@@ -73,6 +78,16 @@ def test_api_never_fails_on_any_input(
                 str((case.path_parameters or {}).get("token_id", "-"))
             ):
                 return  # its own token (ids match by prefix): revoking it would end the run
+            if key in INFERENCE:
+                checks = [positive_data_acceptance, not_a_server_error]
+                response = case.call_and_validate(headers=headers, excluded_checks=checks)
+                error = response.json()["error"]
+                assert response.status_code != 200 and error["message"], response.text
+                if response.status_code >= 500:
+                    assert response.status_code == 503, response.text
+                    assert "no worker can load" in error["message"]
+                    assert response.headers["retry-after"]
+                return
             excluded = [positive_data_acceptance] if key in CONTENT_ADDRESSED else []
             response = case.call_and_validate(headers=headers, excluded_checks=excluded)
             if excluded and response.status_code >= 400:

@@ -186,6 +186,31 @@ def test_eight_at_once_on_one_replica_all_complete(
     assert {j["state"] for j in job_of(gateway)} == {"succeeded"}
 
 
+def test_a_busy_replica_queues_requests_in_arrival_order(
+    gateway: Gateway, workers: list[Worker], infer_token: str
+) -> None:
+    start_server(gateway, workers, concurrency=1)
+    client = oai(gateway, infer_token)
+    client.chat.completions.create(model="smollm2", messages=HELLO, **GREEDY)  # type: ignore[arg-type]
+    done: list[int] = []
+
+    def ask(i: int) -> None:
+        client.chat.completions.create(model="smollm2", messages=HELLO, **GREEDY)  # type: ignore[arg-type]
+        done.append(i)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)  # a defined arrival order
+    for t in threads:
+        t.join(timeout=240)
+    assert sorted(done) == list(range(5))
+    jobs = sorted(job_of(gateway), key=lambda j: str(j["created_at"]))[1:]
+    finished = [str(j["finished_at"]) for j in jobs]
+    assert finished == sorted(finished)  # one at a time, first come first served
+    assert {j["state"] for j in jobs} == {"succeeded"}
+
+
 def test_client_disconnect_cancels_generation(
     gateway: Gateway, server: ModelServer, infer_token: str
 ) -> None:

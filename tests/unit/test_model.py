@@ -138,9 +138,10 @@ def test_retry_rule() -> None:
 def test_token_scopes() -> None:
     assert admits("admin", ("worker",))
     assert admits("submit", ("read",)) and not admits("read", ("submit",))
-    # A lent machine never runs the owner's jobs: until leases enforce model-engine jobs
-    # only, share admits no worker route at all.
+    # A share token is not a worker token: the worker routes admit it on their own terms
+    # (models only, its own machine only; tests/inference/test_gateway.py).
     assert not admits("share", ("worker",)) and not admits("worker", ("share",))
+    assert admits("share", ("worker", "share")) and not admits("share", ("read",))
     assert not admits("infer", ("submit",)) and not admits("worker", ("read",))
     assert set(SCOPES) == {"admin", "submit", "worker", "read", "infer", "share"}
 

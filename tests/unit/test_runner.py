@@ -376,9 +376,11 @@ def test_grace_exceeded_kills_and_returns(make_pool: PoolFactory) -> None:
     pool, collector = make_pool(1, preload=["tests.jobfuncs"])
     t = task("sleep", 30)
     pool.submit(t)
-    time.sleep(0.3)
-    busy = [c.pid for c in pool._children if c.task is not None]
-    assert busy and all(busy)
+    deadline = time.monotonic() + 30  # a loaded machine takes a while to spawn the child
+    while not (busy := [c.pid for c in pool._children if c.task is not None]):
+        assert time.monotonic() < deadline, "the task never reached a child"
+        time.sleep(0.05)
+    assert all(busy)
     started = time.monotonic()
     assert [u.job_id for u in pool.stop(grace=0.5)] == [t.job_id]
     assert time.monotonic() - started < 5

@@ -264,8 +264,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(InferenceError, inference_error)
 
-    async def validation(_: Request, exc: Exception) -> JSONResponse:
+    async def validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if request.url.path in inference.OPENAI_PATHS:
+            return JSONResponse(oa.error_body(oa.invalid_request(exc.errors())), 400)
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()

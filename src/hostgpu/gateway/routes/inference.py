@@ -41,11 +41,21 @@ router = APIRouter(tags=["inference"])
 InferToken = Annotated[TokenInfo, Depends(require("infer"))]
 ModelsToken = Annotated[TokenInfo, Depends(require("infer", "read"))]
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    }
+#: Paths whose errors are in OpenAI's shape (validation errors included: see app.py).
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion (JSON), or with `stream: true` its chunks as SSE",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **{
+        status: {"model": oa.ErrorResponse, "description": text}
+        for status, text in {
+            400: "The request is not valid for the model (OpenAI's error shape)",
+            429: "Over this token's rate or concurrency limit (Retry-After)",
+            503: "No live model server serves the model (Retry-After)",
+        }.items()
+    },
 }
 
 
@@ -89,13 +99,6 @@ async def list_models(request: Request, _: ModelsToken) -> oa.ModelList:
             )
         )
     return oa.ModelList(data=cards)
-
-
-async def _body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise InvalidRequest("the body is not valid JSON") from None
 
 
 async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
@@ -186,10 +189,11 @@ def _sampling(request: Request, body: oa.ChatCompletionRequest | oa.CompletionRe
     return Sampling.of(params)
 
 
-@router.post("/v1/chat/completions", response_model=None, openapi_extra=_BODY)
-async def chat_completions(request: Request, token: InferToken) -> Any:
+@router.post("/v1/chat/completions", response_model=None, responses=_RESPONSES)
+async def chat_completions(
+    body: oa.ChatCompletionRequest, request: Request, token: InferToken
+) -> Any:
     """OpenAI's chat completions (``stream: true`` for SSE)."""
-    body = oa.parse_request(oa.ChatCompletionRequest, await _body(request))
     sampling = _sampling(request, body)
     messages = body.chat_messages()
     check_messages(messages)
@@ -197,10 +201,9 @@ async def chat_completions(request: Request, token: InferToken) -> Any:
     return await _respond(request, token, gen, body, sse=oa.chat_sse, whole=oa.chat_response)
 
 
-@router.post("/v1/completions", response_model=None, openapi_extra=_BODY)
-async def completions(request: Request, token: InferToken) -> Any:
+@router.post("/v1/completions", response_model=None, responses=_RESPONSES)
+async def completions(body: oa.CompletionRequest, request: Request, token: InferToken) -> Any:
     """OpenAI's (legacy) text completions (``stream: true`` for SSE)."""
-    body = oa.parse_request(oa.CompletionRequest, await _body(request))
     sampling = _sampling(request, body)
     gen = GenerateRequest(
         model=body.model, kind="completion", prompt=body.prompt_text(), sampling=sampling
