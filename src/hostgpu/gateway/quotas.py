@@ -6,11 +6,14 @@ one client from starving the others, without a store write per request.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
+import weakref
 
 from hostgpu.inference.errors import RateLimited
+
+
+class Slot:
+    """One running request's place in its token's concurrency limit."""
 
 
 class TokenQuotas:
@@ -19,22 +22,18 @@ class TokenQuotas:
         self.concurrent = concurrent
         #: Token id → (allowance left, when it was last topped up): a token bucket.
         self._buckets: dict[str, tuple[float, float]] = {}
-        self._active: dict[str, int] = {}
+        #: Token id → the requests it has running. Weak: a request whose response never ran
+        #: (the client left before it started) frees its slot when it is garbage.
+        self._active: dict[str, weakref.WeakSet[Slot]] = {}
 
-    @contextlib.contextmanager
-    def hold(self, token_id: str) -> Iterator[None]:
-        """One request of ``token_id`` for as long as the block runs; RateLimited when over."""
-        self.admit(token_id)
-        try:
-            yield
-        finally:
-            self.release(token_id)
-
-    def admit(self, token_id: str) -> None:
+    def admit(self, token_id: str, request: Slot) -> None:
+        """Count ``request`` against ``token_id``'s limits (RateLimited when over them) until
+        :meth:`release`, or until it is garbage."""
         now = time.monotonic()
         left, at = self._buckets.get(token_id, (float(self.per_minute), now))
         left = min(float(self.per_minute), left + (now - at) * self.per_minute / 60.0)
-        if self._active.get(token_id, 0) >= self.concurrent:
+        active = self._active.setdefault(token_id, weakref.WeakSet())
+        if len(active) >= self.concurrent:
             raise RateLimited(
                 f"this token already has {self.concurrent} requests running "
                 "(HOSTGPU_INFER_CONCURRENCY): wait for one to finish",
@@ -47,11 +46,11 @@ class TokenQuotas:
                 code="rate_limit",
             )
         self._buckets[token_id] = (left - 1.0, now)
-        self._active[token_id] = self._active.get(token_id, 0) + 1
+        active.add(request)
 
-    def release(self, token_id: str) -> None:
-        count = self._active.get(token_id, 0) - 1
-        if count > 0:
-            self._active[token_id] = count
-        else:
-            self._active.pop(token_id, None)
+    def release(self, token_id: str, request: Slot) -> None:
+        active = self._active.get(token_id)
+        if active is not None:
+            active.discard(request)
+            if not active:
+                del self._active[token_id]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -148,6 +149,11 @@ class RemoteStream:
         self._cancel_task: asyncio.Task[Any] | None = None
         #: The device the job runs on, once its first event said.
         self.device: str | None = None
+        #: The request's place in its token's concurrency limit (freed with this stream).
+        self.slot: object | None = None
+        # A stream nobody ever read (the client left before its response started) still
+        # stops its job: its server is told at its next event.
+        self._abandon = weakref.finalize(self, _abandoned, self.relay)
 
     @property
     def done(self) -> bool:
@@ -244,11 +250,16 @@ class RemoteStream:
         return True
 
     def _close(self) -> None:
+        self._abandon.detach()
         if not self._closed:
             self._closed = True
             self.relay.reading = False
             if not self.relay.cancelled:
                 self.hub.close(self.job_id)
+
+
+def _abandoned(relay: Relay) -> None:
+    relay.cancelled = True
 
 
 async def with_keepalive(

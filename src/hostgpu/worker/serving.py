@@ -154,6 +154,7 @@ class EnginePool:
         self._last_used: dict[str, float] = {}
         self._running: dict[Key, _Running] = {}
         self._accepting = True
+        self._stopping = threading.Event()  # stop() began: requests waiting for memory give up
         self._closed = threading.Event()
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="hostgpu-serve")
         self._janitor = threading.Thread(target=self._unload_idle, name="hostgpu-keepalive")
@@ -210,6 +211,7 @@ class EnginePool:
             if not cold:
                 self._lock.wait_for(lambda: not self._running, max(grace, 0.0))
             unfinished = [r.lease for r in self._running.values()]
+        self._stopping.set()
         self._stop_jobs(lambda key: True, "stop")
         self._executor.shutdown(wait=True)
         self._closed.set()
@@ -276,7 +278,7 @@ class EnginePool:
             if idle:
                 self._unload(idle[0])
                 continue
-            if self._closed.wait(0.2):
+            if self._stopping.wait(0.2):
                 raise EngineError("the model server is stopping")
 
     def _unload(self, name: str) -> None:

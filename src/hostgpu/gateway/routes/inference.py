@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hostgpu.capabilities import Capabilities
 from hostgpu.gateway.auth import require
 from hostgpu.gateway.deps import run
+from hostgpu.gateway.quotas import Slot, TokenQuotas
 from hostgpu.gateway.routes.jobs import announce
 from hostgpu.gateway.streams import RemoteStream, StreamHub, with_keepalive
 from hostgpu.inference import openai_schema as oa
@@ -147,13 +148,15 @@ async def _respond(
     sse: Callable[..., AsyncIterator[str]],
     whole: Callable[..., Any],
 ) -> Any:
-    quotas = request.app.state.quotas
-    quotas.admit(token.id)
+    quotas: TokenQuotas = request.app.state.quotas
+    slot = Slot()
+    quotas.admit(token.id, slot)
     try:
         remote = await _start(request, gen)
     except BaseException:
-        quotas.release(token.id)
+        quotas.release(token.id, slot)
         raise
+    remote.slot = slot  # held as long as the request is
     if body.stream:
         every = request.app.state.settings.infer_keepalive_seconds
 
@@ -164,13 +167,13 @@ async def _respond(
                     yield line
             finally:
                 remote.cancel()  # a no-op once it finished
-                quotas.release(token.id)
+                quotas.release(token.id, slot)
 
         return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         completion = await wait_or_disconnect(request, remote)
     finally:
-        quotas.release(token.id)
+        quotas.release(token.id, slot)
     if completion is None:
         return JSONResponse({}, status_code=499)
     return whole(completion, gen.model)
