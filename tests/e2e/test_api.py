@@ -27,13 +27,13 @@ SCOPES = {
     ("GET", "/v1/stats/workers"): {"submit", "read"},
     ("GET", "/v1/events"): {"submit", "read"},
     ("GET", "/v1/tokens/self"): {"submit", "worker", "read", "infer", "share"},
-    ("POST", "/v1/workers"): {"worker"},
+    ("POST", "/v1/workers"): {"worker", "share"},
     ("GET", "/v1/workers"): {"submit", "read", "worker"},
-    ("POST", "/v1/workers/{worker_id}/lease"): {"worker"},
-    ("POST", "/v1/workers/{worker_id}/heartbeat"): {"worker"},
-    ("POST", "/v1/workers/{worker_id}/report"): {"worker"},
-    ("POST", "/v1/workers/{worker_id}/drain"): {"worker"},
-    ("DELETE", "/v1/workers/{worker_id}"): {"worker"},
+    ("POST", "/v1/workers/{worker_id}/lease"): {"worker", "share"},
+    ("POST", "/v1/workers/{worker_id}/heartbeat"): {"worker", "share"},
+    ("POST", "/v1/workers/{worker_id}/report"): {"worker", "share"},
+    ("POST", "/v1/workers/{worker_id}/drain"): {"worker", "share"},
+    ("DELETE", "/v1/workers/{worker_id}"): {"worker", "share"},
     ("POST", "/v1/tokens"): set(),
     ("GET", "/v1/tokens"): set(),
     ("DELETE", "/v1/tokens/{token_id}"): set(),
@@ -43,6 +43,12 @@ SCOPES = {
     ("PUT", "/v1/blobs/{digest}"): {"submit"},
     ("HEAD", "/v1/blobs/{digest}"): {"submit"},
     ("GET", "/v1/blobs/{digest}"): {"read", "submit", "worker"},
+    # A share token passes on the worker routes, for the one machine it registered (a
+    # model server): tests/inference/test_gateway.py checks it cannot act for another.
+    ("POST", "/v1/workers/{worker_id}/streams"): {"worker", "share"},
+    ("GET", "/v1/models"): {"infer", "read", "submit"},
+    ("POST", "/v1/chat/completions"): {"infer"},
+    ("POST", "/v1/completions"): {"infer"},
 }
 #: A value for each path parameter that matches its pattern (so scope, not shape, decides).
 PATH_VALUES = {

@@ -84,13 +84,15 @@ def up(
     )
     with ExitStack() as cleanup:
         cleanup.callback(pidfile.release, pid_path)
+        # Registered first: a signal between start() and a later registration would leave
+        # the stack running (stopping twice is harmless).
+        cleanup.callback(stack.stop)
         try:
             with console.status("starting gateway and worker…"):
                 stack.start()  # interrupted, it stops what it started, then re-raises
         except KeyboardInterrupt:
             console.print("stopped before it was up")
             return
-        cleanup.callback(stack.stop)
         try:
             console.print(f"[green]gateway[/] {stack.url}   dashboard {stack.url}/")
             console.print(f"admin token in {settings.home_dir / 'admin-token'}")

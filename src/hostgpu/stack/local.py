@@ -114,20 +114,24 @@ class LocalStack:
     def start_worker(self, timeout: float = 120.0) -> None:
         args = ["worker", "--gateway", self.url, "--concurrency", str(self.concurrency)]
         args += [arg for module in self.imports for arg in ("--import", module)]
-        self.worker = self._start_registered("worker", args, "functions", timeout)
+        # Kept before the wait: a stop that interrupts the wait must find the process.
+        self.worker = self._spawn("worker", args, self._worker_env())
+        self._wait_registered(self.worker, "worker", "functions", timeout)
 
     def start_model_server(self, timeout: float = 120.0) -> None:
         """``hostgpu serve`` for ``models`` (they load on first use)."""
         args = ["serve", *self.models, "--gateway", self.url]
-        self.model_server = self._start_registered("model-server", args, "models", timeout)
+        self.model_server = self._spawn("model-server", args, self._worker_env())
+        self._wait_registered(self.model_server, "model-server", "models", timeout)
 
-    def _start_registered(
-        self, name: str, args: list[str], serves: str, timeout: float
-    ) -> subprocess.Popen[bytes]:
-        """Start a worker process and wait until it has registered its functions."""
-        env = {**self.env, "HOSTGPU_TOKEN": self.settings.token or self.admin_token()}
-        proc = self._spawn(name, args, env)
-        headers = {"Authorization": f"Bearer {env['HOSTGPU_TOKEN']}"}
+    def _worker_env(self) -> dict[str, str]:
+        return {**self.env, "HOSTGPU_TOKEN": self.settings.token or self.admin_token()}
+
+    def _wait_registered(
+        self, proc: subprocess.Popen[bytes], name: str, serves: str, timeout: float
+    ) -> None:
+        """Wait until a worker process has registered its functions (or models)."""
+        headers = {"Authorization": f"Bearer {self._worker_env()['HOSTGPU_TOKEN']}"}
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
@@ -139,7 +143,7 @@ class LocalStack:
                 w["capabilities"]["functions"] and w["capabilities"]["serves"] == serves
                 for w in reply.json()["workers"]
             ):
-                return proc
+                return
             if time.monotonic() > deadline:
                 raise HostGPUError(f"the {name} did not register within {timeout:.0f} s")
             time.sleep(0.2)
