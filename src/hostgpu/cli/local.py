@@ -60,9 +60,9 @@ def up(
         typer.Option(help="Also serve this model to the inference API (repeatable; e.g. smollm2)"),
     ] = [],  # noqa: B006
 ) -> None:
-    """Start a gateway and one native worker here (SQLite, embedded Chroma), and with --serve
-    a model server; Ctrl-C (or SIGTERM, SIGHUP, `hostgpu down`) stops them all. One `up` per
-    HOSTGPU_HOME."""
+    """Start a gateway and one native worker here (SQLite, embedded Chroma), with --serve
+    also a model server. Ctrl-C, SIGTERM, SIGHUP or hostgpu down stops them all (one per
+    HOSTGPU_HOME)."""
     settings = get_settings()
     pid_path = settings.home_dir / PID_FILE
     pidfile.claim(pid_path)
