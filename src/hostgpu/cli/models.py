@@ -205,6 +205,8 @@ def _deadline(hours: float | None, until: str | None) -> float | None:
         raise typer.BadParameter(
             f"--until {until!r}: use HH:MM (the next such time) or an ISO date and time"
         ) from None
+    if moment.timestamp() <= time.time():
+        raise typer.BadParameter(f"--until {until} has passed already")
     return moment.timestamp()
 
 
