@@ -49,6 +49,10 @@ class Relay:
         self.cancelled = False
         self.reading = False
         self.created = time.monotonic()
+        #: The attempt whose text is relayed, and the ones it replaced: a server that lost its
+        #: lease but still sends (it has not heard yet) must not interleave its text.
+        self.lease: str | None = None
+        self.retired: set[str] = set()
 
 
 class StreamHub:
@@ -97,8 +101,12 @@ class StreamHub:
     def publish(self, event: StreamEvent) -> bool:
         """Hand an event to its reader; True when nobody wants the job's text any more."""
         relay = self.relay(event.job_id)
-        if relay.cancelled:
+        if relay.cancelled or event.lease_token in relay.retired:
             return True
+        if event.lease_token != relay.lease:
+            if relay.lease is not None:
+                relay.retired.add(relay.lease)
+            relay.lease = event.lease_token
         relay.queue.put_nowait(event)
         return False
 
