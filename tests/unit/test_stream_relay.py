@@ -6,8 +6,19 @@ import asyncio
 import gc
 from typing import Any
 
+from hostgpu.capabilities import Capabilities, Device
+from hostgpu.gateway.notify import LeaseWaiter, Notifier, Runnable
 from hostgpu.gateway.streams import RemoteStream, StreamHub
-from hostgpu.inference.jobs import GenerateResult, StreamEvent
+from hostgpu.inference.jobs import (
+    INFERENCE_FUNCTION,
+    MODEL_LABEL_VALUE,
+    EngineState,
+    GenerateResult,
+    StreamEvent,
+    function_options,
+    model_label,
+)
+from hostgpu.requirements import Requirements
 
 JOB = "a" * 32
 
@@ -58,5 +69,56 @@ def test_an_unread_stream_tells_its_server_to_stop() -> None:
         RemoteStream(hub, JOB, _never, _never)  # the response never started
         gc.collect()
         assert hub.publish(event("11", "x"))
+
+    asyncio.run(scenario())
+
+
+def _waiter(name: str, model: str = "smollm2") -> LeaseWaiter:
+    caps = Capabilities(
+        name=name,
+        devices=[Device(kind="cpu", name="cpu")],
+        labels={model_label(model): MODEL_LABEL_VALUE},
+        functions={INFERENCE_FUNCTION: function_options(600)},
+        serves="models",
+        concurrency=2,
+    )
+    return LeaseWaiter(name, caps)
+
+
+def _job(model: str = "smollm2") -> Runnable:
+    labels = {model_label(model): MODEL_LABEL_VALUE}
+    return Runnable(INFERENCE_FUNCTION, Requirements(labels=labels))
+
+
+def test_a_request_goes_to_the_warm_server_and_waits_a_moment_for_it() -> None:
+    async def scenario() -> None:
+        hub, notifier = StreamHub(), Notifier()
+        notifier.attach(asyncio.get_running_loop())
+        notifier.preference = hub.preference
+        notifier.hold_s = 0.1
+        hub.engines["warm"] = [EngineState(model="smollm2", loaded=True, device="cpu")]
+        hub.names["warm"], hub.capacity["warm"] = "warm", 2
+        cold = _waiter("cold")
+        notifier._lease_waiters.append(cold)
+        # Both wait: the warm one is woken.
+        warm = _waiter("warm")
+        notifier._lease_waiters.append(warm)
+        assert notifier.runnable([_job()]) == 1
+        assert warm.event.is_set() and not cold.event.is_set()
+        # The warm one is between polls (reporting): the request waits for it a moment...
+        notifier.remove(warm)
+        assert notifier.runnable([_job()]) == 0 and not cold.event.is_set()
+        # ...and goes to the cold one if the warm one does not come back for it.
+        await asyncio.sleep(0.3)
+        assert cold.event.is_set()
+        # A job of a model nobody has loaded goes to whoever waits, at once.
+        cold.event.clear()
+        assert notifier.runnable([_job("other")]) == 0  # the cold server does not serve it
+        other = _waiter("other-server", "other")
+        notifier._lease_waiters.append(other)
+        assert notifier.runnable([_job("other")]) == 1 and other.event.is_set()
+        # A server that left no longer holds requests back.
+        hub.forget("warm")
+        assert notifier.runnable([_job()]) == 1 and cold.event.is_set()
 
     asyncio.run(scenario())

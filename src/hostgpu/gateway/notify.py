@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,9 @@ class Runnable:
     function: str
     requirements: Requirements
     fallback: str | None = None
+    #: Offered once already to a preferred worker that was between two polls (see
+    #: ``Notifier.preference``): now any fitting waiter may take it.
+    held: bool = False
 
     def fits(self, caps: Capabilities) -> bool:
         if self.function not in caps.functions:
@@ -42,6 +46,14 @@ class Runnable:
         return (
             pick_device(self.requirements, caps, fallback_open=self.fallback == "cpu") is not None
         )
+
+
+@dataclass(frozen=True)
+class Preference:
+    """How to offer one job: the order of the waiters, and whether to hold it a moment."""
+
+    key: Callable[[LeaseWaiter], Any]
+    hold: bool = False
 
 
 @dataclass(eq=False)
@@ -70,9 +82,13 @@ class Notifier:
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
         #: Workers that said they are stopping (on this gateway or another).
         self.draining: set[str] = set()
-        #: For a job, the order in which fitting waiters are offered it (None: arrival
-        #: order). The inference routes use it to wake the server that has the model warm.
-        self.preference: Callable[[Runnable], Callable[[LeaseWaiter], Any] | None] | None = None
+        #: For a job: a key that orders the fitting waiters (lowest first; None: arrival
+        #: order), and whether a better worker than any waiting one is between two long polls.
+        #: Such a job is held for ``hold_s``: that worker's next poll reads the store first and
+        #: takes it; if it does not, the job is offered again to every fitting waiter. The
+        #: inference routes use it to send a request to the server that has the model warm.
+        self.preference: Callable[[Runnable, list[LeaseWaiter]], Preference | None] | None = None
+        self.hold_s = 0.25
 
     # -- topics ------------------------------------------------------------------------------
     def event(self, topic: str) -> asyncio.Event:
@@ -118,8 +134,11 @@ class Notifier:
             return len(idle)
         woken = 0
         for job in jobs:
-            key = self.preference(job) if self.preference is not None else None
-            for waiter in sorted(idle, key=key) if key is not None else idle:
+            preference = self.preference(job, idle) if self.preference is not None else None
+            if preference is not None and preference.hold and not job.held:
+                self.later(self.hold_s, [dataclasses.replace(job, held=True)])
+                continue
+            for waiter in sorted(idle, key=preference.key) if preference is not None else idle:
                 if not waiter.event.is_set() and job.fits(waiter.caps):
                     waiter.event.set()
                     woken += 1

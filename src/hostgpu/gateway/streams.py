@@ -23,7 +23,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from hostgpu.gateway.notify import LeaseWaiter, Runnable
+from hostgpu.gateway.notify import LeaseWaiter, Preference, Runnable
 from hostgpu.inference.engines.base import Completion, StreamDelta, Usage
 from hostgpu.inference.errors import EngineError, InferenceError, InvalidRequest, ModelNotFound
 from hostgpu.inference.jobs import (
@@ -63,6 +63,8 @@ class StreamHub:
         #: Worker id → its engines, as it last said, and its name.
         self.engines: dict[str, list[EngineState]] = {}
         self.names: dict[str, str] = {}
+        #: Worker id → how many streams it runs at once.
+        self.capacity: dict[str, int] = {}
 
     def relay(self, job_id: str) -> Relay:
         relay = self._relays.get(job_id)
@@ -82,21 +84,39 @@ class StreamHub:
             self._verified.clear()
         self._verified[(job_id, worker_id)] = ok
 
-    def preference(self, job: Runnable) -> Callable[[LeaseWaiter], tuple[int, int]] | None:
+    def forget(self, worker_id: str) -> None:
+        """A server left: its engines no longer count."""
+        for table in (self.engines, self.names, self.capacity):
+            table.pop(worker_id, None)
+
+    def preference(self, job: Runnable, idle: list[LeaseWaiter]) -> Preference | None:
         """For an inference job: offer it first to servers that have its model loaded, the
-        least busy first (a cold server is woken only when no warm one waits for work)."""
+        least busy first. When none of them waits for work but one has room (it is between
+        two long polls, reporting its last answer), hold the job a moment for it rather than
+        wake a server that would have to load the model."""
         models = served_models(job.requirements.labels)
         if job.function != INFERENCE_FUNCTION or not models:
             return None
         model = models[0]
 
-        def rank(waiter: LeaseWaiter) -> tuple[int, int]:
-            for engine in self.engines.get(waiter.worker_id, []):
+        def warm(worker_id: str) -> EngineState | None:
+            for engine in self.engines.get(worker_id, []):
                 if engine.model == model and engine.loaded:
-                    return 0, engine.active
-            return 1, 0
+                    return engine
+            return None
 
-        return rank
+        def rank(waiter: LeaseWaiter) -> tuple[int, int]:
+            engine = warm(waiter.worker_id)
+            return (0, engine.active) if engine is not None else (1, 0)
+
+        waiting = {w.worker_id for w in idle}
+        hold = not any(warm(w) for w in waiting) and any(
+            (engine := warm(worker_id)) is not None
+            and engine.active < self.capacity.get(worker_id, 1)
+            for worker_id in self.engines
+            if worker_id not in waiting and worker_id in self.names
+        )
+        return Preference(rank, hold)
 
     def publish(self, event: StreamEvent) -> bool:
         """Hand an event to its reader; True when nobody wants the job's text any more."""

@@ -218,12 +218,17 @@ async def lease(
 
 @router.post("/{worker_id}/drain", status_code=204)
 async def drain(
-    worker_id: WorkerId, store: StoreDep, notifier: NotifierDep, _: WorkerAccess
+    worker_id: WorkerId,
+    request: Request,
+    store: StoreDep,
+    notifier: NotifierDep,
+    _: WorkerAccess,
 ) -> None:
     """The worker is stopping: its long polls end now and it is leased nothing more; its
     heartbeats keep its running jobs' leases until it deregisters."""
     await run(store.drain_worker, worker_id)
     notifier.drain(worker_id)
+    request.app.state.streams.forget(worker_id)  # a leaving server takes no new request
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
@@ -311,6 +316,7 @@ async def deregister(
     """The worker is stopping cleanly."""
     await run(store.deregister_worker, worker_id)
     request.app.state.worker_caps.pop(worker_id, None)
+    request.app.state.streams.forget(worker_id)
     waiting.invalidate()
 
 
@@ -325,10 +331,11 @@ async def streams(
     """A model server's token stream: the text of its running inference jobs, relayed to
     their readers on this gateway. ``cancelled``: jobs nobody reads any more, to stop."""
     hub: StreamHub = request.app.state.streams
-    if body.engines is not None:
+    if body.engines is not None and worker_id not in request.app.state.notifier.draining:
         caps = await run(_capabilities, request, store, worker_id)
         hub.engines[worker_id] = body.engines
         hub.names[worker_id] = caps.name
+        hub.capacity[worker_id] = caps.concurrency
     cancelled: set[str] = set()
     for event in body.events:
         ok = hub.verified(event.job_id, worker_id)
