@@ -119,7 +119,7 @@ class _IdleGate:
         psutil.cpu_percent(None)
         self._me.cpu_percent(None)
         self._checked = 0.0
-        self._idle = True
+        self.idle = True
 
     def may_lease(self) -> bool:
         import psutil
@@ -128,8 +128,8 @@ class _IdleGate:
         if now - self._checked >= 1.0:
             self._checked = now
             others = psutil.cpu_percent(None) - self._me.cpu_percent(None) / self._cpus
-            self._idle = others < self.busy_percent
-        return self._idle
+            self.idle = others < self.busy_percent
+        return self.idle
 
 
 def _status_line(
@@ -144,7 +144,7 @@ def _status_line(
         if until is not None:
             minutes = max(0, int(until - time.time())) // 60
             left = f" · {minutes // 60}h{minutes % 60:02d}m left"
-        paused = " · paused (machine busy)" if gate is not None and not gate._idle else ""
+        paused = " · paused (machine busy)" if gate is not None and not gate.idle else ""
         line = (
             f"{pool.served} served · {pool.tokens} tokens · {len(pool.running())} running · "
             f"{device}{left}{paused}"
@@ -360,8 +360,9 @@ def stream_chat(
     temperature: float,
     *,
     on_first: Callable[[], object] | None = None,
+    echo: bool = True,
 ) -> tuple[str, dict[str, Any]]:
-    """Print a chat answer to stdout as it streams; returns it and its figures."""
+    """A chat answer and its figures, printed to stdout as it streams when ``echo``."""
     body: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -379,8 +380,9 @@ def stream_chat(
                         if on_first is not None:
                             on_first()
                     parts.append(text)
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
+                    if echo:
+                        sys.stdout.write(text)
+                        sys.stdout.flush()
             usage = chunk.get("usage") or usage
     ended = time.perf_counter()
     tokens = int(usage.get("completion_tokens", 0))
@@ -415,13 +417,9 @@ def generate(
     """Answer one prompt, streaming the text (with --json: one JSON object at the end)."""
     messages = [{"role": "user", "content": prompt}]
     if as_json:
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            text, figures = stream_chat(
-                client(gateway, token_file), model, messages, max_tokens, temperature
-            )
+        text, figures = stream_chat(
+            client(gateway, token_file), model, messages, max_tokens, temperature, echo=False
+        )
         print_json({"model": model, "text": text, **figures})
         return
     _, figures = stream_chat(client(gateway, token_file), model, messages, max_tokens, temperature)

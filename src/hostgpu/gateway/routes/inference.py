@@ -72,19 +72,15 @@ async def list_models(request: Request, _: ModelsToken) -> oa.ModelList:
     workers = await run(state.waiting.workers)
     names = sorted({m for w in workers for m in served_models(w.labels)})
     live = {w.name for w in workers}
-    by_name = {w.name: w for w in workers}
     cards = []
     for name in names:
-        loaded_on = []
-        for worker_id, engines in hub.engines.items():
-            for engine in engines:
-                if engine.model == name and engine.loaded:
-                    worker = hub.names.get(worker_id)
-                    if worker in live:
-                        loaded_on.append(
-                            {"worker": worker, "device": engine.device, "active": engine.active}
-                        )
-        servers = [w for w in by_name.values() if name in served_models(w.labels)]
+        loaded_on = [
+            {"worker": hub.names.get(worker_id), "device": e.device, "active": e.active}
+            for worker_id, engines in hub.engines.items()
+            for e in engines
+            if e.model == name and e.loaded and hub.names.get(worker_id) in live
+        ]
+        servers = _servers(workers, name)
         cards.append(
             oa.ModelCard(
                 id=name,
