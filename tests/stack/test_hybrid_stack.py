@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -263,14 +264,76 @@ def test_secrets_stay_private_and_off_command_lines(stack: Stack) -> None:
     assert denied.status_code == 403
 
 
+def _gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_y_service_replaces_the_foreground_worker(stack: Stack, tmp_path: Path) -> None:
+    """`stack up --service` on a running stack: the foreground worker stops, a systemd user
+    unit runs the worker from the unit file alone (the service manager is a stand-in: no
+    systemd user session exists here), it ingests, and `status` reports the service. The
+    module's last test then takes it down through the manager."""
+    if stack.variant != "sqlite":
+        pytest.skip("the service path does not depend on the store: run once, on SQLite")
+    before = stack.state()["worker"]["pid"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    standin = Path(__file__).with_name("systemctl_standin.py")
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{standin}" "$@"\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    # Kept for the rest of the module: `stack down` must stop the service through its manager.
+    stack.env.update(PATH=f"{bin_dir}{os.pathsep}{stack.env['PATH']}", HOME=str(tmp_path))
+
+    up = stack.hostgpu("stack", "up", "--service", "--no-build", timeout=600)
+    assert "a service replaces it" in up.stdout and "hostgpu-stack.service" in up.stdout
+    assert _gone(before)
+    worker = stack.state()["worker"]
+    unit = tmp_path / ".config/systemd/user/hostgpu-stack.service"
+    assert worker["service"] == str(unit) and worker["pid"] != before
+    process = psutil.Process(worker["pid"])
+    assert f"stack={stack.state()['project']}" in process.cmdline()
+
+    # The token travels as a 0600 file the unit names, never in the unit or the environment.
+    content = unit.read_text()
+    token_file = stack.home / "stack/worker-token"
+    token = token_file.read_text().strip()
+    assert token_file.stat().st_mode & 0o077 == 0
+    assert token not in content and stack.admin not in content
+    assert f"HOSTGPU_TOKEN_FILE={token_file}" in content
+    assert "HOSTGPU_TOKEN" not in {k for k in process.environ() if k != "HOSTGPU_TOKEN_FILE"}
+    assert "Environment=HF_HUB_OFFLINE=1" in content  # the shell's model settings travel
+    if shutil.which("systemd-analyze"):
+        done = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0 and unit.name not in done.stdout + done.stderr, done.stderr
+
+    report = json.loads(stack.hostgpu("stack", "status", "--json").stdout)
+    assert report["healthy"] and report["worker"]["service"] == str(unit)
+    assert report["worker"]["pid"] == worker["pid"] and report["worker"]["alive"]
+    assert "worker (service)" in stack.hostgpu("stack", "status").stdout
+
+    sample = tmp_path / "service-docs" / "job-queues-and-leases.pdf"
+    sample.parent.mkdir()
+    shutil.copy(SAMPLES / sample.name, sample)
+    stack.hostgpu("ingest", str(sample), "--wait")
+    assert stack.wait_ingested(sample)["worker_id"] == report["worker"]["id"]
+    # Its output goes to the stack's worker log, as the foreground worker's did.
+    assert "service starting" in stack.hostgpu("stack", "logs", "worker").stdout
+
+
 def test_zz_down_leaves_nothing_running(stack: Stack) -> None:
     state = stack.state()
     pid = state["worker"]["pid"]
     started = time.monotonic()
-    stack.hostgpu("stack", "down")
+    down = stack.hostgpu("stack", "down")
     print(f"\n`hostgpu stack down` ({stack.variant}): {time.monotonic() - started:.1f} s")
     assert _containers(state["project"]) == []
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert _gone(pid)
+    if state["worker"]["service"]:
+        assert "service stopped and removed" in down.stdout, down.stdout
+        assert not Path(state["worker"]["service"]).exists()
+        assert not (stack.home / "stack/worker-token").exists()
     status = stack.hostgpu("stack", "status", "--json", check=False)
     assert status.returncode == 1
     report = json.loads(status.stdout)

@@ -174,3 +174,55 @@ def test_stack_up_says_what_to_do_without_a_daemon(home: Path) -> None:
     assert f"nothing answers at DOCKER_HOST=unix://{home}/no-engine.sock" in done.stderr
     assert "fix: start the engine that owns that socket, or unset DOCKER_HOST" in done.stderr
     assert not (home / "stack/state.json").exists()  # nothing started, nothing to clean
+
+
+def test_service_environment_forwards_model_settings_but_no_secret(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service manager starts the worker with a bare environment: the unit carries the
+    shell's model and thread settings, and never a name that may hold a secret."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.setenv("HOSTGPU_INFER_KEEPALIVE_SECONDS", "30")
+    for secret in ("HOSTGPU_TOKEN", "HF_TOKEN", "HOSTGPU_DATABASE_URL", "HOSTGPU_ADMIN_TOKEN_FILE"):
+        monkeypatch.setenv(secret, "s3cret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    env = stack(home).service_env(state(home, ports={"gateway": 1, "chroma": 2, "uploads": 3}))
+    assert "s3cret" not in env.values()
+    assert (env["HF_HUB_OFFLINE"], env["OMP_NUM_THREADS"]) == ("1", "4")
+    assert env["HOSTGPU_INFER_KEEPALIVE_SECONDS"] == "30"
+    assert env["HOSTGPU_GATEWAY"] == "http://127.0.0.1:1" and env["CHROMA_PORT"] == "2"
+    assert env["HOSTGPU_HOME"] == str(home)
+
+
+def test_stack_up_service_without_a_service_manager_stops_before_docker(home: Path) -> None:
+    """`stack up --service` where no user service manager answers (this machine: systemctl
+    finds no bus; elsewhere: none on PATH) says why and what to do, and starts nothing."""
+    import subprocess
+    import sys
+
+    if sys.platform == "darwin":
+        pytest.skip("a Mac's launchd always has a session for the logged-in user")
+
+    from hostgpu.processes import hostgpu_command
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")},
+        "HOSTGPU_HOME": str(home),
+        "DOCKER_HOST": f"unix://{home}/no-engine.sock",  # were it reached, this would fail
+        "XDG_RUNTIME_DIR": str(home / "no-session"),
+        "DBUS_SESSION_BUS_ADDRESS": f"unix:path={home}/no-bus",
+        "COLUMNS": "300",
+    }
+    done = subprocess.run(
+        hostgpu_command("stack", "up", "--service"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Docker is not ready" not in done.stderr
+    assert "without --service" in done.stderr
+    assert "daemon-reload failed" in done.stderr or "not on PATH" in done.stderr, done.stderr
+    assert not (home / "stack").exists()

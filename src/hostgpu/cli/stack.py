@@ -70,6 +70,14 @@ def up(
             help="Start even inside a container on a Mac's Linux VM (the worker gets no Metal)",
         ),
     ] = False,
+    service: Annotated[
+        bool,
+        typer.Option(
+            "--service",
+            help="Run the worker as a systemd user unit / launchd agent (hostgpu-stack): "
+            "restarted after a crash and at login, token in a 0600 file",
+        ),
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for healthy containers")] = 600,
     compose_file: ComposeFileOpt = None,
 ) -> None:
@@ -93,6 +101,7 @@ def up(
             concurrency=concurrency,
             build=build,
             allow_container=allow_container,
+            service=service,
             timeout=timeout,
         )
     )
@@ -102,9 +111,10 @@ def up(
         f"[green]uploads[/]  {state.uploads_url}  (user hostgpu, password in "
         f"{stack.home / 'uploads-password'}) → {state.uploads}"
     )
+    worker = state.worker
     console.print(
-        f"[green]worker[/]   pid {state.worker.pid if state.worker else '-'}, "
-        f"log {stack.worker_log}"
+        f"[green]worker[/]   pid {worker.pid if worker else '-'}, log {stack.worker_log}"
+        + (f"\n         service {worker.service}" if worker and worker.service else "")
     )
     console.print('next: hostgpu ingest FILE --wait · hostgpu search "…" · hostgpu stack status')
 
@@ -157,7 +167,7 @@ def status(json_output: JsonOpt = False, compose_file: ComposeFileOpt = None) ->
     wstate = "running" if worker["running"] else "stopped"
     alive = worker.get("alive")
     table.add_row(
-        "worker (native)",
+        "worker (service)" if worker.get("service") else "worker (native)",
         f"[{'green' if worker['running'] else 'red'}]{wstate}[/] pid {worker['pid'] or '-'}",
         "[green]alive[/]" if alive else "[red]not seen[/]",
         "heartbeat " + _age(worker.get("last_heartbeat_s")),
@@ -173,6 +183,10 @@ def status(json_output: JsonOpt = False, compose_file: ComposeFileOpt = None) ->
     )
     console.print(table)
     console.print(f"uploads {report['uploads']['url']} → {report['uploads']['folder']}")
+    if worker.get("service"):
+        console.print(f"worker service {worker['service']}", highlight=False)
+    if worker.get("service_failure"):
+        err.print(f"[red]worker[/]: {worker['service_failure']}", highlight=False)
     if report["gateway_error"]:
         err.print(f"[red]gateway[/]: {report['gateway_error']}")
     if not report["healthy"]:

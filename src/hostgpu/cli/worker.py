@@ -153,20 +153,6 @@ def install(
     console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")
 
 
-def _run_manager(argv: list[str]) -> tuple[int, str] | None:
-    """Run a service-manager command; None when its tool is not here (or has no session)."""
-    import shutil
-    import subprocess
-
-    if shutil.which(argv[0]) is None:
-        return None
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 1, str(exc)
-    return done.returncode, (done.stdout + done.stderr).strip()
-
-
 @app.command()
 def uninstall(
     gateway: GatewayOpt = None,
@@ -182,12 +168,12 @@ def uninstall(
 
     from hostgpu.client import Client
     from hostgpu.settings import get_settings, read_secret
-    from hostgpu.worker.service import manager, service_path
+    from hostgpu.worker.service import manager, run_manager, service_path
 
     settings = get_settings()
     plat = platform or sys.platform
     path = service_path(plat, Path.home())
-    ran = _run_manager(manager(plat, path).unload)
+    ran = run_manager(manager(plat, path).unload)
     if ran is None:
         console.print(f"no {manager(plat, path).tool} here: nothing to stop")
     elif ran[0] != 0:
@@ -234,12 +220,12 @@ def status(
     from hostgpu.cli.common import print_json
     from hostgpu.client import Client
     from hostgpu.settings import get_settings
-    from hostgpu.worker.service import manager, service_path
+    from hostgpu.worker.service import manager, run_manager, service_path
 
     settings = get_settings()
     plat = platform or sys.platform
     path = service_path(plat, Path.home())
-    ran = _run_manager(manager(plat, path).state)
+    ran = run_manager(manager(plat, path).state)
     running = None if ran is None else ran[0] == 0
     host = socket.gethostname()
     workers: list[WorkerInfo] = []

@@ -17,14 +17,20 @@
    never on a command line) and a ``submit`` token for copyparty's upload hook (a 0600 file
    in the folder mounted into copyparty, read at each upload). Tokens of an earlier run are
    revoked.
-5. **The native worker**, a detached child process (its own session, so it outlives this
-   command), pointed at the containerised gateway and Chroma server (``CHROMA_HOST`` /
-   ``CHROMA_PORT``) with the upload folder as an allowed ingest root; its pid, start time and
-   log path go to ``HOSTGPU_HOME/stack/state.json``, so ``status`` and ``down`` work from
-   any shell.
+5. **The native worker**, pointed at the containerised gateway and Chroma server
+   (``CHROMA_HOST`` / ``CHROMA_PORT``) with the upload folder as an allowed ingest root:
+   - by default a detached child process (its own session, so it outlives this command);
+   - with ``service``, a systemd user unit or launchd agent (``hostgpu-stack.service`` /
+     ``dev.hostgpu.stack``) that the service manager starts now, at login and after a crash.
+     Its token is a 0600 file (``stack/worker-token``) the unit names; the unit holds only
+     settings, including the model-cache and thread variables of the shell that ran ``up``
+     (a service manager starts it with a bare environment).
+   Its pid, start time and log path go to ``HOSTGPU_HOME/stack/state.json``, so ``status``
+   and ``down`` work from any shell.
 
 ``down`` stops the worker warm (SIGTERM, finishing running jobs, up to ``grace`` seconds;
-then a second SIGTERM and a kill), revokes its tokens, then removes the containers.
+then a second SIGTERM and a kill; a service is stopped and removed through its manager),
+revokes its tokens, then removes the containers.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +61,7 @@ from hostgpu.processes import port_free, worker_command
 from hostgpu.settings import Settings
 from hostgpu.stack.compose import Compose, ComposeError, Container
 from hostgpu.stack.docker import ComposeInfo, DockerReport, check_docker, explain
+from hostgpu.worker import service as services
 
 SERVICES = ("gateway", "chroma", "copyparty")
 POSTGRES = "postgres"
@@ -66,6 +75,15 @@ IMAGE_OVERRIDES = {
 #: Versions of the host venv passed to the image builds (client and server of one release).
 PINNED = {"chromadb": "CHROMADB_VERSION", "copyparty": "COPYPARTY_VERSION"}
 UPLOADS_USER = "hostgpu"
+#: The service kind of ``stack up --service`` (hostgpu-stack.service, dev.hostgpu.stack).
+SERVICE_KIND = "stack"
+#: What a service's worker takes from the shell that ran ``stack up --service``: a service
+#: manager starts it with a bare environment, where model caches, offline switches and thread
+#: limits would silently differ from the foreground worker's. Names that may hold a secret
+#: never travel: a service file is readable by other tools.
+FORWARDED = ("HOSTGPU_", "HF_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TORCH_", "PYTORCH_")
+FORWARDED_NAMES = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XDG_CACHE_HOME")
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "DATABASE_URL", "CREDENTIAL")
 
 
 class StackError(HostGPUError):
@@ -141,6 +159,9 @@ class WorkerRecord(BaseModel):
     name: str
     log: str
     started_at: float
+    #: The unit file or plist when a service manager runs the worker (``up --service``).
+    service: str | None = None
+    platform: str | None = None
 
 
 class StackState(BaseModel):
@@ -179,6 +200,7 @@ class UpOptions:
     concurrency: int = 1
     build: bool = True
     allow_container: bool = False
+    service: bool = False  # a systemd user unit / launchd agent instead of a child process
     timeout: float = 600.0  # for the containers to become healthy
     worker_timeout: float = 180.0  # for the worker to register
 
@@ -330,6 +352,8 @@ class HybridStack:
 
     def up(self, options: UpOptions) -> StackState:
         t0 = time.monotonic()
+        if options.service:  # before anything starts: a stack with no way to run its worker
+            self._check_service_manager()
         docker = self.check(allow_container=options.allow_container)
         assert docker.compose is not None
         self.say(
@@ -364,8 +388,15 @@ class HybridStack:
             self._check_ports(ports)
         if previous is not None and (previous.ports, previous.uploads) != (ports, str(uploads)):
             # A running worker points at the old ports and folder: replace it.
-            if self._worker_process(previous.worker) is not None:
-                self.say(f"worker: {self.stop_worker(previous)} (new ports or upload folder)")
+            self.say(f"worker: {self.stop_worker(previous)} (new ports or upload folder)")
+            state.worker = None
+        elif (
+            previous is not None
+            and previous.worker is not None
+            and bool(previous.worker.service) != options.service
+        ):
+            why = "a service replaces it" if options.service else "no longer a service"
+            self.say(f"worker: {self.stop_worker(previous)} ({why})")
             state.worker = None
 
         self.admin_secret()
@@ -387,8 +418,9 @@ class HybridStack:
             worker_token = self._tokens(state)
             self.save_state(state)
             state.worker = self._start_worker(state, worker_token, options)
+            how = f"service {state.worker.service}, " if state.worker.service else ""
             self.say(
-                f"worker {state.worker.name} (pid {state.worker.pid}) registered "
+                f"worker {state.worker.name} ({how}pid {state.worker.pid}) registered "
                 f"({time.monotonic() - t:.1f} s)"
             )
         else:
@@ -489,24 +521,40 @@ class HybridStack:
         return worker.token
 
     # -- the native worker ----------------------------------------------------------------
-    def worker_env(self, state: StackState, token: str) -> dict[str, str]:
-        env = {**os.environ}
-        for name in ("HOSTGPU_DATABASE_URL", "HOSTGPU_ADMIN_TOKEN_FILE"):
-            env.pop(name, None)
-        roots = [r for r in env.get("HOSTGPU_INGEST_ROOTS", "").split(os.pathsep) if r]
+    def worker_settings(self, state: StackState) -> dict[str, str]:
+        """What points the worker at the stack (no secret: a service file holds these)."""
+        roots = [r for r in os.environ.get("HOSTGPU_INGEST_ROOTS", "").split(os.pathsep) if r]
         if state.uploads not in roots:
             roots.append(state.uploads)
-        env.update(
-            HOSTGPU_HOME=str(self.home),
-            HOSTGPU_GATEWAY=state.gateway_url,
-            HOSTGPU_TOKEN=token,  # the environment, never the command line
-            CHROMA_HOST="127.0.0.1",
-            CHROMA_PORT=str(state.ports["chroma"]),
-            HOSTGPU_UPLOAD_ROOT=state.uploads,
-            HOSTGPU_INGEST_ROOTS=os.pathsep.join(roots),
-            PYTHONUNBUFFERED="1",
-        )
+        return {
+            "HOSTGPU_HOME": str(self.home),
+            "HOSTGPU_GATEWAY": state.gateway_url,
+            "CHROMA_HOST": "127.0.0.1",
+            "CHROMA_PORT": str(state.ports["chroma"]),
+            "HOSTGPU_UPLOAD_ROOT": state.uploads,
+            "HOSTGPU_INGEST_ROOTS": os.pathsep.join(roots),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def worker_env(self, state: StackState, token: str) -> dict[str, str]:
+        """The foreground worker's environment: this shell's, pointed at the stack."""
+        env = {**os.environ}
+        for name in ("HOSTGPU_DATABASE_URL", "HOSTGPU_ADMIN_TOKEN_FILE", "HOSTGPU_TOKEN_FILE"):
+            env.pop(name, None)
+        env.update(self.worker_settings(state))
+        env["HOSTGPU_TOKEN"] = token  # the environment, never the command line
         return env
+
+    def service_env(self, state: StackState) -> dict[str, str]:
+        """The service's settings: this shell's model and thread variables, no secret."""
+        forwarded = {
+            name: value
+            for name, value in os.environ.items()
+            if (name.startswith(FORWARDED) or name in FORWARDED_NAMES)
+            and not any(word in name for word in SECRET_WORDS)
+            and "\n" not in value
+        }
+        return {**forwarded, **self.worker_settings(state)}
 
     def _start_worker(self, state: StackState, token: str, options: UpOptions) -> WorkerRecord:
         name = f"{socket.gethostname()}-stack"
@@ -517,77 +565,222 @@ class HybridStack:
         self.worker_log.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(self.worker_log, "ab") as log:
-            log.write(f"--- hostgpu stack up: worker starting at {time.ctime()}\n".encode())
-            log.flush()
-            # Its own session: it outlives this command and a Ctrl-C in this terminal.
-            proc = subprocess.Popen(
-                argv,
-                env=self.worker_env(state, token),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=self.home,
+            how = "service" if options.service else "worker"
+            log.write(f"--- hostgpu stack up: {how} starting at {time.ctime()}\n".encode())
+        if options.service:
+            record = self._start_service(state, token, argv, name, started)
+
+            def failure() -> str | None:
+                return self._service_failure(record)
+        else:
+            with open(self.worker_log, "ab") as log:
+                # Its own session: it outlives this command and a Ctrl-C in this terminal.
+                proc = subprocess.Popen(
+                    argv,
+                    env=self.worker_env(state, token),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=self.home,
+                )
+            record = WorkerRecord(
+                pid=proc.pid,
+                create_time=psutil.Process(proc.pid).create_time(),
+                name=name,
+                log=str(self.worker_log),
+                started_at=started,
             )
-        record = WorkerRecord(
-            pid=proc.pid,
-            create_time=psutil.Process(proc.pid).create_time(),
-            name=name,
-            log=str(self.worker_log),
-            started_at=started,
-        )
+
+            def failure() -> str | None:
+                code = proc.poll()
+                return None if code is None else f"the native worker exited with code {code}"
+
         state.worker = record
         self.save_state(state)
-        deadline = time.monotonic() + options.worker_timeout
+        self._wait_registered(state, token, record, failure, options.worker_timeout)
+        if record.service:  # the manager's process, found by its stack label
+            found = self._worker_process(record)
+            if found is not None:
+                record.pid, record.create_time = found.pid, found.create_time()
+        return record
+
+    def _wait_registered(
+        self,
+        state: StackState,
+        token: str,
+        record: WorkerRecord,
+        failure: Callable[[], str | None],
+        timeout: float,
+    ) -> None:
+        """Until the gateway lists the worker with its functions; its log tail if it fails."""
+        deadline = time.monotonic() + timeout
         with Client(state.gateway_url, token) as api:
             while True:
-                if proc.poll() is not None:
-                    raise StackError(
-                        f"the native worker exited with code {proc.returncode}:\n"
-                        f"{self.log_tail(self.worker_log)}"
-                    )
+                problem = failure()
+                if problem is not None:
+                    raise StackError(f"{problem}:\n{self.log_tail(self.worker_log)}")
                 mine = [
                     w
                     for w in api.workers(alive=True)
-                    if w.capabilities.name == name
-                    and w.registered_at >= started - 5
+                    if w.capabilities.name == record.name
+                    and w.registered_at >= record.started_at - 5
                     and w.capabilities.functions
                 ]
                 if mine:
-                    return record
+                    return
                 if time.monotonic() > deadline:
                     raise StackError(
-                        f"the native worker did not register within {options.worker_timeout:.0f} s:"
+                        f"the native worker did not register within {timeout:.0f} s:"
                         f"\n{self.log_tail(self.worker_log)}"
                     )
                 time.sleep(0.3)
 
+    # -- the worker as a service ------------------------------------------------------------
     @staticmethod
-    def _worker_process(record: WorkerRecord | None) -> psutil.Process | None:
-        """The recorded worker's process, if it still runs (and is not a recycled pid)."""
+    def _platform() -> str:
+        return "darwin" if sys.platform == "darwin" else "linux"
+
+    def _check_service_manager(self) -> None:
+        """Fail before any container starts when no service manager would take the unit."""
+        if sys.platform not in ("darwin", "linux"):
+            raise StackError(
+                "--service needs launchd (macOS) or systemd (Linux): run `hostgpu stack up` "
+                "without it for a worker process"
+            )
+        plat = self._platform()
+        mgr = services.manager(plat, services.service_path(plat, Path.home(), SERVICE_KIND))
+        assert mgr.reload is not None
+        ran = services.run_manager(mgr.reload)
+        if ran is None:
+            raise StackError(
+                f"--service needs {mgr.tool}, which is not on PATH: run `hostgpu stack up` "
+                "without --service for a worker process"
+            )
+        if ran[0] != 0:
+            fix = (
+                "log in to a desktop session"
+                if plat == "darwin"
+                else "log in with a systemd user session (`loginctl enable-linger $USER` "
+                "keeps one after you log out)"
+            )
+            raise StackError(
+                f"{shlex.join(mgr.reload)} failed: {ran[1] or 'no output'}\nfix: {fix}, or run "
+                "`hostgpu stack up` without --service for a worker process"
+            )
+
+    def _start_service(
+        self, state: StackState, token: str, argv: list[str], name: str, started: float
+    ) -> WorkerRecord:
+        """Write the token file and the unit (or plist), then have the manager start it."""
+        plat = self._platform()
+        token_file = self.dir / "worker-token"
+        write_private(token_file, token + "\n")
+        unit = services.command_service(
+            plat,
+            argv,
+            token_file,
+            Path.home(),
+            self.home,
+            SERVICE_KIND,
+            env=self.service_env(state),
+            log=self.worker_log,
+        )
+        services.write(unit)
+        mgr = services.manager(plat, unit.path, SERVICE_KIND)
+        for step in (mgr.reload, mgr.load):
+            if step is None:
+                continue
+            ran = services.run_manager(step)
+            if ran is None or ran[0] != 0:
+                raise StackError(
+                    f"{shlex.join(step)} failed: {ran[1] if ran else 'not on PATH'}\n"
+                    f"the unit is {unit.path}; `hostgpu stack down` removes it"
+                )
+        self.say(f"service {unit.path.name} started by {mgr.tool}")
+        return WorkerRecord(
+            pid=0,
+            create_time=0.0,
+            name=name,
+            log=str(self.worker_log),
+            started_at=started,
+            service=str(unit.path),
+            platform=plat,
+        )
+
+    def _service_failure(self, record: WorkerRecord) -> str | None:
+        """Why the service is not running (None while the manager says it runs)."""
+        assert record.service is not None and record.platform is not None
+        mgr = services.manager(record.platform, Path(record.service), SERVICE_KIND)
+        ran = services.run_manager(mgr.state)
+        if ran is not None and ran[0] == 0:
+            return None
+        said = ran[1] if ran else f"{mgr.tool} not on PATH"
+        return f"the worker service is not running ({shlex.join(mgr.state)}: {said or '-'})"
+
+    def _remove_service(self, record: WorkerRecord) -> str:
+        """Stop the service through its manager (a warm stop), remove its unit and token."""
+        assert record.service is not None and record.platform is not None
+        path = Path(record.service)
+        mgr = services.manager(record.platform, path, SERVICE_KIND)
+        ran = services.run_manager(mgr.unload)
+        path.unlink(missing_ok=True)
+        if mgr.reload is not None:
+            services.run_manager(mgr.reload)
+        (self.dir / "worker-token").unlink(missing_ok=True)
+        if ran is None:
+            return f"service file removed ({mgr.tool} not on PATH)"
+        return "service stopped and removed" if ran[0] == 0 else f"service removed ({ran[1]})"
+
+    def _worker_process(self, record: WorkerRecord | None) -> psutil.Process | None:
+        """The recorded worker's process, if it still runs (and is not a recycled pid).
+
+        A service's manager may have restarted it under another pid: that one is found by
+        its ``--label stack=PROJECT`` argument.
+        """
         if record is None:
             return None
         try:
             proc = psutil.Process(record.pid)
-            if abs(proc.create_time() - record.create_time) > 1.0:
-                return None
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
+            if (
+                abs(proc.create_time() - record.create_time) <= 1.0
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
+                return proc
         except psutil.Error:
+            pass
+        if record.service is None:
             return None
-        return proc
+        label = f"stack={self.project()}"
+        for candidate in psutil.process_iter(["cmdline", "status"]):
+            cmdline = candidate.info["cmdline"] or []
+            if (
+                label in cmdline
+                and "worker" in cmdline
+                and candidate.info["status"] != psutil.STATUS_ZOMBIE
+            ):
+                return candidate
+        return None
 
     def stop_worker(self, state: StackState, *, grace: float = 30.0) -> str:
-        """Warm stop: SIGTERM and wait; then a second SIGTERM (cold) and, last, a kill."""
+        """Warm stop: SIGTERM and wait; then a second SIGTERM (cold) and, last, a kill.
+
+        A service is stopped by its manager (which would restart a worker killed behind its
+        back), with the unit's own grace, and removed; a process it leaves is then stopped.
+        """
+        removed = None
+        if state.worker is not None and state.worker.service is not None:
+            removed = self._remove_service(state.worker)
         proc = self._worker_process(state.worker)
         if proc is None:
-            return "not running"
+            return removed or "not running"
         steps = [
             (signal.SIGTERM, grace, "stopped"),
             (signal.SIGTERM, 10.0, "stopped cold"),
             (signal.SIGKILL, 10.0, "killed"),
         ]
         for sig, wait, outcome in steps:
+            outcome = f"{removed}; its process {outcome}" if removed else outcome
             try:
                 proc.send_signal(sig)
                 proc.wait(timeout=wait)
@@ -656,13 +849,18 @@ class HybridStack:
                 row.update(found.as_dict())
             rows.append(row)
         proc = self._worker_process(state.worker)
+        unit = state.worker.service if state.worker else None
         worker: dict[str, Any] = {
-            "pid": state.worker.pid if state.worker else None,
+            "pid": proc.pid if proc is not None else (state.worker.pid if state.worker else None),
             "running": proc is not None,
             "name": state.worker.name if state.worker else None,
             "log": str(self.worker_log),
+            "service": unit,  # the unit or plist, when a service manager runs it
             "registered": False,
         }
+        if state.worker is not None and unit is not None:
+            worker["service_failure"] = self._service_failure(state.worker)
+            worker["running"] = proc is not None and worker["service_failure"] is None
         queue: dict[str, int] | None = None
         gateway_error = None
         gateway_up = any(r["service"] == "gateway" and r["state"] == "running" for r in rows)

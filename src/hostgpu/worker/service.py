@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 import plistlib
 import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +32,15 @@ def systemd_unit_name(kind: str = "worker") -> str:
     return f"hostgpu-{kind}.service"
 
 
-#: The function worker's service; ``hostgpu share --install`` writes a "share" one beside it.
+#: The function worker's service; ``hostgpu share --install`` writes a "share" one beside it
+#: and ``hostgpu stack up --service`` a "stack" one (the worker of the hybrid stack).
 LAUNCHD_LABEL = launchd_label()
 SYSTEMD_UNIT = systemd_unit_name()
+DESCRIPTIONS = {
+    "worker": "hostgpu native worker",
+    "share": "hostgpu: lending this machine",
+    "stack": "hostgpu native worker of the hybrid stack",
+}
 #: Seconds a warm stop may take (running jobs finish) before the service manager kills.
 STOP_GRACE_S = 60
 
@@ -51,6 +60,20 @@ class Manager:
     load: list[str]
     unload: list[str]
     state: list[str]  # exit status 0: loaded and running
+    #: Before ``load``: systemd rereads unit files; its exit status also says whether a
+    #: user session answers at all.
+    reload: list[str] | None = None
+
+
+def run_manager(argv: list[str]) -> tuple[int, str] | None:
+    """Run a service-manager command; None when its tool is not on PATH."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, str(exc)
+    return done.returncode, (done.stdout + done.stderr).strip()
 
 
 def manager(platform: str, path: Path, kind: str = "worker") -> Manager:
@@ -62,6 +85,7 @@ def manager(platform: str, path: Path, kind: str = "worker") -> Manager:
             ["launchctl", "bootstrap", domain, str(path)],
             ["launchctl", "bootout", f"{domain}/{label}"],
             ["launchctl", "print", f"{domain}/{label}"],
+            ["launchctl", "print", domain],
         )
     unit = systemd_unit_name(kind)
     return Manager(
@@ -69,6 +93,7 @@ def manager(platform: str, path: Path, kind: str = "worker") -> Manager:
         ["systemctl", "--user", "enable", "--now", unit],
         ["systemctl", "--user", "disable", "--now", unit],
         ["systemctl", "--user", "is-active", "--quiet", unit],
+        ["systemctl", "--user", "daemon-reload"],
     )
 
 
@@ -79,9 +104,13 @@ def service_path(platform: str, home: Path, kind: str = "worker") -> Path:
 
 
 def launchd_plist(
-    command: list[str], env: dict[str, str], home: Path, kind: str = "worker"
+    command: list[str],
+    env: Mapping[str, str],
+    home: Path,
+    kind: str = "worker",
+    log: Path | None = None,
 ) -> ServiceFile:
-    log = str(home / "Library" / "Logs" / "hostgpu" / f"{kind}.log")
+    logfile = str(log or home / "Library" / "Logs" / "hostgpu" / f"{kind}.log")
     plist = {
         "Label": launchd_label(kind),
         "ProgramArguments": command,
@@ -89,18 +118,19 @@ def launchd_plist(
         "RunAtLoad": True,
         # A worker runs for good; a lender that reached its time limit exits 0 and stays
         # stopped (it is restarted only after a failure).
-        "KeepAlive": True if kind == "worker" else {"SuccessfulExit": False},
+        "KeepAlive": True if kind != "share" else {"SuccessfulExit": False},
         # A worker that exits at once (gateway refused its token) is restarted at most
         # every 10 s, not in a tight loop.
         "ThrottleInterval": 10,
         # launchd sends SIGTERM (a warm stop), then SIGKILL after this many seconds.
         "ExitTimeOut": STOP_GRACE_S,
-        "StandardOutPath": log,
-        "StandardErrorPath": log,
+        "StandardOutPath": logfile,
+        "StandardErrorPath": logfile,
     }
     content = plistlib.dumps(plist, sort_keys=False).decode()
     path = service_path("darwin", home, kind)
-    hint = f"mkdir -p ~/Library/Logs/hostgpu && {shlex.join(manager('darwin', path, kind).load)}"
+    load = shlex.join(manager("darwin", path, kind).load)
+    hint = f"mkdir -p {shlex.quote(str(Path(logfile).parent))} && {load}"
     return ServiceFile(path, content, hint)
 
 
@@ -112,13 +142,20 @@ def _systemd_quote(arg: str) -> str:
 
 
 def systemd_unit(
-    command: list[str], env: dict[str, str], home: Path, kind: str = "worker"
+    command: list[str],
+    env: Mapping[str, str],
+    home: Path,
+    kind: str = "worker",
+    log: Path | None = None,
 ) -> ServiceFile:
     env_lines = "\n".join(
         f"Environment={_systemd_quote(f'{k}={v}')}" for k, v in sorted(env.items())
     )
+    if log is not None:  # else the journal: `journalctl --user -u UNIT`
+        target = "append:" + str(log.absolute()).replace("%", "%%")
+        env_lines += f"\nStandardOutput={target}\nStandardError={target}"
     content = f"""[Unit]
-Description={"hostgpu native worker" if kind == "worker" else "hostgpu: lending this machine"}
+Description={DESCRIPTIONS[kind]}
 After=network-online.target
 Wants=network-online.target
 
@@ -167,12 +204,21 @@ def command_service(
     home: Path,
     hostgpu_home: Path,
     kind: str = "worker",
+    *,
+    env: Mapping[str, str] | None = None,
+    log: Path | None = None,
 ) -> ServiceFile:
-    """A service running ``command`` with its token in ``token_file`` (``kind``: worker, share)."""
-    env = {"HOSTGPU_TOKEN_FILE": str(token_file.absolute()), "HOSTGPU_HOME": str(hostgpu_home)}
+    """A service running ``command`` with its token in ``token_file`` (``kind``: worker, share,
+    stack). ``env`` adds settings (never secrets: a service file is readable); ``log`` sends
+    its output to that file instead of the platform's default."""
+    merged = {
+        **(env or {}),
+        "HOSTGPU_TOKEN_FILE": str(token_file.absolute()),
+        "HOSTGPU_HOME": str(hostgpu_home),
+    }
     if platform == "darwin":
-        return launchd_plist(command, env, home, kind)
-    return systemd_unit(command, env, home, kind)
+        return launchd_plist(command, merged, home, kind, log)
+    return systemd_unit(command, merged, home, kind, log)
 
 
 def write(service: ServiceFile) -> None:
