@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 R_co = TypeVar("R_co", covariant=True)
 log = logging.getLogger("hostgpu")
 
@@ -66,14 +68,7 @@ class Backend(Protocol):
     ) -> Handle[R]: ...
 
     def map(
-        self,
-        fn: Function[..., R],
-        items: Sequence[tuple[Any, ...]],
-        *,
-        batch_size: int,
-        progress: bool,
-        return_exceptions: bool,
-        timeout: float | None,
+        self, fn: Function[..., R], items: Sequence[tuple[Any, ...]], options: MapOptions
     ) -> list[Any]: ...
 
     def close(self) -> None: ...
@@ -150,6 +145,24 @@ def raise_for(job: Job) -> None:
         )
     if job.state is JobState.cancelled:
         raise JobCancelled(f"job {job.id} was cancelled", job_id=job.id)
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """How ``.map()`` runs, on every backend."""
+
+    batch_size: int = 500  # calls per submission
+    progress: bool = True  # draw the bars
+    return_exceptions: bool = False  # a failed call's exception in its place, not raised
+    timeout: float | None = None  # seconds for all of them
+
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    def chunks(self, items: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
+        """(index of the first, the items) per submission."""
+        for start in range(0, len(items), self.batch_size):
+            yield start, items[start : start + self.batch_size]
 
 
 @contextmanager
@@ -324,23 +337,16 @@ class GatewayBackend:
         return JobHandle[R](job.id, fn.options.serializer, self.client).result()
 
     def map(
-        self,
-        fn: Function[..., R],
-        items: Sequence[tuple[Any, ...]],
-        *,
-        batch_size: int,
-        progress: bool,
-        return_exceptions: bool,
-        timeout: float | None,
+        self, fn: Function[..., R], items: Sequence[tuple[Any, ...]], options: MapOptions
     ) -> list[Any]:
         client = self.client
         serializer = fn.options.serializer
         results: list[Any] = [None] * len(items)
         pending: dict[str, int] = {}
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with map_progress(fn.__name__, len(items), enabled=progress) as (bar, submitted, finished):
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
+        deadline = options.deadline()
+        with map_progress(fn.__name__, len(items), enabled=options.progress) as bars:
+            bar, submitted, finished = bars
+            for start, chunk in options.chunks(items):
                 ids = client.submit_batch([job_spec(fn, args, {}) for args in chunk])
                 for offset, job_id in enumerate(ids):
                     pending[job_id] = start + offset
@@ -358,7 +364,7 @@ class GatewayBackend:
                         try:
                             raise_for(job)
                         except (JobFailed, JobCancelled) as exc:
-                            if not return_exceptions:
+                            if not options.return_exceptions:
                                 raise
                             results[index] = exc
                     bar.advance(finished)
@@ -425,14 +431,8 @@ class Function(Generic[P, R]):
     ) -> list[R]:
         """One job per item (``zip`` of the iterables, like ``map``); results in order."""
         items = list(zip(*iterables, strict=False))
-        return default_backend().map(
-            self,
-            items,
-            batch_size=batch_size,
-            progress=progress,
-            return_exceptions=return_exceptions,
-            timeout=timeout,
-        )
+        options = MapOptions(batch_size, progress, return_exceptions, timeout)
+        return default_backend().map(self, items, options)
 
 
 def _options(**given: Any) -> FunctionOptions:

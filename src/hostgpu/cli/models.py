@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,42 +52,49 @@ TemperatureOpt = Annotated[
 ]
 
 
-def _run_server(
-    *,
-    models: list[str],
-    gateway: str | None,
-    token_file: Path | None,
-    concurrency: int,
-    keep_alive: float,
-    max_memory: float | None,
-    grace: float,
-    name: str,
-    allow_container: bool,
-    until: float | None = None,
-    only_when_idle: bool = False,
-    status: bool = False,
-) -> int:
+@dataclass(frozen=True)
+class _Server:
+    """A model server's run, as `serve` and `share` configure it."""
+
+    models: list[str]
+    gateway: str | None
+    token_file: Path | None
+    concurrency: int
+    keep_alive: float
+    max_memory: float | None
+    grace: float
+    name: str
+    allow_container: bool
+    until: float | None = None  # `share`'s time limit
+    only_when_idle: bool = False
+    status: bool = False  # the live status line
+
+
+def _run_server(server: _Server) -> int:
     from hostgpu.worker.agent import WorkerAgent, WorkerConfig
 
-    report = native_report(allow_container, "it")
-    gate = _IdleGate() if only_when_idle else None
+    report = native_report(server.allow_container, "it")
+    gate = _IdleGate() if server.only_when_idle else None
+    until = server.until
     agent = WorkerAgent(
         WorkerConfig(
-            gateway=gateway,
-            token=token_from(token_file),
-            models=models,
-            concurrency=concurrency,
-            name=name,
-            grace=grace,
+            gateway=server.gateway,
+            token=token_from(server.token_file),
+            models=server.models,
+            concurrency=server.concurrency,
+            name=server.name,
+            grace=server.grace,
             report=report,
-            keep_alive=keep_alive,
-            memory_budget=None if max_memory is None else int(max_memory * GB),
+            keep_alive=server.keep_alive,
+            memory_budget=None if server.max_memory is None else int(server.max_memory * GB),
             may_lease=gate.may_lease if gate else None,
         )
     )
     agent.install_signal_handlers()
     device = getattr(agent.pool, "device", "cpu")
-    console.print(f"serving {', '.join(models)} on {device} as {agent.caps.name}", highlight=False)
+    console.print(
+        f"serving {', '.join(server.models)} on {device} as {agent.caps.name}", highlight=False
+    )
     done = threading.Event()
     if until is not None:
 
@@ -96,7 +104,7 @@ def _run_server(
                 agent.request_stop()
 
         threading.Thread(target=stop_at_deadline, daemon=True).start()
-    if status:
+    if server.status:
         threading.Thread(
             target=_status_line, args=(agent, device, until, gate, done), daemon=True
         ).start()
@@ -170,19 +178,11 @@ def serve(
     Models load on first use and stay warm for --keep-alive seconds. Ctrl-C (or SIGTERM)
     finishes in-flight generations, then stops; a second one stops at once.
     """
-    raise typer.Exit(
-        _run_server(
-            models=models,
-            gateway=gateway,
-            token_file=token_file,
-            concurrency=concurrency,
-            keep_alive=keep_alive,
-            max_memory=max_memory,
-            grace=grace,
-            name=name,
-            allow_container=allow_container,
-        )
-    )
+    server = _Server(
+        models, gateway, token_file, concurrency, keep_alive, max_memory, grace, name,
+        allow_container,
+    )  # fmt: skip
+    raise typer.Exit(_run_server(server))
 
 
 def _deadline(hours: float | None, until: str | None) -> float | None:
@@ -266,22 +266,11 @@ def share(
             args += ["--name", name]
         _install_share(gateway, token_file, args, print_only)
         return
-    raise typer.Exit(
-        _run_server(
-            models=names,
-            gateway=gateway,
-            token_file=token_file,
-            concurrency=concurrency,
-            keep_alive=keep_alive,
-            max_memory=max_memory,
-            grace=grace,
-            name=name,
-            allow_container=allow_container,
-            until=deadline,
-            only_when_idle=only_when_idle,
-            status=True,
-        )
-    )
+    server = _Server(
+        names, gateway, token_file, concurrency, keep_alive, max_memory, grace, name,
+        allow_container, until=deadline, only_when_idle=only_when_idle, status=True,
+    )  # fmt: skip
+    raise typer.Exit(_run_server(server))
 
 
 def _install_share(

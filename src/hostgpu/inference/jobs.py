@@ -54,40 +54,6 @@ def function_options(timeout: float) -> FunctionOptions:
     return FunctionOptions(gpu="any", timeout=timeout, retries=0, priority=INTERACTIVE_PRIORITY)
 
 
-class Sampling(BaseModel):
-    """:class:`SamplingParams` on the wire."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    @classmethod
-    def of(cls, params: SamplingParams) -> Sampling:
-        return cls(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop=list(params.stop),
-            seed=params.seed,
-            ignore_eos=params.ignore_eos,
-        )
-
-    def params(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=tuple(self.stop),
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-        )
-
-
 class GenerateRequest(BaseModel):
     """The payload of an inference job (``payload.kwargs.request``)."""
 
@@ -97,7 +63,7 @@ class GenerateRequest(BaseModel):
     kind: Literal["chat", "completion"]
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
-    sampling: Sampling
+    sampling: SamplingParams  # a dataclass: pydantic validates it field by field
 
 
 class GenerateResult(BaseModel):

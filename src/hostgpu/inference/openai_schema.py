@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -274,21 +274,31 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int = 0
-    message: AssistantMessage
-    finish_reason: OpenAIFinishReason
+    finish_reason: OpenAIFinishReason | None = None  # None: a stream chunk before the last
     logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class _Envelope(BaseModel):
+    """What every OpenAI completion object and stream chunk carries around its choices."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+    finish_reason: OpenAIFinishReason
+
+
+class ChatCompletionResponse(_Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: UsageInfo
-    system_fingerprint: str | None = None
 
 
 class ChunkDelta(BaseModel):
@@ -296,40 +306,24 @@ class ChunkDelta(BaseModel):
     content: str | None = None
 
 
-class ChunkChoice(BaseModel):
-    index: int = 0
+class ChunkChoice(_Choice):
     delta: ChunkDelta
-    finish_reason: OpenAIFinishReason | None = None
-    logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
 
 
-class TextChoice(BaseModel):
-    index: int = 0
+class TextChoice(_Choice):
     text: str
-    finish_reason: OpenAIFinishReason | None = None
-    logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Envelope):
     """A text completion, and (with ``finish_reason`` None) each of its stream chunks."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[TextChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -427,61 +421,64 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {data}\n\n"
 
 
-async def chat_sse(
-    stream: TokenStream, model: str, *, include_usage: bool = False
+async def _stream_sse(
+    stream: TokenStream,
+    piece: Callable[[str], str],
+    ending: Callable[[OpenAIFinishReason], str],
+    usage: Callable[[UsageInfo], str] | None,
+    opening: str | None = None,
 ) -> AsyncIterator[str]:
-    """SSE lines of a streamed chat completion; cancels generation if the reader goes away."""
+    """SSE lines of a streamed completion: ``opening``, a ``piece`` per delta, the ``ending``
+    with the finish reason, the ``usage`` chunk, ``[DONE]``. A failure after the headers is
+    reported in-band, the way OpenAI's streams do; generation is cancelled if the reader goes
+    away."""
+    try:
+        if opening is not None:
+            yield opening
+        async for delta in stream:
+            yield piece(delta.text)
+        completion = await stream.acompletion()
+        yield ending(finish_reason(completion.finish_reason))
+        if usage is not None:
+            yield usage(usage_info(completion))
+        yield SSE_DONE
+    except InferenceError as exc:
+        yield sse(error_body(exc))
+        yield SSE_DONE
+    finally:
+        stream.cancel()
+
+
+def chat_sse(stream: TokenStream, model: str, *, include_usage: bool = False) -> AsyncIterator[str]:
+    """SSE lines of a streamed chat completion."""
     ident, created = new_id("chatcmpl"), int(time.time())
 
-    def chunk(delta: ChunkDelta, reason: OpenAIFinishReason | None = None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=reason)
-        return sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[choice]))
+    def chunk(choices: list[ChunkChoice], usage: UsageInfo | None = None) -> str:
+        envelope: dict[str, Any] = {"id": ident, "created": created, "model": model, "usage": usage}
+        return sse(ChatCompletionChunk(**envelope, choices=choices))
 
-    try:
-        yield chunk(ChunkDelta(role="assistant", content=""))
-        async for delta in stream:
-            yield chunk(ChunkDelta(content=delta.text))
-        completion = await stream.acompletion()
-        yield chunk(ChunkDelta(), finish_reason(completion.finish_reason))
-        if include_usage:
-            yield sse(
-                ChatCompletionChunk(
-                    id=ident, created=created, model=model, choices=[], usage=usage_info(completion)
-                )
-            )
-        yield SSE_DONE
-    except InferenceError as exc:
-        # Headers are gone: report the failure in-band, the way OpenAI's streams do.
-        yield sse(error_body(exc))
-        yield SSE_DONE
-    finally:
-        stream.cancel()
+    return _stream_sse(
+        stream,
+        lambda text: chunk([ChunkChoice(delta=ChunkDelta(content=text))]),
+        lambda reason: chunk([ChunkChoice(delta=ChunkDelta(), finish_reason=reason)]),
+        (lambda usage: chunk([], usage)) if include_usage else None,
+        opening=chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))]),
+    )
 
 
-async def completion_sse(
+def completion_sse(
     stream: TokenStream, model: str, *, include_usage: bool = False
 ) -> AsyncIterator[str]:
-    """SSE lines of a streamed text completion; cancels generation if the reader goes away."""
+    """SSE lines of a streamed text completion."""
     ident, created = new_id("cmpl"), int(time.time())
 
-    def chunk(text: str, reason: OpenAIFinishReason | None = None) -> str:
-        choice = TextChoice(text=text, finish_reason=reason)
-        return sse(CompletionResponse(id=ident, created=created, model=model, choices=[choice]))
+    def chunk(choices: list[TextChoice], usage: UsageInfo | None = None) -> str:
+        envelope: dict[str, Any] = {"id": ident, "created": created, "model": model, "usage": usage}
+        return sse(CompletionResponse(**envelope, choices=choices))
 
-    try:
-        async for delta in stream:
-            yield chunk(delta.text)
-        completion = await stream.acompletion()
-        yield chunk("", finish_reason(completion.finish_reason))
-        if include_usage:
-            yield sse(
-                CompletionResponse(
-                    id=ident, created=created, model=model, choices=[], usage=usage_info(completion)
-                )
-            )
-        yield SSE_DONE
-    except InferenceError as exc:
-        yield sse(error_body(exc))
-        yield SSE_DONE
-    finally:
-        stream.cancel()
+    return _stream_sse(
+        stream,
+        lambda text: chunk([TextChoice(text=text)]),
+        lambda reason: chunk([TextChoice(text="", finish_reason=reason)]),
+        (lambda usage: chunk([], usage)) if include_usage else None,
+    )

@@ -97,38 +97,37 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
         except ValueError:
             raise InvalidRequest("the body is not valid JSON") from None
 
+    async def answer(
+        request: Request, body: oa.ChatCompletionRequest | oa.CompletionRequest, stream: Any
+    ) -> Any:
+        """SSE for a streaming request, else the whole response once generated."""
+        chat = isinstance(body, oa.ChatCompletionRequest)
+        if body.stream:
+            sse = oa.chat_sse if chat else oa.completion_sse
+            lines = sse(stream, body.model, include_usage=body.include_usage)
+            return StreamingResponse(
+                closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
+            )
+        completion = await wait_or_disconnect(request, stream)
+        if completion is None:
+            return JSONResponse({}, status_code=499)
+        respond = oa.chat_response if chat else oa.completion_response
+        return respond(completion, body.model)
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
         body = oa.parse_request(oa.ChatCompletionRequest, await _body(request))
         engine = engine_for(body.model)
         messages, params = body.chat_messages(), body.sampling_params()
         # Tokenising a long prompt takes milliseconds: keep it off the event loop.
-        stream = await asyncio.to_thread(engine.chat, messages, params)
-        if body.stream:
-            lines = oa.chat_sse(stream, body.model, include_usage=body.include_usage)
-            return StreamingResponse(
-                closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
-            )
-        completion = await wait_or_disconnect(request, stream)
-        if completion is None:
-            return JSONResponse({}, status_code=499)
-        return oa.chat_response(completion, body.model)
+        return await answer(request, body, await asyncio.to_thread(engine.chat, messages, params))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
         body = oa.parse_request(oa.CompletionRequest, await _body(request))
         engine = engine_for(body.model)
         prompt, params = body.prompt_text(), body.sampling_params()
-        stream = await asyncio.to_thread(engine.complete, prompt, params)
-        if body.stream:
-            lines = oa.completion_sse(stream, body.model, include_usage=body.include_usage)
-            return StreamingResponse(
-                closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
-            )
-        completion = await wait_or_disconnect(request, stream)
-        if completion is None:
-            return JSONResponse({}, status_code=499)
-        return oa.completion_response(completion, body.model)
+        return await answer(request, body, await asyncio.to_thread(engine.complete, prompt, params))
 
     return app
 

@@ -41,7 +41,13 @@ from hostgpu.functions import FunctionOptions
 from hostgpu.ray.resources import NODE_ENV, NodeView, Request, request_for, waiting_reason
 from hostgpu.ray.runner import Call, Declared, Envelope, WarmRunner, declared_key, run_task
 from hostgpu.requirements import Requirements
-from hostgpu.sdk import WAITING_NOTICE_S, decode_result, encode_arguments, map_progress
+from hostgpu.sdk import (
+    WAITING_NOTICE_S,
+    MapOptions,
+    decode_result,
+    encode_arguments,
+    map_progress,
+)
 from hostgpu.settings import get_settings
 
 if TYPE_CHECKING:
@@ -574,22 +580,15 @@ class RayBackend:
                     log.debug("fallback check failed", exc_info=True)
 
     def map(
-        self,
-        fn: Function[..., R],
-        items: Sequence[tuple[Any, ...]],
-        *,
-        batch_size: int,
-        progress: bool,
-        return_exceptions: bool,
-        timeout: float | None,
+        self, fn: Function[..., R], items: Sequence[tuple[Any, ...]], options: MapOptions
     ) -> list[Any]:
         ray = _ray()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = options.deadline()
         results: list[Any] = [None] * len(items)
-        with map_progress(fn.__name__, len(items), enabled=progress) as (bar, submitted, finished):
+        with map_progress(fn.__name__, len(items), enabled=options.progress) as bars:
+            bar, submitted, finished = bars
             handles: list[RayHandle[R]] = []
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
+            for _start, chunk in options.chunks(items):
                 handles.extend(self.spawn(fn, args, {}) for args in chunk)
                 bar.advance(submitted, len(chunk))
             pending: dict[Any, int] = {h.ref: i for i, h in enumerate(handles)}
@@ -610,8 +609,8 @@ class RayBackend:
                         said = reason
                     if deadline is not None and time.monotonic() >= deadline:
                         raise JobTimeout(
-                            f"{len(pending)} of {len(items)} calls unfinished after {timeout} s"
-                            + (f" ({reason})" if reason else "")
+                            f"{len(pending)} of {len(items)} calls unfinished after "
+                            f"{options.timeout} s" + (f" ({reason})" if reason else "")
                         )
                     continue
                 try:
@@ -632,7 +631,7 @@ class RayBackend:
                         pending[handle.ref] = index
                         continue
                     kind, value = handle._done
-                    if kind == "ok" or return_exceptions:
+                    if kind == "ok" or options.return_exceptions:
                         results[index] = value
                     else:
                         raise value

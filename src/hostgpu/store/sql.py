@@ -1370,42 +1370,35 @@ class _ReportPlan:
     def write(self, conn: Connection) -> None:
         now = self.now
         fenced = and_(jobs.c.id == bindparam("b_id"), jobs.c.lease_token == bindparam("b_token"))
-        if self.started:
-            conn.execute(
-                update(jobs)
-                .where(fenced, _in(jobs.c.state, sources(Event.start)))
-                .values(state=target(Event.start), updated_at=now),
-                self.started,
-            )
-        if self.succeeded:
-            conn.execute(
-                update(jobs)
-                .where(fenced, _in(jobs.c.state, sources(Event.succeed)))
-                .values(
-                    state=target(Event.succeed),
-                    result=bindparam("b_result"),
-                    error=None,
-                    timings=bindparam("b_timings"),
-                    device=func.coalesce(bindparam("b_device"), jobs.c.device),
-                    finished_at=now,
-                    updated_at=now,
-                ),
-                self.succeeded,
-            )
-        if self.released:
-            conn.execute(
-                update(jobs)
-                .where(fenced, _in(jobs.c.state, sources(Event.release)))
-                .values(
-                    state=target(Event.release),
-                    attempts=jobs.c.attempts - 1,
-                    lease_token=None,
-                    worker_id=None,
-                    run_after=now,
-                    updated_at=now,
-                ),
-                self.released,
-            )
+
+        def transition(event: Event, rows: list[dict[str, Any]], **values: Any) -> None:
+            """One executemany: the rows' jobs, still under their lease, take ``event``."""
+            if rows:
+                conn.execute(
+                    update(jobs)
+                    .where(fenced, _in(jobs.c.state, sources(event)))
+                    .values(state=target(event), updated_at=now, **values),
+                    rows,
+                )
+
+        transition(Event.start, self.started)
+        transition(
+            Event.succeed,
+            self.succeeded,
+            result=bindparam("b_result"),
+            error=None,
+            timings=bindparam("b_timings"),
+            device=func.coalesce(bindparam("b_device"), jobs.c.device),
+            finished_at=now,
+        )
+        transition(
+            Event.release,
+            self.released,
+            attempts=jobs.c.attempts - 1,
+            lease_token=None,
+            worker_id=None,
+            run_after=now,
+        )
         if self.failed:
             for state in (JobState.queued.value, JobState.failed.value):
                 rows = [r for r in self.failed if r["b_state"] == state]

@@ -103,18 +103,24 @@ def service_path(platform: str, home: Path, kind: str = "worker") -> Path:
     return home / ".config" / "systemd" / "user" / systemd_unit_name(kind)
 
 
-def launchd_plist(
-    command: list[str],
-    env: Mapping[str, str],
-    home: Path,
-    kind: str = "worker",
-    log: Path | None = None,
-) -> ServiceFile:
-    logfile = str(log or home / "Library" / "Logs" / "hostgpu" / f"{kind}.log")
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a service runs, whatever the platform writes it as."""
+
+    command: list[str]
+    env: Mapping[str, str]
+    home: Path  # the user's home: where the service manager looks for the file
+    kind: str = "worker"  # worker, share or stack
+    log: Path | None = None  # else the platform's default (a file; the journal)
+
+
+def launchd_plist(spec: ServiceSpec) -> ServiceFile:
+    kind = spec.kind
+    logfile = str(spec.log or spec.home / "Library" / "Logs" / "hostgpu" / f"{kind}.log")
     plist = {
         "Label": launchd_label(kind),
-        "ProgramArguments": command,
-        "EnvironmentVariables": dict(sorted(env.items())),
+        "ProgramArguments": spec.command,
+        "EnvironmentVariables": dict(sorted(spec.env.items())),
         "RunAtLoad": True,
         # A worker runs for good; a lender that reached its time limit exits 0 and stays
         # stopped (it is restarted only after a failure).
@@ -128,7 +134,7 @@ def launchd_plist(
         "StandardErrorPath": logfile,
     }
     content = plistlib.dumps(plist, sort_keys=False).decode()
-    path = service_path("darwin", home, kind)
+    path = service_path("darwin", spec.home, kind)
     load = shlex.join(manager("darwin", path, kind).load)
     hint = f"mkdir -p {shlex.quote(str(Path(logfile).parent))} && {load}"
     return ServiceFile(path, content, hint)
@@ -141,18 +147,13 @@ def _systemd_quote(arg: str) -> str:
     return arg if plain else f'"{escaped}"'
 
 
-def systemd_unit(
-    command: list[str],
-    env: Mapping[str, str],
-    home: Path,
-    kind: str = "worker",
-    log: Path | None = None,
-) -> ServiceFile:
+def systemd_unit(spec: ServiceSpec) -> ServiceFile:
+    kind = spec.kind
     env_lines = "\n".join(
-        f"Environment={_systemd_quote(f'{k}={v}')}" for k, v in sorted(env.items())
+        f"Environment={_systemd_quote(f'{k}={v}')}" for k, v in sorted(spec.env.items())
     )
-    if log is not None:  # else the journal: `journalctl --user -u UNIT`
-        target = "append:" + str(log.absolute()).replace("%", "%%")
+    if spec.log is not None:  # else the journal: `journalctl --user -u UNIT`
+        target = "append:" + str(spec.log.absolute()).replace("%", "%%")
         env_lines += f"\nStandardOutput={target}\nStandardError={target}"
     content = f"""[Unit]
 Description={DESCRIPTIONS[kind]}
@@ -160,7 +161,7 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-ExecStart={" ".join(_systemd_quote(a) for a in command)}
+ExecStart={" ".join(_systemd_quote(a) for a in spec.command)}
 {env_lines}
 Restart=on-failure
 RestartSec=5
@@ -174,7 +175,7 @@ TimeoutStopSec={STOP_GRACE_S}
 [Install]
 WantedBy=default.target
 """
-    path = service_path("linux", home, kind)
+    path = service_path("linux", spec.home, kind)
     hint = (
         f"systemctl --user daemon-reload && {shlex.join(manager('linux', path, kind).load)}\n"
         "  loginctl enable-linger $USER   # to keep it running after you log out"
@@ -216,9 +217,8 @@ def command_service(
         "HOSTGPU_TOKEN_FILE": str(token_file.absolute()),
         "HOSTGPU_HOME": str(hostgpu_home),
     }
-    if platform == "darwin":
-        return launchd_plist(command, merged, home, kind, log)
-    return systemd_unit(command, merged, home, kind, log)
+    spec = ServiceSpec(command, merged, home, kind, log)
+    return launchd_plist(spec) if platform == "darwin" else systemd_unit(spec)
 
 
 def write(service: ServiceFile) -> None:

@@ -344,7 +344,7 @@ class EnginePool:
             running = self._running[key]
             running.model = request.model
         engine = self._engine(request.model)
-        params = request.sampling.params()
+        params = request.sampling
         if request.kind == "chat":
             stream = engine.chat(request.messages or [], params)
         else:

@@ -23,13 +23,12 @@ from hostgpu.gateway.quotas import Slot, TokenQuotas
 from hostgpu.gateway.routes.jobs import announce
 from hostgpu.gateway.streams import RemoteStream, StreamHub, with_keepalive
 from hostgpu.inference import openai_schema as oa
-from hostgpu.inference.engines.base import check_messages
+from hostgpu.inference.engines.base import SamplingParams, check_messages
 from hostgpu.inference.errors import InvalidRequest, NoServer
 from hostgpu.inference.jobs import (
     INFERENCE_FUNCTION,
     MODEL_LABEL_VALUE,
     GenerateRequest,
-    Sampling,
     model_label,
     served_models,
 )
@@ -175,7 +174,9 @@ async def _respond(
     return whole(completion, gen.model)
 
 
-def _sampling(request: Request, body: oa.ChatCompletionRequest | oa.CompletionRequest) -> Sampling:
+def _sampling(
+    request: Request, body: oa.ChatCompletionRequest | oa.CompletionRequest
+) -> SamplingParams:
     params = body.sampling_params()
     params.check()
     limit = request.app.state.settings.infer_max_tokens
@@ -185,7 +186,7 @@ def _sampling(request: Request, body: oa.ChatCompletionRequest | oa.CompletionRe
             "(HOSTGPU_INFER_MAX_TOKENS)",
             param="max_tokens",
         )
-    return Sampling.of(params)
+    return params
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_RESPONSES)

@@ -37,6 +37,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
+from pydantic import ConfigDict
+
 from hostgpu.inference.errors import EngineError, InvalidRequest
 from hostgpu.inference.models import ModelSpec
 
@@ -50,7 +52,13 @@ MAX_STOP_SEQUENCES = 4
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to generate. ``temperature=0`` is greedy (argmax, deterministic)."""
+    """How to generate. ``temperature=0`` is greedy (argmax, deterministic).
+
+    Also the wire form inside an inference job's payload: pydantic validates it there, and
+    refuses fields it does not know.
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -469,6 +477,9 @@ class Engine(ABC):
         self._active: dict[str, ActiveRequest] = {}
         self._requests_total = 0
         self._generated_total = 0
+        #: Set by ``_load``: the most tokens one request may hold, and the ending token ids.
+        self._context = 0
+        self._eos: frozenset[int] = frozenset()
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -591,14 +602,14 @@ class Engine(ABC):
 
     # -- what each engine implements ------------------------------------------------------
     @property
-    @abstractmethod
     def context_length(self) -> int:
         """The most tokens (prompt + completion) one request may hold."""
+        return self._context
 
     @property
-    @abstractmethod
     def eos_token_ids(self) -> frozenset[int]:
         """Token ids that end a generation."""
+        return self._eos
 
     @abstractmethod
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:

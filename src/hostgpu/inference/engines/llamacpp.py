@@ -82,8 +82,6 @@ class LlamaCppEngine(Engine):
         self._formatter: Any = None
         self._queue: queue.Queue[ActiveRequest | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._context = 0
-        self._eos: frozenset[int] = frozenset()
 
     def _load(self, device: str) -> None:
         llama_cpp = _import()
@@ -152,14 +150,6 @@ class LlamaCppEngine(Engine):
         if self._llm is not None:
             self._llm.close()
         self._llm = self._formatter = self._thread = None
-
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         if self._formatter is None:

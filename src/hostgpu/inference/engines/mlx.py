@@ -75,8 +75,6 @@ class MlxEngine(Engine):
         self._tokenizer: Any = None
         self._inbox: queue.Queue[ActiveRequest | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._context = 0
-        self._eos: frozenset[int] = frozenset()
         self._target: Any = None
         self._failure: BaseException | None = None
 
@@ -107,14 +105,6 @@ class MlxEngine(Engine):
         self._model = self._tokenizer = self._thread = self._target = None
         if self._mx is not None:
             self._mx.clear_cache()
-
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         try:

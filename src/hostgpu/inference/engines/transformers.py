@@ -85,8 +85,6 @@ class TransformersEngine(Engine):
         self._seen: dict[str, int] = {}
         self._cancelled: dict[str, ActiveRequest] = {}
         self._lock = threading.Lock()
-        self._context = 0
-        self._eos: frozenset[int] = frozenset()
 
     # -- loading --------------------------------------------------------------------------
     def _load(self, device: str) -> None:
@@ -215,14 +213,6 @@ class TransformersEngine(Engine):
         gc.collect()
 
     # -- tokens ---------------------------------------------------------------------------
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos
-
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         self._require_loaded()
         try:
