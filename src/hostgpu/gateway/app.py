@@ -36,6 +36,7 @@ from hostgpu.gateway.apidocs import install_docs
 from hostgpu.gateway.auth import TokenCache
 from hostgpu.gateway.dashboard import mount_dashboard
 from hostgpu.gateway.deps import ReadToken
+from hostgpu.gateway.group_commit import GroupCommit
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     install_docs(app)
     app.state.settings = settings
     app.state.store = store
+    app.state.group_commit = GroupCommit(store)
     app.state.notifier = Notifier()
     app.state.worker_caps = {}
     app.state.waiting = WaitingExplainer(store)

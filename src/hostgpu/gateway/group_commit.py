@@ -1,0 +1,112 @@
+"""Group commit: submissions that arrive together are stored in one transaction and
+answered (so announced to the workers) together.
+
+Why: eight chat requests sent at once were eight transactions, each announced as it
+committed. The model server's lease woke on the first, took one job and started generating;
+the busy engine then slowed the server's next leases, so the other seven joined the batch
+hundreds of milliseconds late (issue 12: +235 ms between the client and the engine's first
+token at 8 streams). Here the submissions that arrive while a commit is in flight go into the
+next one, and none is answered until the burst has drained (or has lasted ``max_hold_s``), so
+the server's first lease finds them all. A lone submission commits at once, as before.
+
+One submission's failure (a conflict, a bad row) fails only that submission: a batch that
+raises is retried one submission at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hostgpu.gateway.deps import run
+from hostgpu.jobs import Job
+from hostgpu.store.interface import NewJob, Store
+
+#: How long a burst may hold the answers it has stored (a steady stream never drains).
+MAX_HOLD_S = 0.02
+
+
+@dataclass
+class _Waiting:
+    jobs: Sequence[NewJob]
+    future: asyncio.Future[list[Job]]
+    stored: list[Job] | None = None
+    error: BaseException | None = None
+
+    def answer(self) -> None:
+        if self.future.done():  # the caller went away
+            return
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            assert self.stored is not None
+            self.future.set_result(self.stored)
+
+
+class GroupCommit:
+    """``await enqueue(jobs)``: the store's ``enqueue``, grouped with concurrent callers."""
+
+    def __init__(self, store: Store, *, max_hold_s: float = MAX_HOLD_S) -> None:
+        self._store = store
+        self._max_hold_s = max_hold_s
+        self._queue: list[_Waiting] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self.transactions = 0  # for tests and metrics: commits made for the submissions
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Job]:
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(jobs, loop.create_future())
+        self._queue.append(waiting)
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain())
+        return await waiting.future
+
+    async def _drain(self) -> None:
+        stored: list[_Waiting] = []  # committed, not yet answered
+        batch: list[_Waiting] = []
+        burst = time.monotonic()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._commit(batch)
+                stored += batch
+                batch = []
+                if time.monotonic() - burst > self._max_hold_s:
+                    self._answer(stored)
+                    stored, burst = [], time.monotonic()
+        except BaseException as exc:  # cancelled at shutdown: nobody waits forever
+            for waiting in batch + self._queue:
+                waiting.error = exc
+            stored += batch + self._queue
+            self._queue = []
+            raise
+        finally:
+            self._drainer = None
+            self._answer(stored)
+
+    async def _commit(self, batch: list[_Waiting]) -> None:
+        try:
+            jobs = await run(self._store.enqueue, [j for w in batch for j in w.jobs])
+            self.transactions += 1
+        except Exception:
+            for waiting in batch:  # one submission's fault fails only that submission
+                try:
+                    waiting.stored = await run(self._store.enqueue, waiting.jobs)
+                    self.transactions += 1
+                except Exception as exc:
+                    waiting.error = exc
+            return
+        at = 0
+        for waiting in batch:
+            waiting.stored = jobs[at : at + len(waiting.jobs)]
+            at += len(waiting.jobs)
+
+    @staticmethod
+    def _answer(done: list[_Waiting]) -> None:
+        for waiting in done:
+            waiting.answer()
+
+
+__all__ = ["MAX_HOLD_S", "GroupCommit"]
