@@ -122,3 +122,36 @@ def test_a_request_goes_to_the_warm_server_and_waits_a_moment_for_it() -> None:
         assert notifier.runnable([_job()]) == 1 and cold.event.is_set()
 
     asyncio.run(scenario())
+
+
+def test_forwarded_pieces_fit_notify_and_read_back_whole() -> None:
+    """A batch forwarded to another gateway: each piece under NOTIFY's limit whatever the text
+    (multi-byte, escapes) or error body, and the reader there gets the same text and end."""
+    from hostgpu.gateway.streams import wire_pieces
+    from hostgpu.store.interface import MAX_BROADCAST_BYTES
+
+    text = ('"é\\\n🙂' * 2000)[:7000]
+    end = event("11", text, result=result(text), device="cpu")
+    pieces = wire_pieces(end)
+    assert len(pieces) == 7 and all(len(p.encode()) <= MAX_BROADCAST_BYTES for p in pieces)
+    hub = StreamHub()
+    stream = RemoteStream(hub, JOB, _never, _never)
+    for piece in pieces:
+        hub.heard(piece)
+    deltas, completion = asyncio.run(_collect(stream))
+    assert "".join(deltas) == text and completion.text == text
+    assert completion.usage.completion_tokens == result(text).completion_tokens
+
+    huge = {"error": {"message": "x" * 100_000, "type": "server_error"}}
+    [failed] = wire_pieces(event("11", error=huge))
+    assert len(failed.encode()) <= MAX_BROADCAST_BYTES
+    assert StreamEvent.model_validate_json(failed).error == {
+        "error": {"message": "x" * 500, "type": "server_error"}
+    }
+    # Not this gateway's reader: nothing is kept for it.
+    StreamHub().heard(pieces[0])
+
+
+async def _collect(stream: RemoteStream) -> tuple[list[str], Any]:
+    deltas = [d.text async for d in stream]
+    return deltas, await stream.acompletion()

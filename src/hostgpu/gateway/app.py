@@ -158,7 +158,18 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         notifier.attach(asyncio.get_running_loop())
         notifier.on("tokens", app.state.tokens.clear)
         notifier.on("resync", app.state.tokens.clear)
-        stop_listening = store.subscribe(notifier.heard_from_store)
+        hub: StreamHub = app.state.streams
+        notifier.on("finished", hub.recheck)
+        notifier.on("resync", hub.recheck)
+        loop = asyncio.get_running_loop()
+
+        def heard(topic: str) -> None:  # the store's listener thread
+            if topic.startswith("stream:"):  # a token stream forwarded to its reader
+                loop.call_soon_threadsafe(hub.heard, topic.removeprefix("stream:"))
+            elif not topic.startswith("echo:stream:"):
+                notifier.heard_from_store(topic)
+
+        stop_listening = store.subscribe(heard)
         # Expired leases are looked for twice per lease period (a read when there are none):
         # an idle gateway costs the database next to nothing, and a dead worker's jobs come
         # back within one and a half lease periods.

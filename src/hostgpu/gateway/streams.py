@@ -6,18 +6,26 @@ A model server posts :class:`~hostgpu.inference.jobs.StreamEvent` batches; the
 ``GenerationStream`` (``async for`` deltas, ``acompletion()``, ``cancel()``), so the gateway
 formats responses and SSE with the same code as the single-engine server.
 
+Gateways that share a PostgreSQL database: a server may post to another gateway than the one
+its request's client waits on. That gateway forwards the events it has no reader for through
+the store's broadcast (LISTEN/NOTIFY, :func:`wire_pieces` keeps each under NOTIFY's limit),
+and the reader's gateway puts them in the relay (:meth:`StreamHub.heard`). A client that
+hangs up cancels its job in the store; the forwarding gateway hears that job finish, checks
+its forwarded jobs again and tells the server to stop.
+
 What the relay does not see, the store has: every inference job's result is reported like any
 job's. When a stream goes quiet the reader looks at the job, and a job that finished without
-its stream reaching this gateway (its server posted to another gateway of the same database,
-or died and the job ran again elsewhere) is answered from its stored result. A job re-run
-after a lost lease streams again from the start; the reader skips the text it already sent
-(exact with greedy decoding; a sampled re-run continues from the new attempt's text).
+its stream's end reaching this gateway (a lost broadcast, or a server that died and the job
+ran again elsewhere) is answered from its stored result. A job re-run after a lost lease
+streams again from the start; the reader skips the text it already sent (exact with greedy
+decoding; a sampled re-run continues from the new attempt's text).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,11 +42,43 @@ from hostgpu.inference.jobs import (
     served_models,
 )
 from hostgpu.jobs import Job, JobState
+from hostgpu.store.interface import MAX_BROADCAST_BYTES
+
+log = logging.getLogger("hostgpu.gateway")
 
 #: How long a stream may be silent before its reader looks at the job in the store.
 QUIET_S = 1.0
 #: Relays nobody reads are dropped after this long (events for jobs of other gateways).
 ORPHAN_S = 60.0
+#: Characters of text per forwarded piece: JSON writes a character in at most 6 bytes.
+PIECE_CHARS = 1000
+
+
+def wire_pieces(event: StreamEvent) -> list[str]:
+    """``event`` as broadcast payloads, each under NOTIFY's limit: long text in several
+    pieces (its token count and the end ride on the last one). A final result travels
+    without its text, which the reader has put together from the pieces."""
+    texts = [event.text[i : i + PIECE_CHARS] for i in range(0, len(event.text), PIECE_CHARS)]
+    texts = texts or [""]
+    result = event.result.model_copy(update={"text": ""}) if event.result else None
+    pieces = []
+    for n, text in enumerate(texts):
+        last = n == len(texts) - 1
+        piece = event.model_copy(
+            update={
+                "text": text,
+                "tokens": event.tokens if last else 0,
+                "result": result if last else None,
+                "error": event.error if last else None,
+            }
+        )
+        wire = piece.model_dump_json(exclude_none=True)
+        if len(wire.encode()) > MAX_BROADCAST_BYTES:  # only an error body can be this long
+            message = str((event.error or {}).get("error", {}).get("message", ""))[:500]
+            short = {"error": {"message": message or "generation failed", "type": "server_error"}}
+            wire = piece.model_copy(update={"error": short}).model_dump_json(exclude_none=True)
+        pieces.append(wire)
+    return pieces
 
 
 class Relay:
@@ -65,6 +105,38 @@ class StreamHub:
         self.names: dict[str, str] = {}
         #: Worker id → how many streams it runs at once.
         self.capacity: dict[str, int] = {}
+        #: Jobs whose events this gateway forwards to another one (their reader is there).
+        self.forwarded: set[str] = set()
+
+    def local(self, job_id: str) -> bool:
+        """Whether the job's reader is on this gateway (or was: a hang-up is kept)."""
+        return job_id in self._relays
+
+    def heard(self, payload: str) -> None:
+        """An event another gateway forwarded: for this gateway's reader, if it has one."""
+        try:
+            event = StreamEvent.model_validate_json(payload)
+        except ValueError:
+            log.warning("ignored a malformed forwarded stream event")
+            return
+        if event.job_id in self._relays:
+            self.publish(event)
+
+    def forward(self, event: StreamEvent) -> list[str]:
+        """The pieces to broadcast for an event whose reader is elsewhere."""
+        if len(self.forwarded) > 100_000:
+            self.forwarded.clear()
+        if event.result is None and event.error is None:
+            self.forwarded.add(event.job_id)
+        else:
+            self.forwarded.discard(event.job_id)
+        return wire_pieces(event)
+
+    def recheck(self) -> None:
+        """A job finished somewhere (perhaps cancelled by its reader's gateway): check the
+        forwarded ones against the store again at their next event."""
+        for key in [k for k in self._verified if k[0] in self.forwarded]:
+            del self._verified[key]
 
     def relay(self, job_id: str) -> Relay:
         relay = self._relays.get(job_id)

@@ -23,6 +23,10 @@ from hostgpu.jobs import Job, JobError, JobState, Lease, Outcome, Payload, Repor
 from hostgpu.stats import ExpiredLease, JobFacts, QueueGroup, ThroughputBucket, WorkerLoad
 from hostgpu.tokens import TokenInfo
 
+#: The most one :meth:`Store.broadcast` payload may hold (PostgreSQL's NOTIFY takes 8000 bytes,
+#: the sender's id and the topic included).
+MAX_BROADCAST_BYTES = 7000
+
 
 @dataclass(frozen=True)
 class NewJob:
@@ -240,6 +244,12 @@ class Store(abc.ABC):
         ``resync``; returns a function that stops listening. None by default: one gateway per
         database (SQLite) hears everything in process."""
         return lambda: None
+
+    def broadcast(self, topic: str, payloads: Sequence[str]) -> None:
+        """Tell the other gateways on this database ``topic:payload`` for each payload (each
+        at most :data:`MAX_BROADCAST_BYTES` of UTF-8), in order, in one commit; their
+        :meth:`subscribe` callbacks hear it. Nothing by default: no other gateway can exist."""
+        return None
 
     # -- tokens ---------------------------------------------------------------------
     @abc.abstractmethod

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Engine, Insert, Select, Table, create_engine,
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 
+from hostgpu.store.interface import MAX_BROADCAST_BYTES
 from hostgpu.store.schema import jobs
 from hostgpu.store.sql import SQLStore
 
@@ -77,6 +78,18 @@ class PostgresStore(SQLStore):
             text("SELECT pg_notify(:channel, :payload)"),
             {"channel": CHANNEL, "payload": f"{self.origin}:{topic}"},
         )
+
+    def broadcast(self, topic: str, payloads: Sequence[str]) -> None:
+        for payload in payloads:
+            if len(payload.encode()) > MAX_BROADCAST_BYTES:
+                raise ValueError(f"a {topic} broadcast of {len(payload.encode())} bytes")
+        with self._write() as conn:
+            # Nothing to keep: the listeners hear it at commit, durable or not.
+            self._relax(conn)
+            conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                [{"channel": CHANNEL, "payload": f"{self.origin}:{topic}:{p}"} for p in payloads],
+            )
 
     def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         listener = _Listener(self.url, self.origin, callback)

@@ -337,13 +337,21 @@ async def streams(
         hub.names[worker_id] = caps.name
         hub.capacity[worker_id] = caps.concurrency
     cancelled: set[str] = set()
+    forward: list[str] = []
     for event in body.events:
         ok = hub.verified(event.job_id, worker_id)
         if ok is None:
             ok = await run(_runs_on, store, event.job_id, worker_id)
             hub.verify(event.job_id, worker_id, ok)
-        if not ok or hub.publish(event):
+        if not ok:
             cancelled.add(event.job_id)
+        elif store.shared and not hub.local(event.job_id):
+            forward += hub.forward(event)  # its reader waits on another gateway
+        elif hub.publish(event):
+            cancelled.add(event.job_id)
+    if forward:
+        # Before the reply: the server's next batch is forwarded after this one.
+        await run(store.broadcast, "stream", forward)
     return StreamReply(cancelled=sorted(cancelled))
 
 
