@@ -649,3 +649,36 @@ def test_a_draining_worker_is_listed_as_draining(store: Store) -> None:
     [listed] = store.list_workers(alive_only=True)
     assert listed.state == "draining" and listed.alive
     assert store.get_worker(wid).state == "draining"
+
+
+def test_broadcast_reaches_the_other_stores_in_order(store: Store) -> None:
+    """What one gateway broadcasts, every other gateway on the database hears, in order (its
+    own come back as echoes); with SQLite there is no other gateway and it is a no-op."""
+    from hostgpu.store.interface import MAX_BROADCAST_BYTES
+
+    if not store.shared:
+        store.broadcast("stream", ["a", "b"])  # nobody to tell, nothing fails
+        return
+    other = open_store(store.url)
+    heard: list[str] = []
+    ready = threading.Event()
+
+    def hear(topic: str) -> None:
+        if topic == "resync":
+            ready.set()
+        heard.append(topic)
+
+    stop = other.subscribe(hear)
+    try:
+        assert ready.wait(10), "the listener did not connect"
+        big = "é" * ((MAX_BROADCAST_BYTES - 100) // 2)
+        store.broadcast("stream", ["one", "two:with:colons", big])
+        deadline = time.monotonic() + 10
+        while len(heard) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert heard == ["resync", "stream:one", "stream:two:with:colons", f"stream:{big}"]
+        with pytest.raises(ValueError):
+            store.broadcast("stream", ["x" * (MAX_BROADCAST_BYTES + 1)])
+    finally:
+        stop()
+        other.close()
