@@ -309,7 +309,9 @@ OutcomeStatus = Literal["succeeded", "failed", "started", "released"]
 class Outcome(BaseModel):
     """What a worker reports for one leased job: started, finished, or handed back."""
 
-    job_id: str = Field(max_length=64, json_schema_extra={"pattern": SAFE_TEXT})
+    #: A job id as the gateway made it: anything else names no job (and, echoed in the
+    #: reply, would be an id no other operation takes).
+    job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     lease_token: str = Field(max_length=64, json_schema_extra={"pattern": SAFE_TEXT})
     status: OutcomeStatus
     result: Any = None

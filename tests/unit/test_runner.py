@@ -66,7 +66,7 @@ def task(
     kind, _, index = device.partition(":")
     # model_construct: the pool must cope with what the gateway would never let through.
     return Lease.model_construct(
-        job_id=f"job-{next(_counter)}",
+        job_id=f"{next(_counter):032x}",  # a real id's shape: 32 hex digits
         lease_token="tok",
         attempt=1,
         function=function if ":" in function else F + function,
