@@ -155,3 +155,22 @@ def test_forwarded_pieces_fit_notify_and_read_back_whole() -> None:
 async def _collect(stream: RemoteStream) -> tuple[list[str], Any]:
     deltas = [d.text async for d in stream]
     return deltas, await stream.acompletion()
+
+
+def test_forwarded_events_before_the_reader_are_kept_briefly() -> None:
+    """A forwarded event can beat the reader's relay (its request is resuming after the
+    commit): the reader still gets the stream from its start; stale ones are dropped."""
+    from hostgpu.gateway import streams
+
+    hub = StreamHub()
+    hub.heard(event("11", "Hello ").model_dump_json())
+    hub.heard(event("11", "world", result=result("Hello world")).model_dump_json())
+    stream = RemoteStream(hub, JOB, _never, _never)
+    deltas, completion = asyncio.run(_collect(stream))
+    assert "".join(deltas) == "Hello world" == completion.text
+
+    other = "b" * 32
+    hub.heard(event("11", "late").model_copy(update={"job_id": other}).model_dump_json())
+    heard_at, events = hub._early[other]
+    hub._early[other] = (heard_at - streams.EARLY_S - 1, events)  # as if 6 s ago
+    assert hub.relay(other).queue.empty()

@@ -52,6 +52,10 @@ QUIET_S = 1.0
 ORPHAN_S = 60.0
 #: Characters of text per forwarded piece: JSON writes a character in at most 6 bytes.
 PIECE_CHARS = 1000
+#: Forwarded events for a job with no reader here yet are kept this long (its request may
+#: still be resuming after the commit), for at most this many jobs at once.
+EARLY_S = 5.0
+EARLY_MAX_JOBS = 10_000
 
 
 def wire_pieces(event: StreamEvent) -> list[str]:
@@ -107,6 +111,9 @@ class StreamHub:
         self.capacity: dict[str, int] = {}
         #: Jobs whose events this gateway forwards to another one (their reader is there).
         self.forwarded: set[str] = set()
+        #: Forwarded events that came before their reader's relay: job id → (when, events).
+        self._early: dict[str, tuple[float, list[StreamEvent]]] = {}
+        self._early_swept = 0.0
 
     def local(self, job_id: str) -> bool:
         """Whether the job's reader is on this gateway (or was: a hang-up is kept)."""
@@ -121,6 +128,17 @@ class StreamHub:
             return
         if event.job_id in self._relays:
             self.publish(event)
+            return
+        # Perhaps ours, and its reader not set up yet (the job was stored, its request not
+        # yet resumed): kept briefly, so the stream's start is not lost.
+        # (Jobs whose reader is on a third gateway land here too: dropped after EARLY_S.)
+        now = time.monotonic()
+        if now - self._early_swept > 1.0 or len(self._early) >= EARLY_MAX_JOBS:
+            self._early = {j: e for j, e in self._early.items() if now - e[0] < EARLY_S}
+            while len(self._early) >= EARLY_MAX_JOBS:
+                del self._early[next(iter(self._early))]
+            self._early_swept = now
+        self._early.setdefault(event.job_id, (now, []))[1].append(event)
 
     def forward(self, event: StreamEvent) -> list[str]:
         """The pieces to broadcast for an event whose reader is elsewhere."""
@@ -143,6 +161,10 @@ class StreamHub:
         if relay is None:
             self._sweep()
             relay = self._relays[job_id] = Relay()
+            heard_at, early = self._early.pop(job_id, (0.0, []))
+            if time.monotonic() - heard_at < EARLY_S:
+                for event in early:
+                    self.publish(event)
         return relay
 
     def close(self, job_id: str) -> None:
