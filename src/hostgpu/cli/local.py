@@ -36,8 +36,9 @@ def pipeline_note() -> str | None:
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    # SIGTERM (`hostgpu down`, `timeout`, a service manager) and SIGHUP (the terminal closed)
-    # take Ctrl-C's path: the worker stops warm, then the gateway; nothing is orphaned.
+    # SIGINT (also when inherited ignored), SIGTERM (`hostgpu down`, `timeout`, a service
+    # manager) and SIGHUP (the terminal closed) take Ctrl-C's path: the worker stops warm,
+    # then the gateway; nothing is orphaned.
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -66,7 +67,9 @@ def up(
     settings = get_settings()
     pid_path = settings.home_dir / PID_FILE
     pidfile.claim(pid_path)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a process started in the background by a script inherits SIGINT ignored,
+    # and `kill -INT` (or the script's own Ctrl-C) must still stop the stack, not orphan it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     extra_env: dict[str, str] | None = None
     if uploads is not None:
