@@ -36,7 +36,7 @@ import pytest
 from hostgpu.pipelines.jobs import SAMPLES
 from hostgpu.processes import free_port, hostgpu_command
 from hostgpu.stack.docker import DockerReport
-from hostgpu.stack.hybrid import default_project
+from hostgpu.stack.hybrid import default_project, service_kind
 from tests.stack.conftest import compose_choice
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -285,10 +285,13 @@ def test_y_service_replaces_the_foreground_worker(stack: Stack, tmp_path: Path) 
     stack.env.update(PATH=f"{bin_dir}{os.pathsep}{stack.env['PATH']}", HOME=str(tmp_path))
 
     up = stack.hostgpu("stack", "up", "--service", "--no-build", timeout=600)
-    assert "a service replaces it" in up.stdout and "hostgpu-stack.service" in up.stdout
+    # This home's own unit: another HOSTGPU_HOME's stack would not touch it.
+    name = f"hostgpu-{service_kind(default_project(stack.home))}.service"
+    assert name != "hostgpu-stack.service"
+    assert "a service replaces it" in up.stdout and name in up.stdout
     assert _gone(before)
     worker = stack.state()["worker"]
-    unit = tmp_path / ".config/systemd/user/hostgpu-stack.service"
+    unit = tmp_path / ".config/systemd/user" / name
     assert worker["service"] == str(unit) and worker["pid"] != before
     process = psutil.Process(worker["pid"])
     assert f"stack={stack.state()['project']}" in process.cmdline()

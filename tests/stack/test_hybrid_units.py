@@ -226,3 +226,19 @@ def test_stack_up_service_without_a_service_manager_stops_before_docker(home: Pa
     assert "without --service" in done.stderr
     assert "daemon-reload failed" in done.stderr or "not on PATH" in done.stderr, done.stderr
     assert not (home / "stack").exists()
+
+
+def test_each_home_has_its_own_service(tmp_path: Path) -> None:
+    """Two stacks' services never overwrite or stop each other: the default home's is
+    hostgpu-stack, another home's carries its project."""
+    from hostgpu.stack.hybrid import service_kind
+    from hostgpu.worker.service import command_service
+
+    assert service_kind("hostgpu") == "stack"
+    kind = service_kind(default_project(tmp_path))
+    assert kind.startswith("stack-") and kind != "stack"
+    unit = command_service("linux", ["hostgpu"], tmp_path / "t", tmp_path, tmp_path, kind)
+    assert unit.path.name == f"hostgpu-{kind}.service"
+    assert "Description=hostgpu native worker of the hybrid stack" in unit.content
+    plist = command_service("darwin", ["hostgpu"], tmp_path / "t", tmp_path, tmp_path, kind)
+    assert plist.path.name == f"dev.hostgpu.{kind}.plist"

@@ -174,3 +174,44 @@ def test_forwarded_events_before_the_reader_are_kept_briefly() -> None:
     heard_at, events = hub._early[other]
     hub._early[other] = (heard_at - streams.EARLY_S - 1, events)  # as if 6 s ago
     assert hub.relay(other).queue.empty()
+
+
+def test_forwarded_pieces_of_equal_text_stay_distinct() -> None:
+    """PostgreSQL delivers identical payloads of one transaction once: two "\\n" tokens in a
+    batch must not look the same on the wire (their offsets differ)."""
+    from hostgpu.gateway.streams import wire_pieces
+
+    first = wire_pieces(event("11", "\n").model_copy(update={"offset": 2}))
+    second = wire_pieces(event("11", "\n").model_copy(update={"offset": 3}))
+    assert first != second
+
+
+def test_a_lost_forwarded_event_ends_from_the_stored_result() -> None:
+    """An event that never arrived (offsets jump): the reader stops trusting the relay and
+    finishes from the job's stored result, after the text it already sent."""
+    from datetime import UTC, datetime
+
+    from hostgpu.jobs import Job, JobState
+
+    now = datetime.now(UTC)
+    done = Job(
+        id=JOB,
+        function=INFERENCE_FUNCTION,
+        requirements=Requirements(),
+        state=JobState.succeeded,
+        result=result("Hello world").model_dump(mode="json"),
+        created_at=now,
+        updated_at=now,
+        run_after=now,
+    )
+
+    async def fetch() -> Any:
+        return done
+
+    hub = StreamHub()
+    stream = RemoteStream(hub, JOB, fetch, _never)
+    hub.heard(event("11", "Hello ").model_copy(update={"offset": 0}).model_dump_json())
+    hub.heard(event("11", "ld").model_copy(update={"offset": 9}).model_dump_json())  # "wor" lost
+    deltas, completion = asyncio.run(_collect(stream))
+    assert "".join(deltas) == "Hello world" == completion.text
+    assert deltas[0] == "Hello "

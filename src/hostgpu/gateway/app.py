@@ -165,7 +165,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
         def heard(topic: str) -> None:  # the store's listener thread
             if topic.startswith("stream:"):  # a token stream forwarded to its reader
-                loop.call_soon_threadsafe(hub.heard, topic.removeprefix("stream:"))
+                if not loop.is_closed():  # (the listener may outlive the app by a poll)
+                    loop.call_soon_threadsafe(hub.heard, topic.removeprefix("stream:"))
             elif not topic.startswith("echo:stream:"):
                 notifier.heard_from_store(topic)
 

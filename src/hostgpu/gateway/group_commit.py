@@ -59,9 +59,16 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(jobs, loop.create_future())
         self._queue.append(waiting)
-        if self._drainer is None:
+        drainer = self._drainer
+        if drainer is None or drainer.done() or drainer.get_loop() is not loop:
+            # (A drainer cancelled before it ran, or left on a closed loop, never reset.)
             self._drainer = loop.create_task(self._drain())
-        return await waiting.future
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            if waiting in self._queue:  # not committed yet: it never will be
+                self._queue.remove(waiting)
+            raise
 
     async def _drain(self) -> None:
         stored: list[_Waiting] = []  # committed, not yet answered
@@ -83,7 +90,8 @@ class GroupCommit:
             self._queue = []
             raise
         finally:
-            self._drainer = None
+            if self._drainer is asyncio.current_task():
+                self._drainer = None
             self._answer(stored)
 
     async def _commit(self, batch: list[_Waiting]) -> None:

@@ -66,16 +66,21 @@ def wire_pieces(event: StreamEvent) -> list[str]:
     texts = texts or [""]
     result = event.result.model_copy(update={"text": ""}) if event.result else None
     pieces = []
+    at = event.offset
     for n, text in enumerate(texts):
         last = n == len(texts) - 1
         piece = event.model_copy(
             update={
                 "text": text,
+                # Also what keeps two pieces of equal text distinct: PostgreSQL delivers
+                # identical payloads of one transaction once.
+                "offset": at,
                 "tokens": event.tokens if last else 0,
                 "result": result if last else None,
                 "error": event.error if last else None,
             }
         )
+        at = None if at is None else at + len(text)
         wire = piece.model_dump_json(exclude_none=True)
         if len(wire.encode()) > MAX_BROADCAST_BYTES:  # only an error body can be this long
             message = str((event.error or {}).get("error", {}).get("message", ""))[:500]
@@ -129,9 +134,12 @@ class StreamHub:
         if event.job_id in self._relays:
             self.publish(event)
             return
-        # Perhaps ours, and its reader not set up yet (the job was stored, its request not
-        # yet resumed): kept briefly, so the stream's start is not lost.
-        # (Jobs whose reader is on a third gateway land here too: dropped after EARLY_S.)
+        self._stash(event)
+
+    def _stash(self, event: StreamEvent) -> None:
+        """An event with no reader here yet, perhaps ours: its job was stored and its request
+        has not resumed to open the relay. Kept briefly, so the stream's start is not lost.
+        (Jobs whose reader is on a third gateway land here too: dropped after EARLY_S.)"""
         now = time.monotonic()
         if now - self._early_swept > 1.0 or len(self._early) >= EARLY_MAX_JOBS:
             self._early = {j: e for j, e in self._early.items() if now - e[0] < EARLY_S}
@@ -141,7 +149,9 @@ class StreamHub:
         self._early.setdefault(event.job_id, (now, []))[1].append(event)
 
     def forward(self, event: StreamEvent) -> list[str]:
-        """The pieces to broadcast for an event whose reader is elsewhere."""
+        """The pieces to broadcast for an event whose reader is elsewhere (or not set up
+        yet here: it is kept too, as this gateway's own broadcast does not come back)."""
+        self._stash(event)
         if len(self.forwarded) > 100_000:
             self.forwarded.clear()
         if event.result is None and event.error is None:
@@ -284,10 +294,15 @@ class RemoteStream:
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
         lease: str | None = None
         attempt_chars = 0
+        gap = False  # an event of this attempt went missing: the store has the rest
         while not self.done:
-            try:
-                event = await asyncio.wait_for(self.relay.queue.get(), QUIET_S)
-            except TimeoutError:
+            event: StreamEvent | None = None
+            if gap:
+                await asyncio.sleep(QUIET_S / 4)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    event = await asyncio.wait_for(self.relay.queue.get(), QUIET_S)
+            if event is None:  # quiet, or a gap: does the store have the end?
                 job = await self._fetch_job()
                 if job.state.terminal:
                     delta = self._finish_from_job(job)
@@ -297,13 +312,18 @@ class RemoteStream:
             if event.lease_token != lease:  # a new attempt streams from its start
                 lease, attempt_chars = event.lease_token, 0
             self.device = event.device or self.device
+            if event.offset is not None and event.offset > attempt_chars:
+                gap = True  # text before this event never arrived (a lost broadcast)
+                continue
             if event.error is not None:
                 self._fail(error_from_body(event.error))
                 break
-            # Skip what an earlier attempt already delivered.
-            skip = max(0, min(len(event.text), self._sent - attempt_chars))
-            attempt_chars += len(event.text)
-            text = event.text[skip:]
+            # A repeated event: only what is new. Then skip what an earlier attempt delivered.
+            repeated = 0 if event.offset is None else attempt_chars - event.offset
+            fresh = event.text[repeated:]
+            skip = max(0, min(len(fresh), self._sent - attempt_chars))
+            attempt_chars += len(fresh)
+            text = fresh[skip:]
             if text:
                 yield self._deliver(text, event.tokens)
             if event.result is not None:

@@ -86,6 +86,10 @@ class StreamEvent(BaseModel):
     job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     lease_token: str = Field(pattern=r"^[0-9a-f]{1,64}$")
     text: str = Field(default="", max_length=1_000_000, pattern=NO_NUL)
+    #: Characters of this attempt's text before ``text``: a reader tells a missing or repeated
+    #: event by it (events forwarded between gateways can be lost). None: not given (older
+    #: servers), the events are taken in order as they come.
+    offset: Annotated[int, Field(ge=0, le=100_000_000), NOT_BOOL] | None = None
     tokens: Annotated[int, Field(ge=0, le=1_000_000), NOT_BOOL] = 0
     device: str | None = Field(default=None, max_length=100)
     #: Set on the last event: how the generation ended (the job's report follows).

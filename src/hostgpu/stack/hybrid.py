@@ -75,14 +75,35 @@ IMAGE_OVERRIDES = {
 #: Versions of the host venv passed to the image builds (client and server of one release).
 PINNED = {"chromadb": "CHROMADB_VERSION", "copyparty": "COPYPARTY_VERSION"}
 UPLOADS_USER = "hostgpu"
-#: The service kind of ``stack up --service`` (hostgpu-stack.service, dev.hostgpu.stack).
+#: The service kind of ``stack up --service`` (hostgpu-stack.service, dev.hostgpu.stack);
+#: another HOSTGPU_HOME's stack gets its own (:func:`service_kind`).
 SERVICE_KIND = "stack"
+
+
+def service_kind(project: str) -> str:
+    """``stack`` for the default project, ``stack-<hash>`` for another home's: two stacks'
+    services never overwrite (or stop) each other."""
+    suffix = project.removeprefix("hostgpu-")
+    return SERVICE_KIND if project == "hostgpu" else f"{SERVICE_KIND}-{suffix}"
+
+
 #: What a service's worker takes from the shell that ran ``stack up --service``: a service
 #: manager starts it with a bare environment, where model caches, offline switches and thread
 #: limits would silently differ from the foreground worker's. Names that may hold a secret
 #: never travel: a service file is readable by other tools.
 FORWARDED = ("HOSTGPU_", "HF_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TORCH_", "PYTORCH_")
-FORWARDED_NAMES = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XDG_CACHE_HOME")
+FORWARDED_NAMES = (
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "XDG_CACHE_HOME",
+    # The document pipeline's own settings (hostgpu.pipelines): device, model, batches.
+    "DEVICE",
+    "MODEL_NAME",
+    "MODEL_PRECISION",
+    "BATCH_SIZE_TEXT",
+    "BATCH_SIZE_VISUAL",
+)
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "DATABASE_URL", "CREDENTIAL")
 
 
@@ -162,6 +183,8 @@ class WorkerRecord(BaseModel):
     #: The unit file or plist when a service manager runs the worker (``up --service``).
     service: str | None = None
     platform: str | None = None
+    kind: str | None = None  # the service's kind: "stack" or "stack-<project>"
+    project: str | None = None
 
 
 class StackState(BaseModel):
@@ -674,6 +697,7 @@ class HybridStack:
     ) -> WorkerRecord:
         """Write the token file and the unit (or plist), then have the manager start it."""
         plat = self._platform()
+        kind = service_kind(state.project)
         token_file = self.dir / "worker-token"
         write_private(token_file, token + "\n")
         unit = services.command_service(
@@ -682,12 +706,15 @@ class HybridStack:
             token_file,
             Path.home(),
             self.home,
-            SERVICE_KIND,
+            kind,
             env=self.service_env(state),
             log=self.worker_log,
         )
+        mgr = services.manager(plat, unit.path, kind)
+        # One still loaded (crash-looping, or left by a failed `up`) would keep its old token
+        # and settings: `enable --now` does not restart it, `bootstrap` refuses it.
+        services.run_manager(mgr.unload)
         services.write(unit)
-        mgr = services.manager(plat, unit.path, SERVICE_KIND)
         for step in (mgr.reload, mgr.load):
             if step is None:
                 continue
@@ -706,12 +733,14 @@ class HybridStack:
             started_at=started,
             service=str(unit.path),
             platform=plat,
+            kind=kind,
+            project=state.project,
         )
 
     def _service_failure(self, record: WorkerRecord) -> str | None:
         """Why the service is not running (None while the manager says it runs)."""
         assert record.service is not None and record.platform is not None
-        mgr = services.manager(record.platform, Path(record.service), SERVICE_KIND)
+        mgr = services.manager(record.platform, Path(record.service), record.kind or SERVICE_KIND)
         ran = services.run_manager(mgr.state)
         if ran is not None and ran[0] == 0:
             return None
@@ -722,8 +751,15 @@ class HybridStack:
         """Stop the service through its manager (a warm stop), remove its unit and token."""
         assert record.service is not None and record.platform is not None
         path = Path(record.service)
-        mgr = services.manager(record.platform, path, SERVICE_KIND)
+        mgr = services.manager(record.platform, path, record.kind or SERVICE_KIND)
         ran = services.run_manager(mgr.unload)
+        if ran is not None and ran[0] != 0 and path.exists():
+            # Deleting the file of a unit still loaded would leave a worker nobody can
+            # stop with hostgpu (launchd's KeepAlive restarts it).
+            return (
+                f"could not stop the service ({ran[1] or 'no output'}): {path} kept; stop it "
+                f"with `{shlex.join(mgr.unload)}`, then run `hostgpu stack down` again"
+            )
         path.unlink(missing_ok=True)
         if mgr.reload is not None:
             services.run_manager(mgr.reload)
@@ -751,13 +787,16 @@ class HybridStack:
             pass
         if record.service is None:
             return None
-        label = f"stack={self.project()}"
-        for candidate in psutil.process_iter(["cmdline", "status"]):
+        label = f"stack={record.project or self.project()}"
+        mine = os.getuid() if hasattr(os, "getuid") else None
+        for candidate in psutil.process_iter(["cmdline", "status", "uids"]):
             cmdline = candidate.info["cmdline"] or []
+            uids = candidate.info["uids"]
             if (
                 label in cmdline
                 and "worker" in cmdline
                 and candidate.info["status"] != psutil.STATUS_ZOMBIE
+                and (mine is None or (uids is not None and uids.real == mine))
             ):
                 return candidate
         return None

@@ -156,7 +156,7 @@ def systemd_unit(spec: ServiceSpec) -> ServiceFile:
         target = "append:" + str(spec.log.absolute()).replace("%", "%%")
         env_lines += f"\nStandardOutput={target}\nStandardError={target}"
     content = f"""[Unit]
-Description={DESCRIPTIONS[kind]}
+Description={DESCRIPTIONS[kind.split("-")[0]]}
 After=network-online.target
 Wants=network-online.target
 

@@ -357,6 +357,7 @@ class EnginePool:
         deadline = started + lease.timeout_s
         event: dict[str, Any] = {"job_id": lease.job_id, "lease_token": lease.lease_token}
         timed_out = False
+        offset = 0  # characters of this attempt's text sent before the next event
         while True:
             try:
                 wait = None if timed_out else max(0.0, deadline - time.monotonic())
@@ -368,8 +369,16 @@ class EnginePool:
             if delta is None:
                 break
             self.streamer.send(
-                StreamEvent(**event, text=delta.text, tokens=delta.tokens, device=self.device)
+                StreamEvent(
+                    **event,
+                    text=delta.text,
+                    tokens=delta.tokens,
+                    device=self.device,
+                    offset=offset,
+                )
             )
+            offset += len(delta.text)
+        event["offset"] = offset  # the end (result or error) comes after all the text
         completion = stream.completion()
         self.tokens += completion.usage.completion_tokens
         if completion.finish_reason == "cancelled":

@@ -117,7 +117,8 @@ async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
     )
     started = time.time()
     new = await run(state.resolver.new_jobs, [spec], workers, inference=True)
-    [job] = await run(store.enqueue, new)
+    # Requests sent at the same moment: one commit, one lease (group_commit.py).
+    [job] = await state.group_commit.enqueue(new)
     state.metrics.record_submitted([job], started)
     announce(notifier, settings, [job])
 
