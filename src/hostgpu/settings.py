@@ -180,15 +180,19 @@ def read_secret(path: Path) -> str:
     return text
 
 
-def write_secret(path: Path, secret: str) -> Path:
-    """Write a token to a file created 0600 (never world-readable, not even for a moment)."""
-    path = path.expanduser()
+def write_private(path: Path, text: str) -> Path:
+    """Write a file only its owner can read (created 0600, never world-readable in between)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
+        handle.write(text)
     os.chmod(path, 0o600)  # an older file may have had looser bits
     return path
+
+
+def write_secret(path: Path, secret: str) -> Path:
+    """Write a token to a file created 0600 (never world-readable, not even for a moment)."""
+    return write_private(path.expanduser(), secret + "\n")
 
 
 @lru_cache(maxsize=1)

@@ -34,17 +34,9 @@ import httpx
 
 from hostgpu.errors import HostGPUError
 from hostgpu.processes import free_port, stop_process
+from hostgpu.settings import write_private
 
 HOOK_MODULE = "hostgpu.pipelines.upload_hook"
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (created 0600, never world-readable in between)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)  # an older file may have had looser bits
 
 
 class UploadServer:
@@ -93,7 +85,7 @@ class UploadServer:
             if existing:
                 return existing
         password = secrets.token_urlsafe(24)
-        _write_private(self.password_path, password + "\n")
+        write_private(self.password_path, password + "\n")
         return password
 
     def hook_command(self) -> str:
@@ -156,7 +148,7 @@ class UploadServer:
         (self.state / "config").mkdir(parents=True, exist_ok=True)
         (self.state / "hist").mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(self.config_path, self._config())
+        write_private(self.config_path, self._config())
         if self.port is None:
             self.port = free_port()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

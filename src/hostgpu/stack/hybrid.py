@@ -58,7 +58,7 @@ from pydantic import BaseModel, Field
 from hostgpu.client import Client
 from hostgpu.errors import AuthError, ConfigError, HostGPUError
 from hostgpu.processes import port_free, worker_command
-from hostgpu.settings import Settings
+from hostgpu.settings import Settings, write_private
 from hostgpu.stack.compose import Compose, ComposeError, Container
 from hostgpu.stack.docker import ComposeInfo, DockerReport, check_docker, explain
 from hostgpu.worker import service as services
@@ -113,15 +113,6 @@ class StackError(HostGPUError):
 
 class _Skip(Exception):
     """Nothing to ask the gateway (it is not running)."""
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (created 0600, never looser in between)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)  # an older file may have had looser bits
 
 
 def private_dir(path: Path) -> Path:
