@@ -90,6 +90,11 @@ class _Refused(Exception):
         self.error_type = error_type
         self.tb = tb
 
+    @classmethod
+    def caught(cls, kind: str, message: str, exc: BaseException) -> _Refused:
+        """The refusal for ``exc``, being handled now: its type and traceback go along."""
+        return cls(kind, message, error_type=type(exc).__name__, tb=traceback.format_exc())
+
     def error(self) -> dict[str, Any]:
         return {
             "type": self.error_type,
@@ -148,12 +153,11 @@ def resolve(function: str) -> tuple[Published, float]:
     try:
         importlib.import_module(module_name)
     except BaseException as exc:  # an import can raise anything, SystemExit included
-        raise _Refused(
+        raise _Refused.caught(
             "import",
             f"cannot import {module_name!r} for {function!r}: "
             + import_error_message(module_name, exc),
-            error_type=type(exc).__name__,
-            tb=traceback.format_exc(),
+            exc,
         ) from None
     import_s = time.perf_counter() - started
     found = lookup(function)
@@ -203,19 +207,15 @@ def _decode_args(
             args, kwargs = pickle.loads(raw)
             return tuple(args), dict(kwargs)
         except (binascii.Error, TypeError, ValueError, pickle.UnpicklingError) as exc:
-            raise _Refused(
+            raise _Refused.caught(
                 "serialization",
                 "the pickled payload must be base64 of pickle.dumps((args, kwargs)): "
                 f"{type(exc).__name__}: {exc}",
-                error_type=type(exc).__name__,
-                tb=traceback.format_exc(),
+                exc,
             ) from None
         except BaseException as exc:
-            raise _Refused(
-                "serialization",
-                f"cannot unpickle the arguments: {type(exc).__name__}: {exc}",
-                error_type=type(exc).__name__,
-                tb=traceback.format_exc(),
+            raise _Refused.caught(
+                "serialization", f"cannot unpickle the arguments: {type(exc).__name__}: {exc}", exc
             ) from None
     raise AssertionError(serializer)  # pragma: no cover - checked above
 
@@ -225,11 +225,10 @@ def _encode_result(function: str, result: Any, serializer: str) -> Any:
         try:
             return base64.b64encode(pickle.dumps(result)).decode("ascii")
         except BaseException as exc:
-            raise _Refused(
+            raise _Refused.caught(
                 "serialization",
                 f"{function} returned a {type(result).__name__} that cannot be pickled: {exc}",
-                error_type=type(exc).__name__,
-                tb=traceback.format_exc(),
+                exc,
             ) from None
     try:
         json.dumps(result, allow_nan=False)
