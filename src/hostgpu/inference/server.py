@@ -97,11 +97,20 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
         except ValueError:
             raise InvalidRequest("the body is not valid JSON") from None
 
-    async def answer(
-        request: Request, body: oa.ChatCompletionRequest | oa.CompletionRequest, stream: Any
+    async def generate(
+        request: Request, kind: type[oa.ChatCompletionRequest] | type[oa.CompletionRequest]
     ) -> Any:
-        """SSE for a streaming request, else the whole response once generated."""
+        """Start generating; SSE for a streaming request, else the whole response once done."""
+        body = oa.parse_request(kind, await _body(request))
+        engine = engine_for(body.model)
         chat = isinstance(body, oa.ChatCompletionRequest)
+        # Tokenising a long prompt takes milliseconds: keep it off the event loop.
+        if chat:
+            messages, params = body.chat_messages(), body.sampling_params()
+            stream = await asyncio.to_thread(engine.chat, messages, params)
+        else:
+            prompt, params = body.prompt_text(), body.sampling_params()
+            stream = await asyncio.to_thread(engine.complete, prompt, params)
         if body.stream:
             sse = oa.chat_sse if chat else oa.completion_sse
             lines = sse(stream, body.model, include_usage=body.include_usage)
@@ -116,18 +125,11 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
-        body = oa.parse_request(oa.ChatCompletionRequest, await _body(request))
-        engine = engine_for(body.model)
-        messages, params = body.chat_messages(), body.sampling_params()
-        # Tokenising a long prompt takes milliseconds: keep it off the event loop.
-        return await answer(request, body, await asyncio.to_thread(engine.chat, messages, params))
+        return await generate(request, oa.ChatCompletionRequest)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
-        body = oa.parse_request(oa.CompletionRequest, await _body(request))
-        engine = engine_for(body.model)
-        prompt, params = body.prompt_text(), body.sampling_params()
-        return await answer(request, body, await asyncio.to_thread(engine.complete, prompt, params))
+        return await generate(request, oa.CompletionRequest)
 
     return app
 
