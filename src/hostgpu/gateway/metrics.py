@@ -22,11 +22,11 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from anyio import to_thread
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hostgpu.gateway.threads import run
 from hostgpu.jobs import Job, JobState, Outcome, ReportResult
 from hostgpu.stats import ExpiredLease, JobFacts
 from hostgpu.store import Store
@@ -36,6 +36,7 @@ log = logging.getLogger("hostgpu.gateway")
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 RUN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400)
 JOB_LABELS = ("function", "requirement")
+RUN_LABELS = ("function", "device")  # the histograms of finished jobs
 #: Finished jobs are counted in one read per this many seconds, not one per report: the
 #: report path stays as fast as without metrics, and the counters lag by at most this.
 FLUSH_S = 0.5
@@ -118,16 +119,21 @@ class Metrics:
             ["method", "route", "status"],
             registry=registry,
         )
-        self.latency = Histogram(
-            "hostgpu_http_request_seconds",
-            "HTTP request latency by route",
-            ["route"],
-            registry=registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30, 60),
-        )
 
         def counter(name: str, text: str, labels: Sequence[str] = JOB_LABELS) -> Counter:
             return Counter(name, text, list(labels), registry=registry)
+
+        def histogram(
+            name: str, text: str, labels: Sequence[str], buckets: Sequence[float]
+        ) -> Histogram:
+            return Histogram(name, text, list(labels), registry=registry, buckets=buckets)
+
+        self.latency = histogram(
+            "hostgpu_http_request_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30, 60),
+        )
 
         self.submitted = counter("hostgpu_jobs_submitted", "Jobs stored by this gateway")
         self.succeeded = counter("hostgpu_jobs_succeeded", "Jobs that succeeded")
@@ -153,19 +159,17 @@ class Metrics:
             "Leases taken back because their worker stopped heartbeating, by worker name",
             ["worker"],
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = histogram(
             "hostgpu_job_queue_wait_seconds",
             "From runnable (submitted, retried or handed back) to leased, for jobs that finished",
-            ["function", "device"],
-            registry=registry,
-            buckets=WAIT_BUCKETS,
+            RUN_LABELS,
+            WAIT_BUCKETS,
         )
-        self.run_time = Histogram(
+        self.run_time = histogram(
             "hostgpu_job_run_seconds",
             "Run time of jobs that finished (the worker's measure; lease to report otherwise)",
-            ["function", "device"],
-            registry=registry,
-            buckets=RUN_BUCKETS,
+            RUN_LABELS,
+            RUN_BUCKETS,
         )
         registry.register(_StoreGauges(store))
 
@@ -197,9 +201,7 @@ class Metrics:
         ids = list(batch)
         try:
             for start in range(0, len(ids), FLUSH_BATCH):
-                facts = await to_thread.run_sync(
-                    self.store.job_facts, ids[start : start + FLUSH_BATCH]
-                )
+                facts = await run(self.store.job_facts, ids[start : start + FLUSH_BATCH])
                 run_s = {k: v for k, v in batch.items() if v is not None}
                 self.record_reported(facts, run_s)
         except Exception:  # metrics must never take the gateway down
