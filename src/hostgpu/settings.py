@@ -23,96 +23,66 @@ def _alias(*names: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
+    # A field reads HOSTGPU_<FIELD NAME>, unless it names its variables itself (an alias:
+    # then the prefix does not apply).
     model_config = SettingsConfigDict(env_prefix="HOSTGPU_", extra="ignore", populate_by_name=True)
 
-    home: Path = Field(default=Path("~/.hostgpu"), validation_alias=_alias("HOSTGPU_HOME"))
-    gateway: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_GATEWAY"))
-    token: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_TOKEN"))
-    token_file: Path | None = Field(default=None, validation_alias=_alias("HOSTGPU_TOKEN_FILE"))
-    database_url: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_DATABASE_URL"))
-    host: str = Field(default="127.0.0.1", validation_alias=_alias("HOSTGPU_HOST"))
-    port: int = Field(default=DEFAULT_PORT, validation_alias=_alias("HOSTGPU_PORT"))
+    home: Path = Path("~/.hostgpu")
+    gateway: str | None = None
+    token: str | None = None
+    token_file: Path | None = None
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
 
     # Job store / gateway limits.
-    lease_seconds: float = Field(default=30.0, validation_alias=_alias("HOSTGPU_LEASE_SECONDS"))
-    worker_ttl_seconds: float = Field(
-        default=30.0, validation_alias=_alias("HOSTGPU_WORKER_TTL_SECONDS")
-    )
-    fallback_grace_seconds: float = Field(
-        default=30.0, validation_alias=_alias("HOSTGPU_FALLBACK_GRACE_SECONDS")
-    )
-    max_body_bytes: int = Field(
-        default=16 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_BODY_BYTES")
-    )
-    max_blob_bytes: int = Field(
-        default=4 * 1024**3, gt=0, validation_alias=_alias("HOSTGPU_MAX_BLOB_BYTES")
-    )
-    max_result_bytes: int = Field(
-        default=8 * 1024 * 1024, validation_alias=_alias("HOSTGPU_MAX_RESULT_BYTES")
-    )
+    lease_seconds: float = 30.0
+    worker_ttl_seconds: float = 30.0
+    fallback_grace_seconds: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_blob_bytes: int = Field(default=4 * 1024**3, gt=0)
+    max_result_bytes: int = 8 * 1024 * 1024
     # Inference API (per token, per gateway).
-    infer_rate_per_minute: int = Field(
-        default=600, gt=0, validation_alias=_alias("HOSTGPU_INFER_RATE_PER_MINUTE")
-    )
-    infer_concurrency: int = Field(
-        default=16, gt=0, validation_alias=_alias("HOSTGPU_INFER_CONCURRENCY")
-    )
-    infer_max_tokens: int = Field(
-        default=8192, gt=0, validation_alias=_alias("HOSTGPU_INFER_MAX_TOKENS")
-    )
-    infer_keepalive_seconds: float = Field(
-        default=10.0, gt=0, validation_alias=_alias("HOSTGPU_INFER_KEEPALIVE_SECONDS")
-    )
-    max_lost_leases: int = Field(
-        default=10, ge=0, validation_alias=_alias("HOSTGPU_MAX_LOST_LEASES")
-    )
-    retry_base_seconds: float = Field(
-        default=1.0, ge=0, validation_alias=_alias("HOSTGPU_RETRY_BASE_SECONDS")
-    )
-    retry_max_seconds: float = Field(
-        default=300.0, ge=0, validation_alias=_alias("HOSTGPU_RETRY_MAX_SECONDS")
-    )
-    log_level: str = Field(default="INFO", validation_alias=_alias("HOSTGPU_LOG_LEVEL"))
+    infer_rate_per_minute: int = Field(default=600, gt=0)
+    infer_concurrency: int = Field(default=16, gt=0)
+    infer_max_tokens: int = Field(default=8192, gt=0)
+    infer_keepalive_seconds: float = Field(default=10.0, gt=0)
+    max_lost_leases: int = Field(default=10, ge=0)
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    retry_max_seconds: float = Field(default=300.0, ge=0)
+    log_level: str = "INFO"
 
     # Names shared with hand-made setups.
     device: Literal["auto", "mps", "cuda", "mlx", "cpu"] = Field(
         default="auto", validation_alias=_alias("DEVICE", "HOSTGPU_DEVICE")
     )
     model_name: str | None = Field(default=None, validation_alias=_alias("MODEL_NAME"))
-    text_model: str | None = Field(default=None, validation_alias=_alias("HOSTGPU_TEXT_MODEL"))
+    text_model: str | None = None
     model_precision: Literal["fp16", "fp32"] = Field(
         default="fp32", validation_alias=_alias("MODEL_PRECISION")
     )
     chroma_host: str | None = Field(default=None, validation_alias=_alias("CHROMA_HOST"))
     chroma_port: int = Field(default=8000, validation_alias=_alias("CHROMA_PORT"))
-    chroma_collection: str = Field(
-        default="hostgpu", validation_alias=_alias("HOSTGPU_CHROMA_COLLECTION")
-    )
+    chroma_collection: str = "hostgpu"
     batch_size_text: int = Field(default=32, validation_alias=_alias("BATCH_SIZE_TEXT"))
     batch_size_visual: int = Field(default=4, validation_alias=_alias("BATCH_SIZE_VISUAL"))
-    render_dpi: int = Field(default=100, validation_alias=_alias("HOSTGPU_RENDER_DPI"))
-    upload_root: Path | None = Field(default=None, validation_alias=_alias("HOSTGPU_UPLOAD_ROOT"))
+    render_dpi: int = 100
+    upload_root: Path | None = None
     ingest_roots: str = Field(
         default="",
-        validation_alias=_alias("HOSTGPU_INGEST_ROOTS"),
         description="folders path-based ingest may read (os.pathsep-separated)",
     )
-    ingest_gpu: str = Field(default="any", validation_alias=_alias("HOSTGPU_INGEST_GPU"))
+    ingest_gpu: str = "any"
     labels: str = Field(
         default="",
-        validation_alias=_alias("HOSTGPU_LABELS"),
         description="this machine's labels, key=value,… (`hostgpu ray start` gives them to Ray)",
     )
-    max_pages: int = Field(default=500, gt=0, validation_alias=_alias("HOSTGPU_MAX_PAGES"))
-    max_pixels: int = Field(default=50_000_000, gt=0, validation_alias=_alias("HOSTGPU_MAX_PIXELS"))
-    max_text_bytes: int = Field(
-        default=20_000_000, gt=0, validation_alias=_alias("HOSTGPU_MAX_TEXT_BYTES")
-    )
+    max_pages: int = Field(default=500, gt=0)
+    max_pixels: int = Field(default=50_000_000, gt=0)
+    max_text_bytes: int = Field(default=20_000_000, gt=0)
     # A file holding the secret a gateway's first start uses for its admin token (a
     # containerised gateway, whose admin token the host made: `hostgpu stack up`).
-    admin_token_file: Path | None = Field(
-        default=None, validation_alias=_alias("HOSTGPU_ADMIN_TOKEN_FILE")
-    )
+    admin_token_file: Path | None = None
 
     @property
     def home_dir(self) -> Path:
