@@ -160,23 +160,31 @@ def open_pdf(path: Path, *, max_pages: int = DEFAULT_MAX_PAGES) -> Any:
     return doc
 
 
-def _page_text(doc: Any, index: int, name: str) -> str:
+@contextlib.contextmanager
+def _pdf_page(doc: Any, index: int, name: str, doing: str) -> Iterator[Any]:
+    """Page ``index`` (0-based) of an open PDF, closed afterwards; PDFium's failures, opening
+    it or ``doing`` it (read, rendered), become a PipelineError naming the page."""
     import pypdfium2 as pdfium
 
     try:
         page = doc[index]
         try:
-            textpage = page.get_textpage()
-            try:
-                text: str = textpage.get_text_bounded()
-            finally:
-                textpage.close()
+            yield page
         finally:
             page.close()
     except pdfium.PdfiumError as exc:
         raise PipelineError(
-            f"{name}: page {index + 1} cannot be read (corrupt or truncated PDF): {exc}"
+            f"{name}: page {index + 1} cannot be {doing} (corrupt or truncated PDF): {exc}"
         ) from None
+
+
+def _page_text(doc: Any, index: int, name: str) -> str:
+    with _pdf_page(doc, index, name, "read") as page:
+        textpage = page.get_textpage()
+        try:
+            text: str = textpage.get_text_bounded()
+        finally:
+            textpage.close()
     return normalize_text(text)
 
 
@@ -186,25 +194,15 @@ def render_page(doc: Any, index: int, *, dpi: int, max_pixels: int, name: str = 
     The DPI is lowered when the page at ``dpi`` would exceed ``max_pixels``, so an absurd
     page size cannot allocate an absurd bitmap.
     """
-    import pypdfium2 as pdfium
-
-    try:
-        page = doc[index]
-        try:
-            width_pt, height_pt = page.get_size()
-            scale = dpi / 72.0
-            pixels = width_pt * scale * height_pt * scale
-            if pixels > max_pixels:
-                scale *= (max_pixels / pixels) ** 0.5
-            bitmap = page.render(scale=scale)
-            image: Image = bitmap.to_pil().convert("RGB")
-            bitmap.close()
-        finally:
-            page.close()
-    except pdfium.PdfiumError as exc:
-        raise PipelineError(
-            f"{name}: page {index + 1} cannot be rendered (corrupt or truncated PDF): {exc}"
-        ) from None
+    with _pdf_page(doc, index, name, "rendered") as page:
+        width_pt, height_pt = page.get_size()
+        scale = dpi / 72.0
+        pixels = width_pt * scale * height_pt * scale
+        if pixels > max_pixels:
+            scale *= (max_pixels / pixels) ** 0.5
+        bitmap = page.render(scale=scale)
+        image: Image = bitmap.to_pil().convert("RGB")
+        bitmap.close()
     return image
 
 
