@@ -26,7 +26,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    overload,
+)
 
 from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
 from hostgpu.functions import FunctionOptions, import_path, publish
@@ -435,6 +446,21 @@ class Function(Generic[P, R]):
         return default_backend().map(self, items, options)
 
 
+class FunctionKwargs(TypedDict, total=False):
+    """The options ``@function`` and ``register`` take; each left out (or None) keeps its
+    default in :class:`~hostgpu.functions.FunctionOptions`."""
+
+    gpu: str
+    fallback: Literal["cpu"] | None
+    timeout: float
+    retries: int
+    memory: float | None
+    priority: int
+    labels: dict[str, str] | None
+    serializer: Literal["json", "pickle"]
+    warm: bool
+
+
 def _options(**given: Any) -> FunctionOptions:
     return FunctionOptions(**{k: v for k, v in given.items() if v is not None})
 
@@ -444,63 +470,33 @@ def function(fn: Callable[P, R], /) -> Function[P, R]: ...
 
 
 @overload
-def function(
-    *,
-    gpu: str = "any",
-    fallback: Literal["cpu"] | None = None,
-    timeout: float = 600.0,
-    retries: int = 2,
-    memory: float | None = None,
-    priority: int = 0,
-    labels: dict[str, str] | None = None,
-    serializer: Literal["json", "pickle"] = "json",
-    warm: bool = False,
-) -> Callable[[Callable[P, R]], Function[P, R]]: ...
+def function(**options: Unpack[FunctionKwargs]) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
 
 def function(
-    fn: Callable[P, R] | None = None,
-    /,
-    *,
-    gpu: str = "any",
-    fallback: Literal["cpu"] | None = None,
-    timeout: float = 600.0,
-    retries: int = 2,
-    memory: float | None = None,
-    priority: int = 0,
-    labels: dict[str, str] | None = None,
-    serializer: Literal["json", "pickle"] = "json",
-    warm: bool = False,
+    fn: Callable[P, R] | None = None, /, **options: Unpack[FunctionKwargs]
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
     """Declare and publish a function that can run as a job on a worker with the right device.
 
-    ``gpu``: mps | cuda | cuda:<name> | mlx | gpu | cpu | any. ``fallback="cpu"`` lets it run
-    on a CPU when no matching worker appears within the grace period (the result says so).
-    ``memory``: minimum accelerator memory in GB. ``serializer="pickle"`` accepts any
-    picklable arguments, for callers and workers that trust each other only. ``warm``: the
-    function keeps state between calls (a loaded model); see the README.
+    ``gpu``: mps | cuda | cuda:<name> | mlx | gpu | cpu | any (default any). ``fallback="cpu"``
+    lets it run on a CPU when no matching worker appears within the grace period (the result
+    says so). ``timeout`` (seconds, default 600), ``retries`` (default 2), ``priority``
+    (default 0), ``labels`` the worker must have. ``memory``: minimum accelerator memory in
+    GB. ``serializer="pickle"`` accepts any picklable arguments, for callers and workers
+    that trust each other only. ``warm``: the function keeps state between calls (a loaded
+    model); see the README.
     """
-    options = _options(
-        gpu=gpu,
-        fallback=fallback,
-        timeout=timeout,
-        retries=retries,
-        memory=memory,
-        priority=priority,
-        labels=dict(labels or {}),
-        serializer=serializer,
-        warm=warm,
-    )  # validated now, not at submit time
+    declared = _options(**options)  # validated now, not at submit time
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
-        wrapped = Function(f, options)
-        publish(f, options)
+        wrapped = Function(f, declared)
+        publish(f, declared)
         return wrapped
 
     return wrap(fn) if fn is not None else wrap
 
 
-def register(fn: Callable[P, R], **options: Any) -> Function[P, R]:
+def register(fn: Callable[P, R], **options: Unpack[FunctionKwargs]) -> Function[P, R]:
     """Publish an existing function (one you cannot decorate) with these options.
 
     Call it at import time of a module the worker imports: ``ingest = register(ingest_file,
