@@ -22,7 +22,7 @@ import subprocess
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 log = logging.getLogger("hostgpu.devices")
 
@@ -151,35 +151,45 @@ def _read_torch() -> tuple[TorchFacts | None, str | None]:
     return TorchFacts.read(torch), None
 
 
-def _mlx_info() -> tuple[str | None, bool | None, str | None, int | None, str | None]:
-    """(version, metal available, GPU name, memory bytes, default device) of an installed MLX."""
+class _MlxFacts(TypedDict, total=False):
+    """HostFacts' fields about MLX; one left out keeps its default (None)."""
+
+    mlx_version: str
+    mlx_metal: bool
+    mlx_device_name: str | None
+    mlx_memory_bytes: int | None
+    mlx_default_device: str | None
+
+
+def _mlx_info() -> _MlxFacts:
+    """Version, Metal availability, GPU name, memory bytes and default device of an installed
+    MLX; nothing when MLX is not installed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import mlx.core as mx
     except Exception:
-        return None, None, None, None, None
+        return {}
     try:
         from importlib.metadata import version
 
-        mlx_version: str | None = version("mlx")
+        mlx_version = version("mlx")
     except Exception:
         mlx_version = str(getattr(mx, "__version__", "unknown"))
-    metal: bool | None = None
-    name: str | None = None
-    memory: int | None = None
-    default = str(_safe(mx.default_device, "")) or None
+    facts = _MlxFacts(
+        mlx_version=mlx_version, mlx_default_device=str(_safe(mx.default_device, "")) or None
+    )
     try:
-        metal = bool(mx.metal.is_available())
+        facts["mlx_metal"] = metal = bool(mx.metal.is_available())
         if metal:
             info_fn = getattr(mx, "device_info", None) or mx.metal.device_info
             info = dict(info_fn())
-            name = str(info.get("device_name") or "") or None
+            facts["mlx_device_name"] = str(info.get("device_name") or "") or None
             raw = info.get("max_recommended_working_set_size") or info.get("memory_size")
-            memory = int(raw) if raw else None
+            facts["mlx_memory_bytes"] = int(raw) if raw else None
     except Exception:
         pass
-    return mlx_version, metal, name, memory, default
+    return facts
 
 
 @dataclass(frozen=True)
@@ -235,7 +245,7 @@ class HostFacts:
             os_release = match.group(1)
         driver = _read_text(root / "proc" / "driver" / "nvidia" / "version")
         torch, torch_error = _read_torch()
-        mlx_version, mlx_metal, mlx_name, mlx_memory, mlx_default = _mlx_info()
+        mlx = _mlx_info()
         return cls(
             system=system,
             machine=platform.machine(),
@@ -258,11 +268,7 @@ class HostFacts:
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             torch=torch,
             torch_error=torch_error,
-            mlx_version=mlx_version,
-            mlx_metal=mlx_metal,
-            mlx_device_name=mlx_name,
-            mlx_memory_bytes=mlx_memory,
-            mlx_default_device=mlx_default,
+            **mlx,
         )
 
     def to_json(self) -> str:
