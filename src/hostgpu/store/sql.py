@@ -155,6 +155,84 @@ def _in(column: Any, values: Sequence[str]) -> Any:
     return column.in_([literal_column(f"'{v}'") for v in values])
 
 
+# -- hot statements, built once ---------------------------------------------------------------
+# A statement built per call is re-coerced and re-keyed for SQLAlchemy's compiled cache on
+# every execution: that was about 60% of a lease's and a report's time in the store. These are
+# built once, so only their parameters change; the ``b_`` names keep them apart from columns.
+_NOW = bindparam("b_now", type_=Float)
+_BY_ID = jobs.c.id == bindparam("b_id")
+_FENCED = and_(_BY_ID, jobs.c.lease_token == bindparam("b_token"))
+_OF_LEASE = and_(
+    attempts.c.job_id == bindparam("b_id"), attempts.c.lease_token == bindparam("b_token")
+)
+#: A draining worker stays draining: its heartbeats keep it alive, not leasing.
+_ALIVE = case((workers.c.state == "draining", "draining"), else_="active")
+_GET_JOB = select(jobs).where(_BY_ID)
+_INSERT_JOBS = insert(jobs)
+_INSERT_ATTEMPTS = insert(attempts)
+_TOUCH = (
+    update(workers)
+    .where(workers.c.id == bindparam("b_worker"))
+    .values(last_seen=_NOW, state=_ALIVE)
+)
+_LEASE_JOB = (
+    update(jobs)
+    .where(_BY_ID)
+    .values(
+        state=target(Event.lease),
+        lease_token=bindparam("b_token"),
+        lease_expires_at=bindparam("b_expires", type_=Float),
+        worker_id=bindparam("b_worker"),
+        device=bindparam("b_device"),
+        fallback_used=bindparam("b_fallback"),
+        attempts=jobs.c.attempts + 1,
+        updated_at=_NOW,
+    )
+)
+_CLOSE_ATTEMPT = (
+    update(attempts)
+    .where(_OF_LEASE)
+    .values(outcome=bindparam("b_outcome"), finished_at=_NOW, error=bindparam("b_error"))
+)
+_DROP_ATTEMPT = delete(attempts).where(_OF_LEASE)
+
+
+def _transition(event: Event, **values: Any) -> Any:
+    """One executemany statement: the rows' jobs, still under their lease, take ``event``."""
+    return (
+        update(jobs)
+        .where(_FENCED, _in(jobs.c.state, sources(event)))
+        .values(state=target(event), updated_at=_NOW, **values)
+    )
+
+
+_START = _transition(Event.start)
+_SUCCEED = _transition(
+    Event.succeed,
+    result=bindparam("b_result"),
+    error=None,
+    timings=bindparam("b_timings"),
+    device=func.coalesce(bindparam("b_device"), jobs.c.device),
+    finished_at=_NOW,
+)
+_RELEASE = _transition(
+    Event.release,
+    attempts=jobs.c.attempts - 1,
+    lease_token=None,
+    worker_id=None,
+    run_after=_NOW,
+)
+_FAILURE = {
+    "failures": jobs.c.failures + 1,
+    "error": bindparam("b_error"),
+    "timings": bindparam("b_timings"),
+}
+_RETRY = _transition(
+    Event.retry, **_FAILURE, lease_token=None, run_after=bindparam("b_run_after", type_=Float)
+)
+_FAIL = _transition(Event.fail, **_FAILURE, finished_at=bindparam("b_finished", type_=Float))
+
+
 def _requirements(row: Any) -> Requirements:
     return Requirements(
         gpu=row.gpu_kind + (f":{row.gpu_name}" if row.gpu_name else ""),
@@ -198,6 +276,13 @@ class SQLStore(Store):
         self.origin = uuid.uuid4().hex[:12]
         self.transactions = {"read": 0, "write": 0}
         self._lane_cache: dict[str, Select[Any]] = {}
+        #: The fence facts of reported jobs, locked on PostgreSQL (built once, like the
+        #: statements at the top of this module).
+        self._fences = self._for_update(
+            select(
+                jobs.c.id, jobs.c.state, jobs.c.lease_token, jobs.c.failures, jobs.c.max_retries
+            ).where(jobs.c.id.in_(bindparam("b_ids", expanding=True)))
+        )
         self._migrate()
 
     # -- backend hooks ------------------------------------------------------------------
@@ -362,7 +447,7 @@ class SQLStore(Store):
                 if key:
                     batch_keys[key] = row
             if rows:
-                conn.execute(insert(jobs), rows)
+                conn.execute(_INSERT_JOBS, rows)
                 needs = [
                     {"job_id": r["id"], "digest": d}
                     for r in rows
@@ -396,7 +481,7 @@ class SQLStore(Store):
     def get(self, job_id: str, *, history: bool = False) -> Job:
         with self._read() as conn:
             job_id = self._find_id(conn, job_id)
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(_GET_JOB, {"b_id": job_id}).first()
             if row is None:
                 raise NotFound(f"no job with id {job_id!r}")
             past = None
@@ -613,6 +698,9 @@ class SQLStore(Store):
                     "b_token": token,
                     "b_device": device.torch_device,
                     "b_fallback": fallback_used,
+                    "b_expires": expires,
+                    "b_worker": worker_id,
+                    "b_now": now,
                 }
             )
             attempt_rows.append(
@@ -641,22 +729,8 @@ class SQLStore(Store):
                 )
             )
         if updates:
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == bindparam("b_id"))
-                .values(
-                    state=target(Event.lease),
-                    lease_token=bindparam("b_token"),
-                    lease_expires_at=expires,
-                    worker_id=worker_id,
-                    device=bindparam("b_device"),
-                    fallback_used=bindparam("b_fallback"),
-                    attempts=jobs.c.attempts + 1,
-                    updated_at=now,
-                ),
-                updates,
-            )
-            conn.execute(insert(attempts), attempt_rows)
+            conn.execute(_LEASE_JOB, updates)
+            conn.execute(_INSERT_ATTEMPTS, attempt_rows)
             self._touch(conn, worker_id, now)
         return leases
 
@@ -676,7 +750,7 @@ class SQLStore(Store):
             )
             .values(
                 last_seen=now,
-                state=case((workers.c.state == "draining", "draining"), else_="active"),
+                state=_ALIVE,
             )
         )
         if done.rowcount:
@@ -686,15 +760,7 @@ class SQLStore(Store):
         return False
 
     def _touch(self, conn: Connection, worker_id: str, now: float) -> None:
-        # A draining worker stays draining: its heartbeats keep it alive, not leasing.
-        conn.execute(
-            update(workers)
-            .where(workers.c.id == worker_id)
-            .values(
-                last_seen=now,
-                state=case((workers.c.state == "draining", "draining"), else_="active"),
-            )
-        )
+        conn.execute(_TOUCH, {"b_worker": worker_id, "b_now": now})
 
     def heartbeat(
         self, worker_id: str, leases: Sequence[tuple[str, str]], *, lease_seconds: float
@@ -710,7 +776,7 @@ class SQLStore(Store):
                 .where(workers.c.id == worker_id)
                 .values(
                     last_seen=now,
-                    state=case((workers.c.state == "draining", "draining"), else_="active"),
+                    state=_ALIVE,
                 )
             )
             if seen.rowcount == 0:
@@ -756,20 +822,8 @@ class SQLStore(Store):
             return []
         now = time.time()
         with self._write() as conn:
-            current = {
-                row.id: row
-                for row in conn.execute(
-                    self._for_update(
-                        select(
-                            jobs.c.id,
-                            jobs.c.state,
-                            jobs.c.lease_token,
-                            jobs.c.failures,
-                            jobs.c.max_retries,
-                        ).where(jobs.c.id.in_(sorted({o.job_id for o in outcomes})))
-                    )
-                )
-            }
+            ids = sorted({o.job_id for o in outcomes})
+            current = {row.id: row for row in conn.execute(self._fences, {"b_ids": ids})}
             plan = _ReportPlan(self.retry, now)
             results = [plan.judge(outcome, current.get(outcome.job_id)) for outcome in outcomes]
             plan.write(conn)
@@ -1289,6 +1343,7 @@ class _ReportPlan:
         self.started: list[dict[str, Any]] = []
         self.succeeded: list[dict[str, Any]] = []
         self.released: list[dict[str, Any]] = []
+        self.retried: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.attempt_updates: list[dict[str, Any]] = []
         self.attempt_deletes: list[dict[str, Any]] = []
@@ -1333,26 +1388,20 @@ class _ReportPlan:
             decision = self.retry.after_failure(
                 row.failures + 1, row.max_retries, retryable=outcome.retryable
             )
+            failure: dict[str, Any] = {**key, "b_timings": _dumps(outcome.timings)}
             if decision.again:
-                stored, state = error, JobState.queued
+                failure.update(
+                    b_error=_dumps(error.model_dump()), b_run_after=self.now + decision.delay_s
+                )
+                self.retried.append(failure)
                 self.runnable = True
             else:
                 stored = error.model_copy(
                     update={"message": f"{error.message} ({decision.reason})"}
                 )
-                state = JobState.failed
+                failure.update(b_error=_dumps(stored.model_dump()), b_finished=self.now)
+                self.failed.append(failure)
                 self.finished = True
-            self.failed.append(
-                {
-                    **key,
-                    "b_state": state.value,
-                    "b_error": _dumps(stored.model_dump()),
-                    "b_timings": _dumps(outcome.timings),
-                    "b_run_after": self.now + decision.delay_s,
-                    "b_finished": None if decision.again else self.now,
-                    "b_fences": sources(Event.retry if decision.again else Event.fail),
-                }
-            )
             self.attempt_updates.append(
                 {
                     **key,
@@ -1368,74 +1417,19 @@ class _ReportPlan:
         return ReportResult(job_id=outcome.job_id, accepted=True)
 
     def write(self, conn: Connection) -> None:
-        now = self.now
-        fenced = and_(jobs.c.id == bindparam("b_id"), jobs.c.lease_token == bindparam("b_token"))
-
-        def transition(event: Event, rows: list[dict[str, Any]], **values: Any) -> None:
-            """One executemany: the rows' jobs, still under their lease, take ``event``."""
+        """One executemany per kind of change, each a statement built once."""
+        now = {"b_now": self.now}
+        for statement, rows in (
+            (_START, self.started),
+            (_SUCCEED, self.succeeded),
+            (_RELEASE, self.released),
+            (_RETRY, self.retried),
+            (_FAIL, self.failed),
+            (_CLOSE_ATTEMPT, self.attempt_updates),
+            (_DROP_ATTEMPT, self.attempt_deletes),
+        ):
             if rows:
-                conn.execute(
-                    update(jobs)
-                    .where(fenced, _in(jobs.c.state, sources(event)))
-                    .values(state=target(event), updated_at=now, **values),
-                    rows,
-                )
-
-        transition(Event.start, self.started)
-        transition(
-            Event.succeed,
-            self.succeeded,
-            result=bindparam("b_result"),
-            error=None,
-            timings=bindparam("b_timings"),
-            device=func.coalesce(bindparam("b_device"), jobs.c.device),
-            finished_at=now,
-        )
-        transition(
-            Event.release,
-            self.released,
-            attempts=jobs.c.attempts - 1,
-            lease_token=None,
-            worker_id=None,
-            run_after=now,
-        )
-        if self.failed:
-            for state in (JobState.queued.value, JobState.failed.value):
-                rows = [r for r in self.failed if r["b_state"] == state]
-                if not rows:
-                    continue
-                fences = rows[0]["b_fences"]
-                values: dict[str, Any] = {
-                    "state": state,
-                    "failures": jobs.c.failures + 1,
-                    "error": bindparam("b_error"),
-                    "timings": bindparam("b_timings"),
-                    "updated_at": now,
-                }
-                if state == JobState.queued.value:
-                    values.update(lease_token=None, run_after=bindparam("b_run_after"))
-                else:
-                    values.update(finished_at=bindparam("b_finished"))
-                params = [
-                    {k: v for k, v in r.items() if k not in ("b_state", "b_fences")} for r in rows
-                ]
-                conn.execute(
-                    update(jobs).where(fenced, _in(jobs.c.state, fences)).values(**values), params
-                )
-        of_lease = and_(
-            attempts.c.job_id == bindparam("b_id"), attempts.c.lease_token == bindparam("b_token")
-        )
-        if self.attempt_updates:
-            conn.execute(
-                update(attempts)
-                .where(of_lease)
-                .values(
-                    outcome=bindparam("b_outcome"), finished_at=now, error=bindparam("b_error")
-                ),
-                self.attempt_updates,
-            )
-        if self.attempt_deletes:
-            conn.execute(delete(attempts).where(of_lease), self.attempt_deletes)
+                conn.execute(statement, [{**row, **now} for row in rows])
 
 
 class _RowView:
