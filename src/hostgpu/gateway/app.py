@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +53,7 @@ from hostgpu.gateway.routes import (
     workers,
 )
 from hostgpu.gateway.streams import StreamHub
+from hostgpu.gateway.threads import run
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.inference import openai_schema as oa
 from hostgpu.inference.errors import InferenceError
@@ -111,20 +111,20 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float, expiry_ever
         try:
             if now >= expire_from and now >= next_expiry:
                 next_expiry = now + expiry_every
-                expired = await to_thread.run_sync(store.expire_leases)
+                expired = await run(store.expire_leases)
                 if expired:
                     log.warning(
                         "re-queued %d job(s) whose worker stopped heartbeating", len(expired)
                     )
                     notifier.runnable(None)
                     ids = {e.worker_id for e in expired if e.worker_id}
-                    names = await to_thread.run_sync(_worker_names, store, ids)
+                    names = await run(_worker_names, store, ids)
                     app.state.metrics.record_expired(expired, names)
             # Pending jobs are rare: look for them every second only while some may exist.
             if resolver.pending_hint or now >= next_settle:
                 next_settle = now + 30.0
-                workers = await to_thread.run_sync(waiting.workers)
-                if await to_thread.run_sync(resolver.settle_pending, workers):
+                workers = await run(waiting.workers)
+                if await run(resolver.settle_pending, workers):
                     notifier.runnable(None)
         except Exception:  # keep the loop alive through a database blip
             log.exception("housekeeping failed; retrying")
@@ -233,13 +233,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     @app.get("/healthz", tags=["system"])
     async def healthz() -> dict[str, Any]:
         """Liveness and store reachability (no token needed)."""
-        await to_thread.run_sync(store.health)
+        await run(store.health)
         return {"status": "ok", "version": hostgpu.__version__}
 
     @app.get("/metrics", tags=["system"], response_class=Response, responses=ERROR_RESPONSES)
     async def prometheus(_: ReadToken) -> Response:
         """Prometheus metrics (scope: read)."""
-        body = await to_thread.run_sync(generate_latest, metrics.registry)
+        body = await run(generate_latest, metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     mount_dashboard(app)

@@ -13,10 +13,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from anyio import to_thread
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from hostgpu.gateway.threads import run
 from hostgpu.store import Store
 from hostgpu.tokens import Scope, TokenInfo, admits, hash_token
 
@@ -62,7 +62,7 @@ async def verify(request: Request, secret: str) -> TokenInfo | None:
     info = cache.get(digest)
     if info is None:
         store: Store = request.app.state.store
-        info = await to_thread.run_sync(store.verify_token, digest)
+        info = await run(store.verify_token, digest)
         if info is not None:
             cache.put(digest, info)
     return info

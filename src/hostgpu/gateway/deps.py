@@ -1,11 +1,9 @@
-"""FastAPI dependencies as Annotated aliases, and the one way routes call the store."""
+"""FastAPI dependencies as Annotated aliases, and the one way routes call the store (``run``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
-from anyio import to_thread
 from fastapi import Depends, Path, Request
 
 from hostgpu.api import ID_PATTERN
@@ -13,12 +11,11 @@ from hostgpu.gateway.auth import require
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.resolver import Resolver
+from hostgpu.gateway.threads import run as run  # the routes call the store through it
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.settings import Settings
 from hostgpu.store import Store
 from hostgpu.tokens import SCOPES, TokenInfo
-
-T = TypeVar("T")
 
 AdminToken = Annotated[TokenInfo, Depends(require("admin"))]
 SubmitToken = Annotated[TokenInfo, Depends(require("submit"))]
@@ -67,8 +64,3 @@ NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 ResolverDep = Annotated[Resolver, Depends(get_resolver)]
 WaitingDep = Annotated[WaitingExplainer, Depends(get_waiting)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking store call in the thread pool (the store is synchronous)."""
-    return await to_thread.run_sync(lambda: fn(*args, **kwargs))

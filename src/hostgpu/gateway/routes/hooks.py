@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
@@ -17,9 +16,8 @@ from hostgpu.gateway.deps import (
     StoreDep,
     SubmitToken,
     WaitingDep,
-    run,
 )
-from hostgpu.gateway.routes.jobs import announce
+from hostgpu.gateway.routes.jobs import announce, store_jobs
 from hostgpu.jobs import JobSpec, Payload
 
 router = APIRouter(prefix="/v1/hooks", tags=["hooks"])
@@ -81,9 +79,6 @@ async def upload(
         payload=Payload(args=[str(real)], kwargs={"display_path": str(real)}),
         idempotency_key=f"ingest:upload:{real}:{stat.st_size}:{stat.st_mtime_ns}"[:200],
     )
-    started = time.time()
-    new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
-    [job] = await run(store.enqueue, new)
-    metrics.record_submitted([job], started)
+    [job] = await store_jobs([spec], store, resolver, waiting, metrics)
     announce(notifier, settings, [job])
     return Queued(job_id=job.id, path=str(real))

@@ -23,7 +23,10 @@ from hostgpu.gateway.deps import (
     WaitingDep,
     run,
 )
+from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier, Runnable
+from hostgpu.gateway.resolver import Resolver
+from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.jobs import Job, JobSpec, JobState
 from hostgpu.settings import Settings
 from hostgpu.store import JobFilter, Store
@@ -56,6 +59,20 @@ def announce(notifier: Notifier, settings: Settings, jobs: Sequence[Job]) -> Non
     fallbacks = [r for r in distinct.values() if r.fallback]
     if fallbacks:
         notifier.later(settings.fallback_grace_seconds, fallbacks)
+
+
+async def store_jobs(
+    specs: Sequence[JobSpec],
+    store: Store,
+    resolver: Resolver,
+    waiting: WaitingExplainer,
+    metrics: Metrics,
+) -> list[Job]:
+    """Resolve and store new jobs (one thread hop for the whole submission), and count them."""
+    started = time.time()
+    jobs = await run(lambda: store.enqueue(resolver.new_jobs(specs, waiting.workers())))
+    metrics.record_submitted(jobs, started)
+    return jobs
 
 
 async def _until_finished(
@@ -115,9 +132,7 @@ async def submit_job(
     """
     started = time.time()
     finished = notifier.event("finished")  # before the job exists: no finish is missed
-    new = await run(resolver.new_jobs, [spec], await run(waiting.workers))
-    [job] = await run(store.enqueue, new)
-    metrics.record_submitted([job], started)
+    [job] = await store_jobs([spec], store, resolver, waiting, metrics)
     if job.created_at.timestamp() < started:
         response.status_code = 200  # the idempotency key named an existing job
     else:
@@ -143,10 +158,7 @@ async def submit_batch(
     _: SubmitToken,
 ) -> JobIds:
     """Submit up to 5,000 jobs in one request; returns their ids in order (all or none)."""
-    started = time.time()
-    new = await run(resolver.new_jobs, batch.jobs, await run(waiting.workers))
-    jobs = await run(store.enqueue, new)
-    metrics.record_submitted(jobs, started)
+    jobs = await store_jobs(batch.jobs, store, resolver, waiting, metrics)
     announce(notifier, settings, jobs)
     return JobIds(ids=[j.id for j in jobs])
 

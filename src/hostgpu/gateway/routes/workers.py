@@ -64,7 +64,7 @@ async def _check_access(request: Request, store: Store, token: TokenInfo, worker
     worker, whose jobs it would otherwise lease and read)."""
     if token.scope != "share":
         return
-    caps = await run(_capabilities, request, store, worker_id)
+    caps = await _capabilities(request, store, worker_id)
     if caps.serves != "models" or caps.labels.get(LENDER_LABEL) != token.id:
         raise HTTPException(403, "a share token acts only for the machine it registered")
 
@@ -79,11 +79,12 @@ async def worker_access(
 WorkerAccess = Annotated[TokenInfo, Depends(worker_access)]
 
 
-def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
+async def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
+    """The worker's capabilities, from this gateway's cache (the store only on a miss)."""
     cache: dict[str, Capabilities] = request.app.state.worker_caps
     caps = cache.get(worker_id)
     if caps is None:
-        caps = store.get_worker(worker_id).capabilities
+        caps = (await run(store.get_worker, worker_id)).capabilities
         cache[worker_id] = caps
     return caps
 
@@ -152,7 +153,7 @@ async def lease_jobs(
     Only new jobs this worker could run wake it (see :class:`Notifier`), and an empty read
     takes no write lock: an idle fleet costs the store a read per worker per long poll.
     """
-    caps = await run(_capabilities, request, store, worker_id)
+    caps = await _capabilities(request, store, worker_id)
     if worker_id in notifier.draining:
         return []
     # The long poll is this worker's sign of life while it holds no leases (no heartbeat
@@ -332,7 +333,7 @@ async def streams(
     their readers on this gateway. ``cancelled``: jobs nobody reads any more, to stop."""
     hub: StreamHub = request.app.state.streams
     if body.engines is not None and worker_id not in request.app.state.notifier.draining:
-        caps = await run(_capabilities, request, store, worker_id)
+        caps = await _capabilities(request, store, worker_id)
         hub.engines[worker_id] = body.engines
         hub.names[worker_id] = caps.name
         hub.capacity[worker_id] = caps.concurrency

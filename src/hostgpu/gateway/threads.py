@@ -1,0 +1,26 @@
+"""The one way the gateway calls the synchronous store from the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: The store's threads. asyncio's executor, not anyio's ``to_thread``: a no-op job costs the
+#: gateway about ten store calls, and anyio's per-call bookkeeping (cancel scopes, a capacity
+#: limiter, backend lookups) was a tenth of the gateway's CPU per job. Long polls wait on the
+#: event loop, not in these threads, so 40 (anyio's default) is plenty.
+STORE_THREADS = ThreadPoolExecutor(max_workers=40, thread_name_prefix="hostgpu-store")
+
+
+async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking store call in the store's threads (the store is synchronous).
+
+    Like anyio's ``run_sync``, a cancelled caller does not stop the call: it finishes in its
+    thread (a write commits or rolls back whole), and the caller sees the cancellation."""
+    call = functools.partial(fn, *args, **kwargs) if args or kwargs else fn
+    return await asyncio.get_running_loop().run_in_executor(STORE_THREADS, call)
