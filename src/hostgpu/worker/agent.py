@@ -349,7 +349,11 @@ class WorkerAgent:
             client.close()
 
     def _send(self, client: Client, batch: list[Outcome]) -> None:
-        room = 0 if self._stop.is_set() else self._reserve()
+        # While the lease loop's long poll is out, the gateway hands it the next job the
+        # moment one is runnable, so leasing here too would only cost an empty store read per
+        # report (a third of the store reads behind one `.remote()`). The loop polls waiting
+        # for capacity during a backlog (`.map`), and then the reports do the leasing.
+        room = 0 if self._stop.is_set() or self._polling else self._reserve()
         try:
             try:
                 reply = self._retrying(
