@@ -18,7 +18,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from hostgpu.gateway.deps import ReaderOrWorker, SettingsDep, StoreDep, SubmitToken, run
+from hostgpu.gateway.deps import GatewayDep, ReaderOrWorker, SubmitToken, run
 from hostgpu.requirements import DIGEST_PATTERN
 from hostgpu.store.interface import BlobInfo
 
@@ -42,16 +42,15 @@ async def upload(
     digest: Digest,
     request: Request,
     response: Response,
-    store: StoreDep,
-    settings: SettingsDep,
+    gw: GatewayDep,
     _: SubmitToken,
 ) -> Blob:
     """Upload a blob (the raw bytes as the body); 200 when it was already there."""
-    known = await run(store.blob_info, digest)
+    known = await run(gw.store.blob_info, digest)
     if known is not None:
         response.status_code = 200
         return Blob.of(known)
-    limit = settings.max_blob_bytes
+    limit = gw.settings.max_blob_bytes
     sha = hashlib.sha256()
     size = 0
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
@@ -71,26 +70,26 @@ async def upload(
                 "or the digest is wrong; upload again",
             )
         spool.seek(0)
-        info = await run(store.put_blob, digest, spool)
+        info = await run(gw.store.put_blob, digest, spool)
     return Blob.of(info)
 
 
 @router.head("/{digest}", responses={404: {"description": "No such blob: upload it"}})
-async def exists(digest: Digest, store: StoreDep, _: SubmitToken) -> Response:
+async def exists(digest: Digest, gw: GatewayDep, _: SubmitToken) -> Response:
     """Whether the blob is there (its size in Content-Length)."""
-    info = await run(store.blob_info, digest)
+    info = await run(gw.store.blob_info, digest)
     if info is None:
         return Response(status_code=404)
     return Response(headers={"content-length": str(info.size)})
 
 
 @router.get("/{digest}", response_class=StreamingResponse)
-async def download(digest: Digest, store: StoreDep, _: ReaderOrWorker) -> StreamingResponse:
+async def download(digest: Digest, gw: GatewayDep, _: ReaderOrWorker) -> StreamingResponse:
     """The blob's bytes (workers fetch a job's inputs here)."""
-    info = await run(store.blob_info, digest)
+    info = await run(gw.store.blob_info, digest)
     if info is None:
         raise HTTPException(404, f"no blob {digest}")
-    chunks = store.read_blob(digest)
+    chunks = gw.store.read_blob(digest)
 
     async def body() -> AsyncIterator[bytes]:
         while True:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterable
 from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from hostgpu.gateway.deps import NotifierDep, ReadToken
+from hostgpu.gateway.deps import GatewayDep, ReadToken
 
 router = APIRouter(prefix="/v1", tags=["dashboard"])
 TOPICS = ("enqueued", "leased", "finished")
@@ -30,14 +30,12 @@ COALESCE_S = 0.5
 
 
 @router.get("/events", response_class=EventSourceResponse)
-async def events(
-    request: Request, notifier: NotifierDep, _: ReadToken
-) -> AsyncIterable[ServerSentEvent]:
+async def events(request: Request, gw: GatewayDep, _: ReadToken) -> AsyncIterable[ServerSentEvent]:
     """A stream of ``change`` events (data: the topics that changed) for as long as 55 s."""
     deadline = time.monotonic() + STREAM_S
     # Hold each topic's event from before the first wait: a notification that lands while
     # this stream is busy (yielding, coalescing) sets it and is seen on the next round.
-    events = {topic: notifier.event(topic) for topic in TOPICS}
+    events = {topic: gw.notifier.event(topic) for topic in TOPICS}
     yield ServerSentEvent(event="hello", data={"topics": list(TOPICS)}, retry=2000)
     while (remaining := deadline - time.monotonic()) > 0:
         if not any(e.is_set() for e in events.values()):
@@ -55,5 +53,5 @@ async def events(
         await asyncio.sleep(COALESCE_S)  # let the rest of a burst land in this event
         changed = sorted(topic for topic, e in events.items() if e.is_set())
         for topic in changed:
-            events[topic] = notifier.event(topic)
+            events[topic] = gw.notifier.event(topic)
         yield ServerSentEvent(event="change", data={"topics": changed})

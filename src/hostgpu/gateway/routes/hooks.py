@@ -8,15 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from hostgpu.gateway.deps import (
-    MetricsDep,
-    NotifierDep,
-    ResolverDep,
-    SettingsDep,
-    StoreDep,
-    SubmitToken,
-    WaitingDep,
-)
+from hostgpu.gateway.deps import GatewayDep, SubmitToken
 from hostgpu.gateway.routes.jobs import announce, store_jobs
 from hostgpu.jobs import JobSpec, Payload
 
@@ -62,23 +54,18 @@ def _inside(root: Path, path: str) -> tuple[Path, os.stat_result]:
 @router.post("/upload", status_code=202, response_model=Queued)
 async def upload(
     event: UploadEvent,
-    store: StoreDep,
-    settings: SettingsDep,
-    notifier: NotifierDep,
-    resolver: ResolverDep,
-    waiting: WaitingDep,
-    metrics: MetricsDep,
+    gw: GatewayDep,
     _: SubmitToken,
 ) -> Queued:
     """Queue an ingest job for a file that landed in the upload folder."""
-    if settings.upload_root is None:
+    if gw.settings.upload_root is None:
         raise HTTPException(409, "uploads are not enabled on this gateway (HOSTGPU_UPLOAD_ROOT)")
-    real, stat = _inside(settings.upload_root, event.ap)
+    real, stat = _inside(gw.settings.upload_root, event.ap)
     spec = JobSpec(
         function=INGEST_FUNCTION,
         payload=Payload(args=[str(real)], kwargs={"display_path": str(real)}),
         idempotency_key=f"ingest:upload:{real}:{stat.st_size}:{stat.st_mtime_ns}"[:200],
     )
-    [job] = await store_jobs([spec], store, resolver, waiting, metrics)
-    announce(notifier, settings, [job])
+    [job] = await store_jobs(gw, [spec])
+    announce(gw.notifier, gw.settings, [job])
     return Queued(job_id=job.id, path=str(real))

@@ -10,26 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from hostgpu.api import JobBatch, JobIds, JobList, Summary, WaitRequest
-from hostgpu.gateway.deps import (
-    AdminToken,
-    JobId,
-    MetricsDep,
-    NotifierDep,
-    ReadToken,
-    ResolverDep,
-    SettingsDep,
-    StoreDep,
-    SubmitToken,
-    WaitingDep,
-    run,
-)
-from hostgpu.gateway.metrics import Metrics
+from hostgpu.gateway.deps import AdminToken, Gateway, GatewayDep, JobId, ReadToken, SubmitToken, run
 from hostgpu.gateway.notify import Notifier, Runnable
-from hostgpu.gateway.resolver import Resolver
-from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.jobs import Job, JobSpec, JobState
 from hostgpu.settings import Settings
-from hostgpu.store import JobFilter, Store
+from hostgpu.store import JobFilter
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 COALESCE_S = 0.02
@@ -61,25 +46,17 @@ def announce(notifier: Notifier, settings: Settings, jobs: Sequence[Job]) -> Non
         notifier.later(settings.fallback_grace_seconds, fallbacks)
 
 
-async def store_jobs(
-    specs: Sequence[JobSpec],
-    store: Store,
-    resolver: Resolver,
-    waiting: WaitingExplainer,
-    metrics: Metrics,
-) -> list[Job]:
+async def store_jobs(gw: Gateway, specs: Sequence[JobSpec]) -> list[Job]:
     """Resolve and store new jobs (one thread hop for the whole submission), and count them."""
     started = time.time()
-    jobs = await run(lambda: store.enqueue(resolver.new_jobs(specs, waiting.workers())))
-    metrics.record_submitted(jobs, started)
+    jobs = await run(lambda: gw.store.enqueue(gw.resolver.new_jobs(specs, gw.waiting.workers())))
+    gw.metrics.record_submitted(jobs, started)
     return jobs
 
 
 async def _until_finished(
+    gw: Gateway,
     job_id: str,
-    store: Store,
-    notifier: Notifier,
-    settings: Settings,
     wait: float,
     *,
     history: bool = True,
@@ -90,13 +67,13 @@ async def _until_finished(
     deadline = time.monotonic() + wait
     while True:
         if event is not None:
-            await notifier.wait(event, min(wait, REPOLL_S))
-        event = notifier.event("finished")
-        job = await run(store.get, job_id, history=history)
+            await gw.notifier.wait(event, min(wait, REPOLL_S))
+        event = gw.notifier.event("finished")
+        job = await run(gw.store.get, job_id, history=history)
         remaining = deadline - time.monotonic()
         if job.state.terminal or remaining <= 0:
             return job
-        await notifier.wait(event, min(remaining, REPOLL_S))
+        await gw.notifier.wait(event, min(remaining, REPOLL_S))
         event = None
 
 
@@ -108,12 +85,7 @@ async def _until_finished(
 )
 async def submit_job(
     spec: JobSpec,
-    store: StoreDep,
-    notifier: NotifierDep,
-    resolver: ResolverDep,
-    waiting: WaitingDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    gw: GatewayDep,
     _: SubmitToken,
     response: Response,
     wait: Annotated[
@@ -131,42 +103,34 @@ async def submit_job(
     With ``wait``, the answer comes when the job finishes (or the wait ends).
     """
     started = time.time()
-    finished = notifier.event("finished")  # before the job exists: no finish is missed
-    [job] = await store_jobs([spec], store, resolver, waiting, metrics)
+    finished = gw.notifier.event("finished")  # before the job exists: no finish is missed
+    [job] = await store_jobs(gw, [spec])
     if job.created_at.timestamp() < started:
         response.status_code = 200  # the idempotency key named an existing job
     else:
-        announce(notifier, settings, [job])
+        announce(gw.notifier, gw.settings, [job])
     if wait > 0 and not job.state.terminal:
-        job = await _until_finished(
-            job.id, store, notifier, settings, wait, history=False, event=finished
-        )
+        job = await _until_finished(gw, job.id, wait, history=False, event=finished)
     if not job.state.terminal:
-        [job] = await run(waiting.annotate, [job])
+        [job] = await run(gw.waiting.annotate, [job])
     return job
 
 
 @router.post("/batch", status_code=201, response_model=JobIds)
 async def submit_batch(
     batch: JobBatch,
-    store: StoreDep,
-    notifier: NotifierDep,
-    resolver: ResolverDep,
-    waiting: WaitingDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    gw: GatewayDep,
     _: SubmitToken,
 ) -> JobIds:
     """Submit up to 5,000 jobs in one request; returns their ids in order (all or none)."""
-    jobs = await store_jobs(batch.jobs, store, resolver, waiting, metrics)
-    announce(notifier, settings, jobs)
+    jobs = await store_jobs(gw, batch.jobs)
+    announce(gw.notifier, gw.settings, jobs)
     return JobIds(ids=[j.id for j in jobs])
 
 
 @router.get("", response_model=JobList)
 async def list_jobs(
-    store: StoreDep,
-    waiting: WaitingDep,
+    gw: GatewayDep,
     _: ReadToken,
     state: JobState | None = None,
     function: Annotated[str | None, Query(max_length=300, pattern=r"^[\x20-\x7e]+$")] = None,
@@ -183,34 +147,32 @@ async def list_jobs(
     where = JobFilter(
         state=state, function=function, worker_id=worker, device=device, id_prefix=id_prefix
     )
-    jobs, next_cursor = await run(store.list_jobs, where, limit=limit, cursor=cursor)
-    return JobList(jobs=await run(waiting.annotate, jobs), next_cursor=next_cursor)
+    jobs, next_cursor = await run(gw.store.list_jobs, where, limit=limit, cursor=cursor)
+    return JobList(jobs=await run(gw.waiting.annotate, jobs), next_cursor=next_cursor)
 
 
 @router.get("/summary", response_model=Summary)
-async def summary(store: StoreDep, _: ReadToken) -> Summary:
+async def summary(gw: GatewayDep, _: ReadToken) -> Summary:
     """How many jobs are in each state."""
-    counts = await run(store.count_by_state)
+    counts = await run(gw.store.count_by_state)
     return Summary(counts=counts, total=sum(counts.values()))
 
 
 @router.post("/wait", response_model=JobList)
 async def wait_jobs(
     body: WaitRequest,
-    store: StoreDep,
-    notifier: NotifierDep,
-    settings: SettingsDep,
+    gw: GatewayDep,
     _: ReadToken,
 ) -> JobList:
     """Long-poll: the finished jobs among ``ids``, as soon as at least one is finished."""
     deadline = time.monotonic() + body.timeout
     while True:
-        event = notifier.event("finished")
-        done = await run(store.get_many, body.ids, terminal_only=True)
+        event = gw.notifier.event("finished")
+        done = await run(gw.store.get_many, body.ids, terminal_only=True)
         remaining = deadline - time.monotonic()
         if done or remaining <= 0:
             return JobList(jobs=done)
-        woken = await notifier.wait(event, min(remaining, REPOLL_S))
+        woken = await gw.notifier.wait(event, min(remaining, REPOLL_S))
         if woken and len(body.ids) > 1:
             # Many jobs finish in bursts: let a few more land before reading the store
             # again, so a .map() costs a handful of queries per second, not one per result.
@@ -220,49 +182,42 @@ async def wait_jobs(
 @router.get("/{job_id}", response_model=Job)
 async def get_job(
     job_id: JobId,
-    store: StoreDep,
-    notifier: NotifierDep,
-    settings: SettingsDep,
-    waiting: WaitingDep,
+    gw: GatewayDep,
     _: ReadToken,
     wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
 ) -> Job:
     """One job (by id or unique id prefix) with its attempts; ``wait`` long-polls until it
     finishes."""
-    job = await _until_finished(job_id, store, notifier, settings, wait)
-    [job] = await run(waiting.annotate, [job])
+    job = await _until_finished(gw, job_id, wait)
+    [job] = await run(gw.waiting.annotate, [job])
     return job
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(
-    job_id: JobId, store: StoreDep, notifier: NotifierDep, metrics: MetricsDep, _: SubmitToken
-) -> Job:
+async def cancel_job(job_id: JobId, gw: GatewayDep, _: SubmitToken) -> Job:
     """Cancel a job; a running one is killed at its worker's next heartbeat."""
-    job = await run(store.cancel, job_id)
-    metrics.record_cancelled(job)
-    notifier.notify("finished")
+    job = await run(gw.store.cancel, job_id)
+    gw.metrics.record_cancelled(job)
+    gw.notifier.notify("finished")
     return job
 
 
 @router.post("/{job_id}/rerun", response_model=Job)
-async def rerun_job(job_id: JobId, store: StoreDep, notifier: NotifierDep, _: AdminToken) -> Job:
+async def rerun_job(job_id: JobId, gw: GatewayDep, _: AdminToken) -> Job:
     """Queue a failed or cancelled job again, with its retries and lost leases reset."""
-    job = await run(store.rerun, job_id)
-    notifier.runnable([Runnable(job.function, job.requirements, job.fallback)])
+    job = await run(gw.store.rerun, job_id)
+    gw.notifier.runnable([Runnable(job.function, job.requirements, job.fallback)])
     return job
 
 
 @router.post("/{job_id}/requeue", response_model=Job)
-async def requeue_job(
-    job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep, _: AdminToken
-) -> Job:
+async def requeue_job(job_id: JobId, gw: GatewayDep, _: AdminToken) -> Job:
     """Take a leased or running job back from its worker (stuck, or on the wrong machine) and
     queue it again; neither a retry nor a lost lease is used up. The worker stops the job at
     its next heartbeat, and its late report is refused."""
     # Runnable again only after one heartbeat period: by then its old worker has heard and
     # stopped it, so the worker cannot be handed the same job while still running it.
-    delay = settings.lease_seconds / 3 + 0.5
-    job = await run(store.requeue, job_id, delay_s=delay)
-    notifier.later(delay, [Runnable(job.function, job.requirements, job.fallback)])
+    delay = gw.settings.lease_seconds / 3 + 0.5
+    job = await run(gw.store.requeue, job_id, delay_s=delay)
+    gw.notifier.later(delay, [Runnable(job.function, job.requirements, job.fallback)])
     return job

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from hostgpu.api import QueueStats, Throughput, WorkerActivity, WorkerActivityList
-from hostgpu.gateway.deps import ReadToken, StoreDep, WaitingDep, run
+from hostgpu.gateway.deps import GatewayDep, ReadToken, run
 from hostgpu.gateway.figures import ThroughputCache, TTLCache
 from hostgpu.gateway.queues import queue_stats
 from hostgpu.store import Store
@@ -27,21 +27,19 @@ def _caches(request: Request, store: Store) -> tuple[ThroughputCache, TTLCache]:
 
 
 @router.get("/queues", response_model=QueueStats)
-async def queues(
-    request: Request, store: StoreDep, waiting: WaitingDep, _: ReadToken
-) -> QueueStats:
+async def queues(request: Request, gw: GatewayDep, _: ReadToken) -> QueueStats:
     """Queued jobs per requirement: how many, the oldest wait, and per function why they wait
     and what to do about it (figures at most a second old)."""
-    recent = _caches(request, store)[1]
-    groups = await run(recent.get, "queues", store.queue_groups)
-    workers = await run(waiting.workers)
+    recent = _caches(request, gw.store)[1]
+    groups = await run(recent.get, "queues", gw.store.queue_groups)
+    workers = await run(gw.waiting.workers)
     return queue_stats(groups, workers, time.time())
 
 
 @router.get("/throughput", response_model=Throughput)
 async def throughput(
     request: Request,
-    store: StoreDep,
+    gw: GatewayDep,
     _: ReadToken,
     window: Annotated[
         float, Query(ge=60, le=7 * 86400, description="seconds back from now")
@@ -55,7 +53,7 @@ async def throughput(
     now = time.time()
     # Buckets aligned to multiples of their size: two dashboards (and two refreshes) agree.
     since = (now - window) // bucket * bucket
-    cache, recent = _caches(request, store)
+    cache, recent = _caches(request, gw.store)
     buckets = await run(
         recent.get, ("throughput", since, bucket), lambda: cache.get(since, bucket, now)
     )
@@ -73,15 +71,15 @@ async def throughput(
 @router.get("/workers", response_model=WorkerActivityList)
 async def workers(
     request: Request,
-    store: StoreDep,
+    gw: GatewayDep,
     _: ReadToken,
     window: Annotated[float, Query(ge=10, le=86400, description="seconds back from now")] = 300,
 ) -> WorkerActivityList:
     """Per worker: jobs running on it now, and jobs it finished in the window (per minute;
     figures at most a second old)."""
-    recent = _caches(request, store)[1]
+    recent = _caches(request, gw.store)[1]
     loads = await run(
-        recent.get, ("workers", window), lambda: store.worker_load(time.time() - window)
+        recent.get, ("workers", window), lambda: gw.store.worker_load(time.time() - window)
     )
     return WorkerActivityList(
         window_s=window,

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 
 from hostgpu.api import TokenCreated, TokenList, TokenRequest
-from hostgpu.gateway.deps import AdminToken, AnyToken, NotifierDep, StoreDep, run
+from hostgpu.gateway.deps import AdminToken, AnyToken, GatewayDep, run
 from hostgpu.tokens import TOKEN_ID_PATTERN, TokenInfo, hash_token, mint
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -16,19 +16,19 @@ TokenId = Annotated[str, Path(pattern=TOKEN_ID_PATTERN)]
 
 
 @router.post("", status_code=201, response_model=TokenCreated)
-async def create_token(body: TokenRequest, store: StoreDep, _: AdminToken) -> TokenCreated:
+async def create_token(body: TokenRequest, gw: GatewayDep, _: AdminToken) -> TokenCreated:
     """A new token; its secret is in this response only."""
     now = time.time()
     expires = now + body.expires_in_s if body.expires_in_s else None
     info, secret = mint(body.name, body.scope, now=now, expires_at=expires)
-    await run(store.add_token, info, hash_token(secret))
+    await run(gw.store.add_token, info, hash_token(secret))
     return TokenCreated(token=secret, **info.model_dump())
 
 
 @router.get("", response_model=TokenList)
-async def list_tokens(store: StoreDep, _: AdminToken) -> TokenList:
+async def list_tokens(gw: GatewayDep, _: AdminToken) -> TokenList:
     """Every token (never the secrets)."""
-    return TokenList(tokens=await run(store.list_tokens))
+    return TokenList(tokens=await run(gw.store.list_tokens))
 
 
 @router.get("/self", response_model=TokenInfo)
@@ -42,8 +42,7 @@ async def who_am_i(token: AnyToken) -> TokenInfo:
 async def revoke_token(
     token_id: TokenId,
     request: Request,
-    store: StoreDep,
-    notifier: NotifierDep,
+    gw: GatewayDep,
     _: AdminToken,
     force: Annotated[
         bool, Query(description="revoke even the last active admin token (locks admins out)")
@@ -51,11 +50,11 @@ async def revoke_token(
 ) -> TokenInfo:
     """Revoke a token; it stops working on the next request, on every gateway. The last active
     admin token is refused (409) unless ``force``."""
-    echoed = notifier.event("echo:tokens")
-    info = await run(store.revoke_token, token_id, force=force)
+    echoed = gw.notifier.event("echo:tokens")
+    info = await run(gw.store.revoke_token, token_id, force=force)
     request.app.state.tokens.clear()
-    if store.shared:
+    if gw.store.shared:
         # Every gateway's listener hears the revocation at the same moment as ours: once
         # ours has, the others have dropped the token from their caches too.
-        await notifier.wait(echoed, 2.0)
+        await gw.notifier.wait(echoed, 2.0)
     return info

@@ -23,24 +23,11 @@ from hostgpu.api import (
 )
 from hostgpu.capabilities import Capabilities
 from hostgpu.errors import NotFound
-from hostgpu.gateway.deps import (
-    MetricsDep,
-    NotifierDep,
-    ReaderOrWorker,
-    ResolverDep,
-    SettingsDep,
-    StoreDep,
-    WaitingDep,
-    WorkerId,
-    WorkerOrShare,
-    run,
-)
-from hostgpu.gateway.notify import Notifier
+from hostgpu.gateway.deps import Gateway, GatewayDep, ReaderOrWorker, WorkerId, WorkerOrShare, run
 from hostgpu.gateway.routes.jobs import REPOLL_S
 from hostgpu.gateway.streams import StreamHub
 from hostgpu.inference.jobs import INFERENCE_FUNCTION, LENDER_LABEL, MODEL_LABEL_PREFIX
 from hostgpu.jobs import JobError, JobState, Lease, Outcome
-from hostgpu.settings import Settings
 from hostgpu.store import Store
 from hostgpu.tokens import TokenInfo
 
@@ -70,9 +57,9 @@ async def _check_access(request: Request, store: Store, token: TokenInfo, worker
 
 
 async def worker_access(
-    request: Request, worker_id: WorkerId, store: StoreDep, token: WorkerOrShare
+    request: Request, worker_id: WorkerId, gw: GatewayDep, token: WorkerOrShare
 ) -> TokenInfo:
-    await _check_access(request, store, token, worker_id)
+    await _check_access(request, gw.store, token, worker_id)
     return token
 
 
@@ -93,11 +80,7 @@ async def _capabilities(request: Request, store: Store, worker_id: str) -> Capab
 async def register(
     caps: Capabilities,
     request: Request,
-    store: StoreDep,
-    settings: SettingsDep,
-    resolver: ResolverDep,
-    waiting: WaitingDep,
-    notifier: NotifierDep,
+    gw: GatewayDep,
     token: WorkerOrShare,
     worker_id: str | None = None,
 ) -> Registered:
@@ -111,41 +94,35 @@ async def register(
         caps = _lent(caps, token)
     if worker_id is not None and token.scope == "share":
         try:
-            await _check_access(request, store, token, worker_id)
+            await _check_access(request, gw.store, token, worker_id)
         except NotFound:
             worker_id = None
     if worker_id is not None and not (len(worker_id) == 32 and worker_id.isalnum()):
         worker_id = None  # not one of ours: a fresh id
-    new_id = await run(store.register_worker, caps, worker_id)
+    new_id = await run(gw.store.register_worker, caps, worker_id)
     request.app.state.worker_caps[new_id] = caps
-    notifier.draining.discard(new_id)
-    waiting.invalidate()
-    resolver.forget(list(caps.functions))
-    await run(resolver.settle_pending, await run(waiting.workers))
+    gw.notifier.draining.discard(new_id)
+    gw.waiting.invalidate()
+    gw.resolver.forget(list(caps.functions))
+    await run(gw.resolver.settle_pending, await run(gw.waiting.workers))
     # Jobs queued before this worker came (or whose declarations it just settled) are
     # runnable now for it: its first lease finds them; other waiters may fit too.
-    notifier.runnable(None)
+    gw.notifier.runnable(None)
     return Registered(
         worker_id=new_id,
-        lease_seconds=settings.lease_seconds,
-        heartbeat_seconds=settings.lease_seconds / 3,
+        lease_seconds=gw.settings.lease_seconds,
+        heartbeat_seconds=gw.settings.lease_seconds / 3,
     )
 
 
 @router.get("", response_model=WorkerList)
-async def list_workers(store: StoreDep, _: ReaderOrWorker, alive: bool = False) -> WorkerList:
+async def list_workers(gw: GatewayDep, _: ReaderOrWorker, alive: bool = False) -> WorkerList:
     """Registered workers and whether they are alive."""
-    return WorkerList(workers=await run(store.list_workers, alive_only=alive))
+    return WorkerList(workers=await run(gw.store.list_workers, alive_only=alive))
 
 
 async def lease_jobs(
-    worker_id: str,
-    max_jobs: int,
-    wait: float,
-    request: Request,
-    store: Store,
-    notifier: Notifier,
-    settings: Settings,
+    gw: Gateway, request: Request, worker_id: str, max_jobs: int, wait: float
 ) -> list[Lease]:
     """Lease up to ``max_jobs`` jobs; long-poll up to ``wait`` seconds when there are none.
 
@@ -153,30 +130,30 @@ async def lease_jobs(
     Only new jobs this worker could run wake it (see :class:`Notifier`), and an empty read
     takes no write lock: an idle fleet costs the store a read per worker per long poll.
     """
-    caps = await _capabilities(request, store, worker_id)
-    if worker_id in notifier.draining:
+    caps = await _capabilities(request, gw.store, worker_id)
+    if worker_id in gw.notifier.draining:
         return []
     # The long poll is this worker's sign of life while it holds no leases (no heartbeat
     # writes from idle workers): the write happens only when the last contact is stale, and
     # this gateway asks the store only once per heartbeat period.
     # The touch rides on the first lease transaction (one write instead of a write and a read).
     touched: dict[str, float] = request.app.state.touched
-    period = settings.lease_seconds / 3
+    period = gw.settings.lease_seconds / 3
     touch: float | None = None
     if time.monotonic() - touched.get(worker_id, -1e9) >= period:
         touch = period
     deadline = time.monotonic() + wait
-    waiter = notifier.lease_waiter(worker_id, caps)
+    waiter = gw.notifier.lease_waiter(worker_id, caps)
     woken = waited = False
     try:
         while True:
             waiter.event.clear()
             leases = await run(
-                store.lease,
+                gw.store.lease,
                 worker_id,
                 caps,
                 max_jobs=max_jobs,
-                lease_seconds=settings.lease_seconds,
+                lease_seconds=gw.settings.lease_seconds,
                 probe=not woken,
                 touch_older_than=touch,
             )
@@ -185,9 +162,9 @@ async def lease_jobs(
                 touch = None
             remaining = deadline - time.monotonic()
             if leases:
-                notifier.notify("leased")
+                gw.notifier.notify("leased")
                 return leases
-            if remaining <= 0 or worker_id in notifier.draining:
+            if remaining <= 0 or worker_id in gw.notifier.draining:
                 return leases
             # A poll that just arrived is not gone yet (the check costs a receive under a
             # cancel scope, a few per cent of the gateway per job): ask after each wait.
@@ -195,12 +172,12 @@ async def lease_jobs(
                 return leases
             woken = await waiter.wait(min(remaining, REPOLL_S))
             waited = True
-            if worker_id in notifier.draining:
+            if worker_id in gw.notifier.draining:
                 return []
             if not woken and time.monotonic() >= deadline:
                 return []  # nothing woke it: the store has nothing new for it either
     finally:
-        notifier.remove(waiter)
+        gw.notifier.remove(waiter)
 
 
 @router.post("/{worker_id}/lease", response_model=LeaseResponse)
@@ -208,15 +185,11 @@ async def lease(
     worker_id: WorkerId,
     body: LeaseRequest,
     request: Request,
-    store: StoreDep,
-    notifier: NotifierDep,
-    settings: SettingsDep,
+    gw: GatewayDep,
     _: WorkerAccess,
 ) -> LeaseResponse:
     """Lease up to ``max_jobs`` jobs this worker can run; long-polls up to ``wait`` seconds."""
-    leases = await lease_jobs(
-        worker_id, body.max_jobs, body.wait, request, store, notifier, settings
-    )
+    leases = await lease_jobs(gw, request, worker_id, body.max_jobs, body.wait)
     return LeaseResponse(leases=leases)
 
 
@@ -224,14 +197,13 @@ async def lease(
 async def drain(
     worker_id: WorkerId,
     request: Request,
-    store: StoreDep,
-    notifier: NotifierDep,
+    gw: GatewayDep,
     _: WorkerAccess,
 ) -> None:
     """The worker is stopping: its long polls end now and it is leased nothing more; its
     heartbeats keep its running jobs' leases until it deregisters."""
-    await run(store.drain_worker, worker_id)
-    notifier.drain(worker_id)
+    await run(gw.store.drain_worker, worker_id)
+    gw.notifier.drain(worker_id)
     request.app.state.streams.forget(worker_id)  # a leaving server takes no new request
 
 
@@ -239,16 +211,15 @@ async def drain(
 async def heartbeat(
     worker_id: WorkerId,
     body: HeartbeatRequest,
-    store: StoreDep,
-    settings: SettingsDep,
+    gw: GatewayDep,
     _: WorkerAccess,
 ) -> HeartbeatResponse:
     """Mark the worker alive, extend its leases; ``lost`` lists jobs it must stop."""
     result = await run(
-        store.heartbeat,
+        gw.store.heartbeat,
         worker_id,
         [(held.job_id, held.lease_token) for held in body.leases],
-        lease_seconds=settings.lease_seconds,
+        lease_seconds=gw.settings.lease_seconds,
     )
     return HeartbeatResponse(
         lost=sorted({job_id for job_id, _ in result.lost}),
@@ -281,47 +252,36 @@ async def report(
     worker_id: WorkerId,
     body: ReportRequest,
     request: Request,
-    store: StoreDep,
-    notifier: NotifierDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    gw: GatewayDep,
     _: WorkerAccess,
 ) -> ReportResponse:
     """Record outcomes (a stale or unknown lease token is refused: ``accepted: false``) and,
     with ``lease``, lease the worker's next jobs in the same round trip."""
-    outcomes = _limit_results(body.outcomes, settings.max_result_bytes)
-    results = await run(store.report, outcomes) if outcomes else []
+    outcomes = _limit_results(body.outcomes, gw.settings.max_result_bytes)
+    results = await run(gw.store.report, outcomes) if outcomes else []
     if any(o.status != "started" for o in outcomes):
-        notifier.notify("finished")
+        gw.notifier.notify("finished")
     if any(o.status == "released" for o in outcomes):
-        notifier.runnable(None)
+        gw.notifier.runnable(None)
     for result in results:
         if result.retry_in_s is not None:  # wake its workers when its backoff ends
-            notifier.later(result.retry_in_s, None)
+            gw.notifier.later(result.retry_in_s, None)
     leases: list[Lease] = []
     if body.lease is not None:
-        leases = await lease_jobs(
-            worker_id,
-            body.lease.max_jobs,
-            body.lease.wait,
-            request,
-            store,
-            notifier,
-            settings,
-        )
-    metrics.note_reported(outcomes, results)
+        leases = await lease_jobs(gw, request, worker_id, body.lease.max_jobs, body.lease.wait)
+    gw.metrics.note_reported(outcomes, results)
     return ReportResponse(results=results, leases=leases)
 
 
 @router.delete("/{worker_id}", status_code=204)
 async def deregister(
-    worker_id: WorkerId, request: Request, store: StoreDep, waiting: WaitingDep, _: WorkerAccess
+    worker_id: WorkerId, request: Request, gw: GatewayDep, _: WorkerAccess
 ) -> None:
     """The worker is stopping cleanly."""
-    await run(store.deregister_worker, worker_id)
+    await run(gw.store.deregister_worker, worker_id)
     request.app.state.worker_caps.pop(worker_id, None)
     request.app.state.streams.forget(worker_id)
-    waiting.invalidate()
+    gw.waiting.invalidate()
 
 
 @router.post("/{worker_id}/streams", response_model=StreamReply)
@@ -329,14 +289,14 @@ async def streams(
     worker_id: WorkerId,
     body: StreamBatch,
     request: Request,
-    store: StoreDep,
+    gw: GatewayDep,
     _: WorkerAccess,
 ) -> StreamReply:
     """A model server's token stream: the text of its running inference jobs, relayed to
     their readers on this gateway. ``cancelled``: jobs nobody reads any more, to stop."""
     hub: StreamHub = request.app.state.streams
     if body.engines is not None and worker_id not in request.app.state.notifier.draining:
-        caps = await _capabilities(request, store, worker_id)
+        caps = await _capabilities(request, gw.store, worker_id)
         hub.engines[worker_id] = body.engines
         hub.names[worker_id] = caps.name
         hub.capacity[worker_id] = caps.concurrency
@@ -345,17 +305,17 @@ async def streams(
     for event in body.events:
         ok = hub.verified(event.job_id, worker_id)
         if ok is None:
-            ok = await run(_runs_on, store, event.job_id, worker_id)
+            ok = await run(_runs_on, gw.store, event.job_id, worker_id)
             hub.verify(event.job_id, worker_id, ok)
         if not ok:
             cancelled.add(event.job_id)
-        elif store.shared and not hub.local(event.job_id):
+        elif gw.store.shared and not hub.local(event.job_id):
             forward += hub.forward(event)  # its reader waits on another gateway
         elif hub.publish(event):
             cancelled.add(event.job_id)
     if forward:
         # Before the reply: the server's next batch is forwarded after this one.
-        await run(store.broadcast, "stream", forward)
+        await run(gw.store.broadcast, "stream", forward)
     return StreamReply(cancelled=sorted(cancelled))
 
 
