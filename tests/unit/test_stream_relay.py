@@ -66,9 +66,17 @@ def test_a_rerun_continues_where_the_reader_was_and_the_old_attempt_is_cut_off()
 def test_an_unread_stream_tells_its_server_to_stop() -> None:
     async def scenario() -> None:
         hub = StreamHub()
-        RemoteStream(hub, JOB, _never, _never)  # the response never started
+        cancelled = asyncio.Event()
+
+        async def cancel_job() -> None:
+            cancelled.set()
+
+        RemoteStream(hub, JOB, _never, cancel_job)  # the response never started
         gc.collect()
-        assert hub.publish(event("11", "x"))
+        assert hub.publish(event("11", "x"))  # a server posting here is told at once
+        # and the job is cancelled in the store, which a server posting its events to
+        # another gateway hears from there
+        await asyncio.wait_for(cancelled.wait(), 5)
 
     asyncio.run(scenario())
 

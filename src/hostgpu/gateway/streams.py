@@ -284,8 +284,9 @@ class RemoteStream:
         #: The request's place in its token's concurrency limit (freed with this stream).
         self.slot: object | None = None
         # A stream nobody ever read (the client left before its response started) still
-        # stops its job: its server is told at its next event.
-        self._abandon = weakref.finalize(self, _abandoned, self.relay)
+        # stops its job: its server is told at its next event here, and the job is
+        # cancelled in the store for a server that posts its events to another gateway.
+        self._abandon = weakref.finalize(self, _abandoned, self.relay, cancel_job, _loop())
 
     @property
     def done(self) -> bool:
@@ -400,8 +401,28 @@ class RemoteStream:
                 self.hub.close(self.job_id)
 
 
-def _abandoned(relay: Relay) -> None:
+def _loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # made outside a request (tests)
+        return None
+
+
+def _abandoned(
+    relay: Relay, cancel_job: Callable[[], Awaitable[Any]], loop: asyncio.AbstractEventLoop | None
+) -> None:
     relay.cancelled = True
+    if loop is not None and not loop.is_closed():  # it may run on any thread, or at shutdown
+        loop.call_soon_threadsafe(_cancel_soon, cancel_job)
+
+
+def _cancel_soon(cancel_job: Callable[[], Awaitable[Any]]) -> None:
+    _orphans.add(task := asyncio.ensure_future(cancel_job()))
+    task.add_done_callback(_orphans.discard)
+
+
+#: Cancellations of abandoned streams in flight (the loop keeps only weak references).
+_orphans: set[asyncio.Future[Any]] = set()
 
 
 async def with_keepalive(
