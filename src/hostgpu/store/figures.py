@@ -54,30 +54,26 @@ def requirement_of(gpu_kind: str, gpu_name: str | None) -> str:
 
 def queue_groups(conn: Connection, now: float) -> list[QueueGroup]:
     runnable = jobs.c.run_after <= now
+    # A group is one kind of job: the same function with the same requirements.
+    kind = (
+        jobs.c.function,
+        jobs.c.gpu_kind,
+        jobs.c.gpu_name,
+        jobs.c.min_memory_gb,
+        jobs.c.labels,
+        jobs.c.fallback,
+        jobs.c.resolved,
+    )
     query = (
         select(
-            jobs.c.function,
-            jobs.c.gpu_kind,
-            jobs.c.gpu_name,
-            jobs.c.min_memory_gb,
-            jobs.c.labels,
-            jobs.c.fallback,
-            jobs.c.resolved,
+            *kind,
             func.count().label("queued"),
             func.sum(case((runnable, 0), else_=1)).label("delayed"),
             func.min(jobs.c.created_at).label("oldest_created"),
             func.min(case((runnable, jobs.c.run_after), else_=None)).label("oldest_runnable"),
         )
         .where(_state_is([JobState.queued.value]))
-        .group_by(
-            jobs.c.function,
-            jobs.c.gpu_kind,
-            jobs.c.gpu_name,
-            jobs.c.min_memory_gb,
-            jobs.c.labels,
-            jobs.c.fallback,
-            jobs.c.resolved,
-        )
+        .group_by(*kind)
     )
     groups = []
     for row in conn.execute(query):
