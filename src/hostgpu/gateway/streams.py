@@ -287,6 +287,7 @@ class RemoteStream:
         # stops its job: its server is told at its next event here, and the job is
         # cancelled in the store for a server that posts its events to another gateway.
         self._abandon = weakref.finalize(self, _abandoned, self.relay, cancel_job, _loop())
+        self._abandon.atexit = False  # a process that is exiting cancels nothing
 
     @property
     def done(self) -> bool:
@@ -413,7 +414,8 @@ def _abandoned(
 ) -> None:
     relay.cancelled = True
     if loop is not None and not loop.is_closed():  # it may run on any thread, or at shutdown
-        loop.call_soon_threadsafe(_cancel_soon, cancel_job)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(_cancel_soon, cancel_job)
 
 
 def _cancel_soon(cancel_job: Callable[[], Awaitable[Any]]) -> None:

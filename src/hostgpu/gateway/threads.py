@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,14 @@ STORE_THREADS = ThreadPoolExecutor(max_workers=40, thread_name_prefix="hostgpu-s
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking store call in the store's threads (the store is synchronous).
 
-    Like anyio's ``run_sync``, a cancelled caller does not stop the call: it finishes in its
-    thread (a write commits or rolls back whole), and the caller sees the cancellation."""
+    As with anyio's ``run_sync``, a cancelled caller waits for the call to finish in its
+    thread (a write commits or rolls back whole before the caller goes on), then sees the
+    cancellation: a shutdown does not close the store under a running call."""
     call = functools.partial(fn, *args, **kwargs) if args or kwargs else fn
-    return await asyncio.get_running_loop().run_in_executor(STORE_THREADS, call)
+    future = asyncio.get_running_loop().run_in_executor(STORE_THREADS, call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise

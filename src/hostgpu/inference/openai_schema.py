@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -51,6 +51,9 @@ class _Request(BaseModel):
 
 
 # -- requests ---------------------------------------------------------------------------------
+RequestT = TypeVar("RequestT", bound=_Request)
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -244,7 +247,7 @@ def check_prompt_chars(chars: int, param: str) -> None:
         )
 
 
-def parse_request(model: type[_Request], body: Any) -> Any:
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
     """Validate ``body`` as ``model``; InvalidRequest naming the first bad field."""
     try:
         return model.model_validate(body)

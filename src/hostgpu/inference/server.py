@@ -101,11 +101,13 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
         request: Request, kind: type[oa.ChatCompletionRequest] | type[oa.CompletionRequest]
     ) -> Any:
         """Start generating; SSE for a streaming request, else the whole response once done."""
-        body = oa.parse_request(kind, await _body(request))
+        body: oa.ChatCompletionRequest | oa.CompletionRequest = oa.parse_request(
+            kind, await _body(request)
+        )
         engine = engine_for(body.model)
         chat = isinstance(body, oa.ChatCompletionRequest)
         # Tokenising a long prompt takes milliseconds: keep it off the event loop.
-        if chat:
+        if isinstance(body, oa.ChatCompletionRequest):
             messages, params = body.chat_messages(), body.sampling_params()
             stream = await asyncio.to_thread(engine.chat, messages, params)
         else:
