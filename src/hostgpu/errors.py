@@ -12,7 +12,8 @@ Every exception hostgpu raises on purpose derives from :class:`HostGPUError`::
     │   ├── AmbiguousId        an id prefix that names more than one object
     │   ├── InvalidTransition  the job is not in a state that allows this
     │   ├── DuplicateKey       an idempotency key or name already exists
-    │   └── LastAdminToken     revoking it would lock every admin out
+    │   ├── LastAdminToken     revoking it would lock every admin out
+    │   └── StoreUnavailable   the database connection was lost (503: try again)
     ├── GatewayError           the gateway answered with an error
     │   ├── AuthError          missing, bad or revoked token; wrong scope
     │   └── GatewayUnavailable the gateway cannot be reached
@@ -82,6 +83,10 @@ class AmbiguousId(StoreError):
 
 class LastAdminToken(StoreError):
     """This is the last admin token: revoking it would lock every admin out."""
+
+
+class StoreUnavailable(StoreError):
+    """The job store's database cannot be reached right now: try again in a moment."""
 
 
 class InvalidTransition(StoreError):

@@ -30,6 +30,7 @@ from hostgpu.errors import (
     InvalidTransition,
     LastAdminToken,
     NotFound,
+    StoreUnavailable,
 )
 from hostgpu.gateway.apidocs import install_docs
 from hostgpu.gateway.auth import TokenCache
@@ -260,12 +261,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         (LastAdminToken, 409),
         (InputNotUploaded, 409),
         (InvalidInput, 422),
+        (StoreUnavailable, 503),
         (HostGPUError, 400),
     ]
     for exc_type, status in statuses:
 
         async def handler(_: Request, exc: Exception, status: int = status) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=status)
+            headers = {"Retry-After": "1"} if status == 503 else None
+            return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
         app.add_exception_handler(exc_type, handler)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Select, Table, create_engine, func, select, text
+from sqlalchemy import Connection, Engine, Insert, Select, Table, create_engine, event, func, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 
+from hostgpu.jobs import Event, JobState, target
 from hostgpu.store.interface import MAX_BROADCAST_BYTES
-from hostgpu.store.schema import jobs
-from hostgpu.store.sql import SQLStore
+from hostgpu.store.sql import SQLStore, _Pick
 
 log = logging.getLogger("hostgpu.store")
 #: The LISTEN/NOTIFY channel gateways on one database tell each other about changes on.
@@ -32,19 +35,112 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: A pooled connection idle for longer than this is pinged before use (a restarted database
+#: has closed it); one in steady use is not, which saves a round trip per transaction.
+PING_IDLE_S = 1.0
+
+# One lease, in one statement (so, in autocommit, one round trip and its own transaction):
+# lock the picked candidates that are still queued, skipping those another lessee holds (no
+# job is leased twice, no gateway waits on another), lease them, open their attempts and mark
+# the worker alive. The picks come as arrays, so the statement is prepared once.
+_TAKE = text(
+    """
+    WITH picked AS (
+        SELECT * FROM unnest(
+            CAST(:ids AS varchar[]), CAST(:tokens AS varchar[]),
+            CAST(:devices AS varchar[]), CAST(:fallbacks AS boolean[])
+        ) AS p (id, token, device, fallback)
+    ), claimed AS (
+        SELECT jobs.id FROM jobs JOIN picked ON jobs.id = picked.id
+        WHERE jobs.state = :queued AND jobs.run_after <= :now
+        FOR UPDATE OF jobs SKIP LOCKED
+    ), leased AS (
+        UPDATE jobs SET
+            state = :leased, lease_token = picked.token, lease_expires_at = :expires,
+            worker_id = :worker, device = picked.device, fallback_used = picked.fallback,
+            attempts = jobs.attempts + 1, updated_at = :now
+        FROM picked
+        WHERE jobs.id = picked.id AND jobs.id IN (SELECT id FROM claimed)
+        RETURNING jobs.id, jobs.attempts, picked.token, picked.device
+    ), opened AS (
+        INSERT INTO attempts (job_id, attempt, worker_id, device, lease_token, started_at)
+        SELECT id, attempts, :worker, device, token, :now FROM leased
+    ), touched AS (
+        UPDATE workers SET
+            last_seen = :now,
+            state = CASE WHEN workers.state = 'draining' THEN 'draining' ELSE 'active' END
+        WHERE id = :worker
+    )
+    SELECT id, attempts FROM leased
+    """
+)
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a connection that has been idle a while before handing it out (instead of
+    SQLAlchemy's ``pool_pre_ping``, which pings before every checkout)."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE_S:
+            return
+        try:
+            dbapi_conn.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as exc:  # closed by a restart, or a network cut: a new one
+            raise DisconnectionError(f"pooled connection is gone: {exc}") from exc
+
+
 class PostgresStore(SQLStore):
     shared = True
 
     def _create_engine(self, url: str) -> Engine:
         # Prepared statements from the first execution: the lease statement (one lane per
         # function and kind) costs more to plan than to run.
-        return create_engine(
+        engine = create_engine(
             normalise_url(url),
             pool_size=16,
             max_overflow=16,
-            pool_pre_ping=True,
             connect_args={"prepare_threshold": 1},
         )
+        _ping_when_idle(engine)
+        # Reads in autocommit: no BEGIN and ROLLBACK round trips around them. Under READ
+        # COMMITTED each statement reads its own snapshot anyway, as on SQLite.
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Quick writes (leases, heartbeats, broadcasts): autocommit, each statement safe on
+        # its own, and a commit that does not wait for the WAL flush (see ``_quick``).
+        self._quick_engine = create_engine(
+            normalise_url(url),
+            isolation_level="AUTOCOMMIT",
+            pool_size=4,
+            max_overflow=28,
+            connect_args={"prepare_threshold": 1, "options": "-c synchronous_commit=off"},
+        )
+        _ping_when_idle(self._quick_engine)
+        return engine
+
+    def close(self) -> None:
+        super().close()
+        self._quick_engine.dispose()
+
+    @contextmanager
+    def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        self.transactions["read"] += 1
+        # A snapshot (a streamed blob) needs a transaction: a server-side cursor lives in one.
+        with self._translated(), (self.engine if snapshot else self._reader).connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _quick(self) -> Iterator[Connection]:
+        self.transactions["write"] += 1
+        with self._translated(), self._quick_engine.connect() as conn:
+            yield conn
 
     def _lock(self, query: Select[Any]) -> Select[Any]:
         # Concurrent gateways skip rows another transaction holds instead of waiting.
@@ -53,25 +149,26 @@ class PostgresStore(SQLStore):
     def _for_update(self, query: Select[Any]) -> Select[Any]:
         return query.with_for_update()
 
-    def _claim(self, conn: Connection, rows: Sequence[Any]) -> Sequence[Any]:
-        # The lanes query cannot lock (UNION): lock the candidates by id, skipping those
-        # another lessee holds, so no job is leased twice and no gateway waits on another.
-        if not rows:
-            return rows
-        locked = set(
-            conn.execute(
-                select(jobs.c.id)
-                .where(jobs.c.id.in_([r.id for r in rows]), jobs.c.state == "queued")
-                .with_for_update(skip_locked=True)
-            ).scalars()
+    def _take(
+        self, conn: Connection, worker_id: str, now: float, expires: float, picks: list[_Pick]
+    ) -> dict[str, int]:
+        # The candidates were read outside any lock: another gateway may have leased some
+        # since. Those are skipped here, and the rest taken, in one statement.
+        taken = conn.execute(
+            _TAKE,
+            {
+                "ids": [p.row.id for p in picks],
+                "tokens": [p.token for p in picks],
+                "devices": [p.device.torch_device for p in picks],
+                "fallbacks": [p.fallback_used for p in picks],
+                "queued": JobState.queued.value,
+                "leased": target(Event.lease),
+                "expires": expires,
+                "worker": worker_id,
+                "now": now,
+            },
         )
-        return [r for r in rows if r.id in locked]
-
-    def _relax(self, conn: Connection) -> None:
-        # Leases and heartbeats only: one lost in a crash is leased or sent again, so
-        # at-least-once holds without waiting for the WAL flush. Enqueues and results stay
-        # durable.
-        conn.execute(text("SET LOCAL synchronous_commit = off"))
+        return {row.id: row.attempts for row in taken}
 
     def _emit(self, conn: Connection, topic: str) -> None:
         conn.execute(
@@ -83,9 +180,8 @@ class PostgresStore(SQLStore):
         for payload in payloads:
             if len(payload.encode()) > MAX_BROADCAST_BYTES:
                 raise ValueError(f"a {topic} broadcast of {len(payload.encode())} bytes")
-        with self._write() as conn:
-            # Nothing to keep: the listeners hear it at commit, durable or not.
-            self._relax(conn)
+        # Nothing to keep: the listeners hear it at commit, durable or not.
+        with self._quick() as conn:
             conn.execute(
                 text("SELECT pg_notify(:channel, :payload)"),
                 [{"channel": CHANNEL, "payload": f"{self.origin}:{topic}:{p}"} for p in payloads],
@@ -98,9 +194,6 @@ class PostgresStore(SQLStore):
 
     def _migration_lock(self, conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-
-    def _before_lease(self, conn: Connection) -> None:
-        self._relax(conn)
 
     def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
         stmt = pg_insert(table).values(rows)

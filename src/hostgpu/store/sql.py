@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from alembic import command
 from alembic.config import Config
@@ -43,7 +43,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from hostgpu.capabilities import Capabilities, Device, WorkerInfo
 from hostgpu.errors import (
@@ -53,6 +53,7 @@ from hostgpu.errors import (
     InvalidTransition,
     LastAdminToken,
     NotFound,
+    StoreUnavailable,
 )
 from hostgpu.functions import FunctionOptions, Requested, Resolved
 from hostgpu.jobs import (
@@ -111,6 +112,8 @@ LEASE_COLUMNS = (
 )
 TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: How many times a lease reads again after concurrent lessees took its candidates first.
+LEASE_TRIES = 3
 FULL_ID_LENGTH = 32
 
 
@@ -300,9 +303,6 @@ class SQLStore(Store):
     def _migration_lock(self, conn: Connection) -> None:
         """Serialise concurrent migrations (several gateways starting together)."""
 
-    def _before_lease(self, conn: Connection) -> None:
-        """Backend tuning for the lease SELECT, inside its transaction."""
-
     def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
         """INSERT … ON CONFLICT (key) DO UPDATE, in the backend's dialect."""
         raise NotImplementedError
@@ -314,9 +314,6 @@ class SQLStore(Store):
     def _blobs(self) -> FileBlobs | TableBlobs:
         """Where this backend keeps blob bytes."""
         return TableBlobs()
-
-    def _relax(self, conn: Connection) -> None:
-        """Make this transaction's commit cheap where losing it in a crash is harmless."""
 
     def _emit(self, conn: Connection, topic: str) -> None:
         """Tell every gateway on this database, at commit, that ``topic`` happened."""
@@ -334,7 +331,17 @@ class SQLStore(Store):
             yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _quick(self) -> Iterator[Connection]:
+        """Writes whose loss in a crash is harmless (leases, heartbeats, broadcasts): a lease
+        lost is leased again, a heartbeat sent again, so at-least-once holds. A backend may
+        commit them without waiting for the disk, and each of their statements on its own
+        (PostgreSQL); each is then written to be safe alone. Here: a write transaction."""
+        with self._write() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A read. ``snapshot``: its statements see one snapshot (and may stream rows)."""
         self.transactions["read"] += 1
         with self._translated(), self.engine.connect() as conn:
             yield conn
@@ -347,6 +354,14 @@ class SQLStore(Store):
         except DataError as exc:
             reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
             raise InvalidInput(f"the database refused a value: {reason}") from exc
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # The connection died under this call (the database restarted or the network
+            # dropped). The pool has let go of its connections; a new call gets new ones.
+            raise StoreUnavailable(
+                "lost the connection to the database; try again in a moment"
+            ) from exc
 
     def _migrate(self) -> None:
         cfg = Config()
@@ -628,10 +643,6 @@ class SQLStore(Store):
             .limit(limit)
         )
 
-    def _claim(self, conn: Connection, rows: Sequence[Any]) -> Sequence[Any]:
-        """Lock the candidate rows this transaction may lease (see PostgreSQL's SKIP LOCKED)."""
-        return rows
-
     def lease(
         self,
         worker_id: str,
@@ -647,8 +658,7 @@ class SQLStore(Store):
         if touch_older_than is not None:
             # The worker's sign of life rides on this poll's transaction: an idle worker's
             # long poll is then one write, not a write (touch) and a read (probe).
-            with self._write() as conn:
-                self._before_lease(conn)
+            with self._quick() as conn:
                 self._touch_if_stale(conn, worker_id, now, touch_older_than)
                 if max_jobs <= 0 or query is None:
                     return []
@@ -663,8 +673,7 @@ class SQLStore(Store):
             with self._read() as conn:
                 if not conn.execute(query, params).first():
                     return []
-        with self._write() as conn:
-            self._before_lease(conn)
+        with self._quick() as conn:
             return self._lease_in(conn, worker_id, caps, query, now, max_jobs, lease_seconds)
 
     def _lease_in(
@@ -677,62 +686,88 @@ class SQLStore(Store):
         max_jobs: int,
         lease_seconds: float,
     ) -> list[Lease]:
-        """The lease itself, inside the caller's write transaction."""
-        params = {"now": now, "n": max_jobs}
+        """Pick a device for each candidate in Python (the routing rule), then take them.
+
+        Where candidates are read without a lock (PostgreSQL), a concurrent lessee may take
+        some first; then the rest are read again, a few times at most, so that a poll does
+        not come back empty while jobs it can run are queued.
+        """
         expires = now + lease_seconds
         leases: list[Lease] = []
-        rows = self._claim(conn, conn.execute(query, params).all())
-        updates = []
-        attempt_rows = []
-        for row in rows:
-            fallback_open = row.fallback == "cpu" and (row.fallback_at or 0) <= now
-            picked = pick_device(_requirements(row), caps, fallback_open=fallback_open)
-            if picked is None:  # pragma: no cover - SQL and Python rule disagree
-                continue
-            device, fallback_used = picked
-            token = uuid.uuid4().hex
-            attempt = row.attempts + 1
-            updates.append(
+        skipped: set[str] = set()  # held by another lessee: passed over when read again
+        for _ in range(LEASE_TRIES):
+            picks: list[_Pick] = []
+            wanted = max_jobs - len(leases) + len(skipped)
+            for row in conn.execute(query, {"now": now, "n": wanted}):
+                if row.id in skipped:
+                    continue
+                fallback_open = row.fallback == "cpu" and (row.fallback_at or 0) <= now
+                picked = pick_device(_requirements(row), caps, fallback_open=fallback_open)
+                if picked is None:  # pragma: no cover - SQL and Python rule disagree
+                    continue
+                picks.append(_Pick(row, picked[0], picked[1], uuid.uuid4().hex))
+            if not picks:
+                break
+            taken = self._take(conn, worker_id, now, expires, picks)
+            leases += [
+                Lease(
+                    job_id=p.row.id,
+                    lease_token=p.token,
+                    attempt=taken[p.row.id],
+                    function=p.row.function,
+                    payload=_loads(p.row.payload),
+                    serializer=p.row.serializer,
+                    timeout_s=p.row.timeout_s,
+                    device=p.device,
+                    fallback_used=p.fallback_used,
+                    lease_expires_at=_dt(expires),
+                    inputs=_loads(p.row.inputs) or [],
+                )
+                for p in picks
+                if p.row.id in taken
+            ]
+            if len(taken) == len(picks) or len(leases) >= max_jobs:
+                break
+            skipped.update(p.row.id for p in picks if p.row.id not in taken)
+        return leases
+
+    def _take(
+        self, conn: Connection, worker_id: str, now: float, expires: float, picks: list[_Pick]
+    ) -> dict[str, int]:
+        """Lease the picked jobs to the worker and open their attempts; returns the attempt
+        number of each job taken. Here every pick is taken: the caller's write transaction
+        holds the only write lock (SQLite), so the candidates it read are still queued."""
+        conn.execute(
+            _LEASE_JOB,
+            [
                 {
-                    "b_id": row.id,
-                    "b_token": token,
-                    "b_device": device.torch_device,
-                    "b_fallback": fallback_used,
+                    "b_id": p.row.id,
+                    "b_token": p.token,
+                    "b_device": p.device.torch_device,
+                    "b_fallback": p.fallback_used,
                     "b_expires": expires,
                     "b_worker": worker_id,
                     "b_now": now,
                 }
-            )
-            attempt_rows.append(
+                for p in picks
+            ],
+        )
+        conn.execute(
+            _INSERT_ATTEMPTS,
+            [
                 {
-                    "job_id": row.id,
-                    "attempt": attempt,
+                    "job_id": p.row.id,
+                    "attempt": p.row.attempts + 1,
                     "worker_id": worker_id,
-                    "device": device.torch_device,
-                    "lease_token": token,
+                    "device": p.device.torch_device,
+                    "lease_token": p.token,
                     "started_at": now,
                 }
-            )
-            leases.append(
-                Lease(
-                    job_id=row.id,
-                    lease_token=token,
-                    attempt=attempt,
-                    function=row.function,
-                    payload=_loads(row.payload),
-                    serializer=row.serializer,
-                    timeout_s=row.timeout_s,
-                    device=device,
-                    fallback_used=fallback_used,
-                    lease_expires_at=_dt(expires),
-                    inputs=_loads(row.inputs) or [],
-                )
-            )
-        if updates:
-            conn.execute(_LEASE_JOB, updates)
-            conn.execute(_INSERT_ATTEMPTS, attempt_rows)
-            self._touch(conn, worker_id, now)
-        return leases
+                for p in picks
+            ],
+        )
+        self._touch(conn, worker_id, now)
+        return {p.row.id: p.row.attempts + 1 for p in picks}
 
     def _touch_if_stale(
         self, conn: Connection, worker_id: str, now: float, older_than: float
@@ -767,10 +802,9 @@ class SQLStore(Store):
     ) -> HeartbeatResult:
         now = time.time()
         held: set[tuple[str, str]] = set()
-        with self._write() as conn:
-            # A lease lost in a crash is leased again: at-least-once holds without a
-            # durable commit of every heartbeat.
-            self._relax(conn)
+        # Each statement is safe alone (the extension re-checks the fence itself), and a
+        # heartbeat lost in a crash is sent again: a quick write.
+        with self._quick() as conn:
             seen = conn.execute(
                 update(workers)
                 .where(workers.c.id == worker_id)
@@ -1079,7 +1113,7 @@ class SQLStore(Store):
         if self.blob_info(digest) is None:
             raise NotFound(f"no blob {digest}: upload it first (PUT /v1/blobs/{digest})")
         keeper = self._blobs()
-        with self._read() as conn:
+        with self._read(snapshot=True) as conn:
             yield from keeper.read(conn, digest)
 
     # -- figures (read-only) ---------------------------------------------------------------
@@ -1430,6 +1464,15 @@ class _ReportPlan:
         ):
             if rows:
                 conn.execute(statement, [{**row, **now} for row in rows])
+
+
+class _Pick(NamedTuple):
+    """A lease candidate, the device it would run on, and the token its lease would carry."""
+
+    row: Any
+    device: Device
+    fallback_used: bool
+    token: str
 
 
 class _RowView:

@@ -52,7 +52,8 @@ class SQLiteStore(SQLStore):
         return engine
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        # A read transaction (BEGIN, deferred) is a snapshot already.
         self.transactions["read"] += 1
         with self._translated(), self.engine.connect() as conn:
             yield conn.execution_options(hostgpu_readonly=True)

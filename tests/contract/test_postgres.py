@@ -1,0 +1,81 @@
+"""What only the PostgreSQL store does: leasing past rows another gateway holds, and living
+through connections the server dropped (it pings only connections that sat idle)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+import hostgpu.store.postgres as pg
+from hostgpu.errors import StoreUnavailable
+from hostgpu.jobs import JobState
+from hostgpu.store import Store, open_store
+from tests.contract.test_store import caps, ok, spec
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[Store]:
+    s = open_store(pg_url)
+    yield s
+    s.close()
+
+
+def _drop_connections(url: str) -> int:
+    """Close every server connection to the test database but this one (a restart's effect
+    on a client's pool)."""
+    database = url.rsplit("/", 1)[1]
+    with psycopg.connect(url, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchone()
+    return int(killed[0]) if killed else 0
+
+
+def test_a_lease_passes_over_jobs_another_lessee_holds(store: Store, pg_url: str) -> None:
+    first, second = store.enqueue([spec(priority=1), spec()])
+    c = caps()
+    wid = store.register_worker(c)
+    with psycopg.connect(pg_url) as other:  # another gateway, mid-lease on the first job
+        other.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
+        started = time.monotonic()
+        [lease] = store.lease(wid, c, max_jobs=1, lease_seconds=30)
+        assert lease.job_id == second.id  # not the held one, and not nothing
+        assert time.monotonic() - started < 2  # skipped, not waited for
+    [lease] = store.lease(wid, c, max_jobs=1, lease_seconds=30)  # released: now it is free
+    assert lease.job_id == first.id and lease.attempt == 1
+    assert ok(store, lease, 1).accepted
+    assert store.get(first.id, history=True).history[0].worker_id == wid  # type: ignore[index]
+
+
+def test_connections_the_server_dropped_are_replaced_when_idle(
+    store: Store, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg, "PING_IDLE_S", 0.05)
+    [job] = store.enqueue([spec()])
+    assert _drop_connections(pg_url) >= 1
+    time.sleep(0.1)
+    # Every pooled connection is dead; idle ones are pinged, found gone and replaced.
+    assert store.get(job.id).state is JobState.queued
+    c = caps()
+    wid = store.register_worker(c)
+    [lease] = store.lease(wid, c, max_jobs=1, lease_seconds=30)
+    assert ok(store, lease, 2).accepted
+
+
+def test_a_connection_dropped_in_use_is_a_retryable_error_not_a_crash(
+    store: Store, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg, "PING_IDLE_S", 3600.0)  # nothing is pinged: the drop is seen in use
+    [job] = store.enqueue([spec()])
+    store.get(job.id)
+    assert _drop_connections(pg_url) >= 1
+    with pytest.raises(StoreUnavailable, match="try again"):
+        store.get(job.id)
+    # The pool let go of every old connection: the next call works.
+    assert store.get(job.id).state is JobState.queued
+    assert store.enqueue([spec()])[0].state is JobState.queued
