@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+import httpx
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS considers free right now on ``host``."""
@@ -26,6 +28,15 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def healthy(url: str, timeout: float = 1.0) -> bool:
+    """Whether the server at ``url`` (a gateway or model server hostgpu started) answers its
+    health check."""
+    try:
+        return httpx.get(f"{url}/healthz", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def hostgpu_command(*args: str) -> list[str]:

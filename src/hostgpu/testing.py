@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from hostgpu.client import Client
-from hostgpu.processes import free_port, hostgpu_command, stop_process, worker_command
+from hostgpu.processes import free_port, healthy, hostgpu_command, stop_process, worker_command
 
 
 def child_env(home: Path, pythonpath: str = "", **extra: str) -> dict[str, str]:
@@ -66,11 +66,8 @@ class Gateway:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {self.log_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if healthy(self.url):
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway did not start: {self.log_text()}")
             time.sleep(0.05)

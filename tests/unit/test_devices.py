@@ -466,7 +466,7 @@ def test_cli_human_output_shows_container_findings(
 
 
 def test_smoke_test_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("hostgpu.devices.smoke._import_torch", lambda: (None, None))
+    monkeypatch.setattr("hostgpu.devices.smoke.import_torch", lambda: (None, None))
     result = devices.smoke_test(probe(facts=linux()).devices)
     assert result == [
         {

@@ -16,9 +16,10 @@ from rich.table import Table
 
 from hostgpu.cli.common import console, err
 from hostgpu.client import Client
+from hostgpu.processes import healthy
 from hostgpu.settings import get_settings
 from hostgpu.stack import pidfile
-from hostgpu.stack.local import LocalStack, healthy
+from hostgpu.stack.local import LocalStack
 
 PID_FILE = "up.pid"
 

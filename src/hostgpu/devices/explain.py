@@ -179,10 +179,15 @@ def _vm_missing(kind: AcceleratorKind, vm: VirtualMachine, facts: HostFacts) -> 
 
 
 def _apple_silicon_missing(
-    kind: AcceleratorKind, facts: HostFacts, container: str | None
+    kind: AcceleratorKind, facts: HostFacts, container: str | None, vm: VirtualMachine | None
 ) -> Missing | None:
-    """Reasons shared by mps and mlx that do not depend on the library; None when they pass."""
-    label = "MPS" if kind == "mps" else "MLX"
+    """Reasons shared by mps and mlx that do not depend on the library (a desktop VM, the OS,
+    the chip); None when they pass."""
+    if vm:
+        found = _vm_missing(kind, vm, facts)
+        if found:
+            return found
+    label = kind.upper()
     if facts.system != "Darwin":
         if container:
             return Missing(
@@ -213,21 +218,29 @@ def _apple_silicon_missing(
     return None
 
 
-def explain_mps(facts: HostFacts, container: str | None, vm: VirtualMachine | None) -> Missing:
-    if vm:
-        found = _vm_missing("mps", vm, facts)
-        if found:
-            return found
-    shared = _apple_silicon_missing("mps", facts, container)
-    if shared:
-        return shared
+def _macos_too_old(
+    kind: AcceleratorKind, facts: HostFacts, minimum: tuple[int, ...]
+) -> Missing | None:
+    """The macOS release is older than ``minimum`` needs; None when it is not, or unknown."""
     mac = _version_tuple(facts.mac_version)
-    if mac and mac < MPS_MIN_MACOS:
+    if mac and mac < minimum:
+        needed = ".".join(str(part) for part in minimum)
         return Missing(
-            kind="mps",
-            reason=f"macOS {facts.mac_version} is too old: MPS needs macOS 12.3 or later",
+            kind=kind,
+            reason=f"macOS {facts.mac_version} is too old: {kind.upper()} needs macOS {needed} "
+            "or later",
             fix="update macOS (14 or later recommended)",
         )
+    return None
+
+
+def explain_mps(facts: HostFacts, container: str | None, vm: VirtualMachine | None) -> Missing:
+    shared = _apple_silicon_missing("mps", facts, container, vm)
+    if shared:
+        return shared
+    too_old = _macos_too_old("mps", facts, MPS_MIN_MACOS)
+    if too_old:
+        return too_old
     torch = facts.torch
     if torch is None:
         return _torch_missing("mps", facts)
@@ -269,22 +282,14 @@ def explain_mlx(facts: HostFacts, container: str | None, vm: VirtualMachine | No
             fix="run gpu='mlx' jobs on an Apple silicon Mac (`pip install mlx` there), or use "
             "gpu='cpu' for MLX on the CPU",
         )
-    if vm:
-        found = _vm_missing("mlx", vm, facts)
-        if found:
-            return found
-    shared = _apple_silicon_missing("mlx", facts, container)
+    shared = _apple_silicon_missing("mlx", facts, container, vm)
     if shared:
         return shared
     if facts.mlx_version is None:
         return Missing(kind="mlx", reason="mlx is not installed", fix="pip install mlx")
-    mac = _version_tuple(facts.mac_version)
-    if mac and mac < MLX_MIN_MACOS:
-        return Missing(
-            kind="mlx",
-            reason=f"macOS {facts.mac_version} is too old: MLX needs macOS 13.5 or later",
-            fix="update macOS (14 or later recommended)",
-        )
+    too_old = _macos_too_old("mlx", facts, MLX_MIN_MACOS)
+    if too_old:
+        return too_old
     return Missing(
         kind="mlx",
         reason=f"mlx {facts.mlx_version} is installed but Metal is not available to it "

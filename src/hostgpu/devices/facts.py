@@ -138,8 +138,9 @@ def _cpu_model_linux(cpuinfo: str | None) -> str | None:
     return None
 
 
-def _read_torch() -> tuple[TorchFacts | None, str | None]:
-    """Import torch and read it; (facts, None), or (None, why) when it is absent or broken."""
+def import_torch() -> tuple[Any | None, str | None]:
+    """Import torch quietly; (torch, None), (None, None) when it is absent, or (None, why) when
+    it is broken."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -148,7 +149,13 @@ def _read_torch() -> tuple[TorchFacts | None, str | None]:
         return None, None
     except Exception as exc:  # a broken install (missing CUDA libraries, bad wheel)
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return TorchFacts.read(torch), None
+    return torch, None
+
+
+def _read_torch() -> tuple[TorchFacts | None, str | None]:
+    """Import torch and read it; (facts, None), or (None, why) when it is absent or broken."""
+    torch, error = import_torch()
+    return (None if torch is None else TorchFacts.read(torch)), error
 
 
 class _MlxFacts(TypedDict, total=False):

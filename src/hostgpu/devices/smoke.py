@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any
 
 from hostgpu.capabilities import Device
 from hostgpu.devices.explain import INSTALL_TORCH
+from hostgpu.devices.facts import import_torch
 
 
 def _label(device: Device) -> str:
     return device.torch_device if device.kind != "mlx" else "mlx"
-
-
-def _import_torch() -> tuple[Any | None, str | None]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import torch
-    except ModuleNotFoundError:
-        return None, None
-    except Exception as exc:
-        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return torch, None
 
 
 def time_torch_matmul(torch: Any, target: str, size: int, repeat: int, warmup: int = 3) -> float:
@@ -63,7 +51,7 @@ def time_mlx_matmul(size: int, repeat: int, warmup: int = 3) -> float:
 
 def smoke_test(devices: list[Device], *, size: int = 512, repeat: int = 20) -> list[dict[str, Any]]:
     """Time a ``size``×``size`` float32 matmul on each device; GFLOP/s and speed vs the CPU."""
-    torch, error = _import_torch()
+    torch, error = import_torch()
     if torch is None:
         why = f"torch fails to import ({error})" if error else "torch is not installed"
         return [{"device": None, "ok": False, "error": f"{why}: {INSTALL_TORCH}"}]

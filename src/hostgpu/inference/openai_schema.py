@@ -54,6 +54,18 @@ class _Request(BaseModel):
 RequestT = TypeVar("RequestT", bound=_Request)
 
 
+def _refused(message: str) -> Callable[[Any], Any]:
+    """A validator for a parameter the engines do not implement: it may be sent unset (or 0,
+    false, empty), but a request that sets it is refused rather than answered without it."""
+
+    def refuse(value: Any) -> Any:
+        if value:
+            raise ValueError(message)
+        return value
+
+    return refuse
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -122,19 +134,10 @@ class _Sampling(_Request):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("presence/frequency penalties are not supported; leave them at 0")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value: dict[str, int] | None) -> dict[str, int] | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
+    _no_penalties = field_validator("presence_penalty", "frequency_penalty")(
+        _refused("presence/frequency penalties are not supported; leave them at 0")
+    )
+    _no_bias = field_validator("logit_bias")(_refused("logit_bias is not supported"))
 
     @property
     def include_usage(self) -> bool:
@@ -162,19 +165,8 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tools are not supported by hostgpu's engines")
-        return value
+    _no_logprobs = field_validator("logprobs")(_refused("logprobs are not supported"))
+    _no_tools = field_validator("tools")(_refused("tools are not supported by hostgpu's engines"))
 
     @field_validator("response_format")
     @classmethod
@@ -214,12 +206,9 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be empty")
         return value
 
-    @field_validator("echo", "suffix", "logprobs")
-    @classmethod
-    def _unsupported(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("echo, suffix and logprobs are not supported")
-        return value
+    _unsupported = field_validator("echo", "suffix", "logprobs")(
+        _refused("echo, suffix and logprobs are not supported")
+    )
 
     @field_validator("best_of")
     @classmethod

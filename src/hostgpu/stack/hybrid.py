@@ -51,13 +51,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from pydantic import BaseModel, Field
 
 from hostgpu.client import Client
 from hostgpu.errors import AuthError, ConfigError, HostGPUError
-from hostgpu.processes import port_free, worker_command
+from hostgpu.processes import healthy, port_free, worker_command
 from hostgpu.settings import Settings, write_private
 from hostgpu.stack.compose import Compose, ComposeError, Container
 from hostgpu.stack.docker import ComposeInfo, DockerReport, check_docker, explain
@@ -498,12 +497,7 @@ class HybridStack:
     def _wait_gateway(self, url: str, timeout: float = 60.0) -> None:
         """The gateway answers through the published port (forwarding may lag the health)."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+        while not healthy(url, timeout=2):
             if time.monotonic() > deadline:
                 raise StackError(
                     f"the gateway container is healthy but {url} does not answer from this "

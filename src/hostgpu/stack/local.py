@@ -11,15 +11,8 @@ from typing import IO
 import httpx
 
 from hostgpu.errors import ConfigError, HostGPUError
-from hostgpu.processes import free_port, hostgpu_command, port_free, stop_process
+from hostgpu.processes import free_port, healthy, hostgpu_command, port_free, stop_process
 from hostgpu.settings import Settings
-
-
-def healthy(url: str, timeout: float = 1.0) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 class LocalStack:

@@ -35,8 +35,17 @@
 
   function sleep(ms) { return new Promise((resolve) => setTimeout(resolve, ms)); }
 
+  // A palette colour as the charts' canvas needs it. The palette is light-dark() pairs, which
+  // only a colour property resolves (a custom property reads back as the light-dark() text),
+  // so it is read back through a hidden element that inherits the page's colour scheme.
   function cssVar(name) {
-    return getComputedStyle(document.documentElement).getPropertyValue(name).trim() || "#888";
+    const probe = document.createElement("span");
+    probe.hidden = true;
+    probe.style.color = `var(${name}, #888)`;
+    document.body.append(probe);
+    const colour = getComputedStyle(probe).color;
+    probe.remove();
+    return colour;
   }
 
   function fmtDuration(seconds) {

@@ -8,10 +8,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from hostgpu.store.migrations.indexes import create_queue_index
+
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
@@ -47,14 +47,7 @@ def upgrade() -> None:
         sa.Column("run_after", sa.Float, nullable=False),
         sa.Column("finished_at", sa.Float),
     )
-    queued = sa.text("state = 'queued'")
-    op.create_index(
-        "ix_jobs_queue",
-        "jobs",
-        [sa.text("priority DESC"), "run_after", "created_at"],
-        sqlite_where=queued,
-        postgresql_where=queued,
-    )
+    create_queue_index()
     op.create_index("ix_jobs_state_expiry", "jobs", ["state", "lease_expires_at"])
     op.create_index("ix_jobs_finished", "jobs", ["finished_at"])
     op.create_index("ix_jobs_created", "jobs", ["created_at"])

@@ -10,25 +10,18 @@ Revision ID: 0002
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
+
+from hostgpu.store.migrations.indexes import create_partial_index
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
-
-ACTIVE = sa.text("state IN ('leased', 'running')")
 
 
 def upgrade() -> None:
     op.drop_index("ix_jobs_state_expiry", table_name="jobs")
-    op.create_index(
-        "ix_jobs_active_expiry",
-        "jobs",
-        ["lease_expires_at"],
-        sqlite_where=ACTIVE,
-        postgresql_where=ACTIVE,
+    create_partial_index(
+        "ix_jobs_active_expiry", "jobs", ["lease_expires_at"], "state IN ('leased', 'running')"
     )
 
 

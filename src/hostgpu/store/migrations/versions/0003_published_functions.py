@@ -17,12 +17,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from hostgpu.store.migrations.indexes import create_partial_index
+
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
-
-PENDING = sa.text("resolved = false AND state = 'queued'")
 
 
 def upgrade() -> None:
@@ -46,8 +44,8 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("requested", sa.Text))
     # Jobs from before this migration counted every attempt against retries.
     op.execute("UPDATE jobs SET failures = attempts WHERE state IN ('failed', 'queued')")
-    op.create_index(
-        "ix_jobs_pending", "jobs", ["created_at"], sqlite_where=PENDING, postgresql_where=PENDING
+    create_partial_index(
+        "ix_jobs_pending", "jobs", ["created_at"], "resolved = false AND state = 'queued'"
     )
     op.add_column("tokens", sa.Column("expires_at", sa.Float))
 

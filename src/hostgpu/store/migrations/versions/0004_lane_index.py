@@ -13,31 +13,22 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from hostgpu.store.migrations.indexes import create_partial_index, create_queue_index
+
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
-
-QUEUED = sa.text("state = 'queued'")
 
 
 def upgrade() -> None:
-    op.create_index(
+    create_partial_index(
         "ix_jobs_lane",
         "jobs",
         ["function", sa.text("priority DESC"), "run_after", "created_at"],
-        sqlite_where=QUEUED,
-        postgresql_where=QUEUED,
+        "state = 'queued'",
     )
     op.drop_index("ix_jobs_queue", table_name="jobs")
 
 
 def downgrade() -> None:
-    op.create_index(
-        "ix_jobs_queue",
-        "jobs",
-        [sa.text("priority DESC"), "run_after", "created_at"],
-        sqlite_where=QUEUED,
-        postgresql_where=QUEUED,
-    )
+    create_queue_index()
     op.drop_index("ix_jobs_lane", table_name="jobs")
