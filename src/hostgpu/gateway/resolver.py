@@ -30,16 +30,8 @@ def _publishers(workers: Sequence[Capabilities], module: str) -> list[Capabiliti
 
 
 def requested(spec: JobSpec) -> Requested:
-    return Requested(
-        gpu=spec.gpu,
-        min_memory_gb=spec.min_memory_gb,
-        labels=spec.labels,
-        fallback=spec.fallback,
-        timeout_s=spec.timeout_s,
-        max_retries=spec.max_retries,
-        priority=spec.priority,
-        serializer=spec.serializer,
-    )
+    """The options a submission states: its fields of the same names."""
+    return Requested.model_validate(spec, from_attributes=True)
 
 
 class Resolver:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Select, Table, create_engine, event, func, text
+from sqlalchemy import Connection, Engine, Select, create_engine, event, func, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
@@ -99,6 +99,7 @@ def _ping_when_idle(engine: Engine) -> None:
 
 class PostgresStore(SQLStore):
     shared = True
+    _dialect_insert = staticmethod(pg_insert)
 
     def _create_engine(self, url: str) -> Engine:
         # Prepared statements from the first execution: the lease statement (one lane per
@@ -194,11 +195,6 @@ class PostgresStore(SQLStore):
 
     def _migration_lock(self, conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-
-    def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
-        stmt = pg_insert(table).values(rows)
-        changed = {c: stmt.excluded[c] for c in rows[0] if c != key}
-        return stmt.on_conflict_do_update(index_elements=[key], set_=changed)
 
     def _position(self, haystack: Any, needle: Any) -> Any:
         return func.strpos(haystack, needle)

@@ -303,9 +303,14 @@ class SQLStore(Store):
     def _migration_lock(self, conn: Connection) -> None:
         """Serialise concurrent migrations (several gateways starting together)."""
 
+    #: The backend dialect's INSERT, which has ``ON CONFLICT`` (SQLite's and PostgreSQL's).
+    _dialect_insert: Callable[[Table], Any]
+
     def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
-        """INSERT … ON CONFLICT (key) DO UPDATE, in the backend's dialect."""
-        raise NotImplementedError
+        """INSERT … ON CONFLICT (key) DO UPDATE of the other columns."""
+        stmt = self._dialect_insert(table).values(rows)
+        changed = {c: stmt.excluded[c] for c in rows[0] if c != key}
+        return stmt.on_conflict_do_update(index_elements=[key], set_=changed)
 
     def _position(self, haystack: Any, needle: Any) -> Any:
         """1-based position of ``needle`` in ``haystack``, 0 when absent (no LIKE wildcards)."""
@@ -1286,14 +1291,7 @@ class SQLStore(Store):
 
     @staticmethod
     def _to_token(row: Any) -> TokenInfo:
-        return TokenInfo(
-            id=row.id,
-            name=row.name,
-            scope=row.scope,
-            created_at=row.created_at,
-            expires_at=row.expires_at,
-            revoked_at=row.revoked_at,
-        )
+        return TokenInfo.model_validate(row, from_attributes=True)
 
     def verify_token(self, token_hash: str) -> TokenInfo | None:
         with self._read() as conn:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event, func
+from sqlalchemy import Connection, Engine, create_engine, event, func
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 
@@ -18,6 +18,8 @@ from hostgpu.store.sql import SQLStore
 
 
 class SQLiteStore(SQLStore):
+    _dialect_insert = staticmethod(sqlite_insert)
+
     def _create_engine(self, url: str) -> Engine:
         parsed = make_url(url)
         if parsed.database and parsed.database != ":memory:":
@@ -57,11 +59,6 @@ class SQLiteStore(SQLStore):
         self.transactions["read"] += 1
         with self._translated(), self.engine.connect() as conn:
             yield conn.execution_options(hostgpu_readonly=True)
-
-    def _upsert(self, table: Table, rows: list[dict[str, Any]], key: str) -> Insert:
-        stmt = sqlite_insert(table).values(rows)
-        changed = {c: stmt.excluded[c] for c in rows[0] if c != key}
-        return stmt.on_conflict_do_update(index_elements=[key], set_=changed)
 
     def _position(self, haystack: Any, needle: Any) -> Any:
         return func.instr(haystack, needle)
