@@ -223,3 +223,20 @@ def test_a_lost_forwarded_event_ends_from_the_stored_result() -> None:
     deltas, completion = asyncio.run(_collect(stream))
     assert "".join(deltas) == "Hello world" == completion.text
     assert deltas[0] == "Hello "
+
+
+def test_a_recheck_forgets_only_the_forwarded_jobs_verifications() -> None:
+    """A job finished on another gateway (``recheck``): the forwarded streams' servers are
+    checked against the store again; other jobs' checks stand, and an ended stream's go."""
+    hub = StreamHub()
+    other = "b" * 32
+    hub.forward(event("11", "Hello "))  # JOB's reader is on another gateway
+    hub.verify(JOB, "w1", True)
+    hub.verify(other, "w2", True)  # read here: not forwarded
+    hub.recheck()
+    assert hub.verified(JOB, "w1") is None and hub.verified(other, "w2") is True
+    hub.verify(JOB, "w1", True)
+    hub.forward(event("11", "world", result=result("Hello world")))
+    assert hub.verified(JOB, "w1") is None and JOB not in hub.forwarded
+    hub.close(other)
+    assert hub.verified(other, "w2") is None

@@ -107,8 +107,9 @@ class Relay:
 class StreamHub:
     def __init__(self) -> None:
         self._relays: dict[str, Relay] = {}
-        #: (job id, worker id) pairs checked against the store: a server streams only its jobs.
-        self._verified: dict[tuple[str, str], bool] = {}
+        #: Job id → worker id → whether the store says that worker holds the job: a server
+        #: streams only its jobs. By job, so a recheck drops a job's entries in one step.
+        self._verified: dict[str, dict[str, bool]] = {}
         #: Worker id → its engines, as it last said, and its name.
         self.engines: dict[str, list[EngineState]] = {}
         self.names: dict[str, str] = {}
@@ -156,15 +157,16 @@ class StreamHub:
             self.forwarded.clear()
         if event.result is None and event.error is None:
             self.forwarded.add(event.job_id)
-        else:
+        else:  # its last event: nothing more to check for it
             self.forwarded.discard(event.job_id)
+            self._verified.pop(event.job_id, None)
         return wire_pieces(event)
 
     def recheck(self) -> None:
         """A job finished somewhere (perhaps cancelled by its reader's gateway): check the
         forwarded ones against the store again at their next event."""
-        for key in [k for k in self._verified if k[0] in self.forwarded]:
-            del self._verified[key]
+        for job_id in self.forwarded:
+            self._verified.pop(job_id, None)
 
     def relay(self, job_id: str) -> Relay:
         relay = self._relays.get(job_id)
@@ -179,14 +181,15 @@ class StreamHub:
 
     def close(self, job_id: str) -> None:
         self._relays.pop(job_id, None)
+        self._verified.pop(job_id, None)
 
     def verified(self, job_id: str, worker_id: str) -> bool | None:
-        return self._verified.get((job_id, worker_id))
+        return self._verified.get(job_id, {}).get(worker_id)
 
     def verify(self, job_id: str, worker_id: str, ok: bool) -> None:
         if len(self._verified) > 100_000:
             self._verified.clear()
-        self._verified[(job_id, worker_id)] = ok
+        self._verified.setdefault(job_id, {})[worker_id] = ok
 
     def forget(self, worker_id: str) -> None:
         """A server left: its engines no longer count."""
