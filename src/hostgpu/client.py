@@ -119,6 +119,7 @@ class Client:
 
     def _raise_for(self, response: httpx.Response, method: str, path: str) -> None:
         if response.status_code >= 400:
+            error = None
             try:
                 body = response.json()
                 # The inference routes answer in OpenAI's error shape.
@@ -140,6 +141,10 @@ class Client:
                 raise InvalidTransition(message)
             if status == 422:
                 raise InvalidInput(message)
+            if status == 503 and error is None:
+                # The gateway is up but its database is not (an inference 503, in OpenAI's
+                # shape, is about model servers instead): retried like an unreachable gateway.
+                raise GatewayUnavailable(message, status=status)
             raise GatewayError(message, status=status)
 
     # -- jobs --------------------------------------------------------------------------------

@@ -3,16 +3,20 @@ through connections the server dropped (it pings only connections that sat idle)
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy.exc import OperationalError
 
 import hostgpu.store.postgres as pg
 from hostgpu.errors import StoreUnavailable
 from hostgpu.jobs import JobState
 from hostgpu.store import Store, open_store
+from hostgpu.store.sql import SQLStore
 from tests.contract.test_store import caps, ok, spec
 
 
@@ -79,3 +83,55 @@ def test_a_connection_dropped_in_use_is_a_retryable_error_not_a_crash(
     # The pool let go of every old connection: the next call works.
     assert store.get(job.id).state is JobState.queued
     assert store.enqueue([spec()])[0].state is JobState.queued
+
+
+def test_contending_leases_never_exceed_max_jobs_nor_share_a_job(store: Store, pg_url: str) -> None:
+    """Two gateways' stores, eight lessees: a lease that reads again past candidates another
+    took still returns at most ``max_jobs``, and every job is leased once."""
+    other = open_store(pg_url)
+    store.enqueue([spec() for _ in range(300)])
+    c = caps()
+    seen: list[str] = []
+    sizes: list[int] = []
+    lock = threading.Lock()
+
+    def drain(s: Store) -> None:
+        wid = s.register_worker(c)
+        while leases := s.lease(wid, c, max_jobs=4, lease_seconds=30):
+            with lock:
+                seen.extend(x.job_id for x in leases)
+                sizes.append(len(leases))
+
+    threads = [threading.Thread(target=drain, args=(s,)) for s in (store, other) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other.close()
+    assert max(sizes) <= 4
+    assert len(seen) == 300 and len(set(seen)) == 300
+
+
+def test_a_failed_second_read_keeps_the_leases_already_taken(
+    store: Store, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try commits on its own: leases taken before a later try fails are returned, not
+    lost to an exception (they would sit leased, unknown to the worker, until expiry)."""
+    first, second = store.enqueue([spec(priority=1), spec()])
+    c = caps()
+    wid = store.register_worker(c)
+    reads = 0
+    real = SQLStore._picks
+
+    def flaky(self: SQLStore, *args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise OperationalError("SELECT", {}, Exception("connection reset"))
+        return real(self, *args)
+
+    monkeypatch.setattr(SQLStore, "_picks", flaky)
+    with psycopg.connect(pg_url) as holder:  # the first job is held: the lease reads again
+        holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
+        leases = store.lease(wid, c, max_jobs=2, lease_seconds=30)
+    assert [lease.job_id for lease in leases] == [second.id] and reads == 2

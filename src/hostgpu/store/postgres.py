@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, create_engine, event, func, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from hostgpu.jobs import Event, JobState, target
 from hostgpu.store.interface import MAX_BROADCAST_BYTES
@@ -104,15 +104,18 @@ class PostgresStore(SQLStore):
     def _create_engine(self, url: str) -> Engine:
         # Prepared statements from the first execution: the lease statement (one lane per
         # function and kind) costs more to plan than to run.
+        # At most 24 + 16 connections, and one for LISTEN: 41 per gateway (33 before the
+        # quick pool), so two gateways fit in PostgreSQL's default 100 (97 for users). More
+        # gateways: raise max_connections, or put PgBouncer in transaction mode in front.
         engine = create_engine(
             normalise_url(url),
-            pool_size=16,
-            max_overflow=16,
+            pool_size=12,
+            max_overflow=12,
             connect_args={"prepare_threshold": 1},
         )
         _ping_when_idle(engine)
         # Reads in autocommit: no BEGIN and ROLLBACK round trips around them. Under READ
-        # COMMITTED each statement reads its own snapshot anyway, as on SQLite.
+        # COMMITTED each statement read its own snapshot already: no read relied on more.
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         # Quick writes (leases, heartbeats, broadcasts): autocommit, each statement safe on
         # its own, and a commit that does not wait for the WAL flush (see ``_quick``).
@@ -120,7 +123,7 @@ class PostgresStore(SQLStore):
             normalise_url(url),
             isolation_level="AUTOCOMMIT",
             pool_size=4,
-            max_overflow=28,
+            max_overflow=12,
             connect_args={"prepare_threshold": 1, "options": "-c synchronous_commit=off"},
         )
         _ping_when_idle(self._quick_engine)
@@ -142,6 +145,15 @@ class PostgresStore(SQLStore):
         self.transactions["write"] += 1
         with self._translated(), self._quick_engine.connect() as conn:
             yield conn
+
+    def _unreachable(self, exc: DBAPIError) -> bool:
+        # No SQLSTATE: the connection could not be made (refused, reset, timed out). Class
+        # 08: connection exceptions; 57P: the server is shutting down or starting up;
+        # 53300: too many connections.
+        if not isinstance(exc, OperationalError):
+            return False
+        state = getattr(exc.orig, "sqlstate", None)
+        return state is None or state.startswith(("08", "57P")) or state == "53300"
 
     def _lock(self, query: Select[Any]) -> Select[Any]:
         # Concurrent gateways skip rows another transaction holds instead of waiting.

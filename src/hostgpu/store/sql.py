@@ -10,6 +10,7 @@ TRANSITIONS` allows for its event; the retry decision is the injected
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +45,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from hostgpu.capabilities import Capabilities, Device, WorkerInfo
 from hostgpu.errors import (
@@ -89,6 +91,7 @@ from hostgpu.store.interface import (
 from hostgpu.store.schema import attempts, blobs, functions, job_inputs, jobs, tokens, workers
 from hostgpu.tokens import TokenInfo
 
+log = logging.getLogger("hostgpu.store")
 ACTIVE = sorted(s.value for s in ACTIVE_STATES)
 #: The requirement kinds a job's ``gpu`` can name (``cuda:<name>`` is kind cuda).
 REQUIREMENT_KINDS = frozenset(k for kinds in SATISFIES.values() for k in kinds)
@@ -346,7 +349,8 @@ class SQLStore(Store):
 
     @contextmanager
     def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
-        """A read. ``snapshot``: its statements see one snapshot (and may stream rows)."""
+        """A read. ``snapshot``: in one transaction, so a cursor may stream its rows (on
+        PostgreSQL a server-side cursor lives in a transaction)."""
         self.transactions["read"] += 1
         with self._translated(), self.engine.connect() as conn:
             yield conn
@@ -360,13 +364,23 @@ class SQLStore(Store):
             reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
             raise InvalidInput(f"the database refused a value: {reason}") from exc
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
+            if not (exc.connection_invalidated or self._unreachable(exc)):
                 raise
-            # The connection died under this call (the database restarted or the network
-            # dropped). The pool has let go of its connections; a new call gets new ones.
+            # The connection died under this call, or none could be made (the database is
+            # restarting, refuses connections, or the network dropped). The pool lets go of
+            # its broken connections; a later call gets new ones.
             raise StoreUnavailable(
-                "lost the connection to the database; try again in a moment"
+                f"the database is unreachable ({str(exc.orig or exc).splitlines()[0]}); "
+                "try again in a moment"
             ) from exc
+        except PoolTimeout as exc:
+            raise StoreUnavailable(
+                "every database connection is busy; try again in a moment"
+            ) from exc
+
+    def _unreachable(self, exc: DBAPIError) -> bool:
+        """Whether the driver's error says the database cannot be reached (not a bad query)."""
+        return False
 
     def _migrate(self) -> None:
         cfg = Config()
@@ -695,25 +709,25 @@ class SQLStore(Store):
 
         Where candidates are read without a lock (PostgreSQL), a concurrent lessee may take
         some first; then the rest are read again, a few times at most, so that a poll does
-        not come back empty while jobs it can run are queued.
+        not come back empty while jobs it can run are queued. Each try has committed by then
+        (autocommit): a later try that fails returns the leases already taken, not an error,
+        or the worker would never hear of them.
         """
         expires = now + lease_seconds
         leases: list[Lease] = []
         skipped: set[str] = set()  # held by another lessee: passed over when read again
         for _ in range(LEASE_TRIES):
-            picks: list[_Pick] = []
-            wanted = max_jobs - len(leases) + len(skipped)
-            for row in conn.execute(query, {"now": now, "n": wanted}):
-                if row.id in skipped:
-                    continue
-                fallback_open = row.fallback == "cpu" and (row.fallback_at or 0) <= now
-                picked = pick_device(_requirements(row), caps, fallback_open=fallback_open)
-                if picked is None:  # pragma: no cover - SQL and Python rule disagree
-                    continue
-                picks.append(_Pick(row, picked[0], picked[1], uuid.uuid4().hex))
+            need = max_jobs - len(leases)
+            try:
+                picks = self._picks(conn, caps, query, now, need, skipped)
+                taken = self._take(conn, worker_id, now, expires, picks) if picks else {}
+            except Exception:
+                if not leases:
+                    raise
+                log.warning("a lease's second read failed; keeping its first", exc_info=True)
+                break
             if not picks:
                 break
-            taken = self._take(conn, worker_id, now, expires, picks)
             leases += [
                 Lease(
                     job_id=p.row.id,
@@ -735,6 +749,31 @@ class SQLStore(Store):
                 break
             skipped.update(p.row.id for p in picks if p.row.id not in taken)
         return leases
+
+    def _picks(
+        self,
+        conn: Connection,
+        caps: Capabilities,
+        query: Select[Any],
+        now: float,
+        need: int,
+        skipped: set[str],
+    ) -> list[_Pick]:
+        """Up to ``need`` candidates in lease order, past ``skipped``, each with the device
+        the routing rule picks for it. Reads ``len(skipped)`` rows more, in case those are
+        still queued (held, not yet leased, by another lessee)."""
+        picks: list[_Pick] = []
+        for row in conn.execute(query, {"now": now, "n": need + len(skipped)}).all():
+            if row.id in skipped:
+                continue
+            fallback_open = row.fallback == "cpu" and (row.fallback_at or 0) <= now
+            picked = pick_device(_requirements(row), caps, fallback_open=fallback_open)
+            if picked is None:  # pragma: no cover - SQL and Python rule disagree
+                continue
+            picks.append(_Pick(row, picked[0], picked[1], uuid.uuid4().hex))
+            if len(picks) == need:
+                break
+        return picks
 
     def _take(
         self, conn: Connection, worker_id: str, now: float, expires: float, picks: list[_Pick]
