@@ -135,3 +135,39 @@ def test_a_failed_second_read_keeps_the_leases_already_taken(
         holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
         leases = store.lease(wid, c, max_jobs=2, lease_seconds=30)
     assert [lease.job_id for lease in leases] == [second.id] and reads == 2
+
+
+def test_an_enqueue_tells_other_gateways_what_it_queued(store: Store) -> None:
+    """The ``runnable`` event of an enqueue describes its kinds of job (so other gateways wake
+    one fitting worker per job); many kinds, or only unresolved jobs, are a bare ``runnable``."""
+    import json
+
+    other = open_store(store.url)  # type: ignore[attr-defined]
+    heard: list[str] = []
+    ready = threading.Event()
+
+    def hear(topic: str) -> None:
+        if topic == "resync":
+            ready.set()
+        elif topic.startswith("runnable"):
+            heard.append(topic)
+
+    stop = other.subscribe(hear)
+    try:
+        assert ready.wait(10), "the listener did not connect"
+        store.enqueue([spec(gpu="cuda", priority=1), spec(gpu="cuda"), spec(labels={"a": "b"})])
+        store.enqueue([spec(f"m:f{i}") for i in range(20)])  # 20 kinds: no details
+        store.enqueue([spec(resolved=False)])
+        deadline = time.monotonic() + 10
+        while len(heard) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        described, many, unresolved = heard
+        kinds = sorted(json.loads(described.removeprefix("runnable:")), key=lambda k: k[3])
+        assert [(k[0], k[1].get("gpu"), k[1].get("labels"), k[3]) for k in kinds] == [
+            ("m:f", "any", {"a": "b"}, 1),
+            ("m:f", "cuda", {}, 2),
+        ]
+        assert many == unresolved == "runnable"
+    finally:
+        stop()
+        other.close()

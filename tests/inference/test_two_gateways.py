@@ -107,3 +107,38 @@ def test_hanging_up_on_one_gateway_stops_the_server_of_the_other(
         time.sleep(0.2)
     assert card["loaded_on"][0]["active"] == 0, card
     assert time.monotonic() - hung_up < 10
+
+
+def test_requests_go_to_the_warm_server_of_another_gateway(
+    two: tuple[Gateway, Gateway],
+) -> None:
+    """A cold server polls the first gateway, the warm one the second: requests sent to the
+    first still go to the warm one, and the first lists where the model is loaded."""
+    first, second = two
+    with first.client() as admin:
+        token = admin.create_token("reader", "infer").token
+    stream(second, token, {**BODY, "max_tokens": 4})  # the second's server loads the model
+    workers: list[Worker] = []
+    start_server(first, workers, name="cold-on-first")
+    try:
+        deadline = time.monotonic() + 30
+        card: dict[str, Any] = {}
+        while time.monotonic() < deadline:  # the second told the first (at once, or <= 5 s)
+            with first.http(token) as http:
+                [card] = http.get("/v1/models").json()["data"]
+            if [e["worker"] for e in card["loaded_on"]] == ["on-second"]:
+                break
+            time.sleep(0.2)
+        assert [e["worker"] for e in card["loaded_on"]] == ["on-second"], card
+        assert sorted(s["worker"] for s in card["servers"]) == ["cold-on-first", "on-second"]
+        for _ in range(3):
+            assert stream(first, token, {**BODY, "max_tokens": 4})
+        with first.http() as http:
+            names = {
+                w["id"]: w["capabilities"]["name"]
+                for w in http.get("/v1/workers").json()["workers"]
+            }
+        assert [names[str(j["worker_id"])] for j in job_of(first)] == ["on-second"] * 4
+    finally:
+        for w in workers:
+            w.stop()

@@ -240,3 +240,56 @@ def test_a_recheck_forgets_only_the_forwarded_jobs_verifications() -> None:
     assert hub.verified(JOB, "w1") is None and JOB not in hub.forwarded
     hub.close(other)
     assert hub.verified(other, "w2") is None
+
+
+def test_another_gateways_enqueue_wakes_the_warm_server_it_describes() -> None:
+    """A request stored through another gateway: its ``runnable`` event describes the job, so
+    this gateway wakes one fitting server, the one it heard has the model warm (from the
+    gateway that server posts to), not every idle server."""
+    from hostgpu.gateway.streams import ServerEngines
+    from hostgpu.store.sql import _runnable_topic
+
+    async def scenario() -> None:
+        hub, notifier = StreamHub(), Notifier()
+        notifier.attach(asyncio.get_running_loop())
+        notifier.preference = hub.preference
+        # What the other gateway said of a server that posts to it, but polls here.
+        hub.heard_engines(
+            ServerEngines(
+                worker="a1",
+                name="warm",
+                capacity=2,
+                engines=[EngineState(model="smollm2", loaded=True, device="cpu")],
+            ).model_dump_json()
+        )
+        cold, warm = _waiter("c0"), _waiter("a1")
+        notifier._lease_waiters += [cold, warm]
+        row = {
+            "function": INFERENCE_FUNCTION,
+            "gpu_kind": "any",
+            "gpu_name": None,
+            "min_memory_gb": None,
+            "labels": '{"' + model_label("smollm2") + '":"' + MODEL_LABEL_VALUE + '"}',
+            "fallback": None,
+            "resolved": True,
+        }
+        topic = _runnable_topic([row])
+        assert topic.startswith("runnable:[")
+        notifier._dispatch(topic)
+        assert warm.event.is_set() and not cold.event.is_set()
+        # Without details (an older gateway, or many kinds of job): every idle waiter.
+        notifier._dispatch("runnable")
+        assert cold.event.is_set()
+        # The other gateway said the server left: it no longer counts as warm.
+        hub.heard_engines(
+            ServerEngines(worker="a1", name="", capacity=0, engines=[]).model_dump_json()
+        )
+        assert "a1" not in hub.engines
+        # A server that posts here is described by this gateway, not by the others.
+        hub.note_engines("b2", "mine", 1, [EngineState(model="smollm2", loaded=False)])
+        hub.heard_engines(
+            ServerEngines(worker="b2", name="stale", capacity=9, engines=[]).model_dump_json()
+        )
+        assert hub.names["b2"] == "mine" and "b2" in hub.local_servers()
+
+    asyncio.run(scenario())

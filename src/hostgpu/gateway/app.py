@@ -53,7 +53,7 @@ from hostgpu.gateway.routes import (
     tokens,
     workers,
 )
-from hostgpu.gateway.streams import StreamHub
+from hostgpu.gateway.streams import StreamHub, tell_engines
 from hostgpu.gateway.threads import run
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.inference import openai_schema as oa
@@ -63,6 +63,10 @@ from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
 
 log = logging.getLogger("hostgpu.gateway")
+
+
+#: How often a gateway describes its model servers to the others (PostgreSQL).
+ENGINES_EVERY_S = 5.0
 
 
 class MetricsMiddleware:
@@ -105,11 +109,17 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float, expiry_ever
     resolver: Resolver = app.state.resolver
     waiting: WaitingExplainer = app.state.waiting
     notifier: Notifier = app.state.notifier
+    hub: StreamHub = app.state.streams
     expire_from = time.monotonic() + grace
-    next_expiry = next_settle = 0.0
+    next_expiry = next_settle = next_told = 0.0
     while True:
         now = time.monotonic()
         try:
+            if store.shared and now >= next_told:
+                # Gateways that started since the last change hear of the model servers here.
+                next_told = now + ENGINES_EVERY_S
+                if servers := hub.local_servers():
+                    await tell_engines(store, hub, servers)
             if now >= expire_from and now >= next_expiry:
                 next_expiry = now + expiry_every
                 expired = await run(store.expire_leases)
@@ -165,10 +175,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         loop = asyncio.get_running_loop()
 
         def heard(topic: str) -> None:  # the store's listener thread
-            if topic.startswith("stream:"):  # a token stream forwarded to its reader
+            if topic.startswith(("stream:", "engines:")):  # for the stream hub
+                kind, _, payload = topic.partition(":")
+                handle = hub.heard if kind == "stream" else hub.heard_engines
                 if not loop.is_closed():  # (the listener may outlive the app by a poll)
-                    loop.call_soon_threadsafe(hub.heard, topic.removeprefix("stream:"))
-            elif not topic.startswith("echo:stream:"):
+                    loop.call_soon_threadsafe(handle, payload)
+            elif not topic.startswith(("echo:stream:", "echo:engines:")):
                 notifier.heard_from_store(topic)
 
         stop_listening = store.subscribe(heard)

@@ -10,9 +10,11 @@ Two kinds of waiters:
 
 A waiter registers *before* it reads the store, so an event that lands between its read and
 its wait is never lost. Events from other gateways on the same PostgreSQL database arrive
-through the store's LISTEN/NOTIFY subscription (see :meth:`Notifier.from_store`) and wake every
-matching waiter (they carry no job details). Delayed wake-ups (a retry's backoff, a fallback's
-grace) are timers on this gateway's event loop.
+through the store's LISTEN/NOTIFY subscription (see :meth:`Notifier.heard_from_store`); an
+enqueue's event describes its jobs' kinds, so it wakes one fitting waiter per job here too,
+the warm model server first; other events carry no job details and wake every waiter.
+Delayed wake-ups (a retry's backoff, a fallback's grace) are timers on this gateway's event
+loop.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,10 +189,31 @@ class Notifier:
             kind == "resync"
         ):
             callback()
-        if topic in ("runnable", "resync"):
+        if kind == "runnable":
+            self.runnable(_described(topic.partition(":")[2]))
+        elif topic == "resync":
             self.runnable(None)
         if topic in ("finished", "resync"):
             self.notify("finished")
         if topic.startswith("drain:"):
             self.drain(topic.partition(":")[2])
         self.notify(f"store:{topic.partition(':')[0]}")
+
+
+def _described(details: str) -> list[Runnable] | None:
+    """The jobs a ``runnable:<details>`` event describes (see ``Store.subscribe``), one entry
+    per job; None (wake every idle waiter) when it describes none or cannot be read."""
+    if not details:
+        return None
+    try:
+        return [
+            Runnable(function, Requirements.model_validate(requirements), fallback)
+            for function, requirements, fallback, count in json.loads(details)
+            for _ in range(min(int(count), MAX_DESCRIBED))
+        ]
+    except (ValueError, TypeError):  # malformed, or from a newer gateway: wake everyone
+        return None
+
+
+#: A described batch of more jobs than this wakes at most this many waiters per kind.
+MAX_DESCRIBED = 1000

@@ -13,6 +13,11 @@ and the reader's gateway puts them in the relay (:meth:`StreamHub.heard`). A cli
 hangs up cancels its job in the store; the forwarding gateway hears that job finish, checks
 its forwarded jobs again and tells the server to stop.
 
+Which server has which model loaded (for ``GET /v1/models`` and for sending a request to the
+server that has its model warm) is the fleet's, not one gateway's: a gateway tells the others
+when a server that posts to it changes (:class:`ServerEngines`, broadcast), and again every few
+seconds for gateways that started since.
+
 What the relay does not see, the store has: every inference job's result is reported like any
 job's. When a stream goes quiet the reader looks at the job, and a job that finished without
 its stream's end reaching this gateway (a lost broadcast, or a server that died and the job
@@ -29,9 +34,13 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, Field
+
+from hostgpu.errors import HostGPUError
 from hostgpu.gateway.notify import LeaseWaiter, Preference, Runnable
+from hostgpu.gateway.threads import run
 from hostgpu.inference.engines.base import Completion, StreamDelta, Usage
 from hostgpu.inference.errors import EngineError, InferenceError, InvalidRequest, ModelNotFound
 from hostgpu.inference.jobs import (
@@ -42,9 +51,11 @@ from hostgpu.inference.jobs import (
     served_models,
 )
 from hostgpu.jobs import Job, JobState
+from hostgpu.store import Store
 from hostgpu.store.interface import MAX_BROADCAST_BYTES
 
 log = logging.getLogger("hostgpu.gateway")
+M = TypeVar("M", bound=BaseModel)
 
 #: How long a stream may be silent before its reader looks at the job in the store.
 QUIET_S = 1.0
@@ -56,6 +67,18 @@ PIECE_CHARS = 1000
 #: still be resuming after the commit), for at most this many jobs at once.
 EARLY_S = 5.0
 EARLY_MAX_JOBS = 10_000
+#: A server that posted to this gateway within this long is this gateway's to describe: what
+#: other gateways say of it is older news.
+LOCAL_S = 30.0
+
+
+class ServerEngines(BaseModel):
+    """A model server's engines, as one gateway tells the others (no engines: it left)."""
+
+    worker: str = Field(pattern=r"^[0-9a-f]{1,32}$")
+    name: str = Field(max_length=200)
+    capacity: int = Field(ge=0, le=100_000)
+    engines: list[EngineState] = Field(max_length=64)
 
 
 def wire_pieces(event: StreamEvent) -> list[str]:
@@ -115,6 +138,8 @@ class StreamHub:
         self.names: dict[str, str] = {}
         #: Worker id → how many streams it runs at once.
         self.capacity: dict[str, int] = {}
+        #: Servers that post to this gateway: worker id → when they last did.
+        self._local: dict[str, float] = {}
         #: Jobs whose events this gateway forwards to another one (their reader is there).
         self.forwarded: set[str] = set()
         #: Forwarded events that came before their reader's relay: job id → (when, events).
@@ -127,10 +152,8 @@ class StreamHub:
 
     def heard(self, payload: str) -> None:
         """An event another gateway forwarded: for this gateway's reader, if it has one."""
-        try:
-            event = StreamEvent.model_validate_json(payload)
-        except ValueError:
-            log.warning("ignored a malformed forwarded stream event")
+        event = _parse(StreamEvent, payload, "forwarded stream event")
+        if event is None:
             return
         if event.job_id in self._relays:
             self.publish(event)
@@ -193,8 +216,54 @@ class StreamHub:
 
     def forget(self, worker_id: str) -> None:
         """A server left: its engines no longer count."""
-        for table in (self.engines, self.names, self.capacity):
+        for table in (self.engines, self.names, self.capacity, self._local):
             table.pop(worker_id, None)
+
+    def note_engines(
+        self, worker_id: str, name: str, capacity: int, engines: list[EngineState]
+    ) -> bool:
+        """A server that posts here said its engines: True when that changes what the other
+        gateways were told (then they are told again)."""
+        changed = (
+            self.engines.get(worker_id) != engines
+            or self.names.get(worker_id) != name
+            or self.capacity.get(worker_id) != capacity
+        )
+        self.engines[worker_id] = engines
+        self.names[worker_id] = name
+        self.capacity[worker_id] = capacity
+        self._local[worker_id] = time.monotonic()
+        return changed
+
+    def told(self, worker_id: str) -> str:
+        """What to broadcast of a server: its engines, or that it left."""
+        return ServerEngines(
+            worker=worker_id,
+            name=self.names.get(worker_id, ""),
+            capacity=self.capacity.get(worker_id, 0),
+            engines=self.engines.get(worker_id, []),
+        ).model_dump_json()
+
+    def local_servers(self) -> list[str]:
+        """The servers this gateway describes to the others (they posted here lately)."""
+        now = time.monotonic()
+        for worker_id in [w for w, at in self._local.items() if now - at > LOCAL_S]:
+            del self._local[worker_id]
+        return list(self._local)
+
+    def heard_engines(self, payload: str) -> None:
+        """Another gateway described one of its servers (on the event loop)."""
+        said = _parse(ServerEngines, payload, "engines broadcast")
+        if said is None:
+            return
+        if said.worker in self.local_servers():
+            return  # it posts here: this gateway knows better
+        if not said.engines:
+            self.forget(said.worker)
+            return
+        self.engines[said.worker] = said.engines
+        self.names[said.worker] = said.name
+        self.capacity[said.worker] = said.capacity
 
     def preference(self, job: Runnable, idle: list[LeaseWaiter]) -> Preference | None:
         """For an inference job: offer it first to servers that have its model loaded, the
@@ -243,6 +312,25 @@ class StreamHub:
             j for j, r in self._relays.items() if not r.reading and now - r.created > ORPHAN_S
         ]:
             del self._relays[job_id]
+
+
+def _parse(model: type[M], payload: str, what: str) -> M | None:
+    """A message from another gateway, or None (logged) when it is not one."""
+    try:
+        return model.model_validate_json(payload)
+    except ValueError:
+        log.warning("ignored a malformed %s", what)
+        return None
+
+
+async def tell_engines(store: Store, hub: StreamHub, worker_ids: list[str]) -> None:
+    """Tell the other gateways on this database what these servers have loaded. Best effort:
+    they are told again every few seconds (the gateway's housekeeping)."""
+    payloads = [p for p in map(hub.told, worker_ids) if len(p.encode()) <= MAX_BROADCAST_BYTES]
+    try:
+        await run(store.broadcast, "engines", payloads)
+    except HostGPUError:  # the database is away: the next change or refresh tells them
+        log.warning("could not tell the other gateways a server's engines", exc_info=True)
 
 
 def error_from_body(body: dict[str, Any]) -> InferenceError:

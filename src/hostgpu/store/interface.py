@@ -240,9 +240,11 @@ class Store(abc.ABC):
     # -- events ---------------------------------------------------------------------
     def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(topic)`` (from another thread) when another store on the same
-        database reports ``runnable``, ``finished``, ``tokens``, ``drain:<worker>`` or
-        ``resync``; returns a function that stops listening. None by default: one gateway per
-        database (SQLite) hears everything in process."""
+        database reports ``runnable`` (after an enqueue of a few kinds of job,
+        ``runnable:<JSON [[function, requirements, fallback, count], …]>``), ``finished``,
+        ``tokens``, ``drain:<worker>`` or ``resync``; returns a function that stops
+        listening. None by default: one gateway per database (SQLite) hears everything in
+        process."""
         return lambda: None
 
     def broadcast(self, topic: str, payloads: Sequence[str]) -> None:

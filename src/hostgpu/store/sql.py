@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -81,6 +82,7 @@ from hostgpu.stats import ExpiredLease, JobFacts, QueueGroup, ThroughputBucket, 
 from hostgpu.store import figures
 from hostgpu.store.blobs import FileBlobs, TableBlobs
 from hostgpu.store.interface import (
+    MAX_BROADCAST_BYTES,
     BlobInfo,
     HeartbeatResult,
     JobFilter,
@@ -260,6 +262,34 @@ def _option_columns(options: Resolved) -> dict[str, Any]:
         "timeout_s": options.timeout_s,
         "max_retries": options.max_retries,
     }
+
+
+#: At most this many kinds of job are described in a ``runnable`` event (else: no details).
+RUNNABLE_KINDS = 16
+#: What makes a job's kind: who may run it.
+_KIND_COLUMNS = ("function", "gpu_kind", "gpu_name", "min_memory_gb", "labels", "fallback")
+
+
+def _runnable_topic(rows: list[dict[str, Any]]) -> str:
+    """``runnable``, and what runs the new jobs when they are of a few kinds: ``runnable:`` and
+    JSON ``[[function, requirements, fallback, count], …]``. Other gateways then wake one
+    fitting worker per job, as the submitting gateway does, instead of every idle one."""
+    kinds = Counter(tuple(r[c] for c in _KIND_COLUMNS) for r in rows if r["resolved"])
+    if not kinds or len(kinds) > RUNNABLE_KINDS:
+        return "runnable"
+    described = [
+        [
+            kind[0],
+            _requirements(_RowView(dict(zip(_KIND_COLUMNS, kind, strict=True)))).model_dump(
+                mode="json", exclude_none=True
+            ),
+            kind[5],
+            count,
+        ]
+        for kind, count in kinds.items()
+    ]
+    topic = "runnable:" + json.dumps(described, separators=(",", ":"))
+    return topic if len(topic.encode()) <= MAX_BROADCAST_BYTES else "runnable"
 
 
 class SQLStore(Store):
@@ -489,7 +519,7 @@ class SQLStore(Store):
                 ]
                 if needs:
                     conn.execute(insert(job_inputs), needs)
-                self._emit(conn, "runnable")
+                self._emit(conn, _runnable_topic(rows) if self.shared else "runnable")
         return [
             self._to_job(existing[item]) if isinstance(item, str) else self._to_job(_RowView(item))
             for item in order

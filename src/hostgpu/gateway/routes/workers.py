@@ -25,7 +25,7 @@ from hostgpu.capabilities import Capabilities
 from hostgpu.errors import NotFound
 from hostgpu.gateway.deps import Gateway, GatewayDep, ReaderOrWorker, WorkerId, WorkerOrShare, run
 from hostgpu.gateway.routes.jobs import REPOLL_S
-from hostgpu.gateway.streams import StreamHub
+from hostgpu.gateway.streams import StreamHub, tell_engines
 from hostgpu.inference.jobs import INFERENCE_FUNCTION, LENDER_LABEL, MODEL_LABEL_PREFIX
 from hostgpu.jobs import JobError, JobState, Lease, Outcome
 from hostgpu.store import Store
@@ -280,7 +280,10 @@ async def deregister(
     """The worker is stopping cleanly."""
     await run(gw.store.deregister_worker, worker_id)
     request.app.state.worker_caps.pop(worker_id, None)
-    request.app.state.streams.forget(worker_id)
+    hub: StreamHub = request.app.state.streams
+    hub.forget(worker_id)
+    if gw.store.shared:  # the other gateways forget its engines too
+        await tell_engines(gw.store, hub, [worker_id])
     gw.waiting.invalidate()
 
 
@@ -297,9 +300,9 @@ async def streams(
     hub: StreamHub = request.app.state.streams
     if body.engines is not None and worker_id not in request.app.state.notifier.draining:
         caps = await _capabilities(request, gw.store, worker_id)
-        hub.engines[worker_id] = body.engines
-        hub.names[worker_id] = caps.name
-        hub.capacity[worker_id] = caps.concurrency
+        changed = hub.note_engines(worker_id, caps.name, caps.concurrency, body.engines)
+        if changed and gw.store.shared:
+            await tell_engines(gw.store, hub, [worker_id])
     cancelled: set[str] = set()
     forward: list[str] = []
     for event in body.events:
