@@ -260,6 +260,7 @@ def test_another_gateways_enqueue_wakes_the_warm_server_it_describes() -> None:
                 name="warm",
                 capacity=2,
                 engines=[EngineState(model="smollm2", loaded=True, device="cpu")],
+                said_at=100.0,
             ).model_dump_json()
         )
         cold, warm = _waiter("c0"), _waiter("a1")
@@ -280,16 +281,24 @@ def test_another_gateways_enqueue_wakes_the_warm_server_it_describes() -> None:
         # Without details (an older gateway, or many kinds of job): every idle waiter.
         notifier._dispatch("runnable")
         assert cold.event.is_set()
-        # The other gateway said the server left: it no longer counts as warm.
-        hub.heard_engines(
-            ServerEngines(worker="a1", name="", capacity=0, engines=[]).model_dump_json()
-        )
+        # Older word (a stale refresh) does not undo newer; the other gateway said it left.
+        gone = ServerEngines(worker="a1", name="", capacity=0, engines=[], said_at=99.0)
+        hub.heard_engines(gone.model_dump_json())
+        assert "a1" in hub.engines
+        hub.heard_engines(gone.model_copy(update={"said_at": 101.0}).model_dump_json())
         assert "a1" not in hub.engines
-        # A server that posts here is described by this gateway, not by the others.
+        # A server that posts here is described by this gateway; older word from others is not
+        # taken, newer is (the server moved to another gateway).
         hub.note_engines("b2", "mine", 1, [EngineState(model="smollm2", loaded=False)])
-        hub.heard_engines(
-            ServerEngines(worker="b2", name="stale", capacity=9, engines=[]).model_dump_json()
+        stale = ServerEngines(
+            worker="b2", name="moved", capacity=9, engines=[EngineState(model="m", loaded=True)]
         )
-        assert hub.names["b2"] == "mine" and "b2" in hub.local_servers()
+        hub.heard_engines(stale.model_dump_json())
+        assert hub.names["b2"] == "mine" and hub.local_servers() == ["b2"]
+        hub.heard_engines(stale.model_copy(update={"said_at": 4e9}).model_dump_json())
+        assert hub.names["b2"] == "moved" and hub.local_servers() == []
+        # A server that died without deregistering is forgotten once it is no longer alive.
+        hub.prune({"c0"})
+        assert "b2" not in hub.engines
 
     asyncio.run(scenario())

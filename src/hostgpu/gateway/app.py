@@ -115,10 +115,12 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float, expiry_ever
     while True:
         now = time.monotonic()
         try:
-            if store.shared and now >= next_told:
-                # Gateways that started since the last change hear of the model servers here.
+            if hub.engines and now >= next_told:
                 next_told = now + ENGINES_EVERY_S
-                if servers := hub.local_servers():
+                # Servers that died without deregistering no longer count as warm...
+                hub.prune({w.id for w in await run(store.list_workers, alive_only=True)})
+                # ...and gateways that started since the last change hear of the others.
+                if store.shared and (servers := hub.local_servers()):
                     await tell_engines(store, hub, servers)
             if now >= expire_from and now >= next_expiry:
                 next_expiry = now + expiry_every

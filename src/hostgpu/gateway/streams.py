@@ -67,9 +67,6 @@ PIECE_CHARS = 1000
 #: still be resuming after the commit), for at most this many jobs at once.
 EARLY_S = 5.0
 EARLY_MAX_JOBS = 10_000
-#: A server that posted to this gateway within this long is this gateway's to describe: what
-#: other gateways say of it is older news.
-LOCAL_S = 30.0
 
 
 class ServerEngines(BaseModel):
@@ -79,6 +76,9 @@ class ServerEngines(BaseModel):
     name: str = Field(max_length=200)
     capacity: int = Field(ge=0, le=100_000)
     engines: list[EngineState] = Field(max_length=64)
+    #: When the server said it (UNIX time): a server that moved to another gateway is
+    #: described by both for a while, and the newer word wins.
+    said_at: float = 0.0
 
 
 def wire_pieces(event: StreamEvent) -> list[str]:
@@ -138,8 +138,10 @@ class StreamHub:
         self.names: dict[str, str] = {}
         #: Worker id → how many streams it runs at once.
         self.capacity: dict[str, int] = {}
-        #: Servers that post to this gateway: worker id → when they last did.
-        self._local: dict[str, float] = {}
+        #: Worker id → when what this gateway knows of its engines was said (UNIX time).
+        self._said_at: dict[str, float] = {}
+        #: Servers that post to this gateway (and have not since posted to another).
+        self._local: set[str] = set()
         #: Jobs whose events this gateway forwards to another one (their reader is there).
         self.forwarded: set[str] = set()
         #: Forwarded events that came before their reader's relay: job id → (when, events).
@@ -216,8 +218,15 @@ class StreamHub:
 
     def forget(self, worker_id: str) -> None:
         """A server left: its engines no longer count."""
-        for table in (self.engines, self.names, self.capacity, self._local):
+        for table in (self.engines, self.names, self.capacity, self._said_at):
             table.pop(worker_id, None)
+        self._local.discard(worker_id)
+
+    def prune(self, alive: set[str]) -> None:
+        """Forget the servers that are no longer alive (crashed without deregistering): they
+        must not hold requests back waiting for them."""
+        for worker_id in [w for w in self.engines if w not in alive]:
+            self.forget(worker_id)
 
     def note_engines(
         self, worker_id: str, name: str, capacity: int, engines: list[EngineState]
@@ -232,7 +241,8 @@ class StreamHub:
         self.engines[worker_id] = engines
         self.names[worker_id] = name
         self.capacity[worker_id] = capacity
-        self._local[worker_id] = time.monotonic()
+        self._said_at[worker_id] = time.time()
+        self._local.add(worker_id)
         return changed
 
     def told(self, worker_id: str) -> str:
@@ -242,28 +252,28 @@ class StreamHub:
             name=self.names.get(worker_id, ""),
             capacity=self.capacity.get(worker_id, 0),
             engines=self.engines.get(worker_id, []),
+            said_at=self._said_at.get(worker_id, time.time()),
         ).model_dump_json()
 
     def local_servers(self) -> list[str]:
-        """The servers this gateway describes to the others (they posted here lately)."""
-        now = time.monotonic()
-        for worker_id in [w for w, at in self._local.items() if now - at > LOCAL_S]:
-            del self._local[worker_id]
-        return list(self._local)
+        """The servers this gateway describes to the others (they post here)."""
+        return sorted(self._local)
 
     def heard_engines(self, payload: str) -> None:
         """Another gateway described one of its servers (on the event loop)."""
         said = _parse(ServerEngines, payload, "engines broadcast")
         if said is None:
             return
-        if said.worker in self.local_servers():
-            return  # it posts here: this gateway knows better
+        if said.said_at <= self._said_at.get(said.worker, 0.0):
+            return  # older than what this gateway knows (perhaps from the server itself)
         if not said.engines:
             self.forget(said.worker)
             return
         self.engines[said.worker] = said.engines
         self.names[said.worker] = said.name
         self.capacity[said.worker] = said.capacity
+        self._said_at[said.worker] = said.said_at
+        self._local.discard(said.worker)  # it posts to another gateway now
 
     def preference(self, job: Runnable, idle: list[LeaseWaiter]) -> Preference | None:
         """For an inference job: offer it first to servers that have its model loaded, the

@@ -204,7 +204,7 @@ async def drain(
     heartbeats keep its running jobs' leases until it deregisters."""
     await run(gw.store.drain_worker, worker_id)
     gw.notifier.drain(worker_id)
-    request.app.state.streams.forget(worker_id)  # a leaving server takes no new request
+    await _forget_server(request, gw, worker_id)  # a leaving server takes no new request
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
@@ -280,10 +280,7 @@ async def deregister(
     """The worker is stopping cleanly."""
     await run(gw.store.deregister_worker, worker_id)
     request.app.state.worker_caps.pop(worker_id, None)
-    hub: StreamHub = request.app.state.streams
-    hub.forget(worker_id)
-    if gw.store.shared:  # the other gateways forget its engines too
-        await tell_engines(gw.store, hub, [worker_id])
+    await _forget_server(request, gw, worker_id)
     gw.waiting.invalidate()
 
 
@@ -320,6 +317,15 @@ async def streams(
         # Before the reply: the server's next batch is forwarded after this one.
         await run(gw.store.broadcast, "stream", forward)
     return StreamReply(cancelled=sorted(cancelled))
+
+
+async def _forget_server(request: Request, gw: Gateway, worker_id: str) -> None:
+    """A model server is leaving: its engines no longer count, here or on other gateways."""
+    hub: StreamHub = request.app.state.streams
+    if worker_id in hub.engines:
+        hub.forget(worker_id)
+        if gw.store.shared:
+            await tell_engines(gw.store, hub, [worker_id])
 
 
 def _runs_on(store: Store, job_id: str, worker_id: str) -> bool:
