@@ -9,7 +9,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, create_engine, event, func, text
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Engine,
+    Select,
+    String,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
@@ -161,6 +173,12 @@ class PostgresStore(SQLStore):
 
     def _for_update(self, query: Select[Any]) -> Select[Any]:
         return query.with_for_update()
+
+    def _ids_in(self, column: Any) -> Any:
+        # One array parameter, not a placeholder per id: the statement's text is the same for
+        # any number of ids, so psycopg converts it once and the server plans it once (a
+        # .map's long poll asks for 1,000 ids at a time).
+        return column == any_(bindparam("b_ids", type_=ARRAY(String)))
 
     def _take(
         self, conn: Connection, worker_id: str, now: float, expires: float, picks: list[_Pick]

@@ -317,8 +317,11 @@ class SQLStore(Store):
         self._fences = self._for_update(
             select(
                 jobs.c.id, jobs.c.state, jobs.c.lease_token, jobs.c.failures, jobs.c.max_retries
-            ).where(jobs.c.id.in_(bindparam("b_ids", expanding=True)))
+            ).where(self._ids_in(jobs.c.id))
         )
+        #: Jobs by id (``b_ids``), and only the finished ones (a ``.map``'s long poll).
+        self._get_many = select(jobs).where(self._ids_in(jobs.c.id))
+        self._get_finished = self._get_many.where(_in(jobs.c.state, TERMINAL))
         self._migrate()
 
     # -- backend hooks ------------------------------------------------------------------
@@ -332,6 +335,10 @@ class SQLStore(Store):
     def _for_update(self, query: Select[Any]) -> Select[Any]:
         """Lock the selected rows until commit, waiting for other holders."""
         return query
+
+    def _ids_in(self, column: Any) -> Any:
+        """``column`` is one of the list bound as ``b_ids`` (a list of any length)."""
+        return column.in_(bindparam("b_ids", expanding=True))
 
     def _migration_lock(self, conn: Connection) -> None:
         """Serialise concurrent migrations (several gateways starting together)."""
@@ -571,11 +578,9 @@ class SQLStore(Store):
     def get_many(self, job_ids: Sequence[str], *, terminal_only: bool = False) -> list[Job]:
         if not job_ids:
             return []
-        query = select(jobs).where(jobs.c.id.in_(list(job_ids)))
-        if terminal_only:
-            query = query.where(jobs.c.state.in_(TERMINAL))
+        query = self._get_finished if terminal_only else self._get_many
         with self._read() as conn:
-            return [self._to_job(r) for r in conn.execute(query)]
+            return [self._to_job(r) for r in conn.execute(query, {"b_ids": list(job_ids)})]
 
     def list_jobs(
         self, where: JobFilter | None = None, *, limit: int = 100, cursor: str | None = None
