@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from typing import Any
 
 from hostgpu.capabilities import Capabilities, Device
@@ -287,6 +288,17 @@ def test_another_gateways_enqueue_wakes_the_warm_server_it_describes() -> None:
         assert "a1" in hub.engines
         hub.heard_engines(gone.model_copy(update={"said_at": 101.0}).model_dump_json())
         assert "a1" not in hub.engines
+        # A refresh sent before the "left" but heard after it does not bring it back.
+        hub.heard_engines(
+            ServerEngines(
+                worker="a1",
+                name="warm",
+                capacity=2,
+                engines=[EngineState(model="smollm2", loaded=True)],
+                said_at=100.5,
+            ).model_dump_json()
+        )
+        assert "a1" not in hub.engines
         # A server that posts here is described by this gateway; older word from others is not
         # taken, newer is (the server moved to another gateway).
         hub.note_engines("b2", "mine", 1, [EngineState(model="smollm2", loaded=False)])
@@ -297,8 +309,30 @@ def test_another_gateways_enqueue_wakes_the_warm_server_it_describes() -> None:
         assert hub.names["b2"] == "mine" and hub.local_servers() == ["b2"]
         hub.heard_engines(stale.model_copy(update={"said_at": 4e9}).model_dump_json())
         assert hub.names["b2"] == "moved" and hub.local_servers() == []
-        # A server that died without deregistering is forgotten once it is no longer alive.
+        # A server the store says is gone (it died without deregistering) is forgotten.
         hub.prune({"c0"})
+        assert "b2" in hub.engines
+        hub.prune({"b2"})
         assert "b2" not in hub.engines
 
     asyncio.run(scenario())
+
+
+def test_a_described_runnable_event_is_read_strictly() -> None:
+    """What another gateway's enqueue says is validated: anything odd, or a job whose CPU
+    fallback opens at a time only its gateway knows, wakes every idle waiter instead."""
+    from hostgpu.gateway.notify import _described
+
+    req = {"gpu": "cuda", "labels": {}}
+    [job] = _described(f'[["m:f",{json.dumps(req)},null,1]]') or []
+    assert job.function == "m:f" and job.requirements.kind == "cuda" and job.fallback is None
+    assert len(_described(f'[["m:f",{json.dumps(req)},null,5000]]') or []) == 1000
+    for odd in (
+        f'[["m:f",{json.dumps(req)},"cpu",1]]',  # a fallback: its grace is not known here
+        f'[["m:f",{json.dumps(req)},null,1e999]]',
+        f'[[["m"],{json.dumps(req)},null,1]]',
+        "[" * 100_000,
+        '[["m:f",{"gpu":"warp-drive"},null,1]]',
+        "",
+    ):
+        assert _described(odd) is None, odd

@@ -53,7 +53,7 @@ from hostgpu.gateway.routes import (
     tokens,
     workers,
 )
-from hostgpu.gateway.streams import StreamHub, tell_engines
+from hostgpu.gateway.streams import StreamHub, gone_servers, tell_engines
 from hostgpu.gateway.threads import run
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.inference import openai_schema as oa
@@ -118,7 +118,8 @@ async def _housekeeping(app: FastAPI, interval: float, grace: float, expiry_ever
             if hub.engines and now >= next_told:
                 next_told = now + ENGINES_EVERY_S
                 # Servers that died without deregistering no longer count as warm...
-                hub.prune({w.id for w in await run(store.list_workers, alive_only=True)})
+                with contextlib.suppress(HostGPUError):  # (the database is away: next time)
+                    hub.prune(await run(gone_servers, store, list(hub.engines)))
                 # ...and gateways that started since the last change hear of the others.
                 if store.shared and (servers := hub.local_servers()):
                     await tell_engines(store, hub, servers)

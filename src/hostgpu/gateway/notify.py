@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
 
 from hostgpu.capabilities import Capabilities
 from hostgpu.requirements import Requirements
@@ -202,18 +203,34 @@ class Notifier:
 
 def _described(details: str) -> list[Runnable] | None:
     """The jobs a ``runnable:<details>`` event describes (see ``Store.subscribe``), one entry
-    per job; None (wake every idle waiter) when it describes none or cannot be read."""
+    per job; None (wake every idle waiter) when it describes none or cannot be read, or when
+    a job may fall back to the CPU: when its fallback opens is known only where it was
+    submitted, so here every idle waiter looks, as before events described their jobs."""
     if not details:
         return None
     try:
-        return [
-            Runnable(function, Requirements.model_validate(requirements), fallback)
-            for function, requirements, fallback, count in json.loads(details)
-            for _ in range(min(int(count), MAX_DESCRIBED))
-        ]
-    except (ValueError, TypeError):  # malformed, or from a newer gateway: wake everyone
+        kinds = _DESCRIBED.validate_json(details)
+    except ValueError:  # malformed, or from a newer gateway: wake everyone
         return None
+    if any(fallback is not None for _, _, fallback, _ in kinds):
+        return None
+    return [
+        Runnable(function, requirements)
+        for function, requirements, _, count in kinds
+        for _ in range(min(count, MAX_DESCRIBED))
+    ]
 
 
 #: A described batch of more jobs than this wakes at most this many waiters per kind.
 MAX_DESCRIBED = 1000
+#: ``[[function, requirements, fallback, count], …]``, as the store writes it.
+_DESCRIBED = TypeAdapter(
+    list[
+        tuple[
+            Annotated[str, Field(max_length=300)],
+            Requirements,
+            Literal["cpu"] | None,
+            Annotated[int, Field(ge=0)],
+        ]
+    ]
+)

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from hostgpu.errors import HostGPUError
+from hostgpu.errors import HostGPUError, NotFound
 from hostgpu.gateway.notify import LeaseWaiter, Preference, Runnable
 from hostgpu.gateway.threads import run
 from hostgpu.inference.engines.base import Completion, StreamDelta, Usage
@@ -67,6 +67,11 @@ PIECE_CHARS = 1000
 #: still be resuming after the commit), for at most this many jobs at once.
 EARLY_S = 5.0
 EARLY_MAX_JOBS = 10_000
+#: How long a left server's time is kept, against older word of it arriving late.
+TOMBSTONE_S = 60.0
+#: A server unheard of for this long (its last contact with any gateway) is gone: idle
+#: workers touch the store only every few long polls, so this is well above their TTL.
+GONE_AFTER_S = 120.0
 
 
 class ServerEngines(BaseModel):
@@ -216,17 +221,24 @@ class StreamHub:
             self._verified.clear()
         self._verified.setdefault(job_id, {})[worker_id] = ok
 
-    def forget(self, worker_id: str) -> None:
-        """A server left: its engines no longer count."""
-        for table in (self.engines, self.names, self.capacity, self._said_at):
+    def forget(self, worker_id: str, said_at: float | None = None) -> None:
+        """A server left: its engines no longer count. Its time stays (a tombstone), so older
+        word of it from another gateway, still on its way, does not bring it back."""
+        for table in (self.engines, self.names, self.capacity):
             table.pop(worker_id, None)
+        self._said_at[worker_id] = max(self._said_at.get(worker_id, 0.0), said_at or time.time())
         self._local.discard(worker_id)
 
-    def prune(self, alive: set[str]) -> None:
-        """Forget the servers that are no longer alive (crashed without deregistering): they
-        must not hold requests back waiting for them."""
-        for worker_id in [w for w in self.engines if w not in alive]:
+    def prune(self, gone: set[str]) -> None:
+        """Forget the servers the store says are gone (crashed without deregistering): they
+        must not hold requests back waiting for them. Old tombstones go too."""
+        for worker_id in gone & set(self.engines):
             self.forget(worker_id)
+        cutoff = time.time() - TOMBSTONE_S
+        for worker_id in [
+            w for w, at in self._said_at.items() if w not in self.engines and at < cutoff
+        ]:
+            del self._said_at[worker_id]
 
     def note_engines(
         self, worker_id: str, name: str, capacity: int, engines: list[EngineState]
@@ -267,7 +279,7 @@ class StreamHub:
         if said.said_at <= self._said_at.get(said.worker, 0.0):
             return  # older than what this gateway knows (perhaps from the server itself)
         if not said.engines:
-            self.forget(said.worker)
+            self.forget(said.worker, said.said_at)
             return
         self.engines[said.worker] = said.engines
         self.names[said.worker] = said.name
@@ -336,11 +348,32 @@ def _parse(model: type[M], payload: str, what: str) -> M | None:
 async def tell_engines(store: Store, hub: StreamHub, worker_ids: list[str]) -> None:
     """Tell the other gateways on this database what these servers have loaded. Best effort:
     they are told again every few seconds (the gateway's housekeeping)."""
-    payloads = [p for p in map(hub.told, worker_ids) if len(p.encode()) <= MAX_BROADCAST_BYTES]
+    payloads = []
+    for payload in map(hub.told, worker_ids):
+        if len(payload.encode()) > MAX_BROADCAST_BYTES:  # 64 engines of very long names
+            log.warning("a server's engines are too long to tell the other gateways")
+        else:
+            payloads.append(payload)
     try:
         await run(store.broadcast, "engines", payloads)
     except HostGPUError:  # the database is away: the next change or refresh tells them
         log.warning("could not tell the other gateways a server's engines", exc_info=True)
+
+
+def gone_servers(store: Store, worker_ids: list[str]) -> set[str]:
+    """Which of these servers the store says are gone: deregistered, or silent for
+    :data:`GONE_AFTER_S` (in a thread: it reads the store)."""
+    gone = set()
+    now = time.time()
+    for worker_id in worker_ids:
+        try:
+            worker = store.get_worker(worker_id)
+        except NotFound:
+            gone.add(worker_id)
+            continue
+        if worker.state == "stopped" or now - worker.last_seen > GONE_AFTER_S:
+            gone.add(worker_id)
+    return gone
 
 
 def error_from_body(body: dict[str, Any]) -> InferenceError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Annotated
@@ -34,9 +35,13 @@ def announce(notifier: Notifier, settings: Settings, jobs: Sequence[Job]) -> Non
         if j.resolved and j.state is JobState.queued
     }
     # One entry per kind of job, but a wake-up per job: a batch of 500 wakes up to 500
-    # fitting waiters.
+    # fitting waiters. A CPU fallback is not open yet: wake the workers that can run the job
+    # as asked now (a CPU-only worker woken first would find nothing it may lease), and the
+    # others when the fallback opens.
     per_job = [
-        distinct[(j.function, j.requirements.model_dump_json(), j.fallback)]
+        dataclasses.replace(
+            distinct[(j.function, j.requirements.model_dump_json(), j.fallback)], fallback=None
+        )
         for j in jobs
         if j.resolved and j.state is JobState.queued
     ]

@@ -298,8 +298,8 @@ async def streams(
     if body.engines is not None and worker_id not in request.app.state.notifier.draining:
         caps = await _capabilities(request, gw.store, worker_id)
         changed = hub.note_engines(worker_id, caps.name, caps.concurrency, body.engines)
-        if changed and gw.store.shared:
-            await tell_engines(gw.store, hub, [worker_id])
+    else:
+        changed = False
     cancelled: set[str] = set()
     forward: list[str] = []
     for event in body.events:
@@ -316,6 +316,8 @@ async def streams(
     if forward:
         # Before the reply: the server's next batch is forwarded after this one.
         await run(gw.store.broadcast, "stream", forward)
+    if changed and gw.store.shared:  # after the text: it is what a reader waits for
+        await tell_engines(gw.store, hub, [worker_id])
     return StreamReply(cancelled=sorted(cancelled))
 
 
