@@ -249,8 +249,9 @@ class Store(abc.ABC):
 
     def broadcast(self, topic: str, payloads: Sequence[str]) -> None:
         """Tell the other gateways on this database ``topic:payload`` for each payload (each
-        at most :data:`MAX_BROADCAST_BYTES` of UTF-8), in order, in one commit; their
-        :meth:`subscribe` callbacks hear it. Nothing by default: no other gateway can exist."""
+        at most :data:`MAX_BROADCAST_BYTES` of UTF-8), in order; their :meth:`subscribe`
+        callbacks hear it. Not durable, nor all-or-nothing: a gateway that dies meanwhile
+        may have sent only the first ones. Nothing by default: no other gateway can exist."""
         return None
 
     # -- tokens ---------------------------------------------------------------------
