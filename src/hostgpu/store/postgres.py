@@ -55,37 +55,35 @@ PING_IDLE_S = 1.0
 # lock the picked candidates that are still queued, skipping those another lessee holds (no
 # job is leased twice, no gateway waits on another), lease them, open their attempts and mark
 # the worker alive. The picks come as arrays, so the statement is prepared once.
-_TAKE = text(
-    """
+_TAKE = """
     WITH picked AS (
         SELECT * FROM unnest(
-            CAST(:ids AS varchar[]), CAST(:tokens AS varchar[]),
-            CAST(:devices AS varchar[]), CAST(:fallbacks AS boolean[])
+            CAST(%(ids)s AS varchar[]), CAST(%(tokens)s AS varchar[]),
+            CAST(%(devices)s AS varchar[]), CAST(%(fallbacks)s AS boolean[])
         ) AS p (id, token, device, fallback)
     ), claimed AS (
-        SELECT jobs.id FROM jobs JOIN picked ON jobs.id = picked.id
-        WHERE jobs.state = :queued AND jobs.run_after <= :now
-        FOR UPDATE OF jobs SKIP LOCKED
+        SELECT id FROM jobs
+        WHERE id = ANY(CAST(%(ids)s AS varchar[])) AND state = %(queued)s AND run_after <= %(now)s
+        FOR UPDATE SKIP LOCKED
     ), leased AS (
         UPDATE jobs SET
-            state = :leased, lease_token = picked.token, lease_expires_at = :expires,
-            worker_id = :worker, device = picked.device, fallback_used = picked.fallback,
-            attempts = jobs.attempts + 1, updated_at = :now
+            state = %(leased)s, lease_token = picked.token, lease_expires_at = %(expires)s,
+            worker_id = %(worker)s, device = picked.device, fallback_used = picked.fallback,
+            attempts = jobs.attempts + 1, updated_at = %(now)s
         FROM picked
-        WHERE jobs.id = picked.id AND jobs.id IN (SELECT id FROM claimed)
+        WHERE jobs.id = ANY(ARRAY(SELECT id FROM claimed)) AND picked.id = jobs.id
         RETURNING jobs.id, jobs.attempts, picked.token, picked.device
     ), opened AS (
         INSERT INTO attempts (job_id, attempt, worker_id, device, lease_token, started_at)
-        SELECT id, attempts, :worker, device, token, :now FROM leased
+        SELECT id, attempts, %(worker)s, device, token, %(now)s FROM leased
     ), touched AS (
         UPDATE workers SET
-            last_seen = :now,
+            last_seen = %(now)s,
             state = CASE WHEN workers.state = 'draining' THEN 'draining' ELSE 'active' END
-        WHERE id = :worker
+        WHERE id = %(worker)s
     )
     SELECT id, attempts FROM leased
     """
-)
 
 
 def _ping_when_idle(engine: Engine) -> None:
@@ -130,13 +128,19 @@ class PostgresStore(SQLStore):
         # COMMITTED each statement read its own snapshot already: no read relied on more.
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         # Quick writes (leases, heartbeats, broadcasts): autocommit, each statement safe on
-        # its own, and a commit that does not wait for the WAL flush (see ``_quick``).
+        # its own, and a commit that does not wait for the WAL flush (see ``_quick``). Their
+        # plans are made for each execution's values: a generic plan cached while the queue
+        # was nearly empty scanned the whole queue once it was not (a lease behind 30,000
+        # jobs took 18 ms instead of 2.6; benchmarks/load.py).
         self._quick_engine = create_engine(
             normalise_url(url),
             isolation_level="AUTOCOMMIT",
             pool_size=4,
             max_overflow=12,
-            connect_args={"prepare_threshold": 1, "options": "-c synchronous_commit=off"},
+            connect_args={
+                "prepare_threshold": 1,
+                "options": "-c synchronous_commit=off",
+            },
         )
         _ping_when_idle(self._quick_engine)
         return engine
@@ -185,7 +189,9 @@ class PostgresStore(SQLStore):
     ) -> dict[str, int]:
         # The candidates were read outside any lock: another gateway may have leased some
         # since. Those are skipped here, and the rest taken, in one statement.
-        taken = conn.execute(
+        # Planned for these values each time (not prepared): a generic plan cached while the
+        # queue was nearly empty scanned the whole queue once it was not.
+        taken = conn.connection.driver_connection.execute(  # type: ignore[union-attr]
             _TAKE,
             {
                 "ids": [p.row.id for p in picks],
@@ -198,8 +204,9 @@ class PostgresStore(SQLStore):
                 "worker": worker_id,
                 "now": now,
             },
+            prepare=False,
         )
-        return {row.id: row.attempts for row in taken}
+        return {job_id: attempt for job_id, attempt in taken}
 
     def _emit(self, conn: Connection, topic: str) -> None:
         conn.execute(
