@@ -137,6 +137,27 @@ class ReportResponse(BaseModel):
     leases: list[Lease] = Field(default_factory=list, description="jobs leased by `lease`")
 
 
+class ChannelUp(_Request):
+    """A worker's message on its channel (``/v1/workers/{id}/channel``, a WebSocket).
+
+    ``grant`` adds job slots the gateway may fill (leases it pushes use them up: credits, so a
+    lease in flight is never counted twice); ``outcomes``, with a ``seq`` the answer repeats,
+    are recorded like ``POST …/report``."""
+
+    seq: Annotated[int, Field(ge=0), NOT_BOOL] = 0
+    outcomes: list[Outcome] = Field(default_factory=list, max_length=MAX_BATCH)
+    grant: Annotated[int, Field(ge=0, le=1000), NOT_BOOL] = 0
+
+
+class ChannelDown(BaseModel):
+    """The gateway's message on a worker channel: leased jobs, or the results of the report
+    numbered ``seq``."""
+
+    leases: list[Lease] = Field(default_factory=list)
+    seq: int | None = None
+    results: list[ReportResult] = Field(default_factory=list)
+
+
 class WorkerList(BaseModel):
     workers: list[WorkerInfo]
 

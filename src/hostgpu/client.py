@@ -80,6 +80,8 @@ class Client:
                 "--token-file, or start a local gateway with `hostgpu up` (it writes an admin "
                 "token to HOSTGPU_HOME)"
             )
+        #: For the worker's channel, a WebSocket (httpx speaks only HTTP).
+        self.token = token
         self._http = httpx.Client(
             base_url=self.gateway,
             headers={"Authorization": f"Bearer {token}"},

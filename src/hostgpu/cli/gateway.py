@@ -49,6 +49,8 @@ def serve(
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=5,
+        # A worker channel's message is a report: the same limit as a request body.
+        ws_max_size=settings.max_body_bytes,
     )
 
 

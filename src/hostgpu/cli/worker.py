@@ -52,6 +52,13 @@ def run(
             "--allow-container", help="Run even inside a container on a Mac's VM (no Metal)"
         ),
     ] = False,
+    channel: Annotated[
+        bool,
+        typer.Option(
+            help="Take jobs over a WebSocket to the gateway (--no-channel: HTTP long polls, "
+            "for a proxy that does not pass WebSockets; used anyway when the gateway has none)"
+        ),
+    ] = True,
 ) -> None:
     """Probe the accelerators, register with the gateway and run matching jobs.
 
@@ -76,6 +83,7 @@ def run(
             grace=grace,
             skip_broken_imports=skip_broken_imports,
             report=report,
+            channel=channel,
         )
     )
     agent.install_signal_handlers()

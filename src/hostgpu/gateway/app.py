@@ -45,6 +45,7 @@ from hostgpu.gateway.resolver import Resolver
 from hostgpu.gateway.routes import (
     admin,
     blobs,
+    channel,
     events,
     hooks,
     inference,
@@ -224,6 +225,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.resolver = Resolver(store)
     app.state.tokens = TokenCache()
     app.state.touched = {}  # worker id → when this gateway last marked it alive
+    app.state.drained = {}  # worker id → the notifier generation its last short lease read saw
     app.state.streams = StreamHub()
     app.state.notifier.preference = app.state.streams.preference
     app.state.quotas = TokenQuotas(settings.infer_rate_per_minute, settings.infer_concurrency)
@@ -234,6 +236,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     for router in (
         jobs.router,
         workers.router,
+        channel.router,
         tokens.router,
         admin.router,
         hooks.router,

@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from hostgpu.gateway.threads import run
 from hostgpu.store import Store
@@ -56,7 +57,7 @@ class TokenCache:
         self._entries.clear()
 
 
-async def verify(request: Request, secret: str) -> TokenInfo | None:
+async def verify(request: HTTPConnection, secret: str) -> TokenInfo | None:
     cache: TokenCache = request.app.state.tokens
     digest = hash_token(secret)
     info = cache.get(digest)

@@ -93,6 +93,9 @@ class Notifier:
         #: inference routes use it to send a request to the server that has the model warm.
         self.preference: Callable[[Runnable, list[LeaseWaiter]], Preference | None] | None = None
         self.hold_s = 0.25
+        #: Counts :meth:`runnable` calls: a lease poll that read the store when it was N, and
+        #: found less than it could take, need not read again while it is still N.
+        self.generation = 0
 
     # -- topics ------------------------------------------------------------------------------
     def event(self, topic: str) -> asyncio.Event:
@@ -130,6 +133,7 @@ class Notifier:
         """Jobs became runnable: wake one fitting waiter per job (every waiter when ``jobs``
         is None: a change known only by its kind, from another gateway or a timer). Returns
         how many waiters were woken."""
+        self.generation += 1
         self.notify("enqueued")
         idle = [w for w in self._lease_waiters if not w.event.is_set()]
         if jobs is None:
@@ -156,6 +160,11 @@ class Notifier:
     def drain(self, worker_id: str) -> None:
         """The worker is stopping: end its long polls now and lease it nothing more."""
         self.draining.add(worker_id)
+        self.wake(worker_id)
+
+    def wake(self, worker_id: str) -> None:
+        """End the worker's long polls' waits now (they read the store again, or see that
+        their caller left)."""
         for waiter in self._lease_waiters:
             if waiter.worker_id == worker_id:
                 waiter.event.set()

@@ -7,11 +7,18 @@ its devices, modules and published functions, so the gateway can hold every job 
 function's declared options. The parent never imports job code nor torch: the probe runs in
 a short-lived subprocess, cached under ``HOSTGPU_HOME``.
 
+Jobs come over the worker's channel, a WebSocket to the gateway (:mod:`hostgpu.worker.channel`):
+the worker grants job slots as they free, the gateway pushes leases into them, and reports
+leave on the same connection. Over plain HTTP (a gateway or proxy without WebSockets, or
+``channel=False``) the worker long-polls for leases instead. Either way a lost connection
+loses nothing: reports in flight are sent again, leases never delivered are handed back.
+
 Threads:
 - the caller's thread runs :meth:`WorkerAgent.run`: it leases (long-polling) whenever the
-  child pool has room, and handles stopping;
-- a reporter sends outcomes in batches as soon as they exist (one request carries every
-  result that finished while the previous request was in flight);
+  child pool has room, and handles stopping; with a channel, a receiver thread takes its
+  leases and report answers, and grants slots;
+- a reporter sends outcomes in batches as soon as they exist (one message carries every
+  result that finished while the previous one was in flight);
 - a heartbeat thread extends leases, marks long jobs as running, and kills jobs the gateway
   says are lost (cancelled, or leased again elsewhere).
 Each thread has its own HTTP client, so a long poll never delays a heartbeat.
@@ -38,12 +45,14 @@ from typing import Any, TypeVar
 from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
 
 import hostgpu
+from hostgpu.api import ChannelUp
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.client import Client
 from hostgpu.devices.probe import Report
-from hostgpu.errors import ConfigError, GatewayUnavailable, NotFound
+from hostgpu.errors import AuthError, ConfigError, GatewayError, GatewayUnavailable, NotFound
 from hostgpu.functions import FunctionOptions
-from hostgpu.jobs import JobError, Lease, Outcome
+from hostgpu.jobs import JobError, Lease, Outcome, ReportResult
+from hostgpu.worker.channel import Channel, ChannelUnsupported
 from hostgpu.worker.runner import ChildPool
 from hostgpu.worker.serving import EnginePool, Streamer
 
@@ -116,6 +125,8 @@ class WorkerConfig:
     generation_timeout: float = 600.0
     #: Asked before each lease: False pauses leasing (``hostgpu share --only-when-idle``).
     may_lease: Callable[[], bool] | None = None
+    #: Take jobs over a WebSocket channel when the gateway offers one (else HTTP long polls).
+    channel: bool = True
 
 
 class WorkerAgent:
@@ -188,9 +199,19 @@ class WorkerAgent:
         self._mean_run_s: float | None = None
         #: Slots promised to a lease request in flight (the lease loop's or the reporter's).
         self._reserved = 0
-        #: Whether the lease loop's long poll is in flight (it keeps an idle worker alive).
+        #: Whether the lease loop's long poll is in flight (it keeps an idle worker alive, as
+        #: does an open channel with slots granted: the gateway waits for jobs for it).
         self._polling = False
         self._last_contact = 0.0
+        #: The open channel (None: HTTP), the slots granted on it that no lease has used yet
+        #: (part of ``_reserved``), and its reports not answered yet, by number.
+        self._channel: Channel | None = None
+        self._granted = 0
+        self._unacked: dict[int, list[Outcome]] = {}
+        self._seq = 0
+        self._closing = threading.Event()
+        #: An error that ended the channel's receiver and must stop the worker (a revoked token).
+        self._fatal: BaseException | None = None
 
     def _engine_pool(self) -> EnginePool:
         from hostgpu.inference.jobs import MAX_MODELS_PER_SERVER
@@ -349,11 +370,14 @@ class WorkerAgent:
             client.close()
 
     def _send(self, client: Client, batch: list[Outcome]) -> None:
+        if self._channel is not None and self._send_on_channel(self._channel, batch):
+            return
         # While the lease loop's long poll is out, the gateway hands it the next job the
         # moment one is runnable, so leasing here too would only cost an empty store read per
         # report (a third of the store reads behind one `.remote()`). The loop polls waiting
         # for capacity during a backlog (`.map`), and then the reports do the leasing.
-        room = 0 if self._stop.is_set() or self._polling else self._reserve()
+        busy = self._polling or self._channel is not None  # jobs come there
+        room = 0 if self._stop.is_set() or busy else self._reserve()
         try:
             try:
                 reply = self._retrying(
@@ -378,6 +402,152 @@ class WorkerAgent:
             if not result.accepted and result.reason:
                 log.info("job %s: outcome refused (%s)", result.job_id, result.reason)
         self.completed += sum(1 for o in batch if o.status in ("succeeded", "failed"))
+
+    def _send_on_channel(self, channel: Channel, batch: list[Outcome]) -> bool:
+        """Report on the channel, granting the slots free now; False: send it over HTTP."""
+        room = self._grant_room()
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            self._unacked[seq] = batch
+        try:
+            channel.send(ChannelUp(seq=seq, outcomes=batch, grant=room))
+        except (GatewayError, NotFound) as exc:
+            log.info("channel send failed (%s); reporting over HTTP", exc)
+            with self._lock:
+                self._unacked.pop(seq, None)
+            self._ungrant(room)
+            return False
+        return True
+
+    def _grant_room(self) -> int:
+        """Reserve the free slots, to grant them on the channel."""
+        if self._stop.is_set():
+            return 0
+        with self._room:
+            room = max(0, self._capacity())
+            self._reserved += room
+            self._granted += room
+            return room
+
+    def _ungrant(self, room: int) -> None:
+        with self._room:
+            room = min(room, self._granted)
+            self._granted -= room
+            self._reserved -= room
+            self._room.notify_all()
+
+    # -- the channel -----------------------------------------------------------------------------
+    def _open_channel(self, client: Client) -> Channel | None:
+        """Open the channel, retrying while the gateway is away (None: it has none)."""
+        while True:
+            try:
+                return self._retrying(
+                    lambda: Channel.open(client.gateway, client.token, self._require_id())
+                )
+            except ChannelUnsupported as exc:
+                log.info("no worker channel (%s); leasing over HTTP long polls", exc)
+                return None
+            except NotFound:
+                self.register(client)
+
+    def _channel_loop(self, client: Client, channel: Channel) -> None:
+        """Receive leases and report answers; grant slots as they free (a report grants
+        them too); on a lost connection, open a new one (reports go over HTTP meanwhile)."""
+        current: Channel | None = channel
+        try:
+            while current is not None:
+                try:
+                    room = self._grant_room()
+                    if room:
+                        current.send(ChannelUp(grant=room))
+                    message = current.receive(timeout=1.0)
+                except (GatewayError, NotFound) as exc:
+                    if isinstance(exc, AuthError):
+                        raise
+                    current = self._channel_lost(client, exc)
+                    continue
+                if message is None:
+                    continue
+                self._last_contact = time.monotonic()
+                if message.leases:
+                    self._start(message.leases)
+                    self._ungrant(len(message.leases))
+                if message.seq is not None:
+                    self._answered(message.seq, message.results)
+        except AuthError as exc:
+            log.error("the gateway refused this worker's token on its channel: %s", exc)
+            self._fatal = exc
+            self.request_stop()
+        finally:
+            client.close()
+
+    def _answered(self, seq: int, results: Sequence[ReportResult]) -> None:
+        with self._lock:
+            batch = self._unacked.pop(seq, [])
+        for result in results:
+            if not result.accepted and result.reason:
+                log.info("job %s: outcome refused (%s)", result.job_id, result.reason)
+        self.completed += sum(1 for o in batch if o.status in ("succeeded", "failed"))
+
+    def _channel_lost(self, client: Client, exc: BaseException) -> Channel | None:
+        """The connection is gone: its grants with it; its unanswered reports go again.
+        Returns the new channel (None: closing, or the gateway has channels no more)."""
+        with self._room:
+            self._channel = None
+            self._reserved -= self._granted
+            self._granted = 0
+            self._room.notify_all()
+        with self._lock:
+            unanswered = [o for batch in self._unacked.values() for o in batch]
+            self._unacked.clear()
+        if self._closing.is_set() or self._stop.is_set():
+            # Stopping: the reporter may be gone already, and no channel is opened again.
+            if unanswered:
+                self._send_http(client, unanswered)
+            return None
+        for outcome in unanswered:
+            self._outbox.put(outcome)
+        if isinstance(exc, ChannelUnsupported):
+            log.warning("worker channel failed (%s); leasing over HTTP long polls", exc)
+            self._lease_loop(client)
+            return None
+        log.warning("worker channel lost (%s); opening it again", exc)
+        if isinstance(exc, NotFound):
+            self.register(client)
+        try:
+            channel = self._open_channel(client)
+        except GatewayUnavailable:  # stopping
+            return None
+        if channel is None:
+            if not self._stop.is_set():
+                self._lease_loop(client)  # the gateway has no channel any more: HTTP
+            return None
+        with self._room:
+            self._channel = channel
+        return channel
+
+    def _close_channel(self, client: Client, receiver: threading.Thread) -> None:
+        """Stopping: wait for the last reports' answers, then close."""
+        deadline = time.monotonic() + 10.0
+        while self._unacked and receiver.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._closing.set()
+        channel = self._channel
+        if channel is not None:
+            channel.close()
+        receiver.join(timeout=15)
+        with self._lock:
+            unanswered = [o for batch in self._unacked.values() for o in batch]
+            self._unacked.clear()
+        if unanswered:
+            self._send_http(client, unanswered)
+
+    def _send_http(self, client: Client, outcomes: list[Outcome]) -> None:
+        try:
+            self._retrying(lambda: client.report(self._require_id(), outcomes), while_stopping=True)
+        except Exception as exc:
+            log.error("dropping %d outcome(s): %s", len(outcomes), exc)
 
     def _require_id(self) -> str:
         assert self.worker_id is not None
@@ -423,10 +593,13 @@ class WorkerAgent:
         with self._lock:
             held = [(lease.job_id, lease.lease_token) for lease, _ in self._leases.values()]
         if not held and (
-            self._polling or time.monotonic() - self._last_contact < self.heartbeat_seconds
+            self._polling
+            or (self._channel is not None and self._granted > 0)
+            or time.monotonic() - self._last_contact < self.heartbeat_seconds
         ):
-            # Idle: the long poll in flight keeps this worker alive at the gateway, so a
-            # heartbeat would only be another write.
+            # Idle: the long poll in flight (or, on the channel, the gateway waiting for jobs
+            # for the slots granted) keeps this worker alive there: a heartbeat would only be
+            # another write.
             return
         try:
             lost = client.heartbeat(self._require_id(), held)
@@ -626,16 +799,38 @@ class WorkerAgent:
         )
         reporter.start()
         beater.start()
+        receiver: threading.Thread | None = None
+        try:
+            channel = self._open_channel(client) if self.config.channel else None
+        except GatewayUnavailable:  # stopped before it opened
+            channel = None
         if on_ready:
             on_ready(self)
         try:
-            self._lease_loop(client)
+            if channel is None:
+                self._lease_loop(client)
+            else:
+                self._channel = channel
+                receiver = threading.Thread(
+                    target=self._channel_loop,
+                    args=(self._client(), channel),
+                    name="hostgpu-channel",
+                    daemon=True,
+                )
+                receiver.start()
+                self._stop.wait()
         finally:
-            self._shutdown(client, reporter, beater)
+            self._shutdown(client, reporter, beater, receiver)
+        if self._fatal is not None:
+            raise self._fatal
         return 0
 
     def _shutdown(
-        self, client: Client, reporter: threading.Thread, beater: threading.Thread
+        self,
+        client: Client,
+        reporter: threading.Thread,
+        beater: threading.Thread,
+        receiver: threading.Thread | None = None,
     ) -> None:
         self._stop.set()
         deadline = time.monotonic() + self.config.grace
@@ -651,6 +846,8 @@ class WorkerAgent:
         self._finished.set()
         self._outbox.put(None)
         reporter.join(timeout=30)
+        if receiver is not None:
+            self._close_channel(client, receiver)
         beater.join(timeout=5)
         self._deregister(client)
         client.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from starlette.requests import HTTPConnection
 
 from hostgpu.api import (
     HeartbeatRequest,
@@ -27,7 +29,7 @@ from hostgpu.gateway.deps import Gateway, GatewayDep, ReaderOrWorker, WorkerId, 
 from hostgpu.gateway.routes.jobs import REPOLL_S
 from hostgpu.gateway.streams import StreamHub, tell_engines
 from hostgpu.inference.jobs import INFERENCE_FUNCTION, LENDER_LABEL, MODEL_LABEL_PREFIX
-from hostgpu.jobs import JobError, JobState, Lease, Outcome
+from hostgpu.jobs import JobError, JobState, Lease, Outcome, ReportResult
 from hostgpu.store import Store
 from hostgpu.tokens import TokenInfo
 
@@ -46,12 +48,14 @@ def _lent(caps: Capabilities, token: TokenInfo) -> Capabilities:
     )
 
 
-async def _check_access(request: Request, store: Store, token: TokenInfo, worker_id: str) -> None:
+async def check_access(
+    request: HTTPConnection, store: Store, token: TokenInfo, worker_id: str
+) -> None:
     """A ``share`` token acts only for the machine it registered (never for a function
     worker, whose jobs it would otherwise lease and read)."""
     if token.scope != "share":
         return
-    caps = await _capabilities(request, store, worker_id)
+    caps = await worker_capabilities(request, store, worker_id)
     if caps.serves != "models" or caps.labels.get(LENDER_LABEL) != token.id:
         raise HTTPException(403, "a share token acts only for the machine it registered")
 
@@ -59,14 +63,16 @@ async def _check_access(request: Request, store: Store, token: TokenInfo, worker
 async def worker_access(
     request: Request, worker_id: WorkerId, gw: GatewayDep, token: WorkerOrShare
 ) -> TokenInfo:
-    await _check_access(request, gw.store, token, worker_id)
+    await check_access(request, gw.store, token, worker_id)
     return token
 
 
 WorkerAccess = Annotated[TokenInfo, Depends(worker_access)]
 
 
-async def _capabilities(request: Request, store: Store, worker_id: str) -> Capabilities:
+async def worker_capabilities(
+    request: HTTPConnection, store: Store, worker_id: str
+) -> Capabilities:
     """The worker's capabilities, from this gateway's cache (the store only on a miss)."""
     cache: dict[str, Capabilities] = request.app.state.worker_caps
     caps = cache.get(worker_id)
@@ -94,7 +100,7 @@ async def register(
         caps = _lent(caps, token)
     if worker_id is not None and token.scope == "share":
         try:
-            await _check_access(request, gw.store, token, worker_id)
+            await check_access(request, gw.store, token, worker_id)
         except NotFound:
             worker_id = None
     if worker_id is not None and not (len(worker_id) == 32 and worker_id.isalnum()):
@@ -122,22 +128,34 @@ async def list_workers(gw: GatewayDep, _: ReaderOrWorker, alive: bool = False) -
 
 
 async def lease_jobs(
-    gw: Gateway, request: Request, worker_id: str, max_jobs: int, wait: float
+    gw: Gateway,
+    request: HTTPConnection,
+    worker_id: str,
+    max_jobs: int,
+    wait: float,
+    gone: Callable[[], Awaitable[bool]] | None = None,
 ) -> list[Lease]:
     """Lease up to ``max_jobs`` jobs; long-poll up to ``wait`` seconds when there are none.
 
     The waiter registers before the store is read, so a job enqueued in between wakes it.
     Only new jobs this worker could run wake it (see :class:`Notifier`), and an empty read
     takes no write lock: an idle fleet costs the store a read per worker per long poll.
+    A poll that follows one which found fewer jobs than it could take skips even that read
+    when nothing became runnable since (the notifier's generation has not moved): a worker
+    polls again right after each lease, and that read was a store call per job. The re-read
+    after ``REPOLL_S`` (the safety net) always reads.
+    ``gone``: whether the caller left (asked after each wait).
     """
-    caps = await _capabilities(request, gw.store, worker_id)
+    caps = await worker_capabilities(request, gw.store, worker_id)
     if worker_id in gw.notifier.draining:
         return []
     # The long poll is this worker's sign of life while it holds no leases (no heartbeat
     # writes from idle workers): the write happens only when the last contact is stale, and
     # this gateway asks the store only once per heartbeat period.
     # The touch rides on the first lease transaction (one write instead of a write and a read).
-    touched: dict[str, float] = request.app.state.touched
+    state = request.app.state
+    touched: dict[str, float] = state.touched
+    drained: dict[str, int] = state.drained
     period = gw.settings.lease_seconds / 3
     touch: float | None = None
     if time.monotonic() - touched.get(worker_id, -1e9) >= period:
@@ -148,15 +166,23 @@ async def lease_jobs(
     try:
         while True:
             waiter.event.clear()
-            leases = await run(
-                gw.store.lease,
-                worker_id,
-                caps,
-                max_jobs=max_jobs,
-                lease_seconds=gw.settings.lease_seconds,
-                probe=not woken,
-                touch_older_than=touch,
-            )
+            generation = gw.notifier.generation
+            if touch is None and not waited and drained.get(worker_id) == generation:
+                leases: list[Lease] = []  # read already, and nothing is new since
+            else:
+                leases = await run(
+                    gw.store.lease,
+                    worker_id,
+                    caps,
+                    max_jobs=max_jobs,
+                    lease_seconds=gw.settings.lease_seconds,
+                    probe=not woken,
+                    touch_older_than=touch,
+                )
+                if len(leases) < max_jobs:
+                    drained[worker_id] = generation
+                else:
+                    drained.pop(worker_id, None)
             if touch is not None:
                 touched[worker_id] = time.monotonic()
                 touch = None
@@ -166,12 +192,13 @@ async def lease_jobs(
                 return leases
             if remaining <= 0 or worker_id in gw.notifier.draining:
                 return leases
-            # A poll that just arrived is not gone yet (the check costs a receive under a
-            # cancel scope, a few per cent of the gateway per job): ask after each wait.
-            if waited and await request.is_disconnected():
-                return leases
             woken = await waiter.wait(min(remaining, REPOLL_S))
             waited = True
+            # A poll that just arrived is not gone yet (the check costs a receive under a
+            # cancel scope, a few per cent of the gateway per job): ask after each wait,
+            # before a store call whose leases nobody would receive.
+            if gone is not None and await gone():
+                return []
             if worker_id in gw.notifier.draining:
                 return []
             if not woken and time.monotonic() >= deadline:
@@ -189,7 +216,9 @@ async def lease(
     _: WorkerAccess,
 ) -> LeaseResponse:
     """Lease up to ``max_jobs`` jobs this worker can run; long-polls up to ``wait`` seconds."""
-    leases = await lease_jobs(gw, request, worker_id, body.max_jobs, body.wait)
+    leases = await lease_jobs(
+        gw, request, worker_id, body.max_jobs, body.wait, request.is_disconnected
+    )
     return LeaseResponse(leases=leases)
 
 
@@ -247,6 +276,22 @@ def _limit_results(outcomes: list[Outcome], limit: int) -> list[Outcome]:
     return checked
 
 
+async def record_outcomes(gw: Gateway, outcomes: list[Outcome]) -> list[ReportResult]:
+    """Record a worker's outcomes and wake who waits on them (the report route's and the
+    channel's one way)."""
+    outcomes = _limit_results(outcomes, gw.settings.max_result_bytes)
+    results = await run(gw.store.report, outcomes) if outcomes else []
+    if any(o.status != "started" for o in outcomes):
+        gw.notifier.notify("finished")
+    if any(o.status == "released" for o in outcomes):
+        gw.notifier.runnable(None)
+    for result in results:
+        if result.retry_in_s is not None:  # wake its workers when its backoff ends
+            gw.notifier.later(result.retry_in_s, None)
+    gw.metrics.note_reported(outcomes, results)
+    return results
+
+
 @router.post("/{worker_id}/report", response_model=ReportResponse)
 async def report(
     worker_id: WorkerId,
@@ -257,19 +302,12 @@ async def report(
 ) -> ReportResponse:
     """Record outcomes (a stale or unknown lease token is refused: ``accepted: false``) and,
     with ``lease``, lease the worker's next jobs in the same round trip."""
-    outcomes = _limit_results(body.outcomes, gw.settings.max_result_bytes)
-    results = await run(gw.store.report, outcomes) if outcomes else []
-    if any(o.status != "started" for o in outcomes):
-        gw.notifier.notify("finished")
-    if any(o.status == "released" for o in outcomes):
-        gw.notifier.runnable(None)
-    for result in results:
-        if result.retry_in_s is not None:  # wake its workers when its backoff ends
-            gw.notifier.later(result.retry_in_s, None)
+    results = await record_outcomes(gw, body.outcomes)
     leases: list[Lease] = []
     if body.lease is not None:
-        leases = await lease_jobs(gw, request, worker_id, body.lease.max_jobs, body.lease.wait)
-    gw.metrics.note_reported(outcomes, results)
+        leases = await lease_jobs(
+            gw, request, worker_id, body.lease.max_jobs, body.lease.wait, request.is_disconnected
+        )
     return ReportResponse(results=results, leases=leases)
 
 
@@ -296,7 +334,7 @@ async def streams(
     their readers on this gateway. ``cancelled``: jobs nobody reads any more, to stop."""
     hub: StreamHub = request.app.state.streams
     if body.engines is not None and worker_id not in request.app.state.notifier.draining:
-        caps = await _capabilities(request, gw.store, worker_id)
+        caps = await worker_capabilities(request, gw.store, worker_id)
         changed = hub.note_engines(worker_id, caps.name, caps.concurrency, body.engines)
     else:
         changed = False

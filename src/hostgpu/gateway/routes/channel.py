@@ -1,0 +1,218 @@
+"""A worker's channel: jobs pushed and outcomes reported over one WebSocket (scope: worker).
+
+Over HTTP, each job costs a worker two requests besides the caller's: a long poll started
+again right after each lease, and the report. Each is a full trip through the gateway's
+middleware, routing and dependencies (most of a no-op job's gateway CPU). On the channel
+both are messages on a connection that stays open: the gateway pushes leases as jobs become
+runnable, and the worker's reports are answered on it.
+
+Flow control is by credits: the worker *grants* job slots (``ChannelUp.grant``), each
+pushed lease uses one up, so a lease in flight is never counted twice, whatever the timing
+of grants, reports and pushes. A lease that cannot be delivered (the connection closed) is
+handed back at once, not left to expire.
+
+The HTTP routes (``/lease``, ``/report``) stay: a worker falls back to them when a proxy
+between it and the gateway does not pass WebSockets, and lent machines may use either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import cast
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from starlette.websockets import WebSocketState
+
+from hostgpu.api import ChannelDown, ChannelUp
+from hostgpu.errors import NotFound, StoreUnavailable
+from hostgpu.gateway.auth import verify
+from hostgpu.gateway.deps import Gateway
+from hostgpu.gateway.routes.workers import (
+    check_access,
+    lease_jobs,
+    record_outcomes,
+    worker_capabilities,
+)
+from hostgpu.jobs import Lease, Outcome
+from hostgpu.tokens import TokenInfo, admits
+
+log = logging.getLogger("hostgpu.gateway")
+
+router = APIRouter(prefix="/v1/workers", tags=["workers"])
+
+#: Close codes the worker maps back to errors (4000–4999 are the application's own).
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_UNKNOWN_WORKER = 4404
+#: RFC 6455: the message was not what the protocol allows; and "try again later".
+CLOSE_INVALID = 1007
+CLOSE_TRY_LATER = 1013
+#: Leases pushed in one message at most (as ``POST …/lease`` takes at most 1000 jobs).
+MAX_PUSH = 1000
+
+
+@router.websocket("/{worker_id}/channel")
+async def channel(websocket: WebSocket, worker_id: str) -> None:
+    """Leases pushed to the worker as ``ChannelDown`` messages, within the slots it grants;
+    ``ChannelUp`` reports answered with their ``seq``. Send ``Authorization: Bearer`` with
+    the handshake; a refusal closes the connection with a 44xx code and a reason."""
+    gw = cast(Gateway, websocket.app.state)
+    await websocket.accept()
+    refusal = await _refusal(websocket, gw, worker_id)
+    if refusal is not None:
+        await websocket.close(*refusal)
+        return
+    await _Channel(gw, websocket, worker_id).serve()
+
+
+async def _refusal(websocket: WebSocket, gw: Gateway, worker_id: str) -> tuple[int, str] | None:
+    """Why this connection may not be a channel for ``worker_id`` (None: it may)."""
+    scheme, _, secret = websocket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secret:
+        return CLOSE_UNAUTHORIZED, "missing bearer token: send 'Authorization: Bearer <token>'"
+    token: TokenInfo | None = await verify(websocket, secret.strip())
+    if token is None:
+        return CLOSE_UNAUTHORIZED, "invalid, expired or revoked token"
+    if not admits(token.scope, ("worker", "share")):
+        return CLOSE_FORBIDDEN, f"a {token.scope!r} token cannot do this; it needs scope worker"
+    if not (len(worker_id) == 32 and all(c in "0123456789abcdef" for c in worker_id)):
+        return CLOSE_UNKNOWN_WORKER, "not a worker id"
+    try:
+        await worker_capabilities(websocket, gw.store, worker_id)
+        await check_access(websocket, gw.store, token, worker_id)
+    except NotFound:
+        return CLOSE_UNKNOWN_WORKER, "unknown worker: register again"
+    except StoreUnavailable as exc:
+        return CLOSE_TRY_LATER, _reason(str(exc))
+    except Exception as exc:  # HTTPException(403) from the share check
+        return CLOSE_FORBIDDEN, _reason(getattr(exc, "detail", str(exc)))
+    return None
+
+
+def _reason(text: str) -> str:
+    """A close reason fits in 123 bytes (RFC 6455)."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+class _Channel:
+    def __init__(self, gw: Gateway, websocket: WebSocket, worker_id: str) -> None:
+        self.gw = gw
+        self.ws = websocket
+        self.worker_id = worker_id
+        #: Slots the worker granted that no pushed lease has used yet.
+        self.credit = 0
+        self.granted = asyncio.Event()
+        self.closed = False
+        # Pushes and report answers come from two tasks; a message is sent whole.
+        self._send_lock = asyncio.Lock()
+
+    async def serve(self) -> None:
+        pusher = asyncio.create_task(self._push())
+        try:
+            await self._receive()
+        finally:
+            self.closed = True
+            self.granted.set()
+            self.gw.notifier.wake(self.worker_id)
+            # Not cancelled: the pusher may be inside a store call that leases jobs, and
+            # must hand them back. It ends within a store call.
+            with contextlib.suppress(Exception):
+                await pusher
+
+    async def _send(self, message: ChannelDown) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(message.model_dump_json())
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.ws.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, _reason(reason))
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                message = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await self._close(CLOSE_INVALID, "send ChannelUp messages as JSON text frames")
+                return
+            try:
+                up = ChannelUp.model_validate_json(text)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(p) for p in error["loc"]) or "message"
+                await self._close(CLOSE_INVALID, f"invalid ChannelUp: {where}: {error['msg']}")
+                return
+            if up.outcomes:
+                try:
+                    results = await record_outcomes(self.gw, up.outcomes)
+                except StoreUnavailable as exc:  # the worker sends the report again
+                    await self._close(CLOSE_TRY_LATER, str(exc))
+                    return
+                try:
+                    await self._send(ChannelDown(seq=up.seq, results=results))
+                except Exception:
+                    return
+            if up.grant:
+                self.credit += up.grant
+                self.granted.set()
+
+    async def _push(self) -> None:
+        period = self.gw.settings.lease_seconds / 3
+        while not self.closed:
+            if self.credit <= 0:
+                self.granted.clear()
+                await self.granted.wait()
+                continue
+            if self.worker_id in self.gw.notifier.draining:
+                await asyncio.sleep(1.0)  # stopping: it is leased nothing more
+                continue
+            try:
+                # As long as an HTTP worker's poll: the first lease call of each touches the
+                # worker's last contact when it is stale, so an idle channel keeps it alive.
+                leases = await lease_jobs(
+                    self.gw,
+                    self.ws,
+                    self.worker_id,
+                    min(self.credit, MAX_PUSH),
+                    2.5 * period,
+                    self._gone,
+                )
+            except StoreUnavailable as exc:
+                await self._close(CLOSE_TRY_LATER, str(exc))
+                return
+            except NotFound:  # the worker was removed meanwhile
+                await self._close(CLOSE_UNKNOWN_WORKER, "unknown worker: register again")
+                return
+            if not leases:
+                continue
+            self.credit -= len(leases)
+            try:
+                if self.closed:
+                    raise ConnectionError("the channel closed")
+                await self._send(ChannelDown(leases=leases))
+            except Exception:
+                await self._hand_back(leases)
+                return
+
+    async def _gone(self) -> bool:
+        return self.closed
+
+    async def _hand_back(self, leases: list[Lease]) -> None:
+        """Leases taken for a worker that can no longer hear of them: runnable again now."""
+        outcomes = [
+            Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="released")
+            for lease in leases
+        ]
+        try:
+            await record_outcomes(self.gw, outcomes)
+        except Exception as exc:  # they expire with their lease instead
+            log.warning("could not hand back %d undelivered lease(s): %s", len(leases), exc)

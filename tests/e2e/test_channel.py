@@ -1,0 +1,193 @@
+"""The worker channel (a WebSocket): leases pushed within granted slots, reports answered on
+it, refusals with a reason, nothing lost when it closes, and HTTP long polls still there."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+import hostgpu
+from tests import e2efuncs as f
+from tests.conftest import Gateway, Worker
+
+FUNCTION = "foreign:double"
+
+
+@pytest.fixture
+def api(gateway: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.token}"}, timeout=30
+    ) as client:
+        yield client
+
+
+def register(api: httpx.Client) -> str:
+    """A worker written in another language: it registers, then speaks the channel."""
+    reply = api.post(
+        "/v1/workers",
+        json={
+            "name": "raw",
+            "devices": [{"kind": "cpu", "name": "cpu"}],
+            "modules": ["foreign"],
+            "functions": {FUNCTION: {"gpu": "cpu", "timeout": 30, "retries": 0}},
+        },
+    )
+    assert reply.status_code == 201, reply.text
+    return str(reply.json()["worker_id"])
+
+
+def open_channel(gateway: Gateway, worker_id: str, token: str | None) -> ClientConnection:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = gateway.url.replace("http://", "ws://") + f"/v1/workers/{worker_id}/channel"
+    return connect(url, additional_headers=headers, compression=None)
+
+
+def closed_with(ws: ClientConnection) -> tuple[int, str]:
+    with pytest.raises(ConnectionClosed) as caught:
+        ws.recv(timeout=10)
+    assert caught.value.rcvd is not None
+    return caught.value.rcvd.code, caught.value.rcvd.reason
+
+
+def submit(api: httpx.Client, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        reply = api.post("/v1/jobs", json={"function": FUNCTION, "payload": {"args": [i]}})
+        assert reply.status_code == 201, reply.text
+        ids.append(reply.json()["id"])
+    return ids
+
+
+def leases_within(ws: ClientConnection, seconds: float) -> list[dict]:
+    leases: list[dict] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = json.loads(ws.recv(timeout=left))
+        except TimeoutError:
+            break
+        leases += message["leases"]
+    return leases
+
+
+def test_pushed_leases_never_exceed_the_granted_slots(gateway: Gateway, api: httpx.Client) -> None:
+    wid = register(api)
+    ids = submit(api, 3)
+    with open_channel(gateway, wid, gateway.token) as ws:
+        assert leases_within(ws, 0.5) == []  # nothing granted, nothing pushed
+        ws.send(json.dumps({"grant": 1}))
+        [first] = leases_within(ws, 2)
+        assert first["job_id"] in ids and first["device"]["kind"] == "cpu"
+
+        # A report is answered under its number; it grants nothing by itself.
+        done = {"job_id": first["job_id"], "lease_token": first["lease_token"]}
+        ws.send(json.dumps({"seq": 7, "outcomes": [{**done, "status": "succeeded", "result": 2}]}))
+        answer = json.loads(ws.recv(timeout=10))
+        assert answer["seq"] == 7 and answer["leases"] == []
+        assert answer["results"][0]["accepted"] is True
+        assert leases_within(ws, 0.5) == []
+
+        # Fencing holds on the channel: a second result for the job is refused.
+        ws.send(json.dumps({"seq": 8, "outcomes": [{**done, "status": "succeeded", "result": 3}]}))
+        assert json.loads(ws.recv(timeout=10))["results"][0]["accepted"] is False
+
+        ws.send(json.dumps({"grant": 5}))
+        rest = leases_within(ws, 2)
+        assert sorted(lease["job_id"] for lease in rest) == sorted(set(ids) - {first["job_id"]})
+    job = api.get(f"/v1/jobs/{first['job_id']}").json()
+    assert job["state"] == "succeeded" and job["result"] == 2
+
+
+def test_a_closed_channel_loses_no_job(gateway: Gateway, api: httpx.Client) -> None:
+    wid = register(api)
+    with open_channel(gateway, wid, gateway.token) as ws:
+        ws.send(json.dumps({"grant": 4}))
+        time.sleep(0.3)  # the gateway waits for jobs on its behalf now
+    time.sleep(0.3)
+    [job_id] = submit(api, 1)
+    time.sleep(1.0)
+    # Nobody to deliver it to: it is not leased to the closed channel.
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+    leased = api.post(f"/v1/workers/{wid}/lease", json={"max_jobs": 1, "wait": 5}).json()
+    assert [lease["job_id"] for lease in leased["leases"]] == [job_id]
+
+
+def test_the_channel_refuses_with_a_reason(gateway: Gateway, api: httpx.Client) -> None:
+    wid = register(api)
+    submitter = api.post("/v1/tokens", json={"name": "s", "scope": "submit"}).json()["token"]
+    cases = [
+        (None, wid, 4401, "bearer token"),
+        ("not-a-token", wid, 4401, "invalid"),
+        (submitter, wid, 4403, "scope worker"),
+        (gateway.token, "f" * 32, 4404, "register again"),
+        (gateway.token, "not-an-id", 4404, "not a worker id"),
+    ]
+    for token, worker_id, code, reason in cases:
+        with open_channel(gateway, worker_id, token) as ws:
+            got = closed_with(ws)
+            assert got[0] == code and reason in got[1], (token, worker_id, got)
+    for message, why in [
+        ('{"grant": -1}', "grant"),
+        ('{"grant": true}', "grant"),
+        ('{"outcomes": [{"job_id": "x"}]}', "outcomes"),
+        ('{"seq": 1, "surprise": 1}', "surprise"),
+        ("not json", "invalid"),
+    ]:
+        with open_channel(gateway, wid, gateway.token) as ws:
+            ws.send(message)
+            code, text = closed_with(ws)
+            assert code == 1007 and why in text.lower(), (message, text)
+    with open_channel(gateway, wid, gateway.token) as ws:
+        ws.send(b"\x00binary")
+        assert closed_with(ws) == (1007, "send ChannelUp messages as JSON text frames")
+    # The gateway is unharmed: the worker still leases over the channel.
+    [job_id] = submit(api, 1)
+    with open_channel(gateway, wid, gateway.token) as ws:
+        ws.send(json.dumps({"grant": 1}))
+        assert [lease["job_id"] for lease in leases_within(ws, 3)] == [job_id]
+
+
+def _requests(gateway: Gateway, route: str) -> float:
+    text = httpx.get(
+        f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {gateway.token}"}
+    ).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("hostgpu_http_requests_total{") and f'route="{route}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_worker_takes_jobs_over_its_channel(gateway: Gateway, workers: list[Worker]) -> None:
+    workers.append(Worker(gateway, concurrency=2).start())
+    hostgpu.connect(gateway.url, gateway.token)
+    assert [f.add.remote(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
+    assert f.add.map(range(200), [1] * 200) == [i + 1 for i in range(200)]
+    # Leases and reports went over the WebSocket: no long poll, no report request.
+    assert _requests(gateway, "/v1/workers/{worker_id}/lease") == 0
+    assert _requests(gateway, "/v1/workers/{worker_id}/report") == 0
+
+
+def test_without_the_channel_the_worker_long_polls(gateway: Gateway, workers: list[Worker]) -> None:
+    workers.append(Worker(gateway, concurrency=2, extra_args=("--no-channel",)).start())
+    hostgpu.connect(gateway.url, gateway.token)
+    assert [f.add.remote(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]
+    assert _requests(gateway, "/v1/workers/{worker_id}/lease") > 0
+
+
+def test_a_worker_opens_its_channel_again_after_a_gateway_restart(
+    gateway: Gateway, workers: list[Worker]
+) -> None:
+    workers.append(Worker(gateway).start())
+    hostgpu.connect(gateway.url, gateway.token)
+    assert f.add.remote(1, 1) == 2
+    gateway.stop()
+    gateway.start()
+    assert f.add.remote(2, 2) == 4
+    assert _requests(gateway, "/v1/workers/{worker_id}/lease") == 0
