@@ -118,6 +118,20 @@ def test_a_closed_channel_loses_no_job(gateway: Gateway, api: httpx.Client) -> N
     assert [lease["job_id"] for lease in leased["leases"]] == [job_id]
 
 
+def test_a_new_channel_replaces_the_old_one(gateway: Gateway, api: httpx.Client) -> None:
+    wid = register(api)
+    with open_channel(gateway, wid, gateway.token) as old:
+        old.send(json.dumps({"grant": 1}))
+        time.sleep(0.3)
+        # The worker lost its link without a close, and opens a new channel.
+        with open_channel(gateway, wid, gateway.token) as new:
+            new.send(json.dumps({"grant": 1}))
+            assert closed_with(old) == (4409, "replaced by a newer channel of this worker")
+            [job_id] = submit(api, 1)
+            # The old channel's waiter took no wake-up meant for the new one.
+            assert [lease["job_id"] for lease in leases_within(new, 3)] == [job_id]
+
+
 def test_the_channel_refuses_with_a_reason(gateway: Gateway, api: httpx.Client) -> None:
     wid = register(api)
     submitter = api.post("/v1/tokens", json={"name": "s", "scope": "submit"}).json()["token"]

@@ -226,6 +226,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.tokens = TokenCache()
     app.state.touched = {}  # worker id → when this gateway last marked it alive
     app.state.drained = {}  # worker id → the notifier generation its last short lease read saw
+    app.state.channels = {}  # worker id → its open channel on this gateway
     app.state.streams = StreamHub()
     app.state.notifier.preference = app.state.streams.preference
     app.state.quotas = TokenQuotas(settings.infer_rate_per_minute, settings.infer_concurrency)

@@ -26,6 +26,7 @@ Each thread has its own HTTP client, so a long poll never delays a heartbeat.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -208,6 +209,7 @@ class WorkerAgent:
         self._channel: Channel | None = None
         self._granted = 0
         self._unacked: dict[int, list[Outcome]] = {}
+        self._answers = threading.Condition(self._lock)
         self._seq = 0
         self._closing = threading.Event()
         #: An error that ended the channel's receiver and must stop the worker (a revoked token).
@@ -418,6 +420,10 @@ class WorkerAgent:
                 self._unacked.pop(seq, None)
             self._ungrant(room)
             return False
+        # One report in flight, as over HTTP: results that finish meanwhile go together in the
+        # next one (a report per result cost the store a write per job, and its lease too).
+        with self._answers:
+            self._answers.wait_for(lambda: seq not in self._unacked, timeout=30.0)
         return True
 
     def _grant_room(self) -> int:
@@ -465,6 +471,8 @@ class WorkerAgent:
                 except (GatewayError, NotFound) as exc:
                     if isinstance(exc, AuthError):
                         raise
+                    with contextlib.suppress(Exception):
+                        current.close()
                     current = self._channel_lost(client, exc)
                     continue
                 if message is None:
@@ -483,8 +491,9 @@ class WorkerAgent:
             client.close()
 
     def _answered(self, seq: int, results: Sequence[ReportResult]) -> None:
-        with self._lock:
+        with self._answers:
             batch = self._unacked.pop(seq, [])
+            self._answers.notify_all()
         for result in results:
             if not result.accepted and result.reason:
                 log.info("job %s: outcome refused (%s)", result.job_id, result.reason)
@@ -498,9 +507,10 @@ class WorkerAgent:
             self._reserved -= self._granted
             self._granted = 0
             self._room.notify_all()
-        with self._lock:
+        with self._answers:
             unanswered = [o for batch in self._unacked.values() for o in batch]
             self._unacked.clear()
+            self._answers.notify_all()
         if self._closing.is_set() or self._stop.is_set():
             # Stopping: the reporter may be gone already, and no channel is opened again.
             if unanswered:

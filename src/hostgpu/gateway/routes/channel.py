@@ -49,7 +49,10 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_UNKNOWN_WORKER = 4404
 #: RFC 6455: the message was not what the protocol allows; and "try again later".
 CLOSE_INVALID = 1007
+CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
+#: A newer channel of the same worker replaced this one (a reconnect over a dead link).
+CLOSE_REPLACED = 4409
 #: Leases pushed in one message at most (as ``POST …/lease`` takes at most 1000 jobs).
 MAX_PUSH = 1000
 
@@ -111,10 +114,20 @@ class _Channel:
         self._send_lock = asyncio.Lock()
 
     async def serve(self) -> None:
+        # One channel per worker on this gateway: a worker that opens a new one has lost the
+        # old one (a link that died without a close); leases pushed there would wait for
+        # their lease to expire, so the old one stops leasing now.
+        channels: dict[str, _Channel] = self.ws.app.state.channels
+        old = channels.get(self.worker_id)
+        channels[self.worker_id] = self
+        if old is not None:
+            await old._close(CLOSE_REPLACED, "replaced by a newer channel of this worker")
         pusher = asyncio.create_task(self._push())
         try:
             await self._receive()
         finally:
+            if channels.get(self.worker_id) is self:
+                del channels[self.worker_id]
             self.closed = True
             self.granted.set()
             self.gw.notifier.wake(self.worker_id)
@@ -128,6 +141,10 @@ class _Channel:
             await self.ws.send_text(message.model_dump_json())
 
     async def _close(self, code: int, reason: str) -> None:
+        # Its pusher stops at once: its waiter must not take wake-ups meant for live ones.
+        self.closed = True
+        self.granted.set()
+        self.gw.notifier.wake(self.worker_id)
         if self.ws.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(code, _reason(reason))
@@ -166,6 +183,13 @@ class _Channel:
                 self.granted.set()
 
     async def _push(self) -> None:
+        try:
+            await self._push_leases()
+        except Exception:  # a bug: say so, and let the worker open a new channel
+            log.exception("worker %s: channel pusher failed", self.worker_id)
+            await self._close(CLOSE_INTERNAL, "the gateway failed; open the channel again")
+
+    async def _push_leases(self) -> None:
         period = self.gw.settings.lease_seconds / 3
         while not self.closed:
             if self.credit <= 0:
