@@ -113,6 +113,10 @@ class GatewayUnavailable(GatewayError):
     """The gateway cannot be reached: is `hostgpu up` or `hostgpu gateway` running?"""
 
 
+class ChannelUnsupported(GatewayError):
+    """The gateway (or a proxy in front of it) offers no worker channel: use HTTP long polls."""
+
+
 class JobError(HostGPUError):
     """The job ended without a result."""
 

@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
 
@@ -50,12 +50,21 @@ from hostgpu.api import ChannelUp
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.client import Client
 from hostgpu.devices.probe import Report
-from hostgpu.errors import AuthError, ConfigError, GatewayError, GatewayUnavailable, NotFound
+from hostgpu.errors import (
+    AuthError,
+    ChannelUnsupported,
+    ConfigError,
+    GatewayError,
+    GatewayUnavailable,
+    NotFound,
+)
 from hostgpu.functions import FunctionOptions
 from hostgpu.jobs import JobError, Lease, Outcome, ReportResult
-from hostgpu.worker.channel import Channel, ChannelUnsupported
 from hostgpu.worker.runner import ChildPool
 from hostgpu.worker.serving import EnginePool, Streamer
+
+if TYPE_CHECKING:  # imported when the channel opens: websockets costs a worker's start time
+    from hostgpu.worker.channel import Channel
 
 log = logging.getLogger("hostgpu.worker")
 T = TypeVar("T")
@@ -446,6 +455,8 @@ class WorkerAgent:
     # -- the channel -----------------------------------------------------------------------------
     def _open_channel(self, client: Client) -> Channel | None:
         """Open the channel, retrying while the gateway is away (None: it has none)."""
+        from hostgpu.worker.channel import Channel
+
         while True:
             try:
                 return self._retrying(

@@ -17,16 +17,18 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from hostgpu.api import ChannelDown, ChannelUp
-from hostgpu.errors import AuthError, GatewayError, GatewayUnavailable, HostGPUError, NotFound
+from hostgpu.errors import (
+    AuthError,
+    ChannelUnsupported,
+    GatewayUnavailable,
+    HostGPUError,
+    NotFound,
+)
 
 #: The gateway's close codes (see ``hostgpu.gateway.routes.channel``).
 _AUTH_CODES = {4401: 401, 4403: 403}
 _UNKNOWN_WORKER = 4404
 _INVALID = 1007
-
-
-class ChannelUnsupported(GatewayError):
-    """The gateway (or a proxy in front of it) does not offer worker channels: use HTTP."""
 
 
 def channel_url(gateway: str, worker_id: str) -> str:
