@@ -1,13 +1,15 @@
 """Dispatch overhead: no-op jobs through hostgpu versus calling the function in-process.
 
     python benchmarks/dispatch.py [--jobs 10000] [--calls 200] [--workers 2]
-                                  [--backends sqlite,postgres]
+                                  [--backends sqlite,postgres] [--transports channel,http]
     python benchmarks/dispatch.py --backend ray [--jobs 10000] [--calls 500]
 
 For each backend: a real gateway process and N real worker processes on 127.0.0.1;
 ``.map`` over ``--jobs`` no-op jobs (throughput) and ``--calls`` sequential ``.remote()``
 round trips (latency p50/p99). The baseline is the same function called in this process,
-in the same run, so the table shows ratios rather than absolute seconds.
+in the same run, so the table shows ratios rather than absolute seconds. ``--transports``:
+how the workers take jobs, over their WebSocket channel (the default) or HTTP long polls
+(``hostgpu worker --no-channel``), a row each, interleaved per backend.
 
 ``--backend ray``: a local Ray node (``hostgpu ray start --head``, ``--num-cpus`` CPUs) and,
 through the same driver, raw Ray (the same no-op as ``@ray.remote``) against hostgpu on Ray
@@ -65,14 +67,22 @@ def fresh_pg_database() -> str:
 
 
 def through_hostgpu(
-    url: str, jobs: int, calls: int, workers: int, concurrency: int
+    url: str,
+    jobs: int,
+    calls: int,
+    workers: int,
+    concurrency: int,
+    worker_args: tuple[str, ...] = (),
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         gw = Gateway(home, url).start()
         fleet: list[Worker] = []
         try:
-            fleet.extend(Worker(gw, concurrency=concurrency).start() for _ in range(workers))
+            fleet.extend(
+                Worker(gw, concurrency=concurrency, extra_args=worker_args).start()
+                for _ in range(workers)
+            )
             hostgpu.connect(gw.url, gw.token)
             noop.remote(0)  # warm every path once
             lat = []
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--transports", default="channel,http", help="channel, http or both")
     parser.add_argument(
         "--backend",
         choices=("gateway", "ray"),
@@ -232,15 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     base = in_process(args.jobs, args.calls)
     rows = [("in-process call", base)]
     for backend in args.backends.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            url = f"sqlite:///{tmp}/bench.db" if backend == "sqlite" else fresh_pg_database()
-            console.print(f"running {backend}…")
-            rows.append(
-                (
-                    f"hostgpu ({backend})",
-                    through_hostgpu(url, args.jobs, args.calls, args.workers, args.concurrency),
+        for transport in args.transports.split(","):
+            flags = ("--no-channel",) if transport == "http" else ()
+            with tempfile.TemporaryDirectory() as tmp:
+                url = f"sqlite:///{tmp}/bench.db" if backend == "sqlite" else fresh_pg_database()
+                console.print(f"running {backend} ({transport})…")
+                rows.append(
+                    (
+                        f"hostgpu ({backend}, {transport})",
+                        through_hostgpu(
+                            url, args.jobs, args.calls, args.workers, args.concurrency, flags
+                        ),
+                    )
                 )
-            )
     table = Table(
         title=f"dispatch: {args.jobs} no-op jobs via .map, {args.calls} sequential "
         f".remote(); {args.workers} workers × {args.concurrency}"

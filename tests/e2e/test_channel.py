@@ -132,6 +132,19 @@ def test_a_new_channel_replaces_the_old_one(gateway: Gateway, api: httpx.Client)
             assert [lease["job_id"] for lease in leases_within(new, 3)] == [job_id]
 
 
+def test_revoking_its_token_closes_an_open_channel(gateway: Gateway, api: httpx.Client) -> None:
+    created = api.post("/v1/tokens", json={"name": "w", "scope": "worker"}).json()
+    wid = register(api)
+    with open_channel(gateway, wid, created["token"]) as ws:
+        ws.send(json.dumps({"grant": 1}))
+        time.sleep(0.3)
+        assert api.delete(f"/v1/tokens/{created['id']}").status_code == 200
+        assert closed_with(ws) == (4401, "the token was revoked")
+    [job_id] = submit(api, 1)
+    time.sleep(0.5)
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+
+
 def test_the_channel_refuses_with_a_reason(gateway: Gateway, api: httpx.Client) -> None:
     wid = register(api)
     submitter = api.post("/v1/tokens", json={"name": "s", "scope": "submit"}).json()["token"]
@@ -149,6 +162,7 @@ def test_the_channel_refuses_with_a_reason(gateway: Gateway, api: httpx.Client) 
     for message, why in [
         ('{"grant": -1}', "grant"),
         ('{"grant": true}', "grant"),
+        ('{"grant": 1001}', "grant"),
         ('{"outcomes": [{"job_id": "x"}]}', "outcomes"),
         ('{"seq": 1, "surprise": 1}', "surprise"),
         ("not json", "invalid"),

@@ -173,6 +173,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         notifier.attach(asyncio.get_running_loop())
         notifier.on("tokens", app.state.tokens.clear)
         notifier.on("resync", app.state.tokens.clear)
+        notifier.on("tokens", lambda: channel.recheck_tokens(app))
+        notifier.on("resync", lambda: channel.recheck_tokens(app))
         hub: StreamHub = app.state.streams
         notifier.on("finished", hub.recheck)
         notifier.on("resync", hub.recheck)

@@ -67,6 +67,11 @@ if TYPE_CHECKING:  # imported when the channel opens: websockets costs a worker'
     from hostgpu.worker.channel import Channel
 
 log = logging.getLogger("hostgpu.worker")
+
+#: Jobs one lease request or channel grant asks for at most (the gateway's limit).
+MAX_GRANT = 1000
+#: A channel closed sooner than this after it opened is opened again after a pause.
+SHORT_LIVED_S = 10.0
 T = TypeVar("T")
 
 #: Built-in modules a worker offers when their dependencies are installed.
@@ -223,6 +228,11 @@ class WorkerAgent:
         self._closing = threading.Event()
         #: An error that ended the channel's receiver and must stop the worker (a revoked token).
         self._fatal: BaseException | None = None
+        #: Which channel this is (grants belong to one), when it opened, and how many in a row
+        #: lived less than ``SHORT_LIVED_S``.
+        self._epoch = 0
+        self._opened_at = 0.0
+        self._short_lived = 0
 
     def _engine_pool(self) -> EnginePool:
         from hostgpu.inference.jobs import MAX_MODELS_PER_SERVER
@@ -416,7 +426,7 @@ class WorkerAgent:
 
     def _send_on_channel(self, channel: Channel, batch: list[Outcome]) -> bool:
         """Report on the channel, granting the slots free now; False: send it over HTTP."""
-        room = self._grant_room()
+        room, epoch = self._grant_room()
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -427,7 +437,7 @@ class WorkerAgent:
             log.info("channel send failed (%s); reporting over HTTP", exc)
             with self._lock:
                 self._unacked.pop(seq, None)
-            self._ungrant(room)
+            self._ungrant(room, epoch)
             return False
         # One report in flight, as over HTTP: results that finish meanwhile go together in the
         # next one (a report per result cost the store a write per job, and its lease too).
@@ -435,18 +445,22 @@ class WorkerAgent:
             self._answers.wait_for(lambda: seq not in self._unacked, timeout=30.0)
         return True
 
-    def _grant_room(self) -> int:
-        """Reserve the free slots, to grant them on the channel."""
-        if self._stop.is_set():
-            return 0
+    def _grant_room(self) -> tuple[int, int]:
+        """Reserve the free slots (1000 at most: a message's limit), to grant them on the
+        channel; with the channel's number, so that slots granted on a channel that is gone
+        since are not taken back from the next one's."""
         with self._room:
-            room = max(0, self._capacity())
+            if self._stop.is_set():
+                return 0, self._epoch
+            room = max(0, min(MAX_GRANT, self._capacity()))
             self._reserved += room
             self._granted += room
-            return room
+            return room, self._epoch
 
-    def _ungrant(self, room: int) -> None:
+    def _ungrant(self, room: int, epoch: int) -> None:
         with self._room:
+            if epoch != self._epoch:
+                return  # that channel's grants went with it
             room = min(room, self._granted)
             self._granted -= room
             self._reserved -= room
@@ -459,9 +473,11 @@ class WorkerAgent:
 
         while True:
             try:
-                return self._retrying(
+                channel = self._retrying(
                     lambda: Channel.open(client.gateway, client.token, self._require_id())
                 )
+                self._opened_at = time.monotonic()
+                return channel
             except ChannelUnsupported as exc:
                 log.info("no worker channel (%s); leasing over HTTP long polls", exc)
                 return None
@@ -475,7 +491,7 @@ class WorkerAgent:
         try:
             while current is not None:
                 try:
-                    room = self._grant_room()
+                    room, epoch = self._grant_room()
                     if room:
                         current.send(ChannelUp(grant=room))
                     message = current.receive(timeout=1.0)
@@ -491,11 +507,15 @@ class WorkerAgent:
                 self._last_contact = time.monotonic()
                 if message.leases:
                     self._start(message.leases)
-                    self._ungrant(len(message.leases))
+                    self._ungrant(len(message.leases), epoch)
                 if message.seq is not None:
                     self._answered(message.seq, message.results)
         except AuthError as exc:
             log.error("the gateway refused this worker's token on its channel: %s", exc)
+            self._fatal = exc
+            self.request_stop()
+        except Exception as exc:  # a worker that took no more jobs would look healthy
+            log.exception("the worker's channel failed; stopping")
             self._fatal = exc
             self.request_stop()
         finally:
@@ -515,9 +535,14 @@ class WorkerAgent:
         Returns the new channel (None: closing, or the gateway has channels no more)."""
         with self._room:
             self._channel = None
+            self._epoch += 1
             self._reserved -= self._granted
             self._granted = 0
             self._room.notify_all()
+        # A channel that dies young (the gateway closing it on an error, a proxy refusing it)
+        # is opened again after a growing pause, not in a tight loop.
+        lived = time.monotonic() - self._opened_at
+        self._short_lived = self._short_lived + 1 if lived < SHORT_LIVED_S else 0
         with self._answers:
             unanswered = [o for batch in self._unacked.values() for o in batch]
             self._unacked.clear()
@@ -534,10 +559,12 @@ class WorkerAgent:
             self._lease_loop(client)
             return None
         log.warning("worker channel lost (%s); opening it again", exc)
+        if self._short_lived:
+            self._stop.wait(min(5.0, 0.2 * 2 ** (self._short_lived - 1)))
         if isinstance(exc, NotFound):
             self.register(client)
         try:
-            channel = self._open_channel(client)
+            channel = None if self._stop.is_set() else self._open_channel(client)
         except GatewayUnavailable:  # stopping
             return None
         if channel is None:
@@ -545,6 +572,9 @@ class WorkerAgent:
                 self._lease_loop(client)  # the gateway has no channel any more: HTTP
             return None
         with self._room:
+            if self._stop.is_set():  # the stop came while it opened
+                channel.close()
+                return None
             self._channel = channel
         return channel
 
@@ -666,7 +696,7 @@ class WorkerAgent:
 
     def _reserve(self) -> int:
         with self._room:
-            room = max(0, self._capacity())
+            room = max(0, min(MAX_GRANT, self._capacity()))
             self._reserved += room
             return room
 
@@ -822,12 +852,15 @@ class WorkerAgent:
         beater.start()
         receiver: threading.Thread | None = None
         try:
-            channel = self._open_channel(client) if self.config.channel else None
-        except GatewayUnavailable:  # stopped before it opened
-            channel = None
-        if on_ready:
-            on_ready(self)
-        try:
+            # A lender that pauses while its machine is busy (``may_lease``) long-polls: slots
+            # granted on a channel would stay open to the gateway while it is busy.
+            use_channel = self.config.channel and self.config.may_lease is None
+            try:
+                channel = self._open_channel(client) if use_channel else None
+            except GatewayUnavailable:  # stopped before it opened
+                channel = None
+            if on_ready:
+                on_ready(self)
             if channel is None:
                 self._lease_loop(client)
             else:
@@ -869,6 +902,15 @@ class WorkerAgent:
         reporter.join(timeout=30)
         if receiver is not None:
             self._close_channel(client, receiver)
+            # Leases pushed after the reporter stopped were handed back into its queue.
+            leftover = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    item = self._outbox.get_nowait()
+                    if item is not None:
+                        leftover.append(item)
+            if leftover:
+                self._send_http(client, leftover)
         beater.join(timeout=5)
         self._deregister(client)
         client.close()

@@ -61,6 +61,8 @@ class Channel:
             status = exc.response.status_code
             if status in (401, 403):
                 raise AuthError(f"{url}: the gateway refused the token ({status})") from exc
+            if status == 429 or status >= 500:  # a proxy whose gateway is restarting, say
+                raise GatewayUnavailable(f"{url}: HTTP {status}") from exc
             # 404 (a gateway without channels), 400/426 (a proxy that does not upgrade)…
             raise ChannelUnsupported(f"{url}: HTTP {status} instead of a WebSocket") from exc
         except (InvalidHandshake, InvalidURI) as exc:

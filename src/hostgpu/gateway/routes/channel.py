@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
@@ -64,19 +65,28 @@ async def channel(websocket: WebSocket, worker_id: str) -> None:
     the handshake; a refusal closes the connection with a 44xx code and a reason."""
     gw = cast(Gateway, websocket.app.state)
     await websocket.accept()
-    refusal = await _refusal(websocket, gw, worker_id)
-    if refusal is not None:
-        await websocket.close(*refusal)
-        return
-    await _Channel(gw, websocket, worker_id).serve()
-
-
-async def _refusal(websocket: WebSocket, gw: Gateway, worker_id: str) -> tuple[int, str] | None:
-    """Why this connection may not be a channel for ``worker_id`` (None: it may)."""
     scheme, _, secret = websocket.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secret:
+    secret = secret.strip() if scheme.lower() == "bearer" else ""
+    try:
+        refusal = await _refusal(websocket, gw, worker_id, secret)
+    except StoreUnavailable as exc:
+        refusal = CLOSE_TRY_LATER, str(exc)
+    except Exception:
+        log.exception("worker %s: channel refused on an error", worker_id)
+        refusal = CLOSE_INTERNAL, "the gateway failed; open the channel again"
+    if refusal is not None:
+        await websocket.close(refusal[0], _reason(refusal[1]))
+        return
+    await _Channel(gw, websocket, worker_id, secret).serve()
+
+
+async def _refusal(
+    websocket: WebSocket, gw: Gateway, worker_id: str, secret: str
+) -> tuple[int, str] | None:
+    """Why this connection may not be a channel for ``worker_id`` (None: it may)."""
+    if not secret:
         return CLOSE_UNAUTHORIZED, "missing bearer token: send 'Authorization: Bearer <token>'"
-    token: TokenInfo | None = await verify(websocket, secret.strip())
+    token: TokenInfo | None = await verify(websocket, secret)
     if token is None:
         return CLOSE_UNAUTHORIZED, "invalid, expired or revoked token"
     if not admits(token.scope, ("worker", "share")):
@@ -88,11 +98,27 @@ async def _refusal(websocket: WebSocket, gw: Gateway, worker_id: str) -> tuple[i
         await check_access(websocket, gw.store, token, worker_id)
     except NotFound:
         return CLOSE_UNKNOWN_WORKER, "unknown worker: register again"
-    except StoreUnavailable as exc:
-        return CLOSE_TRY_LATER, _reason(str(exc))
-    except Exception as exc:  # HTTPException(403) from the share check
-        return CLOSE_FORBIDDEN, _reason(getattr(exc, "detail", str(exc)))
+    except HTTPException as exc:  # the share check: not the machine this token lent
+        return CLOSE_FORBIDDEN, str(exc.detail)
     return None
+
+
+#: Tasks started without an owner that waits for them (asyncio keeps only weak references).
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coroutine: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.create_task(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def recheck_tokens(app: FastAPI) -> None:
+    """Tokens were revoked (here or on another gateway): channels opened with a token that
+    no longer verifies close now (4401), not when their connection next drops."""
+    channels: dict[str, _Channel] = app.state.channels
+    for channel in list(channels.values()):
+        _spawn(channel.recheck())
 
 
 def _reason(text: str) -> str:
@@ -102,10 +128,11 @@ def _reason(text: str) -> str:
 
 
 class _Channel:
-    def __init__(self, gw: Gateway, websocket: WebSocket, worker_id: str) -> None:
+    def __init__(self, gw: Gateway, websocket: WebSocket, worker_id: str, secret: str) -> None:
         self.gw = gw
         self.ws = websocket
         self.worker_id = worker_id
+        self._secret = secret
         #: Slots the worker granted that no pushed lease has used yet.
         self.credit = 0
         self.granted = asyncio.Event()
@@ -120,8 +147,9 @@ class _Channel:
         channels: dict[str, _Channel] = self.ws.app.state.channels
         old = channels.get(self.worker_id)
         channels[self.worker_id] = self
-        if old is not None:
-            await old._close(CLOSE_REPLACED, "replaced by a newer channel of this worker")
+        if old is not None:  # stopped now; its close handshake may wait on a dead link
+            old._stop()
+            _spawn(old._close(CLOSE_REPLACED, "replaced by a newer channel of this worker"))
         pusher = asyncio.create_task(self._push())
         try:
             await self._receive()
@@ -140,11 +168,22 @@ class _Channel:
         async with self._send_lock:
             await self.ws.send_text(message.model_dump_json())
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def recheck(self) -> None:
+        try:
+            valid = await verify(self.ws, self._secret) is not None
+        except StoreUnavailable:
+            return  # checked again at the next revocation, or when the worker reconnects
+        if not valid and not self.closed:
+            await self._close(CLOSE_UNAUTHORIZED, "the token was revoked")
+
+    def _stop(self) -> None:
         # Its pusher stops at once: its waiter must not take wake-ups meant for live ones.
         self.closed = True
         self.granted.set()
         self.gw.notifier.wake(self.worker_id)
+
+    async def _close(self, code: int, reason: str) -> None:
+        self._stop()
         if self.ws.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(code, _reason(reason))
@@ -173,6 +212,10 @@ class _Channel:
                     results = await record_outcomes(self.gw, up.outcomes)
                 except StoreUnavailable as exc:  # the worker sends the report again
                     await self._close(CLOSE_TRY_LATER, str(exc))
+                    return
+                except Exception:
+                    log.exception("worker %s: a report failed", self.worker_id)
+                    await self._close(CLOSE_INTERNAL, "the gateway failed on this report")
                     return
                 try:
                     await self._send(ChannelDown(seq=up.seq, results=results))

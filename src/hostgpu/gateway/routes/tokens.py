@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 
 from hostgpu.api import TokenCreated, TokenList, TokenRequest
 from hostgpu.gateway.deps import AdminToken, AnyToken, GatewayDep, run
+from hostgpu.gateway.routes.channel import recheck_tokens
 from hostgpu.tokens import TOKEN_ID_PATTERN, TokenInfo, hash_token, mint
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -53,6 +54,7 @@ async def revoke_token(
     echoed = gw.notifier.event("echo:tokens")
     info = await run(gw.store.revoke_token, token_id, force=force)
     request.app.state.tokens.clear()
+    recheck_tokens(request.app)  # open worker channels: the token is checked as they open
     if gw.store.shared:
         # Every gateway's listener hears the revocation at the same moment as ours: once
         # ours has, the others have dropped the token from their caches too.

@@ -143,7 +143,9 @@ async def lease_jobs(
     A poll that follows one which found fewer jobs than it could take skips even that read
     when nothing became runnable since (the notifier's generation has not moved): a worker
     polls again right after each lease, and that read was a store call per job. The re-read
-    after ``REPOLL_S`` (the safety net) always reads.
+    after ``REPOLL_S`` (the safety net) always reads. Only on a store with one writer
+    (SQLite): on PostgreSQL a short lease may mean rows another gateway held for a moment,
+    and other gateways' retries become runnable without a wake-up here.
     ``gone``: whether the caller left (asked after each wait).
     """
     caps = await worker_capabilities(request, gw.store, worker_id)
@@ -179,7 +181,7 @@ async def lease_jobs(
                     probe=not woken,
                     touch_older_than=touch,
                 )
-                if len(leases) < max_jobs:
+                if len(leases) < max_jobs and not gw.store.shared:
                     drained[worker_id] = generation
                 else:
                     drained.pop(worker_id, None)
