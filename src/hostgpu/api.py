@@ -22,6 +22,9 @@ from hostgpu.tokens import Scope, TokenInfo
 MAX_BATCH = 5000
 #: Job and worker ids are 32 hex digits; a unique prefix of 4 or more names one too.
 ID_PATTERN = r"^[0-9a-f]{4,32}$"
+WORKER_ID_PATTERN = r"^[0-9a-f]{32}$"
+#: Jobs one lease asks for at most: a lease request, a channel's grant, a push.
+MAX_LEASE = 1000
 LEASE_TOKEN_PATTERN = r"^[0-9a-f]{1,64}$"
 
 
@@ -94,7 +97,7 @@ class Registered(BaseModel):
 
 
 class LeaseRequest(_Request):
-    max_jobs: Annotated[int, Field(ge=1, le=1000), NOT_BOOL] = 1
+    max_jobs: Annotated[int, Field(ge=1, le=MAX_LEASE), NOT_BOOL] = 1
     wait: Annotated[float, Field(ge=0, le=60), NOT_BOOL] = Field(
         default=0.0, description="long-poll up to this many seconds"
     )
@@ -146,7 +149,7 @@ class ChannelUp(_Request):
 
     seq: Annotated[int, Field(ge=0), NOT_BOOL] = 0
     outcomes: list[Outcome] = Field(default_factory=list, max_length=MAX_BATCH)
-    grant: Annotated[int, Field(ge=0, le=1000), NOT_BOOL] = 0
+    grant: Annotated[int, Field(ge=0, le=MAX_LEASE), NOT_BOOL] = 0
 
 
 class ChannelDown(BaseModel):

@@ -151,7 +151,7 @@ def test_the_channel_refuses_with_a_reason(gateway: Gateway, api: httpx.Client) 
     cases = [
         (None, wid, 4401, "bearer token"),
         ("not-a-token", wid, 4401, "invalid"),
-        (submitter, wid, 4403, "scope worker"),
+        (submitter, wid, 4403, "cannot do this"),
         (gateway.token, "f" * 32, 4404, "register again"),
         (gateway.token, "not-an-id", 4404, "not a worker id"),
     ]

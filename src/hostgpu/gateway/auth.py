@@ -69,6 +69,31 @@ async def verify(request: HTTPConnection, secret: str) -> TokenInfo | None:
     return info
 
 
+async def authorize(
+    connection: HTTPConnection, secret: str | None, wanted: tuple[Scope, ...]
+) -> TokenInfo:
+    """The token behind ``secret`` if its scope covers one of ``wanted``; else HTTPException
+    401 or 403 with the reason (a route's dependency, and a worker channel's handshake)."""
+    if not secret:
+        raise HTTPException(
+            401,
+            "missing bearer token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    info = await verify(connection, secret)
+    if info is None:
+        raise HTTPException(
+            401, "invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if not admits(info.scope, wanted):
+        raise HTTPException(
+            403,
+            f"a {info.scope!r} token cannot do this; it needs scope "
+            + " or ".join(sorted({*wanted, "admin"})),
+        )
+    return info
+
+
 def require(*scopes: Scope) -> Callable[..., Awaitable[TokenInfo]]:
     """A dependency that admits tokens whose scope covers one of ``scopes`` (admin always)."""
     wanted = scopes or ("admin",)
@@ -77,26 +102,7 @@ def require(*scopes: Scope) -> Callable[..., Awaitable[TokenInfo]]:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> TokenInfo:
-        if credentials is None:
-            raise HTTPException(
-                401,
-                "missing bearer token: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        info = await verify(request, credentials.credentials)
-        if info is None:
-            raise HTTPException(
-                401,
-                "invalid, expired or revoked token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not admits(info.scope, wanted):
-            raise HTTPException(
-                403,
-                f"a {info.scope!r} token cannot do this; it needs scope "
-                + " or ".join(sorted({*wanted, "admin"})),
-            )
-        return info
+        return await authorize(request, credentials.credentials if credentials else None, wanted)
 
     check.__name__ = f"require_{'_'.join(wanted)}"
     return check

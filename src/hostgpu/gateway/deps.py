@@ -6,7 +6,7 @@ from typing import Annotated, Protocol, cast
 
 from fastapi import Depends, Path, Request
 
-from hostgpu.api import ID_PATTERN
+from hostgpu.api import ID_PATTERN, WORKER_ID_PATTERN
 from hostgpu.gateway.auth import require
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
@@ -29,7 +29,7 @@ AnyToken = Annotated[TokenInfo, Depends(require(*SCOPES))]
 JobId = Annotated[
     str, Path(pattern=ID_PATTERN, description="a job id, or a unique prefix of 4+ hex digits")
 ]
-WorkerId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="a worker id")]
+WorkerId = Annotated[str, Path(pattern=WORKER_ID_PATTERN, description="a worker id")]
 
 
 class Gateway(Protocol):

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
 
 import hostgpu
-from hostgpu.api import ChannelUp
+from hostgpu.api import MAX_LEASE, ChannelUp
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.client import Client
 from hostgpu.devices.probe import Report
@@ -68,8 +68,6 @@ if TYPE_CHECKING:  # imported when the channel opens: websockets costs a worker'
 
 log = logging.getLogger("hostgpu.worker")
 
-#: Jobs one lease request or channel grant asks for at most (the gateway's limit).
-MAX_GRANT = 1000
 #: A channel closed sooner than this after it opened is opened again after a pause.
 SHORT_LIVED_S = 10.0
 T = TypeVar("T")
@@ -225,7 +223,6 @@ class WorkerAgent:
         self._unacked: dict[int, list[Outcome]] = {}
         self._answers = threading.Condition(self._lock)
         self._seq = 0
-        self._closing = threading.Event()
         #: An error that ended the channel's receiver and must stop the worker (a revoked token).
         self._fatal: BaseException | None = None
         #: Which channel this is (grants belong to one), when it opened, and how many in a row
@@ -419,7 +416,10 @@ class WorkerAgent:
         finally:
             self._unreserve(room)
         self._last_contact = time.monotonic()
-        for result in reply.results:
+        self._note_results(batch, reply.results)
+
+    def _note_results(self, batch: list[Outcome], results: Sequence[ReportResult]) -> None:
+        for result in results:
             if not result.accepted and result.reason:
                 log.info("job %s: outcome refused (%s)", result.job_id, result.reason)
         self.completed += sum(1 for o in batch if o.status in ("succeeded", "failed"))
@@ -446,14 +446,11 @@ class WorkerAgent:
         return True
 
     def _grant_room(self) -> tuple[int, int]:
-        """Reserve the free slots (1000 at most: a message's limit), to grant them on the
-        channel; with the channel's number, so that slots granted on a channel that is gone
-        since are not taken back from the next one's."""
-        with self._room:
-            if self._stop.is_set():
-                return 0, self._epoch
-            room = max(0, min(MAX_GRANT, self._capacity()))
-            self._reserved += room
+        """Reserve the free slots, to grant them on the channel; with the channel's number,
+        so that slots granted on a channel that is gone since are not taken back from the
+        next one's."""
+        with self._room:  # reentrant: _reserve takes it too
+            room = 0 if self._stop.is_set() else self._reserve()
             self._granted += room
             return room, self._epoch
 
@@ -463,8 +460,7 @@ class WorkerAgent:
                 return  # that channel's grants went with it
             room = min(room, self._granted)
             self._granted -= room
-            self._reserved -= room
-            self._room.notify_all()
+            self._unreserve(room)
 
     # -- the channel -----------------------------------------------------------------------------
     def _open_channel(self, client: Client) -> Channel | None:
@@ -510,12 +506,11 @@ class WorkerAgent:
                     self._ungrant(len(message.leases), epoch)
                 if message.seq is not None:
                     self._answered(message.seq, message.results)
-        except AuthError as exc:
-            log.error("the gateway refused this worker's token on its channel: %s", exc)
-            self._fatal = exc
-            self.request_stop()
-        except Exception as exc:  # a worker that took no more jobs would look healthy
-            log.exception("the worker's channel failed; stopping")
+        except Exception as exc:  # a worker that took no more jobs would look healthy: stop
+            if isinstance(exc, AuthError):
+                log.error("the gateway refused this worker's token on its channel: %s", exc)
+            else:
+                log.exception("the worker's channel failed; stopping")
             self._fatal = exc
             self.request_stop()
         finally:
@@ -525,10 +520,15 @@ class WorkerAgent:
         with self._answers:
             batch = self._unacked.pop(seq, [])
             self._answers.notify_all()
-        for result in results:
-            if not result.accepted and result.reason:
-                log.info("job %s: outcome refused (%s)", result.job_id, result.reason)
-        self.completed += sum(1 for o in batch if o.status in ("succeeded", "failed"))
+        self._note_results(batch, results)
+
+    def _unanswered(self) -> list[Outcome]:
+        """Take the outcomes of the reports the channel did not answer (to send again)."""
+        with self._answers:
+            outcomes = [o for batch in self._unacked.values() for o in batch]
+            self._unacked.clear()
+            self._answers.notify_all()
+        return outcomes
 
     def _channel_lost(self, client: Client, exc: BaseException) -> Channel | None:
         """The connection is gone: its grants with it; its unanswered reports go again.
@@ -543,11 +543,8 @@ class WorkerAgent:
         # is opened again after a growing pause, not in a tight loop.
         lived = time.monotonic() - self._opened_at
         self._short_lived = self._short_lived + 1 if lived < SHORT_LIVED_S else 0
-        with self._answers:
-            unanswered = [o for batch in self._unacked.values() for o in batch]
-            self._unacked.clear()
-            self._answers.notify_all()
-        if self._closing.is_set() or self._stop.is_set():
+        unanswered = self._unanswered()
+        if self._stop.is_set():
             # Stopping: the reporter may be gone already, and no channel is opened again.
             if unanswered:
                 self._send_http(client, unanswered)
@@ -579,24 +576,21 @@ class WorkerAgent:
         return channel
 
     def _close_channel(self, client: Client, receiver: threading.Thread) -> None:
-        """Stopping: wait for the last reports' answers, then close."""
-        deadline = time.monotonic() + 10.0
-        while self._unacked and receiver.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self._closing.set()
-        channel = self._channel
+        """Stopping (``_stop`` is set): wait for the last reports' answers, then close."""
+        if receiver.is_alive():
+            with self._answers:
+                self._answers.wait_for(lambda: not self._unacked, timeout=10.0)
+        channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
         receiver.join(timeout=15)
-        with self._lock:
-            unanswered = [o for batch in self._unacked.values() for o in batch]
-            self._unacked.clear()
-        if unanswered:
+        if unanswered := self._unanswered():
             self._send_http(client, unanswered)
 
     def _send_http(self, client: Client, outcomes: list[Outcome]) -> None:
+        """Report over HTTP whatever happens (a stopping worker's last outcomes)."""
         try:
-            self._retrying(lambda: client.report(self._require_id(), outcomes), while_stopping=True)
+            self._send(client, outcomes)
         except Exception as exc:
             log.error("dropping %d outcome(s): %s", len(outcomes), exc)
 
@@ -696,7 +690,7 @@ class WorkerAgent:
 
     def _reserve(self) -> int:
         with self._room:
-            room = max(0, min(MAX_GRANT, self._capacity()))
+            room = max(0, min(MAX_LEASE, self._capacity()))
             self._reserved += room
             return room
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -27,9 +28,9 @@ from fastapi import APIRouter, FastAPI, HTTPException, WebSocket, WebSocketDisco
 from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
-from hostgpu.api import ChannelDown, ChannelUp
+from hostgpu.api import MAX_LEASE, WORKER_ID_PATTERN, ChannelDown, ChannelUp
 from hostgpu.errors import NotFound, StoreUnavailable
-from hostgpu.gateway.auth import verify
+from hostgpu.gateway.auth import authorize, verify
 from hostgpu.gateway.deps import Gateway
 from hostgpu.gateway.routes.workers import (
     check_access,
@@ -38,15 +39,14 @@ from hostgpu.gateway.routes.workers import (
     worker_capabilities,
 )
 from hostgpu.jobs import Lease, Outcome
-from hostgpu.tokens import TokenInfo, admits
 
 log = logging.getLogger("hostgpu.gateway")
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
-#: Close codes the worker maps back to errors (4000–4999 are the application's own).
+#: Close codes the worker maps back to errors (4000–4999 are the application's own): 4000
+#: plus the HTTP routes' status for a refused token (4401, 4403), an unknown worker (4404).
 CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN = 4403
 CLOSE_UNKNOWN_WORKER = 4404
 #: RFC 6455: the message was not what the protocol allows; and "try again later".
 CLOSE_INVALID = 1007
@@ -54,8 +54,6 @@ CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
 #: A newer channel of the same worker replaced this one (a reconnect over a dead link).
 CLOSE_REPLACED = 4409
-#: Leases pushed in one message at most (as ``POST …/lease`` takes at most 1000 jobs).
-MAX_PUSH = 1000
 
 
 @router.websocket("/{worker_id}/channel")
@@ -69,6 +67,8 @@ async def channel(websocket: WebSocket, worker_id: str) -> None:
     secret = secret.strip() if scheme.lower() == "bearer" else ""
     try:
         refusal = await _refusal(websocket, gw, worker_id, secret)
+    except HTTPException as exc:  # the HTTP routes' 401 and 403, as 4401 and 4403
+        refusal = 4000 + exc.status_code, str(exc.detail)
     except StoreUnavailable as exc:
         refusal = CLOSE_TRY_LATER, str(exc)
     except Exception:
@@ -83,23 +83,16 @@ async def channel(websocket: WebSocket, worker_id: str) -> None:
 async def _refusal(
     websocket: WebSocket, gw: Gateway, worker_id: str, secret: str
 ) -> tuple[int, str] | None:
-    """Why this connection may not be a channel for ``worker_id`` (None: it may)."""
-    if not secret:
-        return CLOSE_UNAUTHORIZED, "missing bearer token: send 'Authorization: Bearer <token>'"
-    token: TokenInfo | None = await verify(websocket, secret)
-    if token is None:
-        return CLOSE_UNAUTHORIZED, "invalid, expired or revoked token"
-    if not admits(token.scope, ("worker", "share")):
-        return CLOSE_FORBIDDEN, f"a {token.scope!r} token cannot do this; it needs scope worker"
-    if not (len(worker_id) == 32 and all(c in "0123456789abcdef" for c in worker_id)):
+    """Why this connection may not be a channel for ``worker_id`` (None: it may); the
+    token's refusals raise as they do for the HTTP routes."""
+    token = await authorize(websocket, secret, ("worker", "share"))
+    if not re.fullmatch(WORKER_ID_PATTERN, worker_id):
         return CLOSE_UNKNOWN_WORKER, "not a worker id"
     try:
         await worker_capabilities(websocket, gw.store, worker_id)
-        await check_access(websocket, gw.store, token, worker_id)
+        await check_access(websocket, gw.store, token, worker_id)  # a share token's machine
     except NotFound:
         return CLOSE_UNKNOWN_WORKER, "unknown worker: register again"
-    except HTTPException as exc:  # the share check: not the machine this token lent
-        return CLOSE_FORBIDDEN, str(exc.detail)
     return None
 
 
@@ -156,9 +149,7 @@ class _Channel:
         finally:
             if channels.get(self.worker_id) is self:
                 del channels[self.worker_id]
-            self.closed = True
-            self.granted.set()
-            self.gw.notifier.wake(self.worker_id)
+            self._stop()
             # Not cancelled: the pusher may be inside a store call that leases jobs, and
             # must hand them back. It ends within a store call.
             with contextlib.suppress(Exception):
@@ -249,7 +240,7 @@ class _Channel:
                     self.gw,
                     self.ws,
                     self.worker_id,
-                    min(self.credit, MAX_PUSH),
+                    min(self.credit, MAX_LEASE),
                     2.5 * period,
                     self._gone,
                 )
