@@ -25,6 +25,11 @@ def boom(message: str) -> None:
     raise ValueError(message)
 
 
+@hostgpu.function(gpu="cpu", retries=0)
+def boom_at_length(size: int) -> None:
+    raise ValueError("y" * size)
+
+
 @hostgpu.function(gpu="cpu", retries=0, timeout=1.0)
 def hang(seconds: float) -> str:
     time.sleep(seconds)

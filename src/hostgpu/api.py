@@ -94,6 +94,14 @@ class Registered(BaseModel):
     worker_id: str
     lease_seconds: float = Field(description="a lease lasts this long unless heartbeats extend it")
     heartbeat_seconds: float = Field(description="send a heartbeat at least this often")
+    max_body_bytes: int | None = Field(
+        default=None,
+        description="a report (or channel message) larger than this is refused whole (413)",
+    )
+    max_result_bytes: int | None = Field(
+        default=None,
+        description="a result larger than this, as JSON, fails its job (ResultTooLarge)",
+    )
 
 
 class LeaseRequest(_Request):

@@ -143,9 +143,10 @@ class Client:
                 raise InvalidTransition(message)
             if status == 422:
                 raise InvalidInput(message)
-            if status == 503 and error is None:
-                # The gateway is up but its database is not (an inference 503, in OpenAI's
-                # shape, is about model servers instead): retried like an unreachable gateway.
+            if status in (502, 504) or (status == 503 and error is None):
+                # The gateway is up but its database is not, or a proxy cannot reach the
+                # gateway (an inference 503, in OpenAI's shape, is about model servers
+                # instead): retried like an unreachable gateway.
                 raise GatewayUnavailable(message, status=status)
             raise GatewayError(message, status=status)
 

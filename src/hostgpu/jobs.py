@@ -135,16 +135,58 @@ ErrorKind = Literal[
 ]
 
 
+#: Error texts past these lengths (characters) are cut where the error is made, so that a job
+#: that raises with a 20 MB message still fails readably, in a report the gateway takes.
+MAX_ERROR_MESSAGE = 64 * 1024
+MAX_TRACEBACK = 256 * 1024
+
+
+def clip(text: str, limit: int, *, keep: Literal["head", "tail"] = "head") -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"[… {len(text) - limit:,} characters cut …]"
+    kept = max(0, limit - len(note) - 1)
+    return f"{text[:kept]}\n{note}" if keep == "head" else f"{note}\n{text[-kept:]}"
+
+
 class JobError(BaseModel):
-    """Why an attempt or a job failed."""
+    """Why an attempt or a job failed (texts cut to :data:`MAX_ERROR_MESSAGE` and
+    :data:`MAX_TRACEBACK` characters)."""
 
     type: str = Field(description="exception class name, e.g. ValueError, TimeoutError")
     message: str
     traceback: str = ""
     kind: ErrorKind = "exception"
 
+    @field_validator("type", "message")
+    @classmethod
+    def _clip_message(cls, value: str) -> str:
+        return clip(value, MAX_ERROR_MESSAGE)
+
+    @field_validator("traceback")
+    @classmethod
+    def _clip_traceback(cls, value: str) -> str:
+        # A traceback's end says what was raised, and where: keep that.
+        return clip(value, MAX_TRACEBACK, keep="tail")
+
     def summary(self, limit: int = 2000) -> str:
         return f"{self.type}: {self.message}"[:limit]
+
+
+#: The gateway's default limit on one result (``HOSTGPU_MAX_RESULT_BYTES``).
+DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
+
+
+def result_too_large(size: int, limit: int) -> JobError:
+    """The failure of a job whose result (``size`` bytes of JSON) is over the gateway's
+    limit: said the same by the worker, which checks before reporting, and by the gateway."""
+    return JobError(
+        type="ResultTooLarge",
+        message=f"the result is {size} bytes, over the gateway's limit of {limit} "
+        "(HOSTGPU_MAX_RESULT_BYTES); return a path or a URL",
+        kind="limit",
+    )
 
 
 # -- what a client submits ------------------------------------------------------------------------

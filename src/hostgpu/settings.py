@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES
+
 DEFAULT_PORT = 8765
 
 
@@ -41,7 +43,7 @@ class Settings(BaseSettings):
     fallback_grace_seconds: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     max_blob_bytes: int = Field(default=4 * 1024**3, gt=0)
-    max_result_bytes: int = 8 * 1024 * 1024
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     # Inference API (per token, per gateway).
     infer_rate_per_minute: int = Field(default=600, gt=0)
     infer_concurrency: int = Field(default=16, gt=0)

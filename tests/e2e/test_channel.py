@@ -15,8 +15,7 @@ from websockets.sync.client import ClientConnection, connect
 import hostgpu
 from tests import e2efuncs as f
 from tests.conftest import Gateway, Worker
-
-FUNCTION = "foreign:double"
+from tests.e2e.raw import FUNCTION, register
 
 
 @pytest.fixture
@@ -25,21 +24,6 @@ def api(gateway: Gateway) -> Iterator[httpx.Client]:
         base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.token}"}, timeout=30
     ) as client:
         yield client
-
-
-def register(api: httpx.Client) -> str:
-    """A worker written in another language: it registers, then speaks the channel."""
-    reply = api.post(
-        "/v1/workers",
-        json={
-            "name": "raw",
-            "devices": [{"kind": "cpu", "name": "cpu"}],
-            "modules": ["foreign"],
-            "functions": {FUNCTION: {"gpu": "cpu", "timeout": 30, "retries": 0}},
-        },
-    )
-    assert reply.status_code == 201, reply.text
-    return str(reply.json()["worker_id"])
 
 
 def open_channel(gateway: Gateway, worker_id: str, token: str | None) -> ClientConnection:

@@ -62,6 +62,9 @@ def test_a_foreign_client_and_worker_speak_the_protocol(api: httpx.Client) -> No
     worker = registered.json()
     wid = worker["worker_id"]
     assert worker["lease_seconds"] > worker["heartbeat_seconds"] > 0
+    # Its limits: a report (or channel message) over the first is refused whole (413); a
+    # result over the second fails its job, so a worker can fail it before sending it.
+    assert worker["max_body_bytes"] > worker["max_result_bytes"] > 0
 
     # A client (say, curl) submits with no options: the declared ones hold.
     submitted = api.post("/v1/jobs", json={"function": "foreign:double", "payload": {"args": [21]}})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -221,7 +222,8 @@ def run_call(
         armed = False
         try:
             armed = _watchdog.arm(timeout)
-            done = execute(Run(job_id, path, payload, serializer, device))
+            # Results travel in Ray's object store, not in a gateway's report: no size limit.
+            done = execute(Run(job_id, path, payload, serializer, device, sys.maxsize))
         except CallTimedOut as exc:  # fired outside the function (encoding its result)
             done = None
             error: dict[str, Any] | None = {

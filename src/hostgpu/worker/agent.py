@@ -34,6 +34,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
 
 import hostgpu
-from hostgpu.api import MAX_LEASE, ChannelUp
+from hostgpu.api import MAX_LEASE, ChannelUp, ReportResponse
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.client import Client
 from hostgpu.devices.probe import Report
@@ -56,10 +57,11 @@ from hostgpu.errors import (
     ConfigError,
     GatewayError,
     GatewayUnavailable,
+    InvalidInput,
     NotFound,
 )
 from hostgpu.functions import FunctionOptions
-from hostgpu.jobs import JobError, Lease, Outcome, ReportResult
+from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES, JobError, Lease, Outcome, ReportResult
 from hostgpu.worker.runner import ChildPool
 from hostgpu.worker.serving import EnginePool, Streamer
 
@@ -70,6 +72,8 @@ log = logging.getLogger("hostgpu.worker")
 
 #: A channel closed sooner than this after it opened is opened again after a pause.
 SHORT_LIVED_S = 10.0
+#: Room left in a report for what goes with a result (ids, timings, the JSON around it).
+REPORT_OVERHEAD = 64 * 1024
 T = TypeVar("T")
 
 #: Built-in modules a worker offers when their dependencies are installed.
@@ -225,6 +229,8 @@ class WorkerAgent:
         self._seq = 0
         #: An error that ended the channel's receiver and must stop the worker (a revoked token).
         self._fatal: BaseException | None = None
+        #: The largest report or channel message the gateway takes (it says when registering).
+        self._max_message: int | None = None
         #: Which channel this is (grants belong to one), when it opened, and how many in a row
         #: lived less than ``SHORT_LIVED_S``.
         self._epoch = 0
@@ -341,6 +347,14 @@ class WorkerAgent:
         if isinstance(self.pool, EnginePool):
             self.pool.streamer.worker_id = reply.worker_id
         self.heartbeat_seconds = reply.heartbeat_seconds
+        if reply.max_body_bytes:
+            self._max_message = reply.max_body_bytes
+        if isinstance(self.pool, ChildPool):
+            # A result must fit in a report as well as under the gateway's result limit.
+            self.pool.max_result_bytes = min(
+                reply.max_result_bytes or DEFAULT_MAX_RESULT_BYTES,
+                (reply.max_body_bytes or sys.maxsize) - REPORT_OVERHEAD,
+            )
         log.info(
             "registered as %s with %s; publishing %d function(s)",
             self.worker_id,
@@ -381,7 +395,18 @@ class WorkerAgent:
                         done = True
                         break
                     batch.append(item)
-                self._send(client, batch)
+                try:
+                    self._send(client, batch)
+                except AuthError as exc:  # nothing this worker runs could be reported: stop
+                    log.error("the gateway refused this worker's token for a report: %s", exc)
+                    self._fatal = exc
+                    self.request_stop()
+                except Exception:  # a reporter that died would leave a busy-looking worker
+                    log.exception(
+                        "could not report %d outcome(s); their jobs run again when their "
+                        "leases expire",
+                        len(batch),
+                    )
                 if done:
                     return
         finally:
@@ -396,27 +421,81 @@ class WorkerAgent:
         # for capacity during a backlog (`.map`), and then the reports do the leasing.
         busy = self._polling or self._channel is not None  # jobs come there
         room = 0 if self._stop.is_set() or busy else self._reserve()
+        refusal: Exception | None = None
         try:
             try:
-                reply = self._retrying(
-                    lambda: client.report(self._require_id(), batch, lease=room),
-                    while_stopping=True,
-                )
-            except NotFound:
-                self.register(client)
-                reply = self._retrying(
-                    lambda: client.report(self._require_id(), batch, lease=room),
-                    while_stopping=True,
-                )
+                reply = self._report(client, batch, room)
             except GatewayUnavailable:
                 log.error("dropping %d outcome(s): stopping while the gateway is away", len(batch))
                 return
-            # The next jobs came back with the results: no separate lease round trip.
-            self._start(reply.leases)
+            except (InvalidInput, GatewayError) as exc:
+                if not _refused_whole(exc):
+                    raise
+                refusal = exc
+            else:
+                # The next jobs came back with the results: no separate lease round trip.
+                self._start(reply.leases)
         finally:
             self._unreserve(room)
+        if refusal is not None:
+            self._send_refused(client, batch, refusal)
+            return
         self._last_contact = time.monotonic()
         self._note_results(batch, reply.results)
+
+    def _report(self, client: Client, batch: list[Outcome], room: int) -> ReportResponse:
+        """One report over HTTP, retried while the gateway is away; registered again first
+        if the gateway has forgotten this worker."""
+
+        def call() -> ReportResponse:
+            return client.report(self._require_id(), batch, lease=room)
+
+        try:
+            return self._retrying(call, while_stopping=True)
+        except NotFound:
+            self.register(client)
+            return self._retrying(call, while_stopping=True)
+
+    def _send_refused(self, client: Client, batch: list[Outcome], refusal: Exception) -> None:
+        """The gateway (or a proxy) refused the whole report: too large, say. Send it in
+        halves; an outcome refused on its own fails its job with the reason, so that its
+        caller reads why instead of waiting for the lease to expire and the job to run again
+        (and be refused again)."""
+        if len(batch) > 1:
+            half = len(batch) // 2
+            self._send(client, batch[:half])
+            self._send(client, batch[half:])
+            return
+        [outcome] = batch
+        error = outcome.error
+        if outcome.status not in ("succeeded", "failed") or (
+            error is not None and error.type == "ReportRefused"
+        ):
+            log.error(
+                "job %s: the gateway refused its %s report: %s",
+                outcome.job_id,
+                outcome.status,
+                refusal,
+            )
+            return
+        log.error(
+            "job %s: the gateway refused its outcome (%s); reporting it failed",
+            outcome.job_id,
+            refusal,
+        )
+        failed = outcome.model_copy(
+            update={
+                "status": "failed",
+                "result": None,
+                "retryable": False,
+                "error": JobError(
+                    type="ReportRefused",
+                    message=f"the gateway refused this job's outcome: {refusal}",
+                    kind="limit",
+                ),
+            }
+        )
+        self._send(client, [failed])
 
     def _note_results(self, batch: list[Outcome], results: Sequence[ReportResult]) -> None:
         for result in results:
@@ -470,7 +549,12 @@ class WorkerAgent:
         while True:
             try:
                 channel = self._retrying(
-                    lambda: Channel.open(client.gateway, client.token, self._require_id())
+                    lambda: Channel.open(
+                        client.gateway,
+                        client.token,
+                        self._require_id(),
+                        max_message=self._max_message,
+                    )
                 )
                 self._opened_at = time.monotonic()
                 return channel
@@ -916,3 +1000,16 @@ class WorkerAgent:
                 client.deregister(self.worker_id)
         except Exception as exc:  # the gateway may be gone; it will expire us
             log.info("could not deregister: %s", exc)
+
+
+def _refused_whole(exc: Exception) -> bool:
+    """Whether the gateway (or a proxy before it) refused a report as such: too large (413)
+    or invalid (422). Not a refused token, nor an unreachable gateway: those are not about
+    what the report holds, and sending it in parts would not help."""
+    if isinstance(exc, InvalidInput):
+        return True
+    return (
+        isinstance(exc, GatewayError)
+        and not isinstance(exc, AuthError | GatewayUnavailable)
+        and exc.status == 413
+    )

@@ -20,6 +20,7 @@ from hostgpu.api import ChannelDown, ChannelUp
 from hostgpu.errors import (
     AuthError,
     ChannelUnsupported,
+    GatewayError,
     GatewayUnavailable,
     HostGPUError,
     NotFound,
@@ -39,13 +40,25 @@ def channel_url(gateway: str, worker_id: str) -> str:
 
 
 class Channel:
-    def __init__(self, connection: ClientConnection, url: str) -> None:
+    def __init__(
+        self, connection: ClientConnection, url: str, max_message: int | None = None
+    ) -> None:
         self._ws = connection
         self.url = url
+        #: The gateway's limit: it closes the channel on a larger message (1009).
+        self.max_message = max_message
         self._send_lock = threading.Lock()
 
     @classmethod
-    def open(cls, gateway: str, token: str, worker_id: str, timeout: float = 10.0) -> Channel:
+    def open(
+        cls,
+        gateway: str,
+        token: str,
+        worker_id: str,
+        timeout: float = 10.0,
+        *,
+        max_message: int | None = None,
+    ) -> Channel:
         url = channel_url(gateway, worker_id)
         try:
             connection = connect(
@@ -55,7 +68,11 @@ class Channel:
                 # them would cost more CPU than it saves time.
                 compression=None,
                 open_timeout=timeout,
-                max_size=2**26,
+                # A push holds several leases, each with a payload of up to the gateway's
+                # body limit: a cap here would close the channel on them, and the same push
+                # would come again once their leases expired. The gateway is trusted: its
+                # jobs run here.
+                max_size=None,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -69,10 +86,19 @@ class Channel:
             raise ChannelUnsupported(f"{url}: {exc}") from exc
         except (OSError, TimeoutError) as exc:
             raise GatewayUnavailable(f"cannot open {url}: {exc}") from exc
-        return cls(connection, url)
+        return cls(connection, url, max_message)
 
     def send(self, message: ChannelUp) -> None:
         data = message.model_dump_json()
+        limit = self.max_message
+        if limit is not None and len(data) * 4 > limit and len(data.encode()) > limit:
+            # Refused here rather than by the gateway, which would close the channel: the
+            # caller sends it over HTTP, in parts if need be.
+            raise GatewayError(
+                f"{self.url}: a message of {len(data.encode())} bytes is over the gateway's "
+                f"limit of {limit}",
+                status=413,
+            )
         with self._send_lock:
             try:
                 self._ws.send(data)

@@ -58,6 +58,7 @@ class Run(NamedTuple):
     payload: Any  # json: {"args": [...], "kwargs": {...}} or None; pickle: a base64 str
     serializer: str
     device: str  # torch device string: "cpu", "cuda:0", "mps"
+    max_result_bytes: int  # the gateway's limit: a larger result fails here, readably
 
 
 class Ready(NamedTuple):
@@ -220,27 +221,37 @@ def _decode_args(
     raise AssertionError(serializer)  # pragma: no cover - checked above
 
 
-def _encode_result(function: str, result: Any, serializer: str) -> Any:
+def _encode_result(function: str, result: Any, serializer: str, limit: int) -> Any:
     if serializer == "pickle":
         try:
-            return base64.b64encode(pickle.dumps(result)).decode("ascii")
+            encoded: Any = base64.b64encode(pickle.dumps(result)).decode("ascii")
         except BaseException as exc:
             raise _Refused.caught(
                 "serialization",
                 f"{function} returned a {type(result).__name__} that cannot be pickled: {exc}",
                 exc,
             ) from None
-    try:
-        json.dumps(result, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise _Refused(
-            "serialization",
-            f"{function} returned a {type(result).__name__} that is not JSON-serializable "
-            f"({exc}); return plain lists, dicts, strings, finite numbers, booleans or None "
-            '(or declare the function with serializer="pickle")',
-            error_type=type(exc).__name__,
-        ) from None
-    return result
+        size = len(encoded) + 2  # a JSON string
+    else:
+        try:
+            size = len(json.dumps(result, allow_nan=False))  # ASCII: characters are bytes
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _Refused(
+                "serialization",
+                f"{function} returned a {type(result).__name__} that is not JSON-serializable "
+                f"({exc}); return plain lists, dicts, strings, finite numbers, booleans or None "
+                '(or declare the function with serializer="pickle")',
+                error_type=type(exc).__name__,
+            ) from None
+        encoded = result
+    if size > limit:
+        # Checked here, not only by the gateway: a report over its body limit would be
+        # refused whole, and the job would wait for its lease to expire, then run again.
+        from hostgpu.jobs import result_too_large  # rare: keep the child's start light
+
+        error = result_too_large(size, limit)
+        raise _Refused(error.kind, error.message, error_type=error.type)
+    return encoded
 
 
 def execute(run: Run) -> Done:
@@ -268,7 +279,7 @@ def execute(run: Run) -> Done:
             retryable = getattr(exc, "retryable", True) is not False
             return Done(run.job_id, False, None, error, retryable, import_s, run_s)
         run_s = time.perf_counter() - started
-        encoded = _encode_result(run.function, result, run.serializer)
+        encoded = _encode_result(run.function, result, run.serializer, run.max_result_bytes)
         return Done(run.job_id, True, encoded, None, True, import_s, run_s)
     except _Refused as exc:
         return Done(run.job_id, False, None, exc.error(), False, import_s, run_s)

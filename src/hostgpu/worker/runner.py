@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import IO, Any
 
-from hostgpu.jobs import JobError, Lease, Outcome, Payload
+from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES, JobError, Lease, Outcome, Payload
 from hostgpu.worker import child as child_module
 from hostgpu.worker.child import Done, Ready, Run
 
@@ -119,6 +119,9 @@ class ChildPool:
         self.ready: Ready | None = None
         self._ready_event = threading.Event()
         self._undelivered = 0  # reports taken off the books but not yet given to on_result
+        #: A result larger than this (as JSON) fails its job in the child: the gateway's
+        #: limit, set once the worker has registered (a gateway that does not say: its default).
+        self.max_result_bytes = DEFAULT_MAX_RESULT_BYTES
 
     # -- public API -------------------------------------------------------------------------
 
@@ -422,6 +425,7 @@ class ChildPool:
                     payload.model_dump() if isinstance(payload, Payload) else payload,
                     task.serializer,
                     task.device.torch_device,
+                    self.max_result_bytes,
                 )
                 try:
                     buf = ForkingPickler.dumps(msg)

@@ -29,7 +29,7 @@ from hostgpu.gateway.deps import Gateway, GatewayDep, ReaderOrWorker, WorkerId, 
 from hostgpu.gateway.routes.jobs import REPOLL_S
 from hostgpu.gateway.streams import StreamHub, tell_engines
 from hostgpu.inference.jobs import INFERENCE_FUNCTION, LENDER_LABEL, MODEL_LABEL_PREFIX
-from hostgpu.jobs import JobError, JobState, Lease, Outcome, ReportResult
+from hostgpu.jobs import JobState, Lease, Outcome, ReportResult, result_too_large
 from hostgpu.store import Store
 from hostgpu.tokens import TokenInfo
 
@@ -118,6 +118,8 @@ async def register(
         worker_id=new_id,
         lease_seconds=gw.settings.lease_seconds,
         heartbeat_seconds=gw.settings.lease_seconds / 3,
+        max_body_bytes=gw.settings.max_body_bytes,
+        max_result_bytes=gw.settings.max_result_bytes,
     )
 
 
@@ -265,12 +267,7 @@ def _limit_results(outcomes: list[Outcome], limit: int) -> list[Outcome]:
         if outcome.status == "succeeded" and outcome.result is not None:
             size = len(json.dumps(outcome.result, separators=(",", ":")))
             if size > limit:
-                error = JobError(
-                    type="ResultTooLarge",
-                    message=f"the result is {size} bytes, over the gateway's limit of {limit} "
-                    "(HOSTGPU_MAX_RESULT_BYTES); return a path or a URL",
-                    kind="limit",
-                )
+                error = result_too_large(size, limit)
                 outcome = outcome.model_copy(
                     update={"status": "failed", "result": None, "retryable": False, "error": error}
                 )

@@ -1,0 +1,121 @@
+"""A worker never sends a report the gateway cannot take, and a refused report costs no job:
+an oversized result fails its job at once with the reason (on the channel and over HTTP), a
+report too large as a whole goes in parts, an outcome refused on its own fails its job
+readably, and the reporter goes on after any of these."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import hostgpu
+from hostgpu.capabilities import Device
+from hostgpu.client import Client
+from hostgpu.errors import JobFailed
+from hostgpu.jobs import MAX_ERROR_MESSAGE, MAX_TRACEBACK, JobError, Outcome
+from hostgpu.worker.agent import WorkerAgent, WorkerConfig
+from tests import e2efuncs as f
+from tests.conftest import Gateway, Worker
+from tests.e2e.raw import FUNCTION, register
+
+BODY_LIMIT = 300_000
+
+
+@pytest.mark.parametrize("transport", ["channel", "http"])
+def test_oversized_result_fails_at_once_and_the_worker_goes_on(
+    gateway: Gateway, workers: list[Worker], transport: str
+) -> None:
+    # 20 MB: over the result limit (8 MB) and over the body limit (16 MB) too. Before, the
+    # report was refused whole (413), the reporter thread died, and this job and every later
+    # one on the worker waited until the caller gave up.
+    extra = ("--no-channel",) if transport == "http" else ()
+    workers.append(Worker(gateway, extra_args=extra).start())
+    hostgpu.connect(gateway.url, gateway.token)
+    started = time.monotonic()
+    with pytest.raises(JobFailed, match=r"ResultTooLarge: the result is 20000002 bytes"):
+        f.big_result.remote(20_000_000)
+    assert time.monotonic() - started < 15  # failed, not left to its lease's expiry
+    assert f.add.remote(2, 3) == 5
+    assert f.big_result.remote(1000) == "x" * 1000
+
+
+def test_huge_error_message_is_cut_not_refused(gateway: Gateway, worker: Worker) -> None:
+    hostgpu.connect(gateway.url, gateway.token)
+    with pytest.raises(JobFailed, match="ValueError: yyyy"):
+        f.boom_at_length.remote(20_000_000)
+    with gateway.client() as api:
+        [job] = api.list_jobs(function="tests.e2efuncs:boom_at_length").jobs
+    assert job.error is not None
+    message = job.error.message
+    assert len(message) <= MAX_ERROR_MESSAGE
+    assert message.startswith("yyyy") and "characters cut" in message
+    assert f.add.remote(1, 1) == 2
+
+
+def test_error_texts_are_bounded() -> None:
+    error = JobError(type="E", message="m" * 10**6, traceback="head\n" + "t" * 10**6 + "\nlast")
+    assert len(error.message) <= MAX_ERROR_MESSAGE
+    assert len(error.traceback) <= MAX_TRACEBACK
+    assert error.traceback.endswith("\nlast")  # what was raised, and where, is kept
+    assert JobError(type="E", message="short").message == "short"
+
+
+@pytest.fixture
+def small_gateway(home: Path, gateway_factory: list[Gateway]) -> Gateway:
+    gw = Gateway(
+        home,
+        f"sqlite:///{home / 'small.db'}",
+        env_extra={"HOSTGPU_MAX_BODY_BYTES": str(BODY_LIMIT)},
+    ).start()
+    gateway_factory.append(gw)
+    return gw
+
+
+def test_report_too_large_as_a_whole_goes_in_parts(small_gateway: Gateway) -> None:
+    gw = small_gateway
+    with httpx.Client(
+        base_url=gw.url, headers={"Authorization": f"Bearer {gw.token}"}, timeout=30
+    ) as api:
+        worker_id = register(api)
+        ids = api.post(
+            "/v1/jobs/batch", json={"jobs": [{"function": FUNCTION} for _ in range(7)]}
+        ).json()["ids"]
+        leases = api.post(f"/v1/workers/{worker_id}/lease", json={"max_jobs": 7}).json()["leases"]
+        assert len(leases) == 7
+
+        # The worker's reporter, on the real gateway: six 100 kB results (600 kB together,
+        # twice the body limit) and one of 320 kB, over the body limit on its own.
+        agent = WorkerAgent(
+            WorkerConfig(gateway=gw.url, token=gw.token, devices=[Device(kind="cpu", name="c")])
+        )
+        agent.worker_id = worker_id
+        agent._stop.set()  # report only: take no new jobs with the reports
+        sizes = {lease["job_id"]: 100_000 for lease in leases[:6]}
+        sizes[leases[6]["job_id"]] = 320_000
+        batch = [
+            Outcome(
+                job_id=lease["job_id"],
+                lease_token=lease["lease_token"],
+                status="succeeded",
+                result="r" * sizes[lease["job_id"]],
+            )
+            for lease in leases
+        ]
+        with Client(gw.url, gw.token) as client:
+            agent._send(client, batch)
+
+        jobs = {j["id"]: j for j in api.post("/v1/jobs/wait", json={"ids": ids}).json()["jobs"]}
+        assert len(jobs) == 7
+        for job_id, size in sizes.items():
+            job = jobs[job_id]
+            if size == 100_000:
+                assert job["state"] == "succeeded" and job["result"] == "r" * size
+            else:  # failed readably, not left leased to run again (and be refused again)
+                assert job["state"] == "failed", job
+                assert job["error"]["type"] == "ReportRefused"
+                assert "413" in job["error"]["message"]
+        refused = api.get("/metrics").text
+        assert 'status="413"' in refused  # the whole report was refused first, then split
