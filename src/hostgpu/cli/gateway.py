@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Annotated
 
 import typer
@@ -42,6 +43,14 @@ def serve(
     if not settings.database_url:
         settings.gateway_url_path.write_text(url + "\n")
     console.print(f"gateway on {url}  store: {_safe(settings.resolved_database_url)}")
+    # The cyclic collector cost a busy gateway a fifth of its CPU during a large .map: full
+    # collections rescanned the whole heap, most of which (the imports, the app, its
+    # schemas) lives as long as the process, and young ones ran every 700 allocations, while
+    # nearly everything a request makes is freed by reference counting anyway. So: that heap
+    # is frozen out of the collector's way, and young collections run 30 times less often.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
     uvicorn.run(
         app,
         host=settings.host,
