@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hostgpu.capabilities import WorkerInfo
 from hostgpu.inference.jobs import EngineState, StreamEvent
-from hostgpu.jobs import Job, JobSpec, Lease, Outcome, ReportResult
+from hostgpu.jobs import Job, JobResult, JobSpec, Lease, Outcome, ReportResult
 from hostgpu.requirements import NOT_BOOL
 from hostgpu.stats import ThroughputBucket, WorkerLoad
 from hostgpu.tokens import Scope, TokenInfo
@@ -75,6 +75,10 @@ class WaitRequest(_Request):
     timeout: Annotated[float, Field(ge=0, le=60), NOT_BOOL] = Field(
         default=10.0, description="seconds to wait at most"
     )
+
+
+class JobResults(BaseModel):
+    results: list[JobResult]
 
 
 class JobList(BaseModel):

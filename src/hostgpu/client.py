@@ -20,6 +20,7 @@ from hostgpu.api import (
     HeartbeatResponse,
     JobIds,
     JobList,
+    JobResults,
     LeaseResponse,
     Pruned,
     QueueStats,
@@ -47,7 +48,7 @@ from hostgpu.errors import (
 )
 from hostgpu.inference.jobs import EngineState, StreamEvent
 from hostgpu.inference.openai_schema import ModelList
-from hostgpu.jobs import Job, JobSpec, JobState, Lease, Outcome
+from hostgpu.jobs import Job, JobResult, JobSpec, JobState, Lease, Outcome
 from hostgpu.settings import Settings, get_settings
 from hostgpu.tokens import Scope, TokenInfo
 
@@ -175,6 +176,16 @@ class Client:
             timeout=timeout + 30,
         )
         return JobList.model_validate(data).jobs
+
+    def results(self, job_ids: Sequence[str], *, timeout: float = 10.0) -> list[JobResult]:
+        """As :meth:`wait`, with only each finished job's result or error."""
+        data = self.request(
+            "POST",
+            "/v1/jobs/results",
+            json={"ids": list(job_ids), "timeout": timeout},
+            timeout=timeout + 30,
+        )
+        return JobResults.model_validate(data).results
 
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/cancel"))

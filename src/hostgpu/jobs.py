@@ -326,6 +326,18 @@ class Job(BaseModel):
         return self.id[:12]
 
 
+class JobResult(BaseModel):
+    """What a finished job gave, and no more: its result or error (``POST /v1/jobs/results``,
+    which ``.map()`` waits on; a :class:`Job` also carries its call, options and times)."""
+
+    id: str
+    function: str
+    state: JobState
+    attempts: int
+    result: Any = None
+    error: JobError | None = None
+
+
 # -- what a worker gets and gives back ------------------------------------------------------------
 class Lease(BaseModel):
     """A job handed to a worker, with the token that fences its completion."""

@@ -41,7 +41,7 @@ from typing import (
 
 from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
 from hostgpu.functions import FunctionOptions, import_path, publish
-from hostgpu.jobs import Job, JobSpec, JobState, Payload
+from hostgpu.jobs import Job, JobResult, JobSpec, JobState, Payload
 
 if TYPE_CHECKING:
     from hostgpu.client import Client
@@ -143,7 +143,7 @@ def decode_result(value: Any, serializer: str) -> Any:
     return value
 
 
-def raise_for(job: Job) -> None:
+def raise_for(job: Job | JobResult) -> None:
     """Raise JobFailed (with the remote traceback) or JobCancelled for a finished job."""
     if job.state is JobState.failed:
         error = job.error
@@ -367,7 +367,7 @@ class GatewayBackend:
                 if remaining <= 0:
                     raise JobTimeout(f"{len(pending)} of {len(items)} jobs unfinished")
                 window = list(itertools.islice(pending, 1000))
-                for job in client.wait(window, timeout=min(10.0, remaining)):
+                for job in client.results(window, timeout=min(10.0, remaining)):
                     index = pending.pop(job.id)
                     if job.state is JobState.succeeded:
                         results[index] = decode_result(job.result, serializer)

@@ -236,6 +236,30 @@ def test_non_retryable_failure_is_final(store: Store) -> None:
     assert store.get(job.id).state is JobState.failed
 
 
+def test_results_are_those_of_finished_jobs_only(store: Store) -> None:
+    jobs = store.enqueue([spec(), spec(), spec(), spec()])
+    _, leases = lease_all(store, caps(), 3)
+    by_job = {lease.job_id: lease for lease in leases}
+    done, failed, running = (j for j in jobs if j.id in by_job)
+    [queued] = [j for j in jobs if j.id not in by_job]
+    ok(store, by_job[done.id], result={"answer": 42})
+    report(
+        store, by_job[failed.id], "failed", retryable=False, error=JobError(type="E", message="no")
+    )
+    store.cancel(queued.id)
+    asked = [done.id, failed.id, running.id, queued.id, "f" * 32]
+    results = {r.id: r for r in store.results(asked)}
+    assert set(results) == {done.id, failed.id, queued.id}  # not the running one, nor unknown
+    assert results[done.id].state is JobState.succeeded
+    assert results[done.id].result == {"answer": 42} and results[done.id].error is None
+    assert results[failed.id].state is JobState.failed and results[failed.id].attempts == 1
+    error = results[failed.id].error
+    assert error is not None and error.type == "E" and error.message.startswith("no")
+    assert results[queued.id].state is JobState.cancelled
+    assert results[done.id].function == done.function
+    assert store.results([]) == []
+
+
 def test_release_does_not_count_an_attempt(store: Store) -> None:
     [job] = store.enqueue([spec(max_retries=0)])
     _, [lease] = lease_all(store, caps())

@@ -18,6 +18,7 @@ SCOPES = {
     ("POST", "/v1/jobs/batch"): {"submit"},
     ("GET", "/v1/jobs/summary"): {"submit", "read"},
     ("POST", "/v1/jobs/wait"): {"submit", "read"},
+    ("POST", "/v1/jobs/results"): {"submit", "read"},
     ("GET", "/v1/jobs/{job_id}"): {"submit", "read"},
     ("POST", "/v1/jobs/{job_id}/cancel"): {"submit"},
     ("POST", "/v1/jobs/{job_id}/rerun"): set(),
@@ -144,6 +145,7 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
         ("POST", f"/v1/workers/{'e' * 32}/lease", {"json": {"max_jobs": 1}}, 404, "no worker"),
         ("POST", f"/v1/workers/{'e' * 32}/heartbeat", {"json": {}}, 404, "no worker"),
         ("POST", "/v1/jobs/wait", {"json": {"ids": ["a"], "timeout": 999}}, 422, "timeout"),
+        ("POST", "/v1/jobs/results", {"json": {"ids": []}}, 422, "ids"),
         ("DELETE", "/v1/tokens/nope", {}, 422, "token_id"),
         ("DELETE", "/v1/tokens/0123456789abcdef", {}, 404, "no token"),
         (

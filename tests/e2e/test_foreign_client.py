@@ -42,6 +42,7 @@ def test_a_foreign_client_and_worker_speak_the_protocol(api: httpx.Client) -> No
         ("post", "/v1/workers/{worker_id}/heartbeat"),
         ("post", "/v1/workers/{worker_id}/report"),
         ("post", "/v1/jobs/wait"),
+        ("post", "/v1/jobs/results"),
         ("get", "/v1/jobs/{job_id}"),
         ("post", "/v1/jobs/{job_id}/cancel"),
         ("delete", "/v1/workers/{worker_id}"),
@@ -97,6 +98,20 @@ def test_a_foreign_client_and_worker_speak_the_protocol(api: httpx.Client) -> No
     waited = api.post("/v1/jobs/wait", json={"ids": [job["id"]], "timeout": 5}).json()
     [finished] = waited["jobs"]
     assert finished["state"] == "succeeded" and finished["result"] == 42
+    # Only the results (what `.map()` waits on): the same long poll, a smaller answer.
+    results = api.post("/v1/jobs/results", json={"ids": [job["id"]], "timeout": 5}).json()
+    assert results == {
+        "results": [
+            {
+                "id": job["id"],
+                "function": "foreign:double",
+                "state": "succeeded",
+                "attempts": 1,
+                "result": 42,
+                "error": None,
+            }
+        ]
+    }
 
     # Cancel, by the short id the CLI and dashboard show.
     other = api.post("/v1/jobs", json={"function": "foreign:double", "payload": {"args": [1]}})

@@ -26,7 +26,11 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 
 
 #: Long-poll fields and the operations that have them.
-LONG_POLLS = {"/v1/jobs/wait": "timeout", "/v1/workers/{worker_id}/lease": "wait"}
+LONG_POLLS = {
+    "/v1/jobs/wait": "timeout",
+    "/v1/jobs/results": "timeout",
+    "/v1/workers/{worker_id}/lease": "wait",
+}
 #: Event streams: no input to fuzz, and each example would stream for a minute.
 STREAMS = {"/v1/events"}
 #: Content-addressed uploads: the path is the SHA-256 of the body, a rule no schema can state,

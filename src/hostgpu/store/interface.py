@@ -19,7 +19,16 @@ from typing import Any, BinaryIO
 
 from hostgpu.capabilities import Capabilities, WorkerInfo
 from hostgpu.functions import FunctionOptions, Requested, Resolved
-from hostgpu.jobs import Job, JobError, JobState, Lease, Outcome, Payload, ReportResult
+from hostgpu.jobs import (
+    Job,
+    JobError,
+    JobResult,
+    JobState,
+    Lease,
+    Outcome,
+    Payload,
+    ReportResult,
+)
 from hostgpu.stats import ExpiredLease, JobFacts, QueueGroup, ThroughputBucket, WorkerLoad
 from hostgpu.tokens import TokenInfo
 
@@ -103,6 +112,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_many(self, job_ids: Sequence[str], *, terminal_only: bool = False) -> list[Job]:
         """The jobs among ``job_ids`` that exist (optionally only finished ones)."""
+
+    @abc.abstractmethod
+    def results(self, job_ids: Sequence[str]) -> list[JobResult]:
+        """The results (or errors) of the finished jobs among ``job_ids``; a light read that
+        leaves out the call, the options and the times."""
 
     @abc.abstractmethod
     def list_jobs(

@@ -67,6 +67,7 @@ from hostgpu.jobs import (
     Event,
     Job,
     JobError,
+    JobResult,
     JobState,
     Lease,
     Outcome,
@@ -322,6 +323,9 @@ class SQLStore(Store):
         #: Jobs by id (``b_ids``), and only the finished ones (a ``.map``'s long poll).
         self._get_many = select(jobs).where(self._ids_in(jobs.c.id))
         self._get_finished = self._get_many.where(_in(jobs.c.state, TERMINAL))
+        self._get_results = select(
+            jobs.c.id, jobs.c.function, jobs.c.state, jobs.c.attempts, jobs.c.result, jobs.c.error
+        ).where(self._ids_in(jobs.c.id), _in(jobs.c.state, TERMINAL))
         self._migrate()
 
     # -- backend hooks ------------------------------------------------------------------
@@ -581,6 +585,22 @@ class SQLStore(Store):
         query = self._get_finished if terminal_only else self._get_many
         with self._read() as conn:
             return [self._to_job(r) for r in conn.execute(query, {"b_ids": list(job_ids)})]
+
+    def results(self, job_ids: Sequence[str]) -> list[JobResult]:
+        if not job_ids:
+            return []
+        with self._read() as conn:
+            return [
+                JobResult(
+                    id=row.id,
+                    function=row.function,
+                    state=JobState(row.state),
+                    attempts=row.attempts,
+                    result=_loads(row.result),
+                    error=_error(row.error),
+                )
+                for row in conn.execute(self._get_results, {"b_ids": list(job_ids)})
+            ]
 
     def list_jobs(
         self, where: JobFilter | None = None, *, limit: int = 100, cursor: str | None = None
