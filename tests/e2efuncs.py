@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,26 @@ def boom(message: str) -> None:
 @hostgpu.function(gpu="cpu", retries=0)
 def boom_at_length(size: int) -> None:
     raise ValueError("y" * size)
+
+
+@hostgpu.function(gpu="cpu", retries=0)
+def undecodable_names() -> list[str]:
+    """What os.listdir gives for a file name that is not valid UTF-8: a lone surrogate."""
+    with tempfile.TemporaryDirectory() as folder:
+        Path(os.fsdecode(os.path.join(os.fsencode(folder), b"f\xff.txt"))).touch()
+        return os.listdir(folder)
+
+
+@hostgpu.function(gpu="cpu", retries=0)
+def boom_undecodable() -> None:
+    name = os.fsdecode(b"f\xff.txt")
+    raise FileNotFoundError(f"no such file: {name}")
+
+
+@hostgpu.function(gpu="cpu", retries=0)
+def fork_and_return() -> str:
+    os.fork()  # both copies return from here; only the child that ran the job may answer
+    return "forked"
 
 
 @hostgpu.function(gpu="cpu", retries=0, timeout=1.0)

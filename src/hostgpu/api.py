@@ -22,6 +22,8 @@ from hostgpu.tokens import Scope, TokenInfo
 MAX_BATCH = 5000
 #: Job and worker ids are 32 hex digits; a unique prefix of 4 or more names one too.
 ID_PATTERN = r"^[0-9a-f]{4,32}$"
+#: A job id in full (where a prefix cannot be looked up).
+FULL_ID_PATTERN = r"^[0-9a-f]{32}$"
 WORKER_ID_PATTERN = r"^[0-9a-f]{32}$"
 #: Jobs one lease asks for at most: a lease request, a channel's grant, a push.
 MAX_LEASE = 1000
@@ -69,8 +71,10 @@ class JobIds(BaseModel):
 
 
 class WaitRequest(_Request):
-    ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
-        min_length=1, max_length=MAX_BATCH, description="job ids, or unique prefixes (4+ hex)"
+    ids: list[Annotated[str, Field(pattern=FULL_ID_PATTERN)]] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="job ids, whole (404 when one names no job: it would never finish)",
     )
     timeout: Annotated[float, Field(ge=0, le=60), NOT_BOOL] = Field(
         default=10.0, description="seconds to wait at most"

@@ -136,9 +136,22 @@ ErrorKind = Literal[
 
 
 #: Error texts past these lengths (characters) are cut where the error is made, so that a job
-#: that raises with a 20 MB message still fails readably, in a report the gateway takes.
+#: that raises with a 20 MB message still fails readably, in a report the gateway takes (and
+#: lone surrogates in them are escaped, for the same reason).
 MAX_ERROR_MESSAGE = 64 * 1024
 MAX_TRACEBACK = 256 * 1024
+
+
+def as_text(text: str) -> str:
+    """``text`` with any lone surrogate written as its escape (``\\udcff``): an exception
+    about an undecodable file name carries one, and it is not text anywhere else."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def clip(text: str, limit: int, *, keep: Literal["head", "tail"] = "head") -> str:
@@ -162,13 +175,13 @@ class JobError(BaseModel):
     @field_validator("type", "message")
     @classmethod
     def _clip_message(cls, value: str) -> str:
-        return clip(value, MAX_ERROR_MESSAGE)
+        return as_text(clip(value, MAX_ERROR_MESSAGE))
 
     @field_validator("traceback")
     @classmethod
     def _clip_traceback(cls, value: str) -> str:
         # A traceback's end says what was raised, and where: keep that.
-        return clip(value, MAX_TRACEBACK, keep="tail")
+        return as_text(clip(value, MAX_TRACEBACK, keep="tail"))
 
     def summary(self, limit: int = 2000) -> str:
         return f"{self.type}: {self.message}"[:limit]

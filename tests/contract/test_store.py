@@ -115,6 +115,22 @@ def test_idempotency_key_returns_existing_job(store: Store) -> None:
     assert sum(store.count_by_state().values()) == 3
 
 
+def test_idempotency_key_reused_for_another_call_is_refused(store: Store) -> None:
+    def call(*args: object, function: str = "m:f", key: str = "k", **kwargs: object) -> NewJob:
+        return spec(function, payload={"args": list(args), "kwargs": kwargs}, idempotency_key=key)
+
+    [first] = store.enqueue([call(1, a=1, b=2)])
+    [same] = store.enqueue([call(1, b=2, a=1)])  # the same call (keyword order aside)
+    assert same.id == first.id
+    for other in (call(2, a=1, b=2), call(1, a=1, b=2, function="m:g")):
+        with pytest.raises(InvalidInput, match="idempotency key 'k' was first used for another"):
+            store.enqueue([call(key="fresh"), other])
+    # Within one batch too; and a refused batch stores nothing.
+    with pytest.raises(InvalidInput, match="'j'"):
+        store.enqueue([call(0, key="j"), call(1, key="j")])
+    assert sum(store.count_by_state().values()) == 1
+
+
 @pytest.mark.parametrize(
     ("gpu", "memory", "devices", "expected"),
     [
@@ -258,6 +274,13 @@ def test_results_are_those_of_finished_jobs_only(store: Store) -> None:
     assert results[queued.id].state is JobState.cancelled
     assert results[done.id].function == done.function
     assert store.results([]) == []
+
+
+def test_unknown_ids(store: Store) -> None:
+    [job] = store.enqueue([spec()])
+    nobody, other = "0" * 32, "1" * 32
+    assert store.unknown([nobody, job.id, other, nobody]) == [nobody, other]
+    assert store.unknown([job.id]) == [] and store.unknown([]) == []
 
 
 def test_release_does_not_count_an_attempt(store: Store) -> None:

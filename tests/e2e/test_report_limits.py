@@ -1,7 +1,9 @@
 """A worker never sends a report the gateway cannot take, and a refused report costs no job:
 an oversized result fails its job at once with the reason (on the channel and over HTTP), a
 report too large as a whole goes in parts, an outcome refused on its own fails its job
-readably, and the reporter goes on after any of these."""
+readably, and the reporter goes on after any of these. Text that is not Unicode (a lone
+surrogate, as os.listdir gives for an undecodable file name) fails its job, or is refused
+at submission with a 422, never stored. A job that forks does not break its worker."""
 
 from __future__ import annotations
 
@@ -119,3 +121,70 @@ def test_report_too_large_as_a_whole_goes_in_parts(small_gateway: Gateway) -> No
                 assert "413" in job["error"]["message"]
         refused = api.get("/metrics").text
         assert 'status="413"' in refused  # the whole report was refused first, then split
+
+
+def test_undecodable_text_fails_its_job_and_the_worker_goes_on(
+    gateway: Gateway, workers: list[Worker]
+) -> None:
+    # Before, the report of either job could not be encoded: the worker's slots leaked, it
+    # stopped heartbeating and leasing, and every job it held ran again on the next worker,
+    # which broke the same way.
+    workers.append(Worker(gateway, concurrency=1).start())
+    hostgpu.connect(gateway.url, gateway.token)
+    with pytest.raises(JobFailed, match="lone surrogate"):
+        f.undecodable_names.remote()
+    with pytest.raises(JobFailed, match=r"no such file: f\\udcff\.txt"):
+        f.boom_undecodable.remote()
+    assert f.add.map(range(20), progress=False) == list(range(20))
+
+
+def test_lone_surrogate_in_a_request_is_refused_and_nothing_stored(gateway: Gateway) -> None:
+    with gateway.http() as http:
+        for body in (
+            b'{"function": "tests.e2efuncs:add", "payload": {"args": ["\\ud800", 1]}}',
+            b'{"function": "tests.e2efuncs:add\\udcff"}',
+            b'{"jobs": [{"function": "tests.e2efuncs:add", "idempotency_key": "k\\udfff"}]}',
+        ):
+            path = "/v1/jobs/batch" if body.startswith(b'{"jobs"') else "/v1/jobs"
+            reply = http.post(path, content=body, headers={"content-type": "application/json"})
+            assert reply.status_code == 422, reply.text
+            assert "lone UTF-16 surrogate" in reply.json()["detail"]
+        assert http.get("/v1/jobs").json()["jobs"] == []  # nothing stored, listing works
+        # A surrogate pair (how ensure_ascii encoders write emoji) is text: accepted.
+        emoji = b'{"function": "tests.e2efuncs:add", "payload": {"args": ["\\ud83d\\ude00", 1]}}'
+        reply = http.post("/v1/jobs", content=emoji, headers={"content-type": "application/json"})
+        assert reply.status_code == 201, reply.text
+        assert reply.json()["payload"]["args"] == ["\U0001f600", 1]
+
+
+def test_a_job_that_forks_leaves_its_worker_working(
+    gateway: Gateway, workers: list[Worker]
+) -> None:
+    workers.append(Worker(gateway, concurrency=1).start())
+    hostgpu.connect(gateway.url, gateway.token)
+    assert f.fork_and_return.remote() == "forked"
+    assert f.add.remote(2, 2) == 4
+    # The child still answers alone, and its supervisor still enforces timeouts on it.
+    with pytest.raises(JobFailed, match="Timeout"):
+        f.hang.remote(30)
+    assert f.add.remote(3, 3) == 6
+
+
+def test_waiting_on_a_job_that_does_not_exist_is_a_404_not_a_silent_wait(
+    gateway: Gateway,
+) -> None:
+    with gateway.http() as http:
+        [job_id] = http.post(
+            "/v1/jobs/batch", json={"jobs": [{"function": "tests.e2efuncs:add"}]}
+        ).json()["ids"]
+        for path in ("/v1/jobs/wait", "/v1/jobs/results"):
+            started = time.monotonic()
+            reply = http.post(path, json={"ids": [job_id, "0" * 32, "1" * 32], "timeout": 30})
+            assert reply.status_code == 404, reply.text
+            assert f"no job with id '{'0' * 32}' (and 1 more)" in reply.json()["detail"]
+            assert time.monotonic() - started < 5
+            # A job that exists but has not finished is waited for, as before.
+            reply = http.post(path, json={"ids": [job_id], "timeout": 0.5})
+            assert reply.status_code == 200 and next(iter(reply.json().values())) == []
+            prefix = http.post(path, json={"ids": [job_id[:8]], "timeout": 0.5})
+            assert prefix.status_code == 422 and "ids" in prefix.text

@@ -1,8 +1,10 @@
-"""Request body limit, enforced before the body is read into memory."""
+"""Request bodies: a size limit, enforced before the body is read into memory, and text that
+is valid Unicode."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -14,8 +16,33 @@ class BodyTooLarge(HTTPException):
     reads the body (anything else it turns into a 400), so the client sees the 413."""
 
 
+class NotUnicode(HTTPException):
+    """Raised from inside ``receive``, like :class:`BodyTooLarge`: the client sees the 422."""
+
+
+#: A ``\\uD800``–``\\uDFFF`` escape: the only way JSON can spell a lone UTF-16 surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def lone_surrogate(body: bytes) -> bool:
+    """Whether this JSON body holds a string with a lone UTF-16 surrogate: JSON allows the
+    escape, Python decodes it, but it is not text; stored, it would fail every response that
+    shows it (and every worker lease that carries it). Pairs, as ``ensure_ascii`` encoders
+    write emoji, are fine. Looked at closely only when such an escape is there at all."""
+    if b"\\u" not in body or not _SURROGATE_ESCAPE.search(body):
+        return False
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except ValueError:  # not JSON: the route says so
+        return False
+    return False
+
+
 class BodyLimitMiddleware:
-    """Answer 413 for bodies over ``max_bytes``, whether or not Content-Length says so."""
+    """Answer 413 for bodies over ``max_bytes``, whether or not Content-Length says so, and
+    422 for a JSON body with a lone surrogate in it (see :func:`lone_surrogate`)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
@@ -39,14 +66,24 @@ class BodyLimitMiddleware:
                     return
         received = 0
         started = False
+        chunks: list[bytes] = []
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > self.max_bytes:
                     raise BodyTooLarge(413, self._message(received))
+                chunks.append(chunk)
+                if not message.get("more_body", False) and lone_surrogate(b"".join(chunks)):
+                    raise NotUnicode(
+                        422,
+                        "the JSON body holds a lone UTF-16 surrogate escape (\\ud800–\\udfff "
+                        "without its pair), which is not text: send valid Unicode (for "
+                        "undecodable file names, os.fsencode them, or name them another way)",
+                    )
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -60,6 +97,9 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not started:
                 await self._reply(send, 413, self._message(received))
+        except NotUnicode as exc:
+            if not started:
+                await self._reply(send, 422, exc.detail)
 
     def _message(self, size: int) -> str:
         return (

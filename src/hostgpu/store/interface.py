@@ -114,6 +114,10 @@ class Store(abc.ABC):
         """The jobs among ``job_ids`` that exist (optionally only finished ones)."""
 
     @abc.abstractmethod
+    def unknown(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of ``job_ids`` that name no job, in their order."""
+
+    @abc.abstractmethod
     def results(self, job_ids: Sequence[str]) -> list[JobResult]:
         """The results (or errors) of the finished jobs among ``job_ids``; a light read that
         leaves out the call, the options and the times."""

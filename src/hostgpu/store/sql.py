@@ -145,6 +145,17 @@ def _payload_json(payload: Payload | str | None) -> str | None:
     return _dumps(payload)
 
 
+def _same_call(key: str, job: NewJob, function: str, payload: str | None) -> None:
+    """A key names one call: reused for another function or other arguments, the second
+    call would be silently dropped (the draft IETF Idempotency-Key header answers 422)."""
+    if function == job.function and _loads(payload) == _loads(_payload_json(job.payload)):
+        return
+    raise InvalidInput(
+        f"idempotency key {key!r} was first used for another call ({function} with other "
+        "arguments): a key names one call; give this one a new key"
+    )
+
+
 def _error(value: str | None) -> JobError | None:
     raw = _loads(value)
     if raw is None:
@@ -323,6 +334,7 @@ class SQLStore(Store):
         #: Jobs by id (``b_ids``), and only the finished ones (a ``.map``'s long poll).
         self._get_many = select(jobs).where(self._ids_in(jobs.c.id))
         self._get_finished = self._get_many.where(_in(jobs.c.state, TERMINAL))
+        self._known = select(jobs.c.id).where(self._ids_in(jobs.c.id))
         self._get_results = select(
             jobs.c.id, jobs.c.function, jobs.c.state, jobs.c.attempts, jobs.c.result, jobs.c.error
         ).where(self._ids_in(jobs.c.id), _in(jobs.c.state, TERMINAL))
@@ -491,10 +503,13 @@ class SQLStore(Store):
             for job in new:
                 key = job.idempotency_key
                 if key and key in existing:
+                    _same_call(key, job, existing[key].function, existing[key].payload)
                     order.append(key)
                     continue
                 if key and key in batch_keys:
-                    order.append(batch_keys[key])
+                    earlier = batch_keys[key]
+                    _same_call(key, job, earlier["function"], earlier["payload"])
+                    order.append(earlier)
                     continue
                 fallback_at = now + self.fallback_grace_s if job.options.fallback else None
                 row = {
@@ -585,6 +600,13 @@ class SQLStore(Store):
         query = self._get_finished if terminal_only else self._get_many
         with self._read() as conn:
             return [self._to_job(r) for r in conn.execute(query, {"b_ids": list(job_ids)})]
+
+    def unknown(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        with self._read() as conn:
+            known = set(conn.execute(self._known, {"b_ids": list(job_ids)}).scalars())
+        return [i for i in dict.fromkeys(job_ids) if i not in known]
 
     def results(self, job_ids: Sequence[str]) -> list[JobResult]:
         if not job_ids:

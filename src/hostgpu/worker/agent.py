@@ -395,22 +395,34 @@ class WorkerAgent:
                         done = True
                         break
                     batch.append(item)
-                try:
-                    self._send(client, batch)
-                except AuthError as exc:  # nothing this worker runs could be reported: stop
-                    log.error("the gateway refused this worker's token for a report: %s", exc)
-                    self._fatal = exc
-                    self.request_stop()
-                except Exception:  # a reporter that died would leave a busy-looking worker
-                    log.exception(
-                        "could not report %d outcome(s); their jobs run again when their "
-                        "leases expire",
-                        len(batch),
-                    )
+                self._send_safely(client, batch)
                 if done:
                     return
         finally:
             client.close()
+
+    def _send_safely(self, client: Client, batch: list[Outcome]) -> None:
+        """Send a batch; if it fails for a reason of its own, send its outcomes one by one,
+        so that one that cannot be sent does not take the others with it. The reporter goes
+        on whatever happens: one that died would leave a busy-looking worker."""
+        try:
+            self._send(client, batch)
+            return
+        except AuthError as exc:  # nothing this worker runs could be reported: stop
+            log.error("the gateway refused this worker's token for a report: %s", exc)
+            self._fatal = exc
+            self.request_stop()
+            return
+        except Exception:
+            if len(batch) == 1:
+                log.exception(
+                    "could not report job %s; it runs again when its lease expires",
+                    batch[0].job_id,
+                )
+                return
+            log.warning("could not report %d outcomes together; one by one", len(batch))
+        for outcome in batch:
+            self._send_safely(client, [outcome])
 
     def _send(self, client: Client, batch: list[Outcome]) -> None:
         if self._channel is not None and self._send_on_channel(self._channel, batch):
@@ -512,7 +524,7 @@ class WorkerAgent:
             self._unacked[seq] = batch
         try:
             channel.send(ChannelUp(seq=seq, outcomes=batch, grant=room))
-        except (GatewayError, NotFound) as exc:
+        except (GatewayError, NotFound, ValueError) as exc:  # ValueError: would not encode
             log.info("channel send failed (%s); reporting over HTTP", exc)
             with self._lock:
                 self._unacked.pop(seq, None)

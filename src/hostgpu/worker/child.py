@@ -234,7 +234,7 @@ def _encode_result(function: str, result: Any, serializer: str, limit: int) -> A
         size = len(encoded) + 2  # a JSON string
     else:
         try:
-            size = len(json.dumps(result, allow_nan=False))  # ASCII: characters are bytes
+            text = json.dumps(result, allow_nan=False)  # ASCII: characters are bytes
         except (TypeError, ValueError, RecursionError) as exc:
             raise _Refused(
                 "serialization",
@@ -243,6 +243,16 @@ def _encode_result(function: str, result: Any, serializer: str, limit: int) -> A
                 '(or declare the function with serializer="pickle")',
                 error_type=type(exc).__name__,
             ) from None
+        if "\\ud" in text and _lone_surrogate(result):
+            raise _Refused(
+                "serialization",
+                f"{function} returned a string with a lone surrogate in it, which is not text "
+                "(os.listdir and friends give one for a file name that is not valid UTF-8): "
+                "return os.fsencode(name).decode('utf-8', 'backslashreplace'), or bytes as "
+                'base64, or declare the function with serializer="pickle"',
+                error_type="UnicodeEncodeError",
+            )
+        size = len(text)
         encoded = result
     if size > limit:
         # Checked here, not only by the gateway: a report over its body limit would be
@@ -252,6 +262,14 @@ def _encode_result(function: str, result: Any, serializer: str, limit: int) -> A
         error = result_too_large(size, limit)
         raise _Refused(error.kind, error.message, error_type=error.type)
     return encoded
+
+
+def _lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def execute(run: Run) -> Done:
@@ -345,6 +363,7 @@ def main(
     ready = _preload(preload)
     _flush()
     conn.send(ready)
+    me = os.getpid()
     while True:
         try:
             msg = conn.recv()
@@ -353,6 +372,11 @@ def main(
         if msg is None:
             break
         done = execute(msg)
+        if os.getpid() != me:
+            # A job forked this process and its copy returned here: only this child may
+            # answer on the pipe, or take the next job. The copy ends now, silently (its
+            # buffered output is this child's to write).
+            os._exit(0)
         _flush()
         try:
             conn.send(done)

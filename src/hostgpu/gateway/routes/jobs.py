@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Query, Response
 
 from hostgpu.api import JobBatch, JobIds, JobList, JobResults, Summary, WaitRequest
+from hostgpu.errors import NotFound
 from hostgpu.gateway.deps import AdminToken, Gateway, GatewayDep, JobId, ReadToken, SubmitToken, run
 from hostgpu.gateway.notify import Notifier, Runnable
 from hostgpu.jobs import Job, JobSpec, JobState
@@ -191,12 +192,18 @@ async def _first_finished(
     """What ``read`` finds among ``body.ids`` once at least one of them has finished (or
     nothing, when ``body.timeout`` passes first)."""
     deadline = time.monotonic() + body.timeout
+    first = True
     while True:
         event = gw.notifier.event("finished")
         done = await run(read, body.ids, **options)
         remaining = deadline - time.monotonic()
         if done or remaining <= 0:
             return done
+        if first:  # a job that does not exist would never finish: say so, do not wait
+            first = False
+            if unknown := await run(gw.store.unknown, body.ids):
+                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                raise NotFound(f"no job with id {unknown[0]!r}{more}")
         woken = await gw.notifier.wait(event, min(remaining, REPOLL_S))
         if woken and len(body.ids) > 1:
             # Many jobs finish in bursts: let a few more land before reading the store
