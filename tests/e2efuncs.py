@@ -45,6 +45,16 @@ def boom_undecodable() -> None:
     raise FileNotFoundError(f"no such file: {name}")
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+@hostgpu.function(gpu="cpu", retries=0)
+def raise_unprintable() -> None:
+    raise Unprintable()
+
+
 @hostgpu.function(gpu="cpu", retries=0)
 def fork_and_return() -> str:
     os.fork()  # both copies return from here; only the child that ran the job may answer

@@ -135,6 +135,9 @@ def test_undecodable_text_fails_its_job_and_the_worker_goes_on(
         f.undecodable_names.remote()
     with pytest.raises(JobFailed, match=r"no such file: f\\udcff\.txt"):
         f.boom_undecodable.remote()
+    # An exception whose str() raises is the job's failure too, not a crashed child.
+    with pytest.raises(JobFailed, match=r"Unprintable: \(its str\(\) raised RuntimeError"):
+        f.raise_unprintable.remote()
     assert f.add.map(range(20), progress=False) == list(range(20))
 
 

@@ -264,6 +264,20 @@ def _encode_result(function: str, result: Any, serializer: str, limit: int) -> A
     return encoded
 
 
+def _describe(exc: BaseException) -> dict[str, Any]:
+    """The job's exception as an error record. Its ``str()`` and traceback are the user's
+    code too: if they raise, the record says so instead of the child dying with the job."""
+    try:
+        message = str(exc)
+    except Exception as inner:
+        message = f"(its str() raised {type(inner).__name__}: {inner!r})"
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except Exception:
+        tb = "".join(traceback.format_tb(exc.__traceback__))
+    return {"type": type(exc).__name__, "message": message, "traceback": tb, "kind": "exception"}
+
+
 def _lone_surrogate(value: Any) -> bool:
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -287,14 +301,12 @@ def execute(run: Run) -> Done:
             result = entry.fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit from a job must not end the child
             run_s = time.perf_counter() - started
-            error = {
-                "type": type(exc).__name__,
-                "message": str(exc),
-                "traceback": "".join(traceback.format_exception(exc)),
-                "kind": "exception",
-            }
+            error = _describe(exc)
             # Bad input (PipelineError, DeviceUnavailable, …) says it is not worth retrying.
-            retryable = getattr(exc, "retryable", True) is not False
+            try:
+                retryable = getattr(exc, "retryable", True) is not False
+            except Exception:  # a property that raises: the exception is still the job's
+                retryable = True
             return Done(run.job_id, False, None, error, retryable, import_s, run_s)
         run_s = time.perf_counter() - started
         encoded = _encode_result(run.function, result, run.serializer, run.max_result_bytes)
