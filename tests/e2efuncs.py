@@ -45,6 +45,18 @@ def boom_undecodable() -> None:
     raise FileNotFoundError(f"no such file: {name}")
 
 
+@hostgpu.function(gpu="cpu", retries=0)
+def change_process_state() -> str:
+    os.chdir("/")
+    os.environ["PROBE_LEAK"] = "1"
+    return os.getcwd()
+
+
+@hostgpu.function(gpu="cpu", retries=0)
+def process_state() -> dict[str, Any]:
+    return {"cwd": os.getcwd(), "leak": os.environ.get("PROBE_LEAK")}
+
+
 class Unprintable(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no text for you")

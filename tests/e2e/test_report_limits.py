@@ -191,3 +191,13 @@ def test_waiting_on_a_job_that_does_not_exist_is_a_404_not_a_silent_wait(
             assert reply.status_code == 200 and next(iter(reply.json().values())) == []
             prefix = http.post(path, json={"ids": [job_id[:8]], "timeout": 0.5})
             assert prefix.status_code == 422 and "ids" in prefix.text
+
+
+def test_a_job_does_not_change_the_next_ones_directory_or_environment(
+    gateway: Gateway, workers: list[Worker]
+) -> None:
+    workers.append(Worker(gateway, concurrency=1).start())  # one child: the same process
+    hostgpu.connect(gateway.url, gateway.token)
+    before = f.process_state.remote()
+    assert f.change_process_state.remote() == "/"
+    assert f.process_state.remote() == before and before["leak"] is None
