@@ -49,12 +49,20 @@ def boom_undecodable() -> None:
 def change_process_state() -> str:
     os.chdir("/")
     os.environ["PROBE_LEAK"] = "1"
+    os.environ.pop("HOME", None)
+    os.environ["PATH"] = "/nowhere"
     return os.getcwd()
 
 
 @hostgpu.function(gpu="cpu", retries=0)
 def process_state() -> dict[str, Any]:
-    return {"cwd": os.getcwd(), "leak": os.environ.get("PROBE_LEAK")}
+    env = os.environ
+    return {
+        "cwd": os.getcwd(),
+        "leak": env.get("PROBE_LEAK"),
+        "home": env.get("HOME"),
+        "path": env.get("PATH"),
+    }
 
 
 class Unprintable(Exception):

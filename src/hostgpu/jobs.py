@@ -159,7 +159,9 @@ def clip(text: str, limit: int, *, keep: Literal["head", "tail"] = "head") -> st
     if len(text) <= limit:
         return text
     note = f"[… {len(text) - limit:,} characters cut …]"
-    kept = max(0, limit - len(note) - 1)
+    kept = limit - len(note) - 1
+    if kept <= 0:
+        return note[:limit]
     return f"{text[:kept]}\n{note}" if keep == "head" else f"{note}\n{text[-kept:]}"
 
 

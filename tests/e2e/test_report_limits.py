@@ -152,6 +152,15 @@ def test_lone_surrogate_in_a_request_is_refused_and_nothing_stored(gateway: Gate
             reply = http.post(path, content=body, headers={"content-type": "application/json"})
             assert reply.status_code == 422, reply.text
             assert "lone UTF-16 surrogate" in reply.json()["detail"]
+        # The same surrogate as raw UTF-8 bytes, and in a UTF-16 body: Python's JSON decoder
+        # takes both.
+        text = '{"function": "tests.e2efuncs:add", "payload": {"args": ["\ud800", 1]}}'
+        for raw in (
+            text.encode("utf-8", "surrogatepass"),
+            text.encode("utf-16-le", "surrogatepass"),
+        ):
+            reply = http.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
+            assert reply.status_code == 422 and "surrogate" in reply.text, reply.text
         assert http.get("/v1/jobs").json()["jobs"] == []  # nothing stored, listing works
         # A surrogate pair (how ensure_ascii encoders write emoji) is text: accepted.
         emoji = b'{"function": "tests.e2efuncs:add", "payload": {"args": ["\\ud83d\\ude00", 1]}}'
@@ -201,3 +210,4 @@ def test_a_job_does_not_change_the_next_ones_directory_or_environment(
     before = f.process_state.remote()
     assert f.change_process_state.remote() == "/"
     assert f.process_state.remote() == before and before["leak"] is None
+    assert before["home"] and before["path"] != "/nowhere"  # changed and removed: restored

@@ -235,6 +235,15 @@ def test_non_json_result(shared: tuple[ChildPool, Collector]) -> None:
     assert r.error is not None and r.error.kind == "serialization"
 
 
+def test_result_size_is_measured_as_the_gateway_measures() -> None:
+    from hostgpu.worker import child
+
+    items = [0] * 1000  # 2,001 bytes of compact JSON; 3,000 with ", " between items
+    assert child._encode_result("m:f", items, "json", 2001) == items
+    with pytest.raises(child._Refused, match="the result is 2001 bytes, over the gateway's limit"):
+        child._encode_result("m:f", items, "json", 2000)
+
+
 def _pickled(*args: Any, **kwargs: Any) -> str:
     return base64.b64encode(pickle.dumps((args, kwargs))).decode()
 

@@ -22,6 +22,8 @@ class NotUnicode(HTTPException):
 
 #: A ``\\uD800``–``\\uDFFF`` escape: the only way JSON can spell a lone UTF-16 surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+#: A surrogate written as (invalid) UTF-8 bytes.
+_SURROGATE_BYTES = re.compile(rb"\xed[\xa0-\xbf]")
 
 
 def lone_surrogate(body: bytes) -> bool:
@@ -29,7 +31,10 @@ def lone_surrogate(body: bytes) -> bool:
     escape, Python decodes it, but it is not text; stored, it would fail every response that
     shows it (and every worker lease that carries it). Pairs, as ``ensure_ascii`` encoders
     write emoji, are fine. Looked at closely only when such an escape is there at all."""
-    if b"\\u" not in body or not _SURROGATE_ESCAPE.search(body):
+    escaped = b"\\u" in body and _SURROGATE_ESCAPE.search(body)
+    # Python's JSON decoder also takes a surrogate as raw UTF-8 bytes (ED A0–BF …), and
+    # bodies in UTF-16 or UTF-32 (NUL bytes in the first four).
+    if not escaped and not _SURROGATE_BYTES.search(body) and b"\x00" not in body[:4]:
         return False
     try:
         json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")

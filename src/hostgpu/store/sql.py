@@ -148,7 +148,11 @@ def _payload_json(payload: Payload | str | None) -> str | None:
 def _same_call(key: str, job: NewJob, function: str, payload: str | None) -> None:
     """A key names one call: reused for another function or other arguments, the second
     call would be silently dropped (the draft IETF Idempotency-Key header answers 422)."""
-    if function == job.function and _loads(payload) == _loads(_payload_json(job.payload)):
+    if function == job.function and (
+        # Pickled arguments need not pickle alike from one process to the next (a set's
+        # order follows string hashing): for them, the function is all that can be checked.
+        isinstance(job.payload, str) or _loads(payload) == _loads(_payload_json(job.payload))
+    ):
         return
     raise InvalidInput(
         f"idempotency key {key!r} was first used for another call ({function} with other "

@@ -351,9 +351,10 @@ class WorkerAgent:
             self._max_message = reply.max_body_bytes
         if isinstance(self.pool, ChildPool):
             # A result must fit in a report as well as under the gateway's result limit.
+            body = reply.max_body_bytes or sys.maxsize
             self.pool.max_result_bytes = min(
                 reply.max_result_bytes or DEFAULT_MAX_RESULT_BYTES,
-                (reply.max_body_bytes or sys.maxsize) - REPORT_OVERHEAD,
+                body - min(REPORT_OVERHEAD, body // 4),
             )
         log.info(
             "registered as %s with %s; publishing %d function(s)",
@@ -409,9 +410,10 @@ class WorkerAgent:
             self._send(client, batch)
             return
         except AuthError as exc:  # nothing this worker runs could be reported: stop
-            log.error("the gateway refused this worker's token for a report: %s", exc)
-            self._fatal = exc
-            self.request_stop()
+            if not self._stop.is_set():  # (a second stop request would be a cold stop)
+                log.error("the gateway refused this worker's token for a report: %s", exc)
+                self._fatal = exc
+                self.request_stop()
             return
         except Exception:
             if len(batch) == 1:

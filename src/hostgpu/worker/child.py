@@ -235,7 +235,8 @@ def _encode_result(function: str, result: Any, serializer: str, limit: int) -> A
         size = len(encoded) + 2  # a JSON string
     else:
         try:
-            text = json.dumps(result, allow_nan=False)  # ASCII: characters are bytes
+            # Measured as the gateway measures (compact, ASCII: characters are bytes).
+            text = json.dumps(result, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError, RecursionError) as exc:
             raise _Refused(
                 "serialization",
@@ -323,28 +324,36 @@ class _Baseline(NamedTuple):
     there is undone before the next, which may be another caller's, so that no job sees
     another's ``os.chdir`` or ``os.environ["TOKEN"] = …``."""
 
-    cwd: str
+    cwd: str | None  # None: the child started in a directory that is gone
     environ: dict[Any, Any]
 
     @classmethod
     def now(cls) -> _Baseline:
-        return cls(os.getcwd(), dict(_environ_data()))
+        try:
+            cwd: str | None = os.getcwd()
+        except OSError:
+            cwd = None
+        return cls(cwd, dict(_environ_data()))
 
     def restore(self) -> None:
-        try:
-            moved = os.getcwd() != self.cwd
-        except OSError:  # the job removed the directory it moved to
-            moved = True
-        if moved:
-            with contextlib.suppress(OSError):
-                os.chdir(self.cwd)
-        if _environ_data() != self.environ:
-            os.environ.clear()
-            os.environ.update(
-                {os.fsdecode(k): os.fsdecode(v) for k, v in self.environ.items()}
-                if _RAW_ENVIRON
-                else self.environ
-            )
+        if self.cwd is not None:
+            try:
+                moved = os.getcwd() != self.cwd
+            except OSError:  # the job removed the directory it moved to
+                moved = True
+            if moved:
+                with contextlib.suppress(OSError):
+                    os.chdir(self.cwd)
+        now = _environ_data()
+        if now == self.environ:
+            return
+        # Only what differs, so that nothing else sees the environment empty meanwhile.
+        name = os.fsdecode if _RAW_ENVIRON else str
+        for key in [k for k in now if k not in self.environ]:
+            os.environ.pop(name(key), None)
+        for key, value in self.environ.items():
+            if now.get(key) != value:
+                os.environ[name(key)] = name(value)
 
 
 #: CPython keeps the environment as bytes in ``os.environ._data``: comparing that is 1 µs a
