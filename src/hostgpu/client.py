@@ -169,23 +169,16 @@ class Client:
         return Job.model_validate(data)
 
     def wait(self, job_ids: Sequence[str], *, timeout: float = 10.0) -> list[Job]:
-        data = self.request(
-            "POST",
-            "/v1/jobs/wait",
-            json={"ids": list(job_ids), "timeout": timeout},
-            timeout=timeout + 30,
-        )
-        return JobList.model_validate(data).jobs
+        return JobList.model_validate(self._first_finished("wait", job_ids, timeout)).jobs
 
     def results(self, job_ids: Sequence[str], *, timeout: float = 10.0) -> list[JobResult]:
         """As :meth:`wait`, with only each finished job's result or error."""
-        data = self.request(
-            "POST",
-            "/v1/jobs/results",
-            json={"ids": list(job_ids), "timeout": timeout},
-            timeout=timeout + 30,
-        )
+        data = self._first_finished("results", job_ids, timeout)
         return JobResults.model_validate(data).results
+
+    def _first_finished(self, route: str, job_ids: Sequence[str], timeout: float) -> Any:
+        body = {"ids": list(job_ids), "timeout": timeout}
+        return self.request("POST", f"/v1/jobs/{route}", json=body, timeout=timeout + 30)
 
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/cancel"))

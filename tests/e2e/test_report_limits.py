@@ -107,7 +107,7 @@ def test_report_too_large_as_a_whole_goes_in_parts(small_gateway: Gateway) -> No
             for lease in leases
         ]
         with Client(gw.url, gw.token) as client:
-            agent._send(client, batch)
+            agent._send_safely(client, batch)
 
         jobs = {j["id"]: j for j in api.post("/v1/jobs/wait", json={"ids": ids}).json()["jobs"]}
         assert len(jobs) == 7

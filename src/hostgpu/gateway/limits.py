@@ -20,8 +20,8 @@ class NotUnicode(HTTPException):
     """Raised from inside ``receive``, like :class:`BodyTooLarge`: the client sees the 422."""
 
 
-#: A ``\\uD800``–``\\uDFFF`` escape: the only way JSON can spell a lone UTF-16 surrogate.
-_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+#: A ``\\uD800``–``\\uDFFF`` escape.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: A surrogate written as (invalid) UTF-8 bytes.
 _SURROGATE_BYTES = re.compile(rb"\xed[\xa0-\xbf]")
 
@@ -30,11 +30,10 @@ def lone_surrogate(body: bytes) -> bool:
     """Whether this JSON body holds a string with a lone UTF-16 surrogate: JSON allows the
     escape, Python decodes it, but it is not text; stored, it would fail every response that
     shows it (and every worker lease that carries it). Pairs, as ``ensure_ascii`` encoders
-    write emoji, are fine. Looked at closely only when such an escape is there at all."""
-    escaped = b"\\u" in body and _SURROGATE_ESCAPE.search(body)
+    write emoji, are fine. Looked at closely only when a surrogate may be there at all."""
     # Python's JSON decoder also takes a surrogate as raw UTF-8 bytes (ED A0–BF …), and
     # bodies in UTF-16 or UTF-32 (NUL bytes in the first four).
-    if not escaped and not _SURROGATE_BYTES.search(body) and b"\x00" not in body[:4]:
+    if not (_SURROGATE_ESCAPE.search(body) or _SURROGATE_BYTES.search(body) or b"\x00" in body[:4]):
         return False
     try:
         json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
@@ -85,7 +84,7 @@ class BodyLimitMiddleware:
                 if not message.get("more_body", False) and lone_surrogate(b"".join(chunks)):
                     raise NotUnicode(
                         422,
-                        "the JSON body holds a lone UTF-16 surrogate escape (\\ud800–\\udfff "
+                        "the JSON body holds a lone UTF-16 surrogate (\\ud800–\\udfff "
                         "without its pair), which is not text: send valid Unicode (for "
                         "undecodable file names, os.fsencode them, or name them another way)",
                     )

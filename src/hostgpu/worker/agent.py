@@ -403,9 +403,12 @@ class WorkerAgent:
             client.close()
 
     def _send_safely(self, client: Client, batch: list[Outcome]) -> None:
-        """Send a batch; if it fails for a reason of its own, send its outcomes one by one,
-        so that one that cannot be sent does not take the others with it. The reporter goes
-        on whatever happens: one that died would leave a busy-looking worker."""
+        """Send a batch, whatever happens: the reporter must go on (one that died would leave
+        a busy-looking worker). A batch that fails for a reason of its own (refused as too
+        large, say) goes again in halves, so one outcome cannot take the others with it; an
+        outcome the gateway refuses on its own fails its job with the reason, so that its
+        caller reads why instead of waiting for the lease to expire and the job to run again
+        (and be refused again)."""
         try:
             self._send(client, batch)
             return
@@ -415,16 +418,46 @@ class WorkerAgent:
                 self._fatal = exc
                 self.request_stop()
             return
-        except Exception:
-            if len(batch) == 1:
-                log.exception(
-                    "could not report job %s; it runs again when its lease expires",
-                    batch[0].job_id,
+        except Exception as exc:
+            failure = exc
+        if len(batch) > 1:
+            log.warning("could not report %d outcomes together (%s)", len(batch), failure)
+            half = len(batch) // 2
+            self._send_safely(client, batch[:half])
+            self._send_safely(client, batch[half:])
+            return
+        [outcome] = batch
+        error = outcome.error
+        refused = _refused_whole(failure) and outcome.status in ("succeeded", "failed")
+        if not refused or (error is not None and error.type == "ReportRefused"):
+            log.error(
+                "could not report job %s (%s); it runs again when its lease expires",
+                outcome.job_id,
+                failure,
+            )
+            return
+        log.error(
+            "job %s: the gateway refused its outcome (%s); reporting it failed",
+            outcome.job_id,
+            failure,
+        )
+        self._send_safely(
+            client,
+            [
+                outcome.model_copy(
+                    update={
+                        "status": "failed",
+                        "result": None,
+                        "retryable": False,
+                        "error": JobError(
+                            type="ReportRefused",
+                            message=f"the gateway refused this job's outcome: {failure}",
+                            kind="limit",
+                        ),
+                    }
                 )
-                return
-            log.warning("could not report %d outcomes together; one by one", len(batch))
-        for outcome in batch:
-            self._send_safely(client, [outcome])
+            ],
+        )
 
     def _send(self, client: Client, batch: list[Outcome]) -> None:
         if self._channel is not None and self._send_on_channel(self._channel, batch):
@@ -435,25 +468,16 @@ class WorkerAgent:
         # for capacity during a backlog (`.map`), and then the reports do the leasing.
         busy = self._polling or self._channel is not None  # jobs come there
         room = 0 if self._stop.is_set() or busy else self._reserve()
-        refusal: Exception | None = None
         try:
             try:
                 reply = self._report(client, batch, room)
             except GatewayUnavailable:
                 log.error("dropping %d outcome(s): stopping while the gateway is away", len(batch))
                 return
-            except (InvalidInput, GatewayError) as exc:
-                if not _refused_whole(exc):
-                    raise
-                refusal = exc
-            else:
-                # The next jobs came back with the results: no separate lease round trip.
-                self._start(reply.leases)
+            # The next jobs came back with the results: no separate lease round trip.
+            self._start(reply.leases)
         finally:
             self._unreserve(room)
-        if refusal is not None:
-            self._send_refused(client, batch, refusal)
-            return
         self._last_contact = time.monotonic()
         self._note_results(batch, reply.results)
 
@@ -469,47 +493,6 @@ class WorkerAgent:
         except NotFound:
             self.register(client)
             return self._retrying(call, while_stopping=True)
-
-    def _send_refused(self, client: Client, batch: list[Outcome], refusal: Exception) -> None:
-        """The gateway (or a proxy) refused the whole report: too large, say. Send it in
-        halves; an outcome refused on its own fails its job with the reason, so that its
-        caller reads why instead of waiting for the lease to expire and the job to run again
-        (and be refused again)."""
-        if len(batch) > 1:
-            half = len(batch) // 2
-            self._send(client, batch[:half])
-            self._send(client, batch[half:])
-            return
-        [outcome] = batch
-        error = outcome.error
-        if outcome.status not in ("succeeded", "failed") or (
-            error is not None and error.type == "ReportRefused"
-        ):
-            log.error(
-                "job %s: the gateway refused its %s report: %s",
-                outcome.job_id,
-                outcome.status,
-                refusal,
-            )
-            return
-        log.error(
-            "job %s: the gateway refused its outcome (%s); reporting it failed",
-            outcome.job_id,
-            refusal,
-        )
-        failed = outcome.model_copy(
-            update={
-                "status": "failed",
-                "result": None,
-                "retryable": False,
-                "error": JobError(
-                    type="ReportRefused",
-                    message=f"the gateway refused this job's outcome: {refusal}",
-                    kind="limit",
-                ),
-            }
-        )
-        self._send(client, [failed])
 
     def _note_results(self, batch: list[Outcome], results: Sequence[ReportResult]) -> None:
         for result in results:
@@ -645,7 +628,7 @@ class WorkerAgent:
         if self._stop.is_set():
             # Stopping: the reporter may be gone already, and no channel is opened again.
             if unanswered:
-                self._send_http(client, unanswered)
+                self._send_safely(client, unanswered)
             return None
         for outcome in unanswered:
             self._outbox.put(outcome)
@@ -683,14 +666,7 @@ class WorkerAgent:
             channel.close()
         receiver.join(timeout=15)
         if unanswered := self._unanswered():
-            self._send_http(client, unanswered)
-
-    def _send_http(self, client: Client, outcomes: list[Outcome]) -> None:
-        """Report over HTTP whatever happens (a stopping worker's last outcomes)."""
-        try:
-            self._send(client, outcomes)
-        except Exception as exc:
-            log.error("dropping %d outcome(s): %s", len(outcomes), exc)
+            self._send_safely(client, unanswered)
 
     def _require_id(self) -> str:
         assert self.worker_id is not None
@@ -1002,7 +978,7 @@ class WorkerAgent:
                     if item is not None:
                         leftover.append(item)
             if leftover:
-                self._send_http(client, leftover)
+                self._send_safely(client, leftover)
         beater.join(timeout=5)
         self._deregister(client)
         client.close()
