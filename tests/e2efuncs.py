@@ -32,6 +32,14 @@ def boom_at_length(size: int) -> None:
 
 
 @hostgpu.function(gpu="cpu", retries=0)
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@hostgpu.function(gpu="cpu", retries=0)
 def undecodable_names() -> list[str]:
     """What os.listdir gives for a file name that is not valid UTF-8: a lone surrogate."""
     with tempfile.TemporaryDirectory() as folder:

@@ -18,9 +18,11 @@ import pytest
 from hostgpu.testing import Gateway, free_port
 
 
-def hostgpu(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def hostgpu(
+    home: Path, *args: str, check: bool = True, columns: int = 200
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTGPU_")}
-    env.update(HOSTGPU_HOME=str(home), COLUMNS="200", HF_HUB_OFFLINE="1")
+    env.update(HOSTGPU_HOME=str(home), COLUMNS=str(columns), HF_HUB_OFFLINE="1")
     done = subprocess.run(
         [sys.executable, "-m", "hostgpu", *args],
         env=env,
@@ -137,6 +139,13 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
     listed = json.loads(hostgpu(home, "jobs", "--json").stdout)
     assert {j["id"] for j in listed} >= {job["id"], job_id}
     assert '"queued": 1' in hostgpu(home, "jobs", "--summary", "--json").stdout
+    # Too narrow for the table's columns: one `header: value` line each, nothing cut away.
+    narrow = hostgpu(home, "jobs", columns=20).stdout
+    assert f"id: {job_id[:12]}" in narrow and "hostgpu.builtin:noop" in narrow
+    # A failure under --json is JSON too, for the pipe that reads it.
+    missing = hostgpu(home, "job", "0123456789abcdef", "--json", check=False)
+    assert missing.returncode == 1 and missing.stderr == ""
+    assert json.loads(missing.stdout)["error"]["type"] == "NotFound"
     hostgpu(home, "cancel", job_id)
     assert "cpu" in hostgpu(home, "workers").stdout
 

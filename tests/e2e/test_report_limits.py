@@ -169,6 +169,38 @@ def test_lone_surrogate_in_a_request_is_refused_and_nothing_stored(gateway: Gate
         assert reply.json()["payload"]["args"] == ["\U0001f600", 1]
 
 
+def test_a_result_nested_too_deep_fails_its_job_with_the_limit(
+    gateway: Gateway, workers: list[Worker]
+) -> None:
+    workers.append(Worker(gateway).start())
+    hostgpu.connect(gateway.url, gateway.token)
+    assert len(str(f.nested.remote(100))) == 200
+    with pytest.raises(JobFailed, match=r"TooDeep: .* nested 101 levels deep; the gateway takes"):
+        f.nested.remote(101)
+    # Past the JSON encoder's own recursion limit: still the job's failure, with the reason.
+    with pytest.raises(JobFailed, match=r"not JSON-serializable .*recursion"):
+        f.nested.remote(5000)
+
+
+def test_json_nested_too_deep_is_refused_with_the_limit(gateway: Gateway) -> None:
+    # Before, 500 levels were stored and failed on the worker with pickle's RecursionError.
+    def submit(http: httpx.Client, depth: int, then: str = "1") -> httpx.Response:
+        nested = "[" * depth + "]" * depth
+        body = f'{{"function": "tests.e2efuncs:add", "payload": {{"args": [{nested}, {then}]}}}}'
+        return http.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+
+    with gateway.http() as http:
+        for depth in (98, 500, 50_000):  # the body's own two levels, and the args list: 101
+            reply = submit(http, depth)
+            assert reply.status_code == 422, reply.text
+            assert "the limit is 100" in reply.json()["detail"]
+        assert http.get("/v1/jobs").json()["jobs"] == []
+        # 100 levels pass, and brackets inside strings are text, not nesting.
+        reply = submit(http, 97)
+        assert reply.status_code == 201, reply.text
+        assert submit(http, 1, '"' + "[{" * 500 + '"').status_code == 201
+
+
 def test_a_job_that_forks_leaves_its_worker_working(
     gateway: Gateway, workers: list[Worker]
 ) -> None:

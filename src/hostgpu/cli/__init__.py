@@ -9,7 +9,7 @@ import typer
 
 from hostgpu.cli import gateway, jobs, local, models, stack, tokens, worker
 from hostgpu.cli import ray as ray_cli
-from hostgpu.cli.common import err
+from hostgpu.cli.common import err, print_json
 from hostgpu.cli.doctor import doctor
 from hostgpu.errors import HostGPUError
 
@@ -82,5 +82,23 @@ def main() -> None:
     try:
         app()
     except HostGPUError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        if _wants_json(sys.argv[1:]):
+            # A pipe reading --json output parses the failure too, instead of getting nothing.
+            print_json({"error": _error_record(exc)})
+        else:
+            err.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(1)
+
+
+def _wants_json(args: list[str]) -> bool:
+    """Whether the command line asks for --json (before any `--`, after which it is data)."""
+    return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+
+def _error_record(exc: HostGPUError) -> dict[str, object]:
+    """What --json prints for a failure: its type, message, and the HTTP status if any."""
+    record: dict[str, object] = {"type": type(exc).__name__, "message": str(exc)}
+    status = getattr(exc, "status", None)
+    if status is not None:
+        record["status"] = status
+    return record

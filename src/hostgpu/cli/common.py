@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from hostgpu.client import Client
 from hostgpu.settings import read_secret
@@ -38,6 +39,25 @@ def print_json(data: Any) -> None:
     """JSON for pipes and files: plain, never wrapped or coloured, whatever the terminal width."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+# Below this many characters a column, rich squeezes a table into empty cells.
+MIN_COLUMN_WIDTH = 8
+
+
+def print_table(table: Table, out: Console = console) -> None:
+    """``table``, or where the terminal is too narrow for its columns, one ``header: value``
+    line per cell and a blank line between rows, which stay readable at any width."""
+    if out.width >= len(table.columns) * MIN_COLUMN_WIDTH + 1:
+        out.print(table)
+        return
+    if table.title:
+        out.print(table.title)
+    for number, row in enumerate(zip(*(column.cells for column in table.columns), strict=True)):
+        if number:
+            out.print()
+        for column, cell in zip(table.columns, row, strict=True):
+            out.print(f"[bold]{column.header}[/]:", cell)
 
 
 def token_from(token_file: Path | None) -> str | None:

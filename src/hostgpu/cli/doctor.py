@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hostgpu.cli.common import print_table
 from hostgpu.devices import REQUIREMENTS, Report, probe, smoke_test
 from hostgpu.devices import require as has_device
 from hostgpu.stack.docker import DockerReport, check_docker
@@ -71,7 +72,7 @@ def _render(console: Console, report: Report) -> None:
             _bytes(device.memory_bytes),
             device.compute_capability or "-",
         )
-    console.print(table)
+    print_table(table, console)
 
     for missing in report.missing:
         console.print(f"[red]✗ {missing.kind}[/red]: {missing.reason}", highlight=False)
@@ -90,7 +91,7 @@ def _render(console: Console, report: Report) -> None:
                 f"{vs_cpu}x" if vs_cpu is not None else "-",
                 str(entry.get("error") or ""),
             )
-        console.print(smoke)
+        print_table(smoke, console)
 
 
 def _render_docker(console: Console, docker: DockerReport) -> None:
@@ -105,7 +106,7 @@ def _render_docker(console: Console, docker: DockerReport) -> None:
             else ("[red]missing[/red]" if check.required else "[yellow]note[/yellow]")
         )
         table.add_row(check.name, status, check.detail or "-")
-    console.print(table)
+    print_table(table, console)
     for failed in docker.failures():
         if failed.reason:
             console.print(f"[red]✗ docker {failed.name}[/red]: {failed.reason}", highlight=False)

@@ -20,6 +20,7 @@ from hostgpu.cli.common import (
     err,
     parse_duration,
     print_json,
+    print_table,
 )
 from hostgpu.jobs import Job, JobSpec, JobState, Payload
 from hostgpu.sdk import raise_for
@@ -57,7 +58,7 @@ def list_jobs(
             for name, count in counts.counts.items():
                 table.add_row(f"[{STATE_STYLE[name]}]{name}[/]", str(count))
             table.add_row("[bold]total[/]", str(counts.total))
-            console.print(table)
+            print_table(table)
             return
         jobs = api.list_jobs(state=state, limit=limit).jobs
     if as_json:
@@ -79,7 +80,7 @@ def list_jobs(
             _when(job.created_at),
             note,
         )
-    console.print(table)
+    print_table(table)
 
 
 def show_job(
@@ -158,7 +159,7 @@ def list_workers(
             state,
             seen,
         )
-    console.print(table)
+    print_table(table)
 
 
 def cancel(

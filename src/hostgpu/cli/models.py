@@ -23,6 +23,7 @@ from hostgpu.cli.common import (
     err,
     native_report,
     print_json,
+    print_table,
     token_from,
 )
 from hostgpu.client import Client
@@ -318,7 +319,7 @@ def list_models(
         for spec in specs:
             memory = f"{spec.estimated_memory_bytes() / GB:.2f} GB"
             table.add_row(spec.name, spec.engine, memory, spec.description)
-        console.print(table)
+        print_table(table)
         return
     with client(gateway, token_file) as c:
         listing = c.models()
@@ -338,7 +339,7 @@ def list_models(
             or "-"
         )
         table.add_row(card.id, servers, loaded)
-    console.print(table)
+    print_table(table)
 
 
 def stream_chat(

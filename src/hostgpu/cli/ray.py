@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hostgpu.cli.common import JsonOpt, console, err, print_json
+from hostgpu.cli.common import JsonOpt, console, err, print_json, print_table
 
 app = typer.Typer(
     help="Run hostgpu functions on a Ray cluster whose nodes advertise their real accelerators.",
@@ -79,7 +79,7 @@ def start(
             _gb(device.memory_bytes),
             ray,
         )
-    err.print(table)
+    print_table(table, err)
     if advert.in_mac_vm:
         why = advert.unavailable.get("mps", "Metal is unreachable from containers")
         fix = advert.fixes.get("mps", "")
@@ -158,4 +158,4 @@ def status(
             ",".join(f"{k}={v}" for k, v in sorted(node.labels.items())) or "-",
             "\n".join(missing) or "-",
         )
-    console.print(table)
+    print_table(table)

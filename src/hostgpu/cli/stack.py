@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from hostgpu.cli.common import JsonOpt, console, err
+from hostgpu.cli.common import JsonOpt, console, err, print_table
 from hostgpu.settings import get_settings
 from hostgpu.stack.hybrid import HybridStack, UpOptions, dump
 
@@ -181,7 +181,7 @@ def status(json_output: JsonOpt = False, compose_file: ComposeFileOpt = None) ->
         report["gateway"],
         "postgres" if report["postgres"] else "sqlite",
     )
-    console.print(table)
+    print_table(table)
     console.print(f"uploads {report['uploads']['url']} → {report['uploads']['folder']}")
     if worker.get("service"):
         console.print(f"worker service {worker['service']}", highlight=False)

@@ -16,6 +16,7 @@ from hostgpu.cli.common import (
     console,
     parse_duration,
     print_json,
+    print_table,
 )
 from hostgpu.tokens import SCOPES
 
@@ -72,7 +73,7 @@ def list_tokens(
         table.add_row(
             t.id, t.name, t.scope, _when(t.created_at), _when(t.expires_at) or "never", state
         )
-    console.print(table)
+    print_table(table)
 
 
 @app.command()

@@ -1,14 +1,15 @@
-"""Request bodies: a size limit, enforced before the body is read into memory, and text that
-is valid Unicode."""
+"""Request bodies: a size limit, enforced before the body is read into memory, text that is
+valid Unicode, and JSON nested no deeper than a program can carry it."""
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hostgpu.jsontext import MAX_JSON_DEPTH, json_depth, lone_surrogate, too_deep
 
 
 class BodyTooLarge(HTTPException):
@@ -16,37 +17,14 @@ class BodyTooLarge(HTTPException):
     reads the body (anything else it turns into a 400), so the client sees the 413."""
 
 
-class NotUnicode(HTTPException):
+class Unacceptable(HTTPException):
     """Raised from inside ``receive``, like :class:`BodyTooLarge`: the client sees the 422."""
-
-
-#: A ``\\uD800``–``\\uDFFF`` escape.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-#: A surrogate written as (invalid) UTF-8 bytes.
-_SURROGATE_BYTES = re.compile(rb"\xed[\xa0-\xbf]")
-
-
-def lone_surrogate(body: bytes) -> bool:
-    """Whether this JSON body holds a string with a lone UTF-16 surrogate: JSON allows the
-    escape, Python decodes it, but it is not text; stored, it would fail every response that
-    shows it (and every worker lease that carries it). Pairs, as ``ensure_ascii`` encoders
-    write emoji, are fine. Looked at closely only when a surrogate may be there at all."""
-    # Python's JSON decoder also takes a surrogate as raw UTF-8 bytes (ED A0–BF …), and
-    # bodies in UTF-16 or UTF-32 (NUL bytes in the first four).
-    if not (_SURROGATE_ESCAPE.search(body) or _SURROGATE_BYTES.search(body) or b"\x00" in body[:4]):
-        return False
-    try:
-        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    except ValueError:  # not JSON: the route says so
-        return False
-    return False
 
 
 class BodyLimitMiddleware:
     """Answer 413 for bodies over ``max_bytes``, whether or not Content-Length says so, and
-    422 for a JSON body with a lone surrogate in it (see :func:`lone_surrogate`)."""
+    422 for a JSON body with a lone surrogate in it (see :func:`lone_surrogate`) or nested
+    deeper than :data:`MAX_JSON_DEPTH`."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
@@ -81,13 +59,8 @@ class BodyLimitMiddleware:
                 if received > self.max_bytes:
                     raise BodyTooLarge(413, self._message(received))
                 chunks.append(chunk)
-                if not message.get("more_body", False) and lone_surrogate(b"".join(chunks)):
-                    raise NotUnicode(
-                        422,
-                        "the JSON body holds a lone UTF-16 surrogate (\\ud800–\\udfff "
-                        "without its pair), which is not text: send valid Unicode (for "
-                        "undecodable file names, os.fsencode them, or name them another way)",
-                    )
+                if not message.get("more_body", False):
+                    self._check(b"".join(chunks))
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -101,9 +74,26 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not started:
                 await self._reply(send, 413, self._message(received))
-        except NotUnicode as exc:
+        except Unacceptable as exc:
             if not started:
                 await self._reply(send, 422, exc.detail)
+
+    @staticmethod
+    def _check(body: bytes) -> None:
+        if lone_surrogate(body):
+            raise Unacceptable(
+                422,
+                "the JSON body holds a lone UTF-16 surrogate (\\ud800–\\udfff without its "
+                "pair), which is not text: send valid Unicode (for undecodable file names, "
+                "os.fsencode them, or name them another way)",
+            )
+        if too_deep(body):
+            raise Unacceptable(
+                422,
+                f"the JSON body nests arrays or objects {json_depth(body)} levels deep; the "
+                f"limit is {MAX_JSON_DEPTH}: flatten the data, or send it as a file (an input "
+                "blob) the function reads",
+            )
 
     def _message(self, size: int) -> str:
         return (

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, TextIO
 
 from hostgpu import context
 from hostgpu.functions import Published, lookup, not_published_message, published
+from hostgpu.jsontext import MAX_JSON_DEPTH, json_depth, too_deep
 
 PICKLE_REFUSED = (
     'pickled arguments are only accepted by functions declared with serializer="pickle" '
@@ -253,6 +254,14 @@ def _encode_result(function: str, result: Any, serializer: str, limit: int) -> A
                 "return os.fsencode(name).decode('utf-8', 'backslashreplace'), or bytes as "
                 'base64, or declare the function with serializer="pickle"',
                 error_type="UnicodeEncodeError",
+            )
+        if too_deep(text.encode()):
+            raise _Refused(
+                "serialization",
+                f"{function} returned a value nested {json_depth(text.encode())} levels deep; "
+                f"the gateway takes {MAX_JSON_DEPTH}: return flatter data (or declare the "
+                'function with serializer="pickle")',
+                error_type="TooDeep",
             )
         size = len(text)
         encoded = result

@@ -1,0 +1,58 @@
+"""What JSON text hostgpu takes: valid Unicode, and nesting a program can carry.
+
+Checked on request bodies by the gateway and on results by the worker's child, which
+imports this module, so it stays as light as the standard library."""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import accumulate
+
+#: How deep a JSON body may nest arrays and objects. Deeper values fail far from where they
+#: were sent: Python's JSON decoder and pickle (which carries arguments to a worker's child)
+#: stop near 500 to 1,000 levels with a RecursionError. Real data rarely passes 20.
+MAX_JSON_DEPTH = 100
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+#: Every byte but the brackets, to delete; and the brackets as steps up (2) and down (0).
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep ``body`` nests arrays and objects (brackets inside strings do not count)."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS).translate(_STEPS)
+    return max(accumulate(step - 1 for step in brackets), default=0)
+
+
+def too_deep(body: bytes) -> bool:
+    """Whether ``body`` nests deeper than :data:`MAX_JSON_DEPTH`; counted only when it has
+    that many brackets at all, which almost no body has."""
+    return (
+        body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH
+    )
+
+
+#: A ``\\uD800``–``\\uDFFF`` escape.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: A surrogate written as (invalid) UTF-8 bytes.
+_SURROGATE_BYTES = re.compile(rb"\xed[\xa0-\xbf]")
+
+
+def lone_surrogate(body: bytes) -> bool:
+    """Whether this JSON body holds a string with a lone UTF-16 surrogate: JSON allows the
+    escape, Python decodes it, but it is not text; stored, it would fail every response that
+    shows it (and every worker lease that carries it). Pairs, as ``ensure_ascii`` encoders
+    write emoji, are fine. Looked at closely only when a surrogate may be there at all."""
+    # Python's JSON decoder also takes a surrogate as raw UTF-8 bytes (ED A0–BF …), and
+    # bodies in UTF-16 or UTF-32 (NUL bytes in the first four).
+    if not (_SURROGATE_ESCAPE.search(body) or _SURROGATE_BYTES.search(body) or b"\x00" in body[:4]):
+        return False
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except ValueError:  # not JSON: the route says so
+        return False
+    return False
