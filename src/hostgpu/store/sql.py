@@ -91,6 +91,7 @@ from hostgpu.store.interface import (
     Pending,
     Store,
 )
+from hostgpu.store.many import Many
 from hostgpu.store.schema import attempts, blobs, functions, job_inputs, jobs, tokens, workers
 from hostgpu.tokens import TokenInfo
 
@@ -328,6 +329,8 @@ class SQLStore(Store):
         self.origin = uuid.uuid4().hex[:12]
         self.transactions = {"read": 0, "write": 0}
         self._lane_cache: dict[str, Select[Any]] = {}
+        #: The hot executemany statements, run through the driver (see store/many.py).
+        self._many = Many()
         #: The fence facts of reported jobs, locked on PostgreSQL (built once, like the
         #: statements at the top of this module).
         self._fences = self._for_update(
@@ -541,7 +544,7 @@ class SQLStore(Store):
                 if key:
                     batch_keys[key] = row
             if rows:
-                conn.execute(_INSERT_JOBS, rows)
+                self._many.run(conn, _INSERT_JOBS, rows)
                 needs = [
                     {"job_id": r["id"], "digest": d}
                     for r in rows
@@ -862,7 +865,8 @@ class SQLStore(Store):
         """Lease the picked jobs to the worker and open their attempts; returns the attempt
         number of each job taken. Here every pick is taken: the caller's write transaction
         holds the only write lock (SQLite), so the candidates it read are still queued."""
-        conn.execute(
+        self._many.run(
+            conn,
             _LEASE_JOB,
             [
                 {
@@ -877,7 +881,8 @@ class SQLStore(Store):
                 for p in picks
             ],
         )
-        conn.execute(
+        self._many.run(
+            conn,
             _INSERT_ATTEMPTS,
             [
                 {
@@ -985,7 +990,7 @@ class SQLStore(Store):
             current = {row.id: row for row in conn.execute(self._fences, {"b_ids": ids})}
             plan = _ReportPlan(self.retry, now)
             results = [plan.judge(outcome, current.get(outcome.job_id)) for outcome in outcomes]
-            plan.write(conn)
+            plan.write(conn, self._many)
             refused = [r for r in results if not r.accepted and r.reason is None]
             if refused:
                 reasons = self._refusal_reasons(
@@ -1568,7 +1573,7 @@ class _ReportPlan:
             )
         return ReportResult(job_id=outcome.job_id, accepted=True)
 
-    def write(self, conn: Connection) -> None:
+    def write(self, conn: Connection, many: Many) -> None:
         """One executemany per kind of change, each a statement built once."""
         now = {"b_now": self.now}
         for statement, rows in (
@@ -1581,7 +1586,7 @@ class _ReportPlan:
             (_DROP_ATTEMPT, self.attempt_deletes),
         ):
             if rows:
-                conn.execute(statement, [{**row, **now} for row in rows])
+                many.run(conn, statement, [{**row, **now} for row in rows])
 
 
 class _Pick(NamedTuple):

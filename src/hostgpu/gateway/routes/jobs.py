@@ -29,24 +29,18 @@ T = TypeVar("T")
 def announce(notifier: Notifier, settings: Settings, jobs: Sequence[Job]) -> None:
     """Wake the idle workers that can run these new jobs (and again when a CPU fallback
     opens after its grace period)."""
+    queued = [j for j in jobs if j.resolved and j.state is JobState.queued]
+    kinds = [(j.function, j.requirements.model_dump_json(), j.fallback) for j in queued]
     distinct = {
-        (j.function, j.requirements.model_dump_json(), j.fallback): Runnable(
-            j.function, j.requirements, j.fallback
-        )
-        for j in jobs
-        if j.resolved and j.state is JobState.queued
+        kind: Runnable(j.function, j.requirements, j.fallback)
+        for kind, j in zip(kinds, queued, strict=True)
     }
     # One entry per kind of job, but a wake-up per job: a batch of 500 wakes up to 500
     # fitting waiters. A CPU fallback is not open yet: wake the workers that can run the job
     # as asked now (a CPU-only worker woken first would find nothing it may lease), and the
     # others when the fallback opens.
-    per_job = [
-        dataclasses.replace(
-            distinct[(j.function, j.requirements.model_dump_json(), j.fallback)], fallback=None
-        )
-        for j in jobs
-        if j.resolved and j.state is JobState.queued
-    ]
+    as_asked = {kind: dataclasses.replace(r, fallback=None) for kind, r in distinct.items()}
+    per_job = [as_asked[kind] for kind in kinds]
     notifier.runnable(per_job)
     fallbacks = [r for r in distinct.values() if r.fallback]
     if fallbacks:
