@@ -27,6 +27,8 @@ FULL_ID_PATTERN = r"^[0-9a-f]{32}$"
 WORKER_ID_PATTERN = r"^[0-9a-f]{32}$"
 #: Jobs one lease asks for at most: a lease request, a channel's grant, a push.
 MAX_LEASE = 1000
+#: The longest long poll, in seconds (a client that waits longer asks again).
+MAX_WAIT_S = 60
 LEASE_TOKEN_PATTERN = r"^[0-9a-f]{1,64}$"
 
 
@@ -76,7 +78,7 @@ class WaitRequest(_Request):
         max_length=MAX_BATCH,
         description="job ids, whole (404 when one names no job: it would never finish)",
     )
-    timeout: Annotated[float, Field(ge=0, le=60), NOT_BOOL] = Field(
+    timeout: Annotated[float, Field(ge=0, le=MAX_WAIT_S), NOT_BOOL] = Field(
         default=10.0, description="seconds to wait at most"
     )
 
@@ -110,11 +112,14 @@ class Registered(BaseModel):
         default=None,
         description="a result larger than this, as JSON, fails its job (ResultTooLarge)",
     )
+    channel_revoke: bool = Field(
+        default=False, description="the worker channel takes ChannelUp.revoke"
+    )
 
 
 class LeaseRequest(_Request):
     max_jobs: Annotated[int, Field(ge=1, le=MAX_LEASE), NOT_BOOL] = 1
-    wait: Annotated[float, Field(ge=0, le=60), NOT_BOOL] = Field(
+    wait: Annotated[float, Field(ge=0, le=MAX_WAIT_S), NOT_BOOL] = Field(
         default=0.0, description="long-poll up to this many seconds"
     )
 
@@ -160,12 +165,14 @@ class ChannelUp(_Request):
     """A worker's message on its channel (``/v1/workers/{id}/channel``, a WebSocket).
 
     ``grant`` adds job slots the gateway may fill (leases it pushes use them up: credits, so a
-    lease in flight is never counted twice); ``outcomes``, with a ``seq`` the answer repeats,
-    are recorded like ``POST …/report``."""
+    lease in flight is never counted twice); ``revoke`` takes back every slot granted and not
+    used yet (before this message's ``grant`` adds any); ``outcomes``, with a ``seq`` the
+    answer repeats, are recorded like ``POST …/report``."""
 
     seq: Annotated[int, Field(ge=0), NOT_BOOL] = 0
     outcomes: list[Outcome] = Field(default_factory=list, max_length=MAX_BATCH)
     grant: Annotated[int, Field(ge=0, le=MAX_LEASE), NOT_BOOL] = 0
+    revoke: bool = False
 
 
 class ChannelDown(BaseModel):

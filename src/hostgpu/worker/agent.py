@@ -74,6 +74,10 @@ log = logging.getLogger("hostgpu.worker")
 SHORT_LIVED_S = 10.0
 #: Room left in a report for what goes with a result (ids, timings, the JSON around it).
 REPORT_OVERHEAD = 64 * 1024
+#: A job leased ahead waits at most this long for a child (or four times the recent mean
+#: run time, if that is longer) before it goes back to the gateway for another worker: its
+#: children turned out to be busy with long jobs.
+PATIENCE_S = 1.0
 T = TypeVar("T")
 
 #: Built-in modules a worker offers when their dependencies are installed.
@@ -231,6 +235,8 @@ class WorkerAgent:
         self._fatal: BaseException | None = None
         #: The largest report or channel message the gateway takes (it says when registering).
         self._max_message: int | None = None
+        #: Whether the gateway's channel takes back granted slots (it says when registering).
+        self._channel_revoke = False
         #: Which channel this is (grants belong to one), when it opened, and how many in a row
         #: lived less than ``SHORT_LIVED_S``.
         self._epoch = 0
@@ -349,6 +355,7 @@ class WorkerAgent:
         self.heartbeat_seconds = reply.heartbeat_seconds
         if reply.max_body_bytes:
             self._max_message = reply.max_body_bytes
+        self._channel_revoke = reply.channel_revoke
         if isinstance(self.pool, ChildPool):
             # A result must fit in a report as well as under the gateway's result limit.
             body = reply.max_body_bytes or sys.maxsize
@@ -681,6 +688,7 @@ class WorkerAgent:
             while not self._finished.is_set():
                 now = time.monotonic()
                 self._mark_started(now)
+                self._hand_back_waiting()
                 if now >= next_beat:
                     self._beat(client)
                     next_beat = now + self.heartbeat_seconds
@@ -707,6 +715,38 @@ class WorkerAgent:
             self._outbox.put(
                 Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="started")
             )
+
+    def _hand_back_waiting(self) -> None:
+        """Jobs leased ahead that still wait for a child, whose children all turned out to be
+        busy with long jobs, go back to the gateway for another worker (a short job would
+        otherwise wait for a long one to end), and the slots granted ahead are taken back."""
+        if not isinstance(self.pool, ChildPool):
+            return
+        waiting = self.pool.take_waiting(self._patience())
+        if not waiting:
+            return
+        log.info(
+            "handing back %d job(s) that waited over %.1f s for a busy child",
+            len(waiting),
+            self._patience(),
+        )
+        self._revoke_grants()
+        self._release(waiting)
+
+    def _revoke_grants(self) -> None:
+        with self._room:
+            channel = self._channel
+            if channel is None or not self._channel_revoke or not self._granted:
+                return
+            try:
+                channel.send(ChannelUp(revoke=True))
+            except (GatewayError, ValueError):
+                return  # the channel is closing: its grants go with it
+            # A grant another thread reserved before this and sends after it stays at the
+            # gateway: leases beyond what this worker counts wait, and come back here.
+            self._reserved -= self._granted
+            self._granted = 0
+            self._room.notify_all()
 
     def _beat(self, client: Client) -> None:
         with self._lock:
@@ -748,6 +788,9 @@ class WorkerAgent:
             return 0
         return max(1, min(32, int(0.1 / max(mean, 1e-4))))
 
+    def _patience(self) -> float:
+        return max(PATIENCE_S, 4 * (self._mean_run_s or 0.0))
+
     def _capacity(self) -> int:
         # Everything in the pool counts, queued tasks included (the pool's free_slots() is
         # floored at zero and would hide how far past the limit the worker already is), and so
@@ -755,9 +798,12 @@ class WorkerAgent:
         if self.config.may_lease is not None and not self.config.may_lease():
             return 0
         # A model server holds one lease per stream: generations are long and batch on the
-        # engine, so leasing ahead would only take work from other servers.
-        prefetch = 0 if isinstance(self.pool, EnginePool) else self._prefetch()
-        limit = self.config.concurrency * (1 + prefetch)
+        # engine, so leasing ahead would only take work from other servers. Nor is anything
+        # leased ahead for a child busy with a long job: it would wait for that job's end.
+        limit = self.config.concurrency
+        if isinstance(self.pool, ChildPool):
+            quick = limit - self.pool.long_running(self._patience())
+            limit += self._prefetch() * max(0, quick)
         with self._lock:
             held = len(self._leases)  # in a child, queued for one, or fetching its inputs
         return limit - held - self._reserved

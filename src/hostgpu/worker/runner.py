@@ -168,6 +168,30 @@ class ChildPool:
         with self._lock:
             return {(c.task.job_id, c.task.lease_token) for c in self._children if c.task}
 
+    def long_running(self, longer_than: float) -> int:
+        """How many children have been running their task for over ``longer_than`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(
+                1
+                for c in self._children
+                if c.task is not None and now - c.dispatched_at > longer_than
+            )
+
+    def take_waiting(self, longer_than: float) -> list[Lease]:
+        """Take back the queued tasks that have waited over ``longer_than`` seconds for a
+        child, while none is free (they did not run: their caller is better served by
+        another worker). The caller hands them back to the gateway."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._queue or any(c.state == "idle" for c in self._children):
+                return []
+            taken = [task for task, at in self._queue if now - at > longer_than]
+            if taken:
+                self._queue = deque((t, at) for t, at in self._queue if now - at <= longer_than)
+                self._notify_idle_locked()
+            return taken
+
     def running(self) -> list[Lease]:
         """The tasks in a child or waiting for one."""
         with self._lock:

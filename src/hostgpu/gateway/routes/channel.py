@@ -8,8 +8,9 @@ runnable, and the worker's reports are answered on it.
 
 Flow control is by credits: the worker *grants* job slots (``ChannelUp.grant``), each
 pushed lease uses one up, so a lease in flight is never counted twice, whatever the timing
-of grants, reports and pushes. A lease that cannot be delivered (the connection closed) is
-handed back at once, not left to expire.
+of grants, reports and pushes; a worker whose children turn out to be busy for long takes
+back the slots it granted ahead (``ChannelUp.revoke``). A lease that cannot be delivered
+(the connection closed) is handed back at once, not left to expire.
 
 The HTTP routes (``/lease``, ``/report``) stay: a worker falls back to them when a proxy
 between it and the gateway does not pass WebSockets, and lent machines may use either.
@@ -212,6 +213,8 @@ class _Channel:
                     await self._send(ChannelDown(seq=up.seq, results=results))
                 except Exception:
                     return
+            if up.revoke:  # its children are busy for longer than it leased ahead for
+                self.credit = 0
             if up.grant:
                 self.credit += up.grant
                 self.granted.set()
@@ -233,6 +236,8 @@ class _Channel:
             if self.worker_id in self.gw.notifier.draining:
                 await asyncio.sleep(1.0)  # stopping: it is leased nothing more
                 continue
+            if self.gw.notifier.closing:  # the gateway is stopping: the server closes this
+                return
             try:
                 # As long as an HTTP worker's poll: the first lease call of each touches the
                 # worker's last contact when it is stale, so an idle channel keeps it alive.
@@ -252,7 +257,9 @@ class _Channel:
                 return
             if not leases:
                 continue
-            self.credit -= len(leases)
+            # Never below zero: a revoke that came while this lease was read took back the
+            # slots it used, as the worker counts them.
+            self.credit = max(0, self.credit - len(leases))
             try:
                 if self.closed:
                     raise ConnectionError("the channel closed")

@@ -120,6 +120,7 @@ async def register(
         heartbeat_seconds=gw.settings.lease_seconds / 3,
         max_body_bytes=gw.settings.max_body_bytes,
         max_result_bytes=gw.settings.max_result_bytes,
+        channel_revoke=True,
     )
 
 
@@ -194,7 +195,7 @@ async def lease_jobs(
             if leases:
                 gw.notifier.notify("leased")
                 return leases
-            if remaining <= 0 or worker_id in gw.notifier.draining:
+            if remaining <= 0 or worker_id in gw.notifier.draining or gw.notifier.closing:
                 return leases
             woken = await waiter.wait(min(remaining, REPOLL_S))
             waited = True
@@ -203,7 +204,7 @@ async def lease_jobs(
             # before a store call whose leases nobody would receive.
             if gone is not None and await gone():
                 return []
-            if worker_id in gw.notifier.draining:
+            if worker_id in gw.notifier.draining or gw.notifier.closing:
                 return []
             if not woken and time.monotonic() >= deadline:
                 return []  # nothing woke it: the store has nothing new for it either
