@@ -39,7 +39,7 @@ from typing import (
     overload,
 )
 
-from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
+from hostgpu.errors import GatewayUnavailable, JobCancelled, JobFailed, JobTimeout
 from hostgpu.functions import FunctionOptions, import_path, publish
 from hostgpu.jobs import Job, JobResult, JobSpec, JobState, Payload
 
@@ -54,6 +54,9 @@ log = logging.getLogger("hostgpu")
 
 #: A queued job that is not leased after this long says why it waits.
 WAITING_NOTICE_S = 1.0
+#: How long a caller waiting on jobs keeps asking a gateway it cannot reach: a restart. The
+#: jobs are in its store, and it answers for them again once it is back.
+RECONNECT_S = 60.0
 #: ``.remote()`` submits and waits in one request for this long; a job not finished by then
 #: is waited for as a handle, which says why it waits.
 CALL_WAIT_S = WAITING_NOTICE_S
@@ -267,7 +270,7 @@ class JobHandle(Generic[R]):
                 # Short polls at first, so a job that cannot run says why within a second.
                 early = time.monotonic() - notice.started < 3 * WAITING_NOTICE_S
                 wait = min(remaining, 30.0, WAITING_NOTICE_S if early else 30.0)
-                job = self._client.get(self.id, wait=max(0.0, wait))
+                job = patiently(self._client.get, self.id, wait=max(0.0, wait))
                 if job.state.terminal:
                     raise_for(job)
                     return decode_result(job.result, self._serializer)
@@ -280,6 +283,31 @@ class JobHandle(Generic[R]):
                     )
         finally:
             notice.close()
+
+
+def patiently(read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``read(*args, **kwargs)``, a question about stored jobs (safe to ask again), asked
+    again for up to :data:`RECONNECT_S` while the gateway cannot be reached (a restart)."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    def say(state: Any) -> None:
+        if state.attempt_number == 1:
+            log.warning(
+                "%s; asking again for up to %.0f s (the jobs are in its store)",
+                state.outcome.exception(),
+                RECONNECT_S,
+            )
+
+    for attempt in Retrying(
+        retry=retry_if_exception_type(GatewayUnavailable),
+        stop=stop_after_delay(RECONNECT_S),
+        wait=wait_exponential(multiplier=0.2, max=3.0),
+        before_sleep=say,
+        reraise=True,
+    ):
+        with attempt:
+            return read(*args, **kwargs)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 #: Function option → JobSpec field, for the options a caller overrides with ``with_options``.
@@ -367,7 +395,7 @@ class GatewayBackend:
                 if remaining <= 0:
                     raise JobTimeout(f"{len(pending)} of {len(items)} jobs unfinished")
                 window = list(itertools.islice(pending, 1000))
-                for job in client.results(window, timeout=min(10.0, remaining)):
+                for job in patiently(client.results, window, timeout=min(10.0, remaining)):
                     index = pending.pop(job.id)
                     if job.state is JobState.succeeded:
                         results[index] = decode_result(job.result, serializer)

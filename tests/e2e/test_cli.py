@@ -131,6 +131,8 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
     done = hostgpu(home, "submit", "hostgpu.builtin:whoami", "--json")
     job = json.loads(done.stdout)
     assert job["state"] == "succeeded" and job["device"] == "cpu"
+    # Longer than a long poll's 60 s limit: the command asks again as often as it takes.
+    assert '"succeeded"' in hostgpu(home, "job", job["id"], "--wait", "90", "--json").stdout
 
     queued = hostgpu(home, "submit", "hostgpu.builtin:noop", "--gpu", "mps", "--no-wait")
     job_id = queued.stdout.strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,58 @@ def test_cold_stop_hands_the_job_back(gateway: Gateway, workers: list[Worker]) -
     job = wait_state(gateway, handle.id, {"queued"})
     assert job["attempts"] == 0  # handed back, not counted as a failure
     handle.cancel()
+
+
+@pytest.mark.parametrize("transport", ["channel", "http"])
+def test_a_job_leased_ahead_behind_a_long_one_goes_to_a_free_worker(
+    gateway: Gateway, workers: list[Worker], transport: str
+) -> None:
+    # Found by an outside test: a worker that had been running short jobs leased the next
+    # ones ahead, so a short job waited there behind a 40 s one while another worker idled.
+    extra = ("--no-channel",) if transport == "http" else ()
+    busy = Worker(gateway, concurrency=1, extra_args=extra).start()
+    workers.append(busy)
+    assert f.add.map(range(200), progress=False) == list(range(200))  # now it leases ahead
+    long = f.sleepy.spawn(60)
+    wait_state(gateway, long.id, {"running"})
+    short = f.add.spawn(1, 1)
+    assert wait_state(gateway, short.id, {"leased"})["worker_id"] == worker_id(gateway, busy)
+    free = Worker(gateway, concurrency=1, extra_args=extra).start()
+    workers.append(free)
+    # Handed back after a second waiting for the busy child, and run by the free worker.
+    assert short.result(timeout=20) == 2
+    assert wait_state(gateway, short.id, {"succeeded"})["worker_id"] == worker_id(gateway, free)
+    assert wait_state(gateway, long.id, {"running"})["worker_id"] == worker_id(gateway, busy)
+    long.cancel()
+
+
+def test_a_stopping_gateway_answers_its_long_polls_and_callers_ride_out_the_restart(
+    gateway: Gateway, workers: list[Worker]
+) -> None:
+    # Found by an outside test: SIGTERM during a long poll held the shutdown for its 5 s
+    # grace, then cancelled the poll: its caller got a 500, and a .map() failed with it.
+    workers.append(Worker(gateway).start())
+    running = f.sleepy.spawn(3)
+    wait_state(gateway, running.id, {"running"})
+    with gateway.http() as http, ThreadPoolExecutor(2) as pool:
+        path = f"/v1/jobs/{running.id}"
+        poll = pool.submit(http.get, path, params={"wait": 30}, timeout=60)
+        mapped = pool.submit(f.sleepy.map, [0.3] * 12, progress=False)
+        time.sleep(1.0)
+        assert gateway.proc is not None
+        started = time.monotonic()
+        gateway.proc.send_signal(signal.SIGTERM)
+        gateway.proc.wait(15)
+        stopped = time.monotonic() - started
+        reply = poll.result(10)
+        assert reply.status_code == 200 and reply.json()["state"] == "running", reply.text
+        assert stopped < 3, f"the gateway took {stopped:.1f} s to stop"
+        gateway.start()  # the .map() waiting meanwhile carries on with the same gateway
+        assert mapped.result(90) == [0.3] * 12
+    assert running.result(timeout=60) == 3
+
+
+def worker_id(gateway: Gateway, worker: Worker) -> str:
+    with gateway.http() as http:
+        listed = http.get("/v1/workers").json()["workers"]
+    return next(w["id"] for w in listed if w["capabilities"]["name"] == worker.name)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import gc
-from typing import Annotated
+import socket
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
 
 from hostgpu.cli.common import console
 from hostgpu.settings import get_settings
+
+if TYPE_CHECKING:  # the gateway's modules load only when it runs, not for every command
+    from hostgpu.gateway.notify import Notifier
 
 
 def serve(
@@ -51,7 +55,7 @@ def serve(
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 10, 10)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -61,6 +65,22 @@ def serve(
         # A worker channel's message is a report: the same limit as a request body.
         ws_max_size=settings.max_body_bytes,
     )
+    _Server(config, app.state.notifier).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which tells the gateway first when it begins to stop: its long
+    polls (a caller's wait, a worker's lease) answer at once with what they have. Otherwise
+    the shutdown waits for them for its grace period, then cancels them, and each caller
+    gets a 500 instead of an answer."""
+
+    def __init__(self, config: uvicorn.Config, notifier: Notifier) -> None:
+        super().__init__(config)
+        self.notifier = notifier
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.notifier.close()
+        await super().shutdown(sockets)
 
 
 def _safe(url: str) -> str:

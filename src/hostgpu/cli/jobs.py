@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from hostgpu.api import MAX_WAIT_S
 from hostgpu.cli.common import (
     GatewayOpt,
     JsonOpt,
@@ -87,7 +88,9 @@ def show_job(
     job_id: Annotated[str, typer.Argument(help="Job id, or a unique prefix (4+ characters)")],
     gateway: GatewayOpt = None,
     token_file: TokenFileOpt = None,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for it to finish")] = 0.0,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for it to finish (any number)")
+    ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """One job: state, attempts (worker, device, outcome), result or error.
@@ -95,7 +98,11 @@ def show_job(
     Exit status: 0 succeeded or still running, 1 failed or cancelled, 2 --wait timed out.
     """
     with client(gateway, token_file) as api:
-        job = api.get(job_id, wait=wait)
+        deadline = time.monotonic() + wait
+        job = api.get(job_id, wait=min(wait, MAX_WAIT_S))
+        # The gateway holds a long poll for at most MAX_WAIT_S: ask again until the deadline.
+        while not job.state.terminal and (left := deadline - time.monotonic()) > 0:
+            job = api.get(job.id, wait=min(left, MAX_WAIT_S))
     if as_json:
         print_json(job.model_dump(mode="json"))
     else:

@@ -96,6 +96,19 @@ class Notifier:
         #: Counts :meth:`runnable` calls: a lease poll that read the store when it was N, and
         #: found less than it could take, need not read again while it is still N.
         self.generation = 0
+        #: The gateway is stopping: long polls answer at once with what they have.
+        self.closing = False
+
+    def close(self) -> None:
+        """The gateway is stopping: wake every long poll, to answer now with what it has
+        (its caller asks again: this gateway once it is back, or another). Otherwise the
+        server's shutdown waits for them, then cancels them, and their callers get a 500."""
+        self.closing = True
+        for event in self._events.values():
+            event.set()
+        self._events.clear()
+        for waiter in self._lease_waiters:
+            waiter.event.set()
 
     # -- topics ------------------------------------------------------------------------------
     def event(self, topic: str) -> asyncio.Event:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Response
 
-from hostgpu.api import JobBatch, JobIds, JobList, JobResults, Summary, WaitRequest
+from hostgpu.api import MAX_WAIT_S, JobBatch, JobIds, JobList, JobResults, Summary, WaitRequest
 from hostgpu.errors import NotFound
 from hostgpu.gateway.deps import AdminToken, Gateway, GatewayDep, JobId, ReadToken, SubmitToken, run
 from hostgpu.gateway.notify import Notifier, Runnable
@@ -72,7 +72,7 @@ async def _until_finished(
         event = gw.notifier.event("finished")
         job = await run(gw.store.get, job_id, history=history)
         remaining = deadline - time.monotonic()
-        if job.state.terminal or remaining <= 0:
+        if job.state.terminal or remaining <= 0 or gw.notifier.closing:
             return job
         await gw.notifier.wait(event, min(remaining, REPOLL_S))
         event = None
@@ -93,7 +93,7 @@ async def submit_job(
         float,
         Query(
             ge=0,
-            le=60,
+            le=MAX_WAIT_S,
             description="seconds to wait for the job to finish: one request "
             "submits, runs and returns the result",
         ),
@@ -191,7 +191,7 @@ async def _first_finished(
         event = gw.notifier.event("finished")
         done = await run(read, body.ids, **options)
         remaining = deadline - time.monotonic()
-        if done or remaining <= 0:
+        if done or remaining <= 0 or gw.notifier.closing:
             return done
         if first:  # a job that does not exist would never finish: say so, do not wait
             first = False
@@ -210,7 +210,9 @@ async def get_job(
     job_id: JobId,
     gw: GatewayDep,
     _: ReadToken,
-    wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for it to finish")
+    ] = 0,
 ) -> Job:
     """One job (by id or unique id prefix) with its attempts; ``wait`` long-polls until it
     finishes."""
