@@ -112,6 +112,9 @@ def test_openai_client_streams_and_completes(
     assert answer["text"] == text and answer["usage"]["completion_tokens"] == 12
 
 
+DEEP = b"[" * 150 + b"]" * 150
+
+
 def test_bad_requests_get_4xx_in_openai_shape(
     gateway: Gateway, server: ModelServer, infer_token: str
 ) -> None:
@@ -131,12 +134,20 @@ def test_bad_requests_get_4xx_in_openai_shape(
             400,
         ),
         "not JSON": (b"{nope", 400),
+        # Refused by the gateway's body checks before any route: the same shape.
+        "over the body limit": (
+            {"model": "smollm2", "messages": [{"role": "user", "content": "x" * 17_000_000}]},
+            413,
+        ),
+        "lone surrogate": (b'{"model": "smollm2", "messages": [{"content": "\\ud800"}]}', 422),
+        "nested too deep": (b'{"model": "smollm2", "messages": %s}' % DEEP, 422),
         "n=2": ({"model": "smollm2", "messages": HELLO, "n": 2}, 400),
     }
     for name, (body, status) in cases.items():
         response = post(body)
         assert response.status_code == status, (name, response.text[:300])
-        error = response.json()["error"]
+        error = response.json().get("error")
+        assert error is not None, (name, response.text[:300])
         assert error["message"] and error["type"], name
     assert post(cases["unknown model"][0]).headers["retry-after"] == "10"
     assert "hostgpu serve nope" in post(cases["unknown model"][0]).json()["error"]["message"]

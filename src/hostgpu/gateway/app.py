@@ -58,7 +58,7 @@ from hostgpu.gateway.streams import StreamHub, gone_servers, tell_engines
 from hostgpu.gateway.threads import run
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.inference import openai_schema as oa
-from hostgpu.inference.errors import InferenceError
+from hostgpu.inference.errors import InferenceError, InvalidRequest
 from hostgpu.retry import RetryPolicy
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
@@ -267,7 +267,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     mount_dashboard(app)
 
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, exempt=("/v1/blobs/",)
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        exempt=("/v1/blobs/",),
+        error_body=_error_body,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -328,10 +331,21 @@ def _install_error_handlers(app: FastAPI) -> None:
             detail = f"{request.method} is not allowed on {request.url.path}: use " + " or ".join(
                 allowed
             )
-            return JSONResponse({"detail": detail}, 405, headers=headers)
+            return JSONResponse(_error_body(request.url.path, detail), 405, headers=headers)
+        if request.url.path in inference.OPENAI_PATHS:
+            body = _error_body(request.url.path, str(exc.detail))
+            return JSONResponse(body, exc.status_code, headers=headers)
         return await http_exception_handler(request, exc)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _error_body(path: str, detail: str) -> dict[str, Any]:
+    """An error's body: ``{"detail": …}``, or on the inference routes OpenAI's shape, which
+    their clients (the ``openai`` package among them) read."""
+    if path in inference.OPENAI_PATHS:
+        return oa.error_body(InvalidRequest(detail))
+    return {"detail": detail}
 
 
 def _allowed_methods(request: Request) -> list[str]:

@@ -4,6 +4,7 @@ valid Unicode, and JSON nested no deeper than a program can carry it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -26,11 +27,20 @@ class BodyLimitMiddleware:
     422 for a JSON body with a lone surrogate in it (see :func:`lone_surrogate`) or nested
     deeper than :data:`MAX_JSON_DEPTH`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        exempt: tuple[str, ...] = (),
+        error_body: Callable[[str, str], dict[str, Any]] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         #: Path prefixes with a limit of their own (blob uploads stream to disk).
         self.exempt = exempt
+        #: The error body for a path and a reason (default ``{"detail": reason}``): the
+        #: inference routes answer in OpenAI's shape, which their clients read.
+        self.error_body = error_body or (lambda _path, detail: {"detail": detail})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path", "").startswith(self.exempt):
@@ -41,10 +51,10 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await self._reply(send, 400, "invalid Content-Length header")
+                    await self._reply(scope, send, 400, "invalid Content-Length header")
                     return
                 if declared > self.max_bytes:
-                    await self._reply(send, 413, self._message(declared))
+                    await self._reply(scope, send, 413, self._message(declared))
                     return
         received = 0
         started = False
@@ -73,10 +83,10 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reply(send, 413, self._message(received))
+                await self._reply(scope, send, 413, self._message(received))
         except Unacceptable as exc:
             if not started:
-                await self._reply(send, 422, exc.detail)
+                await self._reply(scope, send, 422, exc.detail)
 
     @staticmethod
     def _check(body: bytes) -> None:
@@ -101,9 +111,8 @@ class BodyLimitMiddleware:
             "(HOSTGPU_MAX_BODY_BYTES); send large inputs by reference (a path or URL)"
         )
 
-    @staticmethod
-    async def _reply(send: Send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
+    async def _reply(self, scope: Scope, send: Send, status: int, detail: str) -> None:
+        body = json.dumps(self.error_body(scope.get("path", ""), detail)).encode()
         headers: list[Any] = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
