@@ -89,6 +89,8 @@ class Client:
             timeout=timeout,
             transport=transport,
         )
+        #: The gateway predates ``POST /v1/jobs/results``: ask ``/v1/jobs/wait`` instead.
+        self._results_unknown = False
 
     def close(self) -> None:
         self._http.close()
@@ -173,8 +175,19 @@ class Client:
 
     def results(self, job_ids: Sequence[str], *, timeout: float = 10.0) -> list[JobResult]:
         """As :meth:`wait`, with only each finished job's result or error."""
-        data = self._first_finished("results", job_ids, timeout)
-        return JobResults.model_validate(data).results
+        if not self._results_unknown:
+            try:
+                data = self._first_finished("results", job_ids, timeout)
+                return JobResults.model_validate(data).results
+            except NotFound as exc:
+                if not str(exc).endswith(": 404 Not Found"):  # an id that names no job
+                    raise
+                # No such route: a gateway older than this client.
+                self._results_unknown = True
+        return [
+            JobResult.model_validate(job.model_dump(include=set(JobResult.model_fields)))
+            for job in self.wait(job_ids, timeout=timeout)
+        ]
 
     def _first_finished(self, route: str, job_ids: Sequence[str], timeout: float) -> Any:
         body = {"ids": list(job_ids), "timeout": timeout}

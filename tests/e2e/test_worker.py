@@ -8,10 +8,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 import hostgpu
-from hostgpu.errors import JobCancelled, JobFailed, JobTimeout
+from hostgpu.client import Client
+from hostgpu.errors import JobCancelled, JobFailed, JobTimeout, NotFound
 from tests import e2efuncs as f
 from tests.conftest import Gateway, Worker
 
@@ -289,6 +291,30 @@ def test_a_stopping_gateway_answers_its_long_polls_and_callers_ride_out_the_rest
         gateway.start()  # the .map() waiting meanwhile carries on with the same gateway
         assert mapped.result(90) == [0.3] * 12
     assert running.result(timeout=60) == 3
+
+
+class _OlderGateway(httpx.HTTPTransport):
+    """The real gateway, as one from before ``POST /v1/jobs/results`` would answer it."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs/results":
+            return httpx.Response(404, json={"detail": "Not Found"})
+        return super().handle_request(request)
+
+
+def test_an_sdk_newer_than_its_gateway_reads_results_through_wait(
+    worker: Worker, gateway: Gateway
+) -> None:
+    handles = [f.add.spawn(i, 1) for i in range(5)]
+    with Client(gateway.url, gateway.token, transport=_OlderGateway()) as client:
+        ids = [h.id for h in handles]
+        done: dict[str, object] = {}
+        deadline = time.monotonic() + 30
+        while len(done) < len(ids) and time.monotonic() < deadline:
+            done.update({r.id: r.result for r in client.results(ids, timeout=5)})
+        assert [done[i] for i in ids] == [1, 2, 3, 4, 5]
+        with pytest.raises(NotFound, match="no job with id"):  # still a 404 for a wrong id
+            client.results(["0" * 32], timeout=1)
 
 
 def worker_id(gateway: Gateway, worker: Worker) -> str:
