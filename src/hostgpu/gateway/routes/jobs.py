@@ -197,7 +197,10 @@ async def _first_finished(
             first = False
             if unknown := await run(gw.store.unknown, body.ids):
                 more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-                raise NotFound(f"no job with id {unknown[0]!r}{more}")
+                raise NotFound(
+                    f"no job with id {unknown[0]!r}{more}: never submitted to this gateway's "
+                    "store, or deleted since (`hostgpu prune` deletes finished jobs)"
+                )
         woken = await gw.notifier.wait(event, min(remaining, REPOLL_S))
         if woken and len(body.ids) > 1:
             # Many jobs finish in bursts: let a few more land before reading the store
