@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from httpx_sse import connect_sse
@@ -73,8 +74,13 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         settings = settings or get_settings()
-        self.gateway = (gateway or settings.resolved_gateway()).rstrip("/")
+        self.gateway = _gateway_url(gateway or settings.resolved_gateway())
         token = token or settings.resolved_token()
+        if token and not (token.isascii() and token.isprintable() and " " not in token):
+            raise ConfigError(
+                "the API token holds characters no token has (a space or a line break?): "
+                "check HOSTGPU_TOKEN or the token file"
+            )
         if not token:
             raise ConfigError(
                 "no API token: set HOSTGPU_TOKEN or HOSTGPU_TOKEN_FILE (a 0600 file), pass "
@@ -167,7 +173,7 @@ class Client:
 
     def get(self, job_id: str, *, wait: float = 0) -> Job:
         params = {"wait": wait} if wait else None
-        data = self.request("GET", f"/v1/jobs/{job_id}", params=params, timeout=wait + 30)
+        data = self.request("GET", f"/v1/jobs/{_segment(job_id)}", params=params, timeout=wait + 30)
         return Job.model_validate(data)
 
     def wait(self, job_ids: Sequence[str], *, timeout: float = 10.0) -> list[Job]:
@@ -194,14 +200,14 @@ class Client:
         return self.request("POST", f"/v1/jobs/{route}", json=body, timeout=timeout + 30)
 
     def cancel(self, job_id: str) -> Job:
-        return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/cancel"))
+        return Job.model_validate(self.request("POST", f"/v1/jobs/{_segment(job_id)}/cancel"))
 
     def rerun(self, job_id: str) -> Job:
-        return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/rerun"))
+        return Job.model_validate(self.request("POST", f"/v1/jobs/{_segment(job_id)}/rerun"))
 
     def requeue(self, job_id: str) -> Job:
         """Take a leased or running job back from its worker and queue it again (admin)."""
-        return Job.model_validate(self.request("POST", f"/v1/jobs/{job_id}/requeue"))
+        return Job.model_validate(self.request("POST", f"/v1/jobs/{_segment(job_id)}/requeue"))
 
     def list_jobs(
         self,
@@ -316,7 +322,7 @@ class Client:
     def revoke_token(self, token_id: str, *, force: bool = False) -> TokenInfo:
         params = {"force": True} if force else None
         return TokenInfo.model_validate(
-            self.request("DELETE", f"/v1/tokens/{token_id}", params=params)
+            self.request("DELETE", f"/v1/tokens/{_segment(token_id)}", params=params)
         )
 
     def prune(self, older_than_s: float) -> int:
@@ -408,3 +414,23 @@ class Client:
 
     def deregister(self, worker_id: str) -> None:
         self.request("DELETE", f"/v1/workers/{worker_id}")
+
+
+def _gateway_url(text: str) -> str:
+    """The gateway's base URL, checked: an http(s) URL with a host."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        url, reason = None, str(exc)
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(
+            f"{text!r} is not a gateway URL: give one like http://127.0.0.1:8000 "
+            "(--gateway or HOSTGPU_GATEWAY)" + (f" ({reason})" if url is None else "")
+        )
+    return text.rstrip("/")
+
+
+def _segment(value: str) -> str:
+    """An id as one path segment: what a person typed (``../tokens``) never names another
+    route."""
+    return quote(value, safe="")

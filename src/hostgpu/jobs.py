@@ -10,6 +10,7 @@ A job's states and the events that move it between them are written down once, i
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import re
 from datetime import datetime
@@ -191,6 +192,14 @@ class JobError(BaseModel):
 
 #: The gateway's default limit on one result (``HOSTGPU_MAX_RESULT_BYTES``).
 DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
+
+
+def digest_key(prefix: str, *parts: object) -> str:
+    """An idempotency key made of ``prefix`` and a digest of ``parts`` (a file's path, size,
+    time): within the printable ASCII keys allow, whatever the parts hold (a long path, one
+    that is not ASCII or not even UTF-8), and no two collide by being cut short."""
+    text = "\0".join(str(part) for part in parts).encode("utf-8", "surrogateescape")
+    return f"{prefix}:{hashlib.sha256(text).hexdigest()}"
 
 
 def result_too_large(size: int, limit: int) -> JobError:

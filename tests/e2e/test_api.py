@@ -48,6 +48,7 @@ SCOPES = {
     # model server): tests/inference/test_gateway.py checks it cannot act for another.
     ("POST", "/v1/workers/{worker_id}/streams"): {"worker", "share"},
     ("GET", "/v1/models"): {"infer", "read", "submit"},
+    ("GET", "/v1/models/{model}"): {"infer", "read", "submit"},
     ("POST", "/v1/chat/completions"): {"infer"},
     ("POST", "/v1/completions"): {"infer"},
 }
@@ -57,6 +58,7 @@ PATH_VALUES = {
     "worker_id": "f" * 32,
     "token_id": "0123456789abcdef",
     "digest": "a" * 64,
+    "model": "smollm2",
 }
 
 

@@ -148,6 +148,31 @@ def test_webhook_refuses_paths_outside_the_upload_root(stack: Stack, tmp_path: P
         assert reply.status_code == 403, (path, reply.text)
 
 
+def test_webhook_takes_any_file_name_and_a_changed_file_again(stack: Stack) -> None:
+    # Found by an outside test: the key was made of the path, cut at 200 characters: an
+    # accented name answered 500, and a long name changed since kept its first job.
+    folder = stack.root / ("d" * 200)
+    folder.mkdir()
+    headers = {"Authorization": f"Bearer {stack.submit_token}"}
+
+    def hook(path: Path) -> str:
+        reply = httpx.post(f"{stack.gateway.url}{HOOK}", json={"ap": str(path)}, headers=headers)
+        assert reply.status_code == 202, reply.text
+        return str(reply.json()["job_id"])
+
+    accented, long_a, long_b = stack.root / "café.txt", folder / "a.txt", folder / "b.txt"
+    for path in (accented, long_a, long_b):
+        path.write_text("first")
+    first = {path: hook(path) for path in (accented, long_a, long_b)}
+    assert len(set(first.values())) == 3  # two long names do not share a job
+    assert hook(long_a) == first[long_a]  # the same file again: the same job
+    long_a.write_text("changed, and longer")
+    assert hook(long_a) != first[long_a]  # changed since: a new job
+    with stack.gateway.client() as api:
+        for job_id in [*first.values(), hook(long_a)]:
+            api.cancel(job_id)
+
+
 def test_webhook_refuses_a_worker_token(stack: Stack) -> None:
     inside = stack.root / "note.txt"
     inside.write_text("a note")

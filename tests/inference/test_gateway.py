@@ -97,6 +97,9 @@ def test_openai_client_streams_and_completes(
     [card] = [m for m in models if m.id == "smollm2"]
     loaded = card.model_extra["loaded_on"] if card.model_extra else []
     assert [e["device"] for e in loaded] == ["cpu"]
+    assert client.models.retrieve("smollm2").id == "smollm2"
+    with pytest.raises(openai.NotFoundError, match="hostgpu models"):
+        client.models.retrieve("nope")
 
     # The CLI: one JSON object, whatever the terminal.
     env = child_env(gateway.home, HOSTGPU_GATEWAY=gateway.url, HOSTGPU_TOKEN=infer_token)

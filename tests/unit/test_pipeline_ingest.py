@@ -428,3 +428,32 @@ def test_visual_model_embeds_rendered_pages(
     monkeypatch.delenv("MODEL_NAME")
     ingest_file(str(sample))
     assert visual.count() == 1
+
+
+def test_any_file_name_makes_a_job_and_a_pipe_is_refused(tmp_path: Path) -> None:
+    # Found by an outside test: keys made of the path, cut at 200 characters, refused
+    # accented names (and the whole batch with them) and made long paths collide.
+    import os
+
+    from hostgpu.jobs import JobSpec
+    from hostgpu.pipelines.jobs import ingest_spec
+
+    folder = tmp_path / ("d" * 200)
+    folder.mkdir()
+    names = ["café.txt", "a.txt", "b.txt", "new\nline.txt"]
+    for name in names:
+        (folder / name).write_text("text")
+    specs = [ingest_spec(folder / name) for name in names]
+    assert all(isinstance(s, JobSpec) for s in specs)
+    assert len({s.idempotency_key for s in specs}) == len(names)
+    (folder / "a.txt").write_text("changed")
+    assert ingest_spec(folder / "a.txt").idempotency_key != specs[1].idempotency_key
+    # A name that is not UTF-8 cannot travel as a path: said, with what to do.
+    raw = Path(os.fsdecode(os.fsencode(tmp_path) + b"/bad\xff.txt"))
+    raw.write_text("text")
+    with pytest.raises(PipelineError, match=r"bad\\xff.txt: the name is not UTF-8"):
+        ingest_spec(raw)
+    pipe = tmp_path / "pipe.txt"
+    os.mkfifo(pipe)
+    with pytest.raises(PipelineError, match="not a regular file"):
+        discover([pipe])

@@ -6,12 +6,13 @@ import logging
 import sys
 
 import typer
+from pydantic import ValidationError
 
 from hostgpu.cli import gateway, jobs, local, models, stack, tokens, worker
 from hostgpu.cli import ray as ray_cli
 from hostgpu.cli.common import err, print_json
 from hostgpu.cli.doctor import doctor
-from hostgpu.errors import HostGPUError
+from hostgpu.errors import HostGPUError, InvalidInput
 
 app = typer.Typer(
     name="hostgpu",
@@ -81,6 +82,15 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         app()
+    except ValidationError as exc:  # an option the client's request models refuse
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        failure = InvalidInput(f"invalid option: {where}: {first.get('msg')}".replace(": :", ":"))
+        if _wants_json(sys.argv[1:]):
+            print_json({"error": _error_record(failure)})
+        else:
+            err.print(f"[red]error:[/red] {failure}", highlight=False)
+        sys.exit(2)
     except HostGPUError as exc:
         if _wants_json(sys.argv[1:]):
             # A pipe reading --json output parses the failure too, instead of getting nothing.

@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from hostgpu.cli.common import (
     GatewayOpt,
@@ -63,7 +63,8 @@ def list_tokens(
         print_json([t.model_dump() for t in tokens])
         return
     now = time.time()
-    table = Table("id", "name", "scope", "created", "expires", "state")
+    # The id is what `token revoke` takes: never cut (the other columns wrap instead).
+    table = Table(Column("id", no_wrap=True), "name", "scope", "created", "expires", "state")
     for t in tokens:
         state = (
             "revoked"

@@ -307,7 +307,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        if request.url.path in inference.OPENAI_PATHS:
+        if inference.openai_path(request.url.path):
             return JSONResponse(oa.error_body(oa.invalid_request(exc.errors())), 400)
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
@@ -332,7 +332,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                 allowed
             )
             return JSONResponse(_error_body(request.url.path, detail), 405, headers=headers)
-        if request.url.path in inference.OPENAI_PATHS:
+        if inference.openai_path(request.url.path):
             body = _error_body(request.url.path, str(exc.detail))
             return JSONResponse(body, exc.status_code, headers=headers)
         return await http_exception_handler(request, exc)
@@ -343,7 +343,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _error_body(path: str, detail: str) -> dict[str, Any]:
     """An error's body: ``{"detail": …}``, or on the inference routes OpenAI's shape, which
     their clients (the ``openai`` package among them) read."""
-    if path in inference.OPENAI_PATHS:
+    if inference.openai_path(path):
         return oa.error_body(InvalidRequest(detail))
     return {"detail": detail}
 

@@ -106,8 +106,10 @@ def discover(paths: Iterable[str | Path], recursive: bool = False) -> list[Path]
                     continue
                 if child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES:
                     add(child)
-        elif path.exists():
+        elif path.is_file():
             add(path)
+        elif path.exists():  # reading a pipe would wait for a writer, for ever
+            raise PipelineError(f"{raw}: not a regular file (a pipe, socket or device)")
         else:
             raise PipelineError(f"{raw}: no such file or folder")
     return found

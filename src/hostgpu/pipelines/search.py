@@ -73,7 +73,9 @@ def _query(collection: Any, vector: list[float], k: int, label: str) -> list[dic
         n = min(total, n * 4)
 
 
-@function(gpu=get_settings().ingest_gpu, timeout=120, retries=1, warm=True)
+# A person waits on a search: it runs before queued ingest jobs (priority 0), not after a
+# backlog of thousands of them.
+@function(gpu=get_settings().ingest_gpu, timeout=120, retries=1, warm=True, priority=10)
 def search(query: str, k: int = 5, *, visual: bool | None = None) -> list[dict[str, Any]]:
     """The ``k`` best pages for ``query``, best first.
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from hostgpu.gateway.deps import GatewayDep, SubmitToken
 from hostgpu.gateway.routes.jobs import announce, store_jobs
-from hostgpu.jobs import JobSpec, Payload
+from hostgpu.jobs import JobSpec, Payload, digest_key
 
 router = APIRouter(prefix="/v1/hooks", tags=["hooks"])
 
@@ -64,7 +64,7 @@ async def upload(
     spec = JobSpec(
         function=INGEST_FUNCTION,
         payload=Payload(args=[str(real)], kwargs={"display_path": str(real)}),
-        idempotency_key=f"ingest:upload:{real}:{stat.st_size}:{stat.st_mtime_ns}"[:200],
+        idempotency_key=digest_key("ingest:hook", real, stat.st_size, stat.st_mtime_ns),
     )
     [job] = await store_jobs(gw, [spec])
     announce(gw.notifier, gw.settings, [job])

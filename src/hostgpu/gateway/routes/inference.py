@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from hostgpu.api import ERROR_RESPONSES
 from hostgpu.capabilities import Capabilities
 from hostgpu.gateway.auth import require
 from hostgpu.gateway.deps import run
@@ -24,7 +25,7 @@ from hostgpu.gateway.routes.jobs import announce
 from hostgpu.gateway.streams import RemoteStream, StreamHub, with_keepalive
 from hostgpu.inference import openai_schema as oa
 from hostgpu.inference.engines.base import SamplingParams, check_messages
-from hostgpu.inference.errors import InvalidRequest, NoServer
+from hostgpu.inference.errors import InvalidRequest, ModelNotFound, NoServer
 from hostgpu.inference.jobs import (
     INFERENCE_FUNCTION,
     MODEL_LABEL_VALUE,
@@ -36,13 +37,31 @@ from hostgpu.inference.server import SSE_HEADERS, closing, wait_or_disconnect
 from hostgpu.jobs import JobSpec, Payload
 from hostgpu.tokens import TokenInfo
 
-router = APIRouter(tags=["inference"])
+#: Every error of these routes takes OpenAI's shape, the gateway's own refusals included
+#: (a token, a body limit): documented so, over the gateway's general ``Problem``.
+router = APIRouter(
+    tags=["inference"],
+    responses={
+        status: {
+            "model": oa.ErrorResponse,
+            "description": f"{spec['description']} (OpenAI's shape)",
+        }
+        for status, spec in ERROR_RESPONSES.items()
+    },
+)
 
 InferToken = Annotated[TokenInfo, Depends(require("infer"))]
 ModelsToken = Annotated[TokenInfo, Depends(require("infer", "read"))]
 
 #: Paths whose errors are in OpenAI's shape (validation errors included: see app.py).
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+
+
+def openai_path(path: str) -> bool:
+    """Whether ``path`` is one of OpenAI's routes, whose errors take OpenAI's shape."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The completion (JSON), or with `stream: true` its chunks as SSE",
@@ -95,6 +114,18 @@ async def list_models(request: Request, _: ModelsToken) -> oa.ModelList:
             )
         )
     return oa.ModelList(data=cards)
+
+
+@router.get("/v1/models/{model:path}", response_model=oa.ModelCard)
+async def get_model(model: str, request: Request, token: ModelsToken) -> oa.ModelCard:
+    """One model's card, as in ``GET /v1/models`` (the ``openai`` client's
+    ``models.retrieve``); 404 in OpenAI's shape when no live model server serves it."""
+    for card in (await list_models(request, token)).data:
+        if card.id == model:
+            return card
+    raise ModelNotFound(
+        f"no live model server serves {model!r}: `hostgpu models` lists what is served"
+    )
 
 
 async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
