@@ -14,7 +14,7 @@ import psutil
 import typer
 from rich.table import Table
 
-from hostgpu.cli.common import console, err
+from hostgpu.cli.common import console, err, print_table
 from hostgpu.client import Client
 from hostgpu.processes import healthy
 from hostgpu.settings import get_settings
@@ -237,7 +237,7 @@ def _demo_documents(query: str) -> list[dict[str, Any]]:
             f"{t.get('embed_s', 0):.2f}s",
             "[green]ok[/]",
         )
-    console.print(table)
+    print_table(table)
     console.print(f"ingested {pages} pages in {elapsed:.1f} s ({pages / elapsed:.1f} pages/s)")
     hits = run_search(query, k=3)
     console.print(f"\nsearch: [bold]{query}[/]")

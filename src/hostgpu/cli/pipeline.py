@@ -17,6 +17,7 @@ from hostgpu.cli.common import (
     console,
     err,
     print_json,
+    print_table,
     token_from,
 )
 from hostgpu.jobs import JobState
@@ -115,7 +116,7 @@ def _done_row(path: Path, result: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _summary(table: Table, files: int, failures: int, pages: int) -> None:
-    console.print(table)
+    print_table(table)
     console.print(f"{files - failures} file(s) ingested, {failures} failed, {pages} pages")
     if failures:
         raise typer.Exit(1)
@@ -169,4 +170,4 @@ def search(
         table.add_row(
             f"{hit['score']:.3f}", Path(hit["file"]).name, str(hit["page"]), hit["snippet"]
         )
-    console.print(table)
+    print_table(table)
