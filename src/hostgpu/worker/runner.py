@@ -180,11 +180,12 @@ class ChildPool:
 
     def take_waiting(self, longer_than: float) -> list[Lease]:
         """Take back the queued tasks that have waited over ``longer_than`` seconds for a
-        child, while none is free (they did not run: their caller is better served by
-        another worker). The caller hands them back to the gateway."""
+        child, while every child is running a task (they did not run: their caller is better
+        served by another worker). The caller hands them back to the gateway. Not while a
+        child is free or starting: it is about to take them."""
         now = time.monotonic()
         with self._lock:
-            if not self._queue or any(c.state == "idle" for c in self._children):
+            if not self._queue or any(c.task is None for c in self._children):
                 return []
             taken = [task for task, at in self._queue if now - at > longer_than]
             if taken:
