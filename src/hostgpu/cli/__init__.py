@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -85,19 +86,18 @@ def main() -> None:
     except ValidationError as exc:  # an option the client's request models refuse
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
-        failure = InvalidInput(f"invalid option: {where}: {first.get('msg')}".replace(": :", ":"))
-        if _wants_json(sys.argv[1:]):
-            print_json({"error": _error_record(failure)})
-        else:
-            err.print(f"[red]error:[/red] {failure}", highlight=False)
-        sys.exit(2)
+        _fail(InvalidInput(f"invalid option: {where}: {first.get('msg')}".replace(": :", ":")), 2)
     except HostGPUError as exc:
-        if _wants_json(sys.argv[1:]):
-            # A pipe reading --json output parses the failure too, instead of getting nothing.
-            print_json({"error": _error_record(exc)})
-        else:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(1)
+        _fail(exc, 1)
+
+
+def _fail(exc: HostGPUError, code: int) -> NoReturn:
+    if _wants_json(sys.argv[1:]):
+        # A pipe reading --json output parses the failure too, instead of getting nothing.
+        print_json({"error": _error_record(exc)})
+    else:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+    sys.exit(code)
 
 
 def _wants_json(args: list[str]) -> bool:

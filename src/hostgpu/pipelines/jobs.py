@@ -13,23 +13,18 @@ from typing import Any
 
 from hostgpu.client import Client
 from hostgpu.errors import PipelineError
-from hostgpu.jobs import JobSpec, Payload, digest_key
+from hostgpu.jobs import JobSpec, Payload, as_text, digest_key
 from hostgpu.pipelines.ingest import SAMPLES, discover, ingest_file, ingest_upload
 from hostgpu.pipelines.search import search
-
-
-def shown(path: Path) -> str:
-    """``path`` as text, bytes that are not UTF-8 written as escapes (``\\xff``)."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def ingest_spec(path: Path, *, source: str = "cli") -> JobSpec:
     """One file's ingest job; the idempotency key folds identical submissions together."""
     resolved = path.resolve()
-    if shown(resolved) != str(resolved):
+    if (name := as_text(str(resolved))) != str(resolved):
         raise PipelineError(
-            f"{shown(resolved)}: the name is not UTF-8, so it cannot travel as a path: rename "
-            "the file, or ingest it without --by-path (its content is uploaded)"
+            f"{name}: the name is not UTF-8, so it cannot travel as a path: rename the file, "
+            "or ingest it without --by-path (its content is uploaded)"
         )
     stat = resolved.stat()
     return JobSpec(
@@ -46,7 +41,7 @@ def upload_spec(client: Client, path: Path) -> JobSpec:
     digest = client.put_blob(resolved)
     return JobSpec(
         function=ingest_upload.path,
-        payload=Payload(args=[digest], kwargs={"display_path": shown(resolved)}),
+        payload=Payload(args=[digest], kwargs={"display_path": as_text(str(resolved))}),
         inputs=[digest],
         idempotency_key=digest_key("ingest:upload", digest, resolved),
     )

@@ -1520,7 +1520,8 @@ class _ReportPlan:
             return refused
         if JobState(row.state) not in TRANSITIONS[event][0]:
             return refused
-        key = {"b_id": outcome.job_id, "b_token": outcome.lease_token}
+        # With the time every statement of the report binds: rows go to the driver as built.
+        key = {"b_id": outcome.job_id, "b_token": outcome.lease_token, "b_now": self.now}
         if outcome.status == "started":
             self.started.append(key)
         elif outcome.status == "succeeded":
@@ -1575,7 +1576,6 @@ class _ReportPlan:
 
     def write(self, conn: Connection, many: Many) -> None:
         """One executemany per kind of change, each a statement built once."""
-        now = {"b_now": self.now}
         for statement, rows in (
             (_START, self.started),
             (_SUCCEED, self.succeeded),
@@ -1586,7 +1586,7 @@ class _ReportPlan:
             (_DROP_ATTEMPT, self.attempt_deletes),
         ):
             if rows:
-                many.run(conn, statement, [{**row, **now} for row in rows])
+                many.run(conn, statement, rows)
 
 
 class _Pick(NamedTuple):
