@@ -124,6 +124,24 @@ LEASE_TRIES = 3
 FULL_ID_LENGTH = 32
 
 
+# The job columns a Job takes as they are stored; the others are decoded in ``_to_job``.
+_JOB_AS_STORED = (
+    "id",
+    "function",
+    "serializer",
+    "fallback",
+    "priority",
+    "timeout_s",
+    "max_retries",
+    "idempotency_key",
+    "attempts",
+    "failures",
+    "lost",
+    "worker_id",
+    "device",
+)
+
+
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
@@ -456,23 +474,11 @@ class SQLStore(Store):
     # -- conversions ---------------------------------------------------------------------
     def _to_job(self, row: Any, history: list[Attempt] | None = None) -> Job:
         return Job(
-            id=row.id,
-            function=row.function,
+            **{name: getattr(row, name) for name in _JOB_AS_STORED},
             payload=_loads(row.payload),
-            serializer=row.serializer,
             requirements=_requirements(row),
-            fallback=row.fallback,
-            priority=row.priority,
-            timeout_s=row.timeout_s,
-            max_retries=row.max_retries,
-            idempotency_key=row.idempotency_key,
             resolved=bool(row.resolved),
             state=JobState(row.state),
-            attempts=row.attempts,
-            failures=row.failures,
-            lost=row.lost,
-            worker_id=row.worker_id,
-            device=row.device,
             fallback_used=bool(row.fallback_used),
             result=_loads(row.result),
             error=_error(row.error),
@@ -1385,20 +1391,18 @@ class SQLStore(Store):
 
     def drain_worker(self, worker_id: str) -> None:
         with self._write() as conn:
-            done = conn.execute(
-                update(workers).where(workers.c.id == worker_id).values(state="draining")
-            )
-            if done.rowcount == 0:
-                raise NotFound(f"no worker with id {worker_id!r}")
+            self._set_worker_state(conn, worker_id, "draining")
             self._emit(conn, f"drain:{worker_id}")
 
     def deregister_worker(self, worker_id: str) -> None:
         with self._write() as conn:
-            done = conn.execute(
-                update(workers).where(workers.c.id == worker_id).values(state="stopped")
-            )
-            if done.rowcount == 0:
-                raise NotFound(f"no worker with id {worker_id!r}")
+            self._set_worker_state(conn, worker_id, "stopped")
+
+    @staticmethod
+    def _set_worker_state(conn: Connection, worker_id: str, state: str) -> None:
+        done = conn.execute(update(workers).where(workers.c.id == worker_id).values(state=state))
+        if done.rowcount == 0:
+            raise NotFound(f"no worker with id {worker_id!r}")
 
     # -- tokens --------------------------------------------------------------------------
     def add_token(self, info: TokenInfo, token_hash: str) -> None:

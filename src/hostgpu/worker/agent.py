@@ -62,6 +62,7 @@ from hostgpu.errors import (
 )
 from hostgpu.functions import FunctionOptions
 from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES, JobError, Lease, Outcome, ReportResult
+from hostgpu.worker.batches import batches
 from hostgpu.worker.runner import ChildPool
 from hostgpu.worker.serving import EnginePool, Streamer
 
@@ -388,24 +389,8 @@ class WorkerAgent:
     def _reporter(self) -> None:
         client = self._client()
         try:
-            while True:
-                first = self._outbox.get()
-                if first is None:
-                    return
-                batch = [first]
-                done = False
-                while len(batch) < 1000:
-                    try:
-                        item = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        done = True
-                        break
-                    batch.append(item)
+            for batch in batches(self._outbox, most=1000):
                 self._send_safely(client, batch)
-                if done:
-                    return
         finally:
             client.close()
 

@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,7 @@ from hostgpu.inference.jobs import (
 )
 from hostgpu.inference.models import ModelSpec
 from hostgpu.jobs import ErrorKind, JobError, Lease, Outcome, Payload
+from hostgpu.worker.batches import batches
 from hostgpu.worker.child import Ready
 
 log = logging.getLogger("hostgpu.serve")
@@ -50,6 +51,8 @@ log = logging.getLogger("hostgpu.serve")
 logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 
 Key = tuple[str, str]  # (job id, lease token)
+#: What the streamer sends: a job's stream event, or the engines' states.
+Sendable = StreamEvent | list[EngineState]
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Streamer:
     def __init__(self, client_factory: Callable[[], Client], on_cancel: Callable[[str], object]):
         self._client_factory = client_factory
         self._on_cancel = on_cancel
-        self._queue: queue.Queue[StreamEvent | list[EngineState] | None] = queue.Queue()
+        self._queue: queue.Queue[Sendable | None] = queue.Queue()
         self.worker_id: str | None = None
         self._thread = threading.Thread(target=self._run, name="hostgpu-streamer", daemon=True)
         self.sent_events = 0
@@ -88,23 +91,11 @@ class Streamer:
     def _run(self) -> None:
         client = self._client_factory()
         try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                items: list[StreamEvent | list[EngineState] | None] = [first]
-                while True:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                done = items[-1] is None
+            sent: Iterator[list[Sendable]] = batches(self._queue)
+            for items in sent:
                 events = [i for i in items if isinstance(i, StreamEvent)]
-                # (a None can only come last: close() is the last thing put)
                 states = [i for i in items if isinstance(i, list)]
                 self._post(client, events, states[-1] if states else None)
-                if done:
-                    return
         finally:
             client.close()
 

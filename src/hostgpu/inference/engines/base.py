@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import ConfigDict
 
@@ -48,6 +48,7 @@ Message = Mapping[str, Any]
 #: Roles a chat template understands; OpenAI's ``developer`` is the newer name of ``system``.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -657,3 +658,17 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
         {"role": "system" if m["role"] == "developer" else str(m["role"]), "content": m["content"]}
         for m in messages
     ]
+
+
+def render_chat(
+    model: str, messages: Sequence[Message], render: Callable[[list[dict[str, str]]], T]
+) -> T:
+    """``render`` (an engine's chat template) applied to ``messages``; what the template
+    refuses is the request's fault: a 400 on ``messages``."""
+    turns = template_messages(messages)
+    try:
+        return render(turns)
+    except Exception as exc:  # jinja raises its own errors for what a template refuses
+        raise InvalidRequest(
+            f"the chat template of {model} refused the messages: {exc}", param="messages"
+        ) from None

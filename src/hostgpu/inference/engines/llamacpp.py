@@ -23,7 +23,6 @@ Options:
 from __future__ import annotations
 
 import contextlib
-import queue
 import random
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,10 +30,10 @@ from typing import Any
 
 from hostgpu.inference.engines.base import (
     ActiveRequest,
-    Engine,
     Message,
-    template_messages,
+    render_chat,
 )
+from hostgpu.inference.engines.threaded import ThreadedEngine
 from hostgpu.inference.errors import EngineError, EngineUnavailable, InvalidRequest
 
 INSTALL = "pip install llama-cpp-python (it compiles llama.cpp: a few minutes)"
@@ -73,15 +72,13 @@ def _model_params(llama_cpp: Any, extra_bufts: bool) -> Iterator[None]:
             low.llama_model_default_params = original
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(ThreadedEngine):
     kind = "llama.cpp"
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
         self._llm: Any = None
         self._formatter: Any = None
-        self._queue: queue.Queue[ActiveRequest | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
 
     def _load(self, device: str) -> None:
         llama_cpp = _import()
@@ -131,38 +128,21 @@ class LlamaCppEngine(Engine):
         self._llm = llm
         self._context = llm.n_ctx()
         self._eos = frozenset({int(llm.token_eos())})
-        self._thread = threading.Thread(
-            target=self._run, name=f"hostgpu-{self.spec.name}", daemon=True
-        )
-        self._thread.start()
+        self._start_thread()
 
     def _unload(self) -> None:
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        while True:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if request is not None:
-                request.fail(EngineError(f"{self.spec.name} was unloaded"))
+        self._stop_thread()
         if self._llm is not None:
             self._llm.close()
-        self._llm = self._formatter = self._thread = None
+        self._llm = self._formatter = None
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         if self._formatter is None:
             raise InvalidRequest(
                 f"{self.spec.name} has no chat template: use a plain completion", param="messages"
             )
-        try:
-            response = self._formatter(messages=template_messages(messages))
-        except Exception as exc:  # jinja raises its own errors for what a template refuses
-            raise InvalidRequest(
-                f"the chat template of {self.spec.name} refused the messages: {exc}",
-                param="messages",
-            ) from None
+        formatter = self._formatter
+        response = render_chat(self.spec.name, messages, lambda turns: formatter(messages=turns))
         return list(
             self._llm.tokenize(
                 response.prompt.encode("utf-8"), add_bos=not response.added_special, special=True
@@ -175,11 +155,8 @@ class LlamaCppEngine(Engine):
     def decode(self, ids: list[int]) -> str:
         return bytes(self._llm.detokenize(ids)).decode("utf-8", errors="replace")
 
-    def _start(self, request: ActiveRequest) -> None:
-        self._queue.put(request)
-
     def _run(self) -> None:
-        while (request := self._queue.get()) is not None:
+        while (request := self._inbox.get()) is not None:
             if request.done:  # cancelled while it waited
                 self._forget(request)
                 continue

@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import queue
 import random
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from hostgpu.inference.engines.base import (
     ActiveRequest,
-    Engine,
     Message,
     SamplingParams,
-    template_messages,
+    render_chat,
 )
-from hostgpu.inference.errors import EngineError, EngineUnavailable, InvalidRequest
+from hostgpu.inference.engines.threaded import ThreadedEngine
+from hostgpu.inference.errors import EngineError, EngineUnavailable
 
 INSTALL = 'pip install mlx-lm (on Linux: pip install "mlx-lm[cpu]")'
 GPU_NAMES = ("gpu", "mps", "mlx", "metal")
@@ -65,7 +64,7 @@ def mlx_device(mx: Any, device: str) -> Any:
     raise EngineUnavailable(f"unknown MLX device {device!r}: use cpu, or gpu/mps for Metal")
 
 
-class MlxEngine(Engine):
+class MlxEngine(ThreadedEngine):
     kind = "mlx_lm"
 
     def __init__(self, spec: Any) -> None:
@@ -73,10 +72,7 @@ class MlxEngine(Engine):
         self._mx: Any = None
         self._model: Any = None
         self._tokenizer: Any = None
-        self._inbox: queue.Queue[ActiveRequest | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
         self._target: Any = None
-        self._failure: BaseException | None = None
 
     def _load(self, device: str) -> None:
         mx, mlx_lm = _import()
@@ -93,29 +89,22 @@ class MlxEngine(Engine):
         self._eos = frozenset(int(i) for i in tokenizer.eos_token_ids)
         self._mx, self._model, self._tokenizer = mx, model, tokenizer
         self._target = target
-        self._thread = threading.Thread(
-            target=self._run, name=f"hostgpu-{self.spec.name}", daemon=True
-        )
-        self._thread.start()
+        self._start_thread()
 
     def _unload(self) -> None:
-        self._inbox.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        self._model = self._tokenizer = self._thread = self._target = None
+        self._stop_thread()
+        self._model = self._tokenizer = self._target = None
         if self._mx is not None:
             self._mx.clear_cache()
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        try:
-            ids = self._tokenizer.apply_chat_template(
-                template_messages(messages), add_generation_prompt=True, tokenize=True
-            )
-        except Exception as exc:  # jinja raises its own errors for what a template refuses
-            raise InvalidRequest(
-                f"the chat template of {self.spec.name} refused the messages: {exc}",
-                param="messages",
-            ) from None
+        ids = render_chat(
+            self.spec.name,
+            messages,
+            lambda turns: self._tokenizer.apply_chat_template(
+                turns, add_generation_prompt=True, tokenize=True
+            ),
+        )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
@@ -125,11 +114,6 @@ class MlxEngine(Engine):
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=True))
-
-    def _start(self, request: ActiveRequest) -> None:
-        if self._failure is not None:
-            raise EngineError(f"{self.spec.name} failed earlier ({self._failure}): reload it")
-        self._inbox.put(request)
 
     # -- the engine thread ----------------------------------------------------------------
     def _sampler(self, params: SamplingParams) -> Callable[[Any], Any]:
@@ -213,12 +197,10 @@ class MlxEngine(Engine):
         except Exception as exc:
             # Give up on this load: fail what runs and what waits; later requests are refused.
             self._failure = exc
-            waiting = []
-            while not self._inbox.empty():
-                waiting.append(self._inbox.get_nowait())
-            for failed in [*by_uid.values(), *waiting]:
-                if failed is not None:
-                    failed.fail(EngineError(f"mlx_lm failed: {exc}"))
-                    self._forget(failed)
+            error = EngineError(f"mlx_lm failed: {exc}")
+            for failed in by_uid.values():
+                failed.fail(error)
+                self._forget(failed)
+            self._fail_waiting(error)
         finally:
             generator.close()

@@ -47,9 +47,9 @@ from hostgpu.inference.engines.base import (
     Engine,
     Message,
     SamplingParams,
-    template_messages,
+    render_chat,
 )
-from hostgpu.inference.errors import EngineError, EngineUnavailable, InvalidRequest
+from hostgpu.inference.errors import EngineError, EngineUnavailable
 from hostgpu.inference.models import DEFAULT_KV_CACHE_TOKENS
 
 log = logging.getLogger("hostgpu.inference")
@@ -215,18 +215,13 @@ class TransformersEngine(Engine):
     # -- tokens ---------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         self._require_loaded()
-        try:
-            encoded = self._tokenizer.apply_chat_template(
-                template_messages(messages),
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )
-        except Exception as exc:  # jinja raises its own errors for what a template refuses
-            raise InvalidRequest(
-                f"the chat template of {self.spec.name} refused the messages: {exc}",
-                param="messages",
-            ) from None
+        encoded = render_chat(
+            self.spec.name,
+            messages,
+            lambda turns: self._tokenizer.apply_chat_template(
+                turns, add_generation_prompt=True, tokenize=True, return_dict=True
+            ),
+        )
         return [int(i) for i in encoded["input_ids"]]
 
     def encode_text(self, text: str) -> list[int]:
