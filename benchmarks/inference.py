@@ -26,9 +26,11 @@ Arms:
 Targets (issue 12): C adds at most 15 ms to B's time to first token (p50), and C's total
 tokens/s at concurrency 8 is at least 0.95 of B's. The table's "TTFT − B" and "vs B" columns
 say it. On a CPU the prefill's noise hides 15 ms, so C and D also show "TTFT − engine": the
-client's TTFT minus the server engine's own (from the request reaching the engine to its
-first token, read from the jobs' results), which is what the HTTP hops, the queue, the lease
-and the relay add together.
+client's TTFT minus the server engine's own for the same request (from the request reaching
+the engine to its first token, read from the result of the job the response's x-request-id
+names), the median over streams: what the HTTP hops, the queue, the lease and the relay add
+together. Each run's streams leave together (a barrier), so with several streams the engine
+sees them as close together as the path lets them arrive.
 
 Also measured: load time, and cancellation latency in-process (from ``stream.cancel()`` to
 the engine having dropped the request: ``stream.wait_released()``, which for the
@@ -81,6 +83,10 @@ class StreamRecord:
     started: float
     arrivals: list[float] = field(default_factory=list)
     tokens: int = 0
+    #: C and D: the job behind the stream (the response's x-request-id), and the engine's own
+    #: time to first token for it (from its result).
+    job_id: str | None = None
+    engine_ttft: float | None = None
 
     @property
     def ttft(self) -> float:
@@ -103,10 +109,12 @@ class RunResult:
     streams: list[StreamRecord]
     server_cpu: float | None = None
     gateway_cpu: float | None = None
-    #: C and D: the engine's own time to first token (from submission to the server's engine
-    #: to its first token), median over the run's jobs; the client's TTFT minus this is what
-    #: the gateway path adds (queue, lease, relay).
-    engine_ttft: float | None = None
+    def path_overhead(self) -> float | None:
+        """C and D: what the gateway path adds to each stream's time to first token (queue,
+        lease, relay), its median: the client's TTFT minus the engine's own for the same job
+        (from the request reaching the server's engine to its first token)."""
+        paired = [s.ttft - s.engine_ttft for s in self.streams if s.engine_ttft is not None]
+        return statistics.median(paired) if paired else None
 
     def row(self) -> dict[str, float]:
         gaps = sorted(g for s in self.streams for g in s.gaps())
@@ -127,16 +135,22 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def _run_concurrently(
-    concurrency: int, one: Callable[[], StreamRecord]
+    concurrency: int, one: Callable[[Callable[[], None]], StreamRecord]
 ) -> tuple[float, list[StreamRecord]]:
+    """Run ``one`` on ``concurrency`` threads; each calls the function it is given (a barrier)
+    once it is ready to send, so the requests leave together: "8 at once" means the same
+    instant in every arm, and a reader's own set-up (a client, a connection pool) is not timed.
+    """
     records: list[StreamRecord] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
+    barrier = threading.Barrier(concurrency)
 
     def target() -> None:
         try:
-            record = one()
+            record = one(barrier.wait)
         except BaseException as exc:  # surfaced below: a benchmark must not hide failures
+            barrier.abort()  # the others must not wait for this one
             with lock:
                 errors.append(exc)
             return
@@ -160,7 +174,8 @@ def arm_in_process(engine: Engine, prompt: str, concurrency: int, tokens: int) -
     """A: the engine in this process."""
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
 
-    def one() -> StreamRecord:
+    def one(ready: Callable[[], None]) -> StreamRecord:
+        ready()
         record = StreamRecord(started=time.perf_counter())
         stream = engine.chat([{"role": "user", "content": prompt}], params)
         for _ in stream:
@@ -198,12 +213,18 @@ def arm_http(
         "stream_options": {"include_usage": True},
     }
 
-    def one() -> StreamRecord:
-        record = StreamRecord(started=time.perf_counter())
-        with (
-            httpx.Client(timeout=600, headers=headers) as client,
-            client.stream("POST", f"{base_url}/chat/completions", json=body) as response,
-        ):
+    def one(ready: Callable[[], None]) -> StreamRecord:
+        with httpx.Client(timeout=600, headers=headers) as client:
+            ready()
+            record = StreamRecord(started=time.perf_counter())
+            read(client, record)
+        if record.tokens != tokens:
+            raise RuntimeError(f"got {record.tokens} tokens, wanted exactly {tokens}")
+        return record
+
+    def read(client: httpx.Client, record: StreamRecord) -> None:
+        with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+            record.job_id = response.headers.get("x-request-id")
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {response.read().decode()[:300]}")
             for line in response.iter_lines():
@@ -217,9 +238,6 @@ def arm_http(
                 choices = chunk.get("choices") or []
                 if choices and choices[0]["delta"].get("content"):
                     record.arrivals.append(time.perf_counter())
-        if record.tokens != tokens:
-            raise RuntimeError(f"got {record.tokens} tokens, wanted exactly {tokens}")
-        return record
 
     def cpu_seconds(pid: int | None) -> float | None:
         return sum(psutil.Process(pid).cpu_times()[:2]) if pid else None
@@ -296,9 +314,9 @@ class HostgpuArm:
             gateway_pid=self.gateway.proc.pid,
         )
         with self.gateway.http() as http:
-            jobs = http.get("/v1/jobs", params={"limit": concurrency}).json()["jobs"]
-        engine = [j["result"]["time_to_first_token"] for j in jobs if j.get("result")]
-        result.engine_ttft = statistics.median(engine) if engine else None
+            for stream in result.streams:
+                job = http.get(f"/v1/jobs/{stream.job_id}").json()
+                stream.engine_ttft = (job.get("result") or {}).get("time_to_first_token")
         return result
 
     def stop(self) -> None:
@@ -485,12 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = merged.row()
                 cpu = [r.server_cpu for r in runs if r.server_cpu is not None]
                 gw_cpu = [r.gateway_cpu for r in runs if r.gateway_cpu is not None]
-                # Per run (client TTFT p50 − engine TTFT p50), then the median over runs.
-                added = [
-                    statistics.median(s.ttft for s in r.streams) - r.engine_ttft
-                    for r in runs
-                    if r.engine_ttft is not None
-                ]
+                # Each stream paired with its own job, over every run of the row.
+                overhead = merged.path_overhead()
+                added = [] if overhead is None else [overhead]
                 if base_total is None:
                     base_total = row["total_tok_s"]
                 if arm_name.startswith("B"):

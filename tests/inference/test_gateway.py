@@ -83,10 +83,31 @@ def test_openai_client_streams_and_completes(
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
-    # The same request without streaming gives the same (greedy) text.
-    whole = client.chat.completions.create(model="smollm2", messages=HELLO, **GREEDY)  # type: ignore[arg-type]
+    # The same request without streaming gives the same (greedy) text; x-request-id names
+    # its job, as `hostgpu job` knows it.
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2",
+        messages=HELLO,
+        **GREEDY,  # type: ignore[arg-type]
+    )
+    whole = raw.parse()
     assert whole.choices[0].message.content == text
     assert whole.usage is not None and whole.usage.prompt_tokens > 0
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": "smollm2", "messages": HELLO, "stream": True, **GREEDY},
+        headers={"Authorization": f"Bearer {infer_token}"},
+    ) as streamed:
+        streamed.read()
+    ids = [raw.headers["x-request-id"], streamed.headers["x-request-id"]]
+    with gateway.http() as http:
+        named = [http.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+    assert ids[0] != ids[1]
+    assert [(j["state"], j["result"]["completion_tokens"]) for j in named] == [
+        ("succeeded", 12),
+        ("succeeded", 12),
+    ]
 
     completion = client.completions.create(
         model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=4

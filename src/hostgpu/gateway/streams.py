@@ -50,7 +50,7 @@ from hostgpu.inference.jobs import (
     StreamEvent,
     served_models,
 )
-from hostgpu.jobs import Job, JobState
+from hostgpu.jobs import Job, JobState, Lease
 from hostgpu.store import Store
 from hostgpu.store.interface import MAX_BROADCAST_BYTES
 
@@ -215,6 +215,12 @@ class StreamHub:
 
     def verified(self, job_id: str, worker_id: str) -> bool | None:
         return self._verified.get(job_id, {}).get(worker_id)
+
+    def leased(self, worker_id: str, leases: list[Lease]) -> None:
+        """The worker holds these leases now: it may stream their inference jobs' text."""
+        for lease in leases:
+            if lease.function == INFERENCE_FUNCTION:
+                self.verify(lease.job_id, worker_id, True)
 
     def verify(self, job_id: str, worker_id: str, ok: bool) -> None:
         if len(self._verified) > 100_000:

@@ -55,6 +55,9 @@ ModelsToken = Annotated[TokenInfo, Depends(require("infer", "read"))]
 
 #: Paths whose errors are in OpenAI's shape (validation errors included: see app.py).
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+#: The header (OpenAI's name) that gives a completion's job id: `hostgpu job ID` shows where
+#: and when it ran.
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def openai_path(path: str) -> bool:
@@ -196,14 +199,19 @@ async def _respond(
                 remote.cancel()  # a no-op once it finished
                 quotas.release(token.id, slot)
 
-        return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(
+            lines(),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, REQUEST_ID_HEADER: remote.job_id},
+        )
     try:
         completion = await wait_or_disconnect(request, remote)
     finally:
         quotas.release(token.id, slot)
     if completion is None:
         return JSONResponse({}, status_code=499)
-    return whole(completion, gen.model)
+    answer = whole(completion, gen.model)
+    return JSONResponse(answer.model_dump(mode="json"), headers={REQUEST_ID_HEADER: remote.job_id})
 
 
 def _sampling(

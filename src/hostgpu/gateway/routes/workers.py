@@ -194,6 +194,8 @@ async def lease_jobs(
             remaining = deadline - time.monotonic()
             if leases:
                 gw.notifier.notify("leased")
+                # The server may stream these jobs' text: its first tokens need no store read.
+                request.app.state.streams.leased(worker_id, leases)
                 return leases
             if remaining <= 0 or worker_id in gw.notifier.draining or gw.notifier.closing:
                 return leases
@@ -340,12 +342,13 @@ async def streams(
         changed = False
     cancelled: set[str] = set()
     forward: list[str] = []
+    unknown = {e.job_id for e in body.events if hub.verified(e.job_id, worker_id) is None}
+    if unknown:  # leased by another gateway, or before this one started: one read for all
+        running = await run(_running_on, gw.store, sorted(unknown), worker_id)
+        for job_id in unknown:
+            hub.verify(job_id, worker_id, job_id in running)
     for event in body.events:
-        ok = hub.verified(event.job_id, worker_id)
-        if ok is None:
-            ok = await run(_runs_on, gw.store, event.job_id, worker_id)
-            hub.verify(event.job_id, worker_id, ok)
-        if not ok:
+        if not hub.verified(event.job_id, worker_id):
             cancelled.add(event.job_id)
         elif gw.store.shared and not hub.local(event.job_id):
             forward += hub.forward(event)  # its reader waits on another gateway
@@ -368,10 +371,11 @@ async def _forget_server(request: Request, gw: Gateway, worker_id: str) -> None:
             await tell_engines(gw.store, hub, [worker_id])
 
 
-def _runs_on(store: Store, job_id: str, worker_id: str) -> bool:
-    """Whether the job is leased to this worker now (only its server may stream its text)."""
-    try:
-        job = store.get(job_id)
-    except NotFound:
-        return False
-    return job.worker_id == worker_id and job.state in (JobState.leased, JobState.running)
+def _running_on(store: Store, job_ids: list[str], worker_id: str) -> set[str]:
+    """Which of the jobs are leased to this worker now (only its server may stream their
+    text)."""
+    return {
+        job.id
+        for job in store.get_many(job_ids)
+        if job.worker_id == worker_id and job.state in (JobState.leased, JobState.running)
+    }
