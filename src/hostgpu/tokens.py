@@ -25,6 +25,10 @@ from pydantic import BaseModel, Field
 Scope = Literal["admin", "submit", "worker", "read", "infer", "share"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 TOKEN_ID_PATTERN = r"^[0-9a-f]{1,32}$"
+#: The shortest and longest lifetime a token may be given (``--expires``, ``expires_in_s``):
+#: under a second it would be expired before its first use.
+MIN_LIFETIME_S = 1
+MAX_LIFETIME_S = 10 * 365 * 86400
 
 
 class TokenInfo(BaseModel):

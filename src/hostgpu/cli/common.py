@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -69,16 +70,21 @@ def client(gateway: str | None, token_file: Path | None) -> Client:
     return Client(gateway, token_from(token_file))
 
 
-def parse_duration(text: str) -> float:
-    """'90', '90s', '15m', '12h', '7d' → seconds."""
+def parse_duration(text: str, option: str | None = None) -> float:
+    """'90', '90s', '15m', '12h', '7d' → seconds (finite, never negative); a usage error
+    (exit 2) naming ``option`` otherwise, an empty value included."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     text = text.strip().lower()
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h or 7d") from None
+        seconds = math.nan
+    # float() takes "nan", "inf" and "-5" too: none of them is a duration.
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise typer.BadParameter(
+            f"{text!r} is not a duration like 90s, 15m, 12h or 7d", param_hint=option
+        )
+    return seconds
 
 
 def native_report(allow_container: bool, what: str) -> Any:

@@ -18,7 +18,7 @@ from hostgpu.cli.common import (
     print_json,
     print_table,
 )
-from hostgpu.tokens import SCOPES
+from hostgpu.tokens import MAX_LIFETIME_S, MIN_LIFETIME_S, SCOPES
 
 app = typer.Typer(help="Create, list and revoke API tokens (needs an admin token).")
 
@@ -32,7 +32,7 @@ def create(
     scope: Annotated[str, typer.Option(help=" | ".join(SCOPES))],
     name: Annotated[str, typer.Option(help="A note on who uses it")] = "",
     expires: Annotated[
-        str | None, typer.Option(help="Lifetime like 12h, 7d (default: until revoked)")
+        str | None, typer.Option(help="Lifetime like 30m, 12h, 7d (default: until revoked)")
     ] = None,
     gateway: GatewayOpt = None,
     token_file: TokenFileOpt = None,
@@ -41,7 +41,15 @@ def create(
     """Create a token; its secret is printed once (on stdout, alone, for `> file`)."""
     if scope not in SCOPES:
         raise typer.BadParameter(f"scope must be one of {', '.join(SCOPES)}")
-    lifetime = parse_duration(expires) if expires else None
+    lifetime = None
+    if expires is not None:  # even '': a mistake must not mint a token that never expires
+        lifetime = parse_duration(expires, "--expires")
+        if not MIN_LIFETIME_S <= lifetime <= MAX_LIFETIME_S:
+            raise typer.BadParameter(
+                f"{expires!r} is out of range: a token lives from 1s to 10 years "
+                "(like 30m, 12h or 7d; leave --expires out for a token that never expires)",
+                param_hint="--expires",
+            )
     with client(gateway, token_file) as api:
         created = api.create_token(name or f"{scope} token", scope, expires_in_s=lifetime)
     if as_json:
