@@ -17,7 +17,7 @@ from hostgpu.inference.jobs import EngineState, StreamEvent
 from hostgpu.jobs import Job, JobResult, JobSpec, Lease, Outcome, ReportResult
 from hostgpu.requirements import NOT_BOOL
 from hostgpu.stats import ThroughputBucket, WorkerLoad
-from hostgpu.tokens import Scope, TokenInfo
+from hostgpu.tokens import MAX_LIFETIME_S, MIN_LIFETIME_S, Scope, TokenInfo
 
 MAX_BATCH = 5000
 #: Job and worker ids are 32 hex digits; a unique prefix of 4 or more names one too.
@@ -207,8 +207,16 @@ class StreamReply(BaseModel):
 class TokenRequest(_Request):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[\x20-\x7e]+$")
     scope: Scope
-    expires_in_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400), NOT_BOOL] | None = Field(
-        default=None, description="seconds until it stops working"
+    expires_in_s: (
+        Annotated[
+            float,
+            Field(ge=MIN_LIFETIME_S, le=MAX_LIFETIME_S, allow_inf_nan=False),
+            NOT_BOOL,
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="seconds until it stops working (1 s to 10 years); null: until revoked",
     )
 
 

@@ -149,6 +149,31 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
         ("POST", "/v1/jobs/wait", {"json": {"ids": ["a"], "timeout": 999}}, 422, "timeout"),
         ("POST", "/v1/jobs/results", {"json": {"ids": []}}, 422, "ids"),
         ("DELETE", "/v1/tokens/nope", {}, 422, "token_id"),
+        # A lifetime under a second (the token would be dead on arrival), or past 10 years.
+        (
+            "POST",
+            "/v1/tokens",
+            {"json": {"name": "t", "scope": "read", "expires_in_s": 1e-300}},
+            422,
+            "expires_in_s: input should be greater than or equal to 1",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            {"json": {"name": "t", "scope": "read", "expires_in_s": 1e12}},
+            422,
+            "expires_in_s: input should be less than or equal to",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            {
+                "content": b'{"name": "t", "scope": "read", "expires_in_s": NaN}',
+                "headers": {"content-type": "application/json"},
+            },
+            422,
+            "expires_in_s: input should be a finite number",
+        ),
         ("DELETE", "/v1/tokens/0123456789abcdef", {}, 404, "no token"),
         (
             "POST",
