@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from itertools import accumulate
+from typing import Any
 
 #: How deep a JSON body may nest arrays and objects. Deeper values fail far from where they
 #: were sent: Python's JSON decoder and pickle (which carries arguments to a worker's child)
@@ -56,3 +58,25 @@ def lone_surrogate(body: bytes) -> bool:
     except ValueError:  # not JSON: the route says so
         return False
     return False
+
+
+def body_problem(error: Mapping[str, Any]) -> str | None:
+    """What is wrong with a request body as a whole, from one of FastAPI's validation errors:
+    not JSON (``json_invalid``, whose ``loc`` is ``("body", offset)``: an offset, not a
+    field, so it must not be reported as one), missing, or not an object. None for an error
+    about a field, which the caller reports with its place."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error")
+        where = f" at offset {loc[1]}" if len(loc) == 2 and isinstance(loc[1], int) else ""
+        return f"the body is not valid JSON ({reason or 'cannot be decoded'}{where})"
+    if loc == ("body",) and error.get("type") == "missing":
+        return "the request has no body: send a JSON object"
+    if loc == ("body",) and error.get("type") in ("model_attributes_type", "dict_type"):
+        if isinstance(error.get("input"), bytes):  # left undecoded: not declared JSON
+            return (
+                "the body was not sent as JSON: send a JSON object with "
+                "Content-Type: application/json"
+            )
+        return "the body is not a JSON object"
+    return None

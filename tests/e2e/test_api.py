@@ -125,7 +125,16 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "needle"),
     [
-        ("POST", "/v1/jobs", {"content": b"{not json"}, 422, "invalid request"),
+        (
+            "POST",
+            "/v1/jobs",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            422,
+            "the body is not valid JSON (Expecting property name enclosed in double quotes at",
+        ),
+        # curl -d sends a form's type: the body is never read as JSON.
+        ("POST", "/v1/jobs", {"content": b'{"function": "m:f"}'}, 422, "application/json"),
+        ("POST", "/v1/jobs", {"content": b""}, 422, "the request has no body"),
         ("POST", "/v1/jobs", {"json": {"function": "no-colon"}}, 422, "module:qualname"[:0]),
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "bogus": 1}}, 422, "bogus"),
         (
@@ -136,7 +145,7 @@ def test_worker_token_cannot_submit_or_read_results_and_submit_cannot_lease(
             "gpu must be",
         ),
         ("POST", "/v1/jobs", {"json": {"function": "m:f", "timeout_s": -1}}, 422, "timeout_s"),
-        ("POST", "/v1/jobs", {"json": [1, 2]}, 422, "invalid request"),
+        ("POST", "/v1/jobs", {"json": [1, 2]}, 422, "the body is not a JSON object"),
         ("POST", "/v1/jobs/batch", {"json": {"jobs": []}}, 422, "jobs"),
         ("GET", "/v1/jobs/does-not-exist", {}, 422, "job_id"),
         ("GET", "/v1/jobs/0123456789abcdef", {}, 404, "no job"),
@@ -210,6 +219,25 @@ def test_bad_requests_get_a_4xx_with_a_reason(
         reply = http.request(method, path, **kwargs)
     assert reply.status_code == status, reply.text
     assert needle.lower() in reply.json()["detail"].lower()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_that_is_not_json_is_named_so_in_openai_shape(gateway: Gateway, path: str) -> None:
+    """Not a field's fault: ``param`` is null (it was FastAPI's offset, "1"), and the message
+    says what is wrong and where."""
+    with gateway.client() as api:
+        infer = api.create_token("openai client", "infer").token
+    with gateway.http(infer) as http:
+        sent = {"content": b"{bad", "headers": {"content-type": "application/json"}}
+        reply = http.post(path, **sent)  # type: ignore[arg-type]
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] is None and error["type"] == "invalid_request_error"
+        assert error["message"].startswith("the body is not valid JSON (")
+        assert "at offset 1" in error["message"]
+        empty = http.post(path, content=b"", headers={"content-type": "application/json"})
+        assert empty.status_code == 400 and empty.json()["error"]["param"] is None
+        assert "no body" in empty.json()["error"]["message"]
 
 
 def test_oversized_body_is_413_with_the_limit(home, gateway_factory) -> None:  # type: ignore[no-untyped-def]

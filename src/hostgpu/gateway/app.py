@@ -59,6 +59,7 @@ from hostgpu.gateway.threads import run
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.inference import openai_schema as oa
 from hostgpu.inference.errors import InferenceError, InvalidRequest
+from hostgpu.jsontext import body_problem
 from hostgpu.retry import RetryPolicy
 from hostgpu.settings import Settings, get_settings
 from hostgpu.store import Store, open_store
@@ -313,7 +314,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
-        summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+        summary = "; ".join(
+            body_problem(e) or f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}"
+            for e in exc.errors()[:5]
+        )
         return JSONResponse({"detail": f"invalid request: {summary}", "errors": errors}, 422)
 
     app.add_exception_handler(RequestValidationError, validation)

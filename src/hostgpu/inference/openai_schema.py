@@ -37,6 +37,7 @@ from hostgpu.inference.engines.base import (
     TokenStream,
 )
 from hostgpu.inference.errors import InferenceError, InvalidRequest
+from hostgpu.jsontext import body_problem
 
 #: Characters of prompt text a request may carry (10 MB prompts are refused before tokenising).
 MAX_PROMPT_CHARS = 1_000_000
@@ -247,6 +248,8 @@ def parse_request(model: type[RequestT], body: Any) -> RequestT:
 def invalid_request(errors: Any) -> InvalidRequest:
     """An InvalidRequest from pydantic's (or FastAPI's) error list."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if (problem := body_problem(first)) is not None:
+        return InvalidRequest(problem)  # no param: no field is to blame
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
