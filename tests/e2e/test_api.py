@@ -240,6 +240,38 @@ def test_a_body_that_is_not_json_is_named_so_in_openai_shape(gateway: Gateway, p
         assert "no body" in empty.json()["error"]["message"]
 
 
+def test_a_model_nobody_declares_is_404_and_a_declared_one_503(gateway: Gateway) -> None:
+    """Advice that works: `hostgpu serve nosuch` fails for a model no registry knows, so
+    that one is OpenAI's 404 ``model_not_found`` saying how to declare it; a built-in, or
+    a model a server declared before it stopped, is the 503 (Retry-After) to start one."""
+    with gateway.client() as api:
+        infer = api.create_token("openai client", "infer").token
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+    with gateway.http(infer) as http:
+        unknown = http.post("/v1/chat/completions", json={"model": "nosuch", **ask})
+        assert unknown.status_code == 404, unknown.text
+        assert "retry-after" not in unknown.headers
+        error = unknown.json()["error"]
+        assert (error["code"], error["param"]) == ("model_not_found", "model")
+        assert "models.toml" in error["message"] and "hostgpu models --all" in error["message"]
+        builtin = http.post("/v1/chat/completions", json={"model": "smollm2", **ask})
+        assert builtin.status_code == 503 and builtin.headers["retry-after"] == "10"
+        assert "hostgpu serve smollm2" in builtin.json()["error"]["message"]
+    with gateway.http() as admin:  # a server of "mine" registers, then stops
+        caps = {
+            "name": "gone",
+            "devices": [{"kind": "cpu", "name": "cpu"}],
+            "serves": "models",
+            "labels": {"hostgpu.model/mine": "serve"},
+        }
+        worker_id = admin.post("/v1/workers", json=caps).json()["worker_id"]
+        assert admin.delete(f"/v1/workers/{worker_id}").status_code == 204
+    with gateway.http(infer) as http:
+        declared = http.post("/v1/completions", json={"model": "mine", "prompt": "hi"})
+        assert declared.status_code == 503 and declared.headers["retry-after"] == "10"
+        assert declared.json()["error"]["code"] == "model_not_available"
+
+
 def test_oversized_body_is_413_with_the_limit(home, gateway_factory) -> None:  # type: ignore[no-untyped-def]
     gw = Gateway(
         home, f"sqlite:///{home / 'db.sqlite'}", env_extra={"HOSTGPU_MAX_BODY_BYTES": "10000"}

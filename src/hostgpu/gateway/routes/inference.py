@@ -9,6 +9,7 @@ that goes away cancels the job; its server stops generating at its next event.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from hostgpu.api import ERROR_RESPONSES
 from hostgpu.capabilities import Capabilities
+from hostgpu.errors import ConfigError
 from hostgpu.gateway.auth import require
 from hostgpu.gateway.deps import run
 from hostgpu.gateway.quotas import Slot, TokenQuotas
@@ -33,8 +35,11 @@ from hostgpu.inference.jobs import (
     model_label,
     served_models,
 )
+from hostgpu.inference.models import load_registry
 from hostgpu.inference.server import SSE_HEADERS, closing, wait_or_disconnect
 from hostgpu.jobs import JobSpec, Payload
+from hostgpu.settings import Settings
+from hostgpu.store import Store
 from hostgpu.tokens import TokenInfo
 
 #: Every error of these routes takes OpenAI's shape, the gateway's own refusals included
@@ -131,12 +136,29 @@ async def get_model(model: str, request: Request, token: ModelsToken) -> oa.Mode
     )
 
 
+def _declared(store: Store, settings: Settings, model: str) -> bool:
+    """Whether starting a model server may help a request for ``model``: this gateway's
+    registry knows it (the built-ins, its models file), or a server declared it once (one
+    that is down, draining or stopped). Read only when no live server serves it."""
+    with contextlib.suppress(ConfigError):  # a broken models file: the servers' word only
+        if model in load_registry(settings.home_dir):
+            return True
+    return any(model in served_models(w.capabilities.labels) for w in store.list_workers())
+
+
 async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
     """Queue the request as an inference job and open its stream."""
     state = request.app.state
     store, notifier, settings = state.store, state.notifier, state.settings
     workers = await run(state.waiting.workers)
     if not _servers(workers, gen.model):
+        if not await run(_declared, store, settings, gen.model):
+            raise ModelNotFound(
+                f"no model server has declared a model named {gen.model!r}, and this "
+                "gateway's registry does not know it: register it on a model server's machine "
+                "(models.toml in its HOSTGPU_HOME, or HOSTGPU_MODELS; `hostgpu models --all` "
+                f"lists what a machine knows), then run `hostgpu serve {gen.model}` there"
+            )
         raise NoServer(
             f"no worker can load {gen.model}: none of the live model servers serves it; start "
             f"one with `hostgpu serve {gen.model}` (or `hostgpu share --models {gen.model}` on "
