@@ -203,3 +203,67 @@ def test_a_worker_opens_its_channel_again_after_a_gateway_restart(
     gateway.start()
     assert f.add.remote(2, 2) == 4
     assert _requests(gateway, "/v1/workers/{worker_id}/lease") == 0
+
+
+def test_a_lent_machine_answers_only_to_the_share_token_that_registered_it(
+    gateway: Gateway, api: httpx.Client
+) -> None:
+    """Every per-worker action, over HTTP and the channel: a `worker` token, or another
+    `share` token, cannot drive a lent machine (403 / 4403 with the reason); its own share
+    token and an admin token can. A lender label a worker token claims is not kept."""
+    made = {
+        name: api.post("/v1/tokens", json={"name": name, "scope": scope}).json()
+        for name, scope in (("lender", "share"), ("other lender", "share"), ("box", "worker"))
+    }
+    secrets = {name: token["token"] for name, token in made.items()}
+    machine = {
+        "name": "lent",
+        "devices": [{"kind": "cpu", "name": "cpu"}],
+        "labels": {"hostgpu.model/smollm2": "serve"},
+    }
+
+    def http(name: str) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {secrets[name]}"}
+        return httpx.Client(base_url=gateway.url, headers=headers, timeout=30)
+
+    with http("lender") as lender:
+        lent = lender.post("/v1/workers", json=machine).json()["worker_id"]
+    actions: list[tuple[str, str, dict | None, int]] = [
+        ("POST", f"/v1/workers/{lent}/lease", {"max_jobs": 1, "wait": 0}, 200),
+        ("POST", f"/v1/workers/{lent}/heartbeat", {}, 200),
+        ("POST", f"/v1/workers/{lent}/report", {"outcomes": []}, 200),
+        ("POST", f"/v1/workers/{lent}/streams", {"events": []}, 200),
+        ("POST", f"/v1/workers?worker_id={lent}", machine, 201),
+        ("POST", f"/v1/workers/{lent}/drain", None, 204),
+        ("DELETE", f"/v1/workers/{lent}", None, 204),
+    ]
+    for name in ("box", "other lender"):
+        with http(name) as client:
+            for method, path, body, _ in actions:
+                reply = client.request(method, path, json=body)
+                assert reply.status_code == 403, (name, path, reply.text)
+                assert "share token" in reply.json()["detail"], (name, path)
+        with open_channel(gateway, lent, secrets[name]) as ws:
+            code, reason = closed_with(ws)
+            assert code == 4403 and "share token" in reason, (name, reason)
+    assert api.post(f"/v1/workers/{lent}/heartbeat", json={}).status_code == 200  # admin
+    with open_channel(gateway, lent, secrets["lender"]) as ws:
+        ws.send(json.dumps({"grant": 1}))
+        assert leases_within(ws, 0.5) == []  # open, and nothing to push
+    with http("lender") as lender:
+        for method, path, body, status in actions:
+            reply = lender.request(method, path, json=body)
+            assert reply.status_code == status, (path, reply.text)
+            if "worker_id=" in path:
+                assert reply.json()["worker_id"] == lent  # re-registered, the same machine
+
+    # Only the gateway marks a machine lent: a worker token's claim to be one is dropped, so
+    # it keeps its worker and the share token it named gains nothing.
+    claim = {**machine, "labels": {"hostgpu.lender": made["lender"]["id"]}}
+    with http("box") as box:
+        own = box.post("/v1/workers", json=claim).json()["worker_id"]
+        assert box.post(f"/v1/workers/{own}/heartbeat", json={}).status_code == 200
+    [info] = [w for w in api.get("/v1/workers").json()["workers"] if w["id"] == own]
+    assert "hostgpu.lender" not in info["capabilities"]["labels"]
+    with http("lender") as lender:
+        assert lender.post(f"/v1/workers/{own}/heartbeat", json={}).status_code == 403

@@ -27,7 +27,8 @@ INFERENCE_FUNCTION = "hostgpu.inference.serving:generate"
 #: Label key prefix: a model server has ``hostgpu.model/<name>: serve`` for each model it serves.
 MODEL_LABEL_PREFIX = "hostgpu.model/"
 MODEL_LABEL_VALUE = "serve"
-#: Set by the gateway on a machine registered with a ``share`` token: the token's name.
+#: Set by the gateway on a machine registered with a ``share`` token (the token's id), and
+#: only then: the gateway strips it from other registrations.
 LENDER_LABEL = "hostgpu.lender"
 #: At most this many models per server (worker labels are matched as subsets of at most 8).
 MAX_MODELS_PER_SERVER = 6

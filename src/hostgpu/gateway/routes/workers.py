@@ -52,12 +52,23 @@ async def check_access(
     request: HTTPConnection, store: Store, token: TokenInfo, worker_id: str
 ) -> None:
     """A ``share`` token acts only for the machine it registered (never for a function
-    worker, whose jobs it would otherwise lease and read)."""
-    if token.scope != "share":
+    worker, whose jobs it would otherwise lease and read), and a lent machine only for that
+    token: a ``worker`` token could otherwise lease its requests (and read their prompts),
+    report for them, drop its leases or deregister it. Who registered a machine is its
+    ``LENDER_LABEL``, which only a share token's registration sets. An admin token acts for
+    any worker. NotFound for an unknown worker."""
+    if token.scope == "admin":
         return
     caps = await worker_capabilities(request, store, worker_id)
-    if caps.serves != "models" or caps.labels.get(LENDER_LABEL) != token.id:
+    lender = caps.labels.get(LENDER_LABEL)
+    if token.scope == "share" and (caps.serves != "models" or lender != token.id):
         raise HTTPException(403, "a share token acts only for the machine it registered")
+    if token.scope != "share" and lender is not None:
+        raise HTTPException(
+            403,
+            f"worker {worker_id} is a machine lent with a share token: only that token acts "
+            "for it (an admin token may stop it)",
+        )
 
 
 async def worker_access(
@@ -98,7 +109,11 @@ async def register(
     to it, and it is labelled with the token's id."""
     if token.scope == "share":
         caps = _lent(caps, token)
-    if worker_id is not None and token.scope == "share":
+    elif LENDER_LABEL in caps.labels:  # only the gateway says a machine is lent
+        caps = caps.model_copy(
+            update={"labels": {k: v for k, v in caps.labels.items() if k != LENDER_LABEL}}
+        )
+    if worker_id is not None:  # re-registering: only who may act for that worker
         try:
             await check_access(request, gw.store, token, worker_id)
         except NotFound:
