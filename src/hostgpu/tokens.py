@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field
 
 Scope = Literal["admin", "submit", "worker", "read", "infer", "share"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
-TOKEN_ID_PATTERN = r"^[0-9a-f]{1,32}$"
+#: Token ids are 16 hex digits; a unique prefix of 4 or more names one too.
+TOKEN_ID_LENGTH = 16
+TOKEN_ID_PATTERN = r"^[0-9a-f]{4,32}$"
 #: The shortest and longest lifetime a token may be given (``--expires``, ``expires_in_s``):
 #: under a second it would be expired before its first use.
 MIN_LIFETIME_S = 1
@@ -59,7 +61,11 @@ def mint(
         raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
     secret = f"hg{scope[0]}_{secrets.token_urlsafe(32)}"
     info = TokenInfo(
-        id=uuid.uuid4().hex[:16], name=name, scope=scope, created_at=now, expires_at=expires_at
+        id=uuid.uuid4().hex[:TOKEN_ID_LENGTH],
+        name=name,
+        scope=scope,
+        created_at=now,
+        expires_at=expires_at,
     )
     return info, secret
 

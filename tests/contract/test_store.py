@@ -22,7 +22,7 @@ from hostgpu.functions import FunctionOptions, Requested, resolve
 from hostgpu.jobs import JobError, JobState, Outcome, Payload
 from hostgpu.retry import RetryPolicy
 from hostgpu.store import JobFilter, NewJob, Store, open_store
-from hostgpu.tokens import hash_token, mint
+from hostgpu.tokens import TokenInfo, hash_token, mint
 
 GB = 1024**3
 CPU = Device(kind="cpu", name="Test CPU", memory_bytes=16 * GB)
@@ -461,6 +461,21 @@ def test_ids_by_unique_prefix(store: Store) -> None:
         store.get(shared)
     with pytest.raises(NotFound):
         store.get("not-hex")
+
+
+def test_tokens_revoked_by_unique_prefix(store: Store) -> None:
+    """As jobs are found: a unique prefix names a token; an ambiguous one lists the ids."""
+    ids = ("abcd0000000000aa", "abcd1000000000bb")
+    for n, token_id in enumerate(ids):
+        info = TokenInfo(id=token_id, name=f"t{n}", scope="read", created_at=1.0)
+        store.add_token(info, hash_token(f"secret {n}"))
+    with pytest.raises(AmbiguousId, match=f"'abcd' .*{ids[0]}, {ids[1]}"):
+        store.revoke_token("abcd")
+    with pytest.raises(NotFound, match="no token with id 'ffff'"):
+        store.revoke_token("ffff")
+    assert store.revoke_token("abcd1").id == ids[1]
+    assert store.revoke_token(ids[0]).id == ids[0]  # whole, as before
+    assert all(t.revoked_at for t in store.list_tokens())
 
 
 def test_list_pages_through_a_batch_with_one_timestamp(store: Store) -> None:

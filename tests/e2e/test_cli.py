@@ -153,7 +153,11 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
 
     created = json.loads(hostgpu(home, "token", "create", "--scope", "submit", "--json").stdout)
     assert created["token"] and created["scope"] == "submit"
-    hostgpu(home, "token", "revoke", created["id"])
+    # As `job` does, `token revoke` takes a unique prefix, and says which token it revoked.
+    revoked = hostgpu(home, "token", "revoke", created["id"][:6]).stdout
+    assert f"revoked {created['id']} (submit:" in revoked
+    none = hostgpu(home, "token", "revoke", "0000ffff", check=False)
+    assert none.returncode == 1 and "no token with id '0000ffff'" in none.stderr
     assert "submit" in hostgpu(home, "token", "list").stdout
     unasked = hostgpu(home, "prune", "--older-than", "0s", check=False)  # no terminal to ask
     assert unasked.returncode != 0 and "--yes" in unasked.stdout + unasked.stderr

@@ -87,7 +87,10 @@ def list_tokens(
 
 @app.command()
 def revoke(
-    token_id: Annotated[str, typer.Argument(help="Token id (from `hostgpu token list`)")],
+    token_id: Annotated[
+        str,
+        typer.Argument(help="Token id (from `hostgpu token list`), or a unique prefix (4+)"),
+    ],
     force: Annotated[
         bool,
         typer.Option("--force", help="Revoke even the last active admin token (locks you out)"),
@@ -97,5 +100,5 @@ def revoke(
 ) -> None:
     """Revoke a token; it stops working on its next request."""
     with client(gateway, token_file) as api:
-        api.revoke_token(token_id, force=force)
-    console.print(f"revoked {token_id}")
+        info = api.revoke_token(token_id, force=force)
+    console.print(f"revoked {info.id} ({info.scope}: {info.name})", markup=False, highlight=False)

@@ -287,8 +287,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def revoke_token(self, token_id: str, *, force: bool = False) -> TokenInfo:
-        """Revoke a token at once (NotFound). Refuses the last active admin token
-        (LastAdminToken) unless ``force``."""
+        """Revoke a token, by id or unique id prefix, at once (NotFound, AmbiguousId).
+        Refuses the last active admin token (LastAdminToken) unless ``force``."""
 
     @abc.abstractmethod
     def has_active_admin(self) -> bool:

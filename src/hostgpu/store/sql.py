@@ -47,6 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.sql import ColumnElement
 
 from hostgpu.capabilities import Capabilities, Device, WorkerInfo
 from hostgpu.errors import (
@@ -93,7 +94,7 @@ from hostgpu.store.interface import (
 )
 from hostgpu.store.many import Many
 from hostgpu.store.schema import attempts, blobs, functions, job_inputs, jobs, tokens, workers
-from hostgpu.tokens import TokenInfo
+from hostgpu.tokens import TOKEN_ID_LENGTH, TokenInfo
 
 log = logging.getLogger("hostgpu.store")
 ACTIVE = sorted(s.value for s in ACTIVE_STATES)
@@ -122,6 +123,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 #: How many times a lease reads again after concurrent lessees took its candidates first.
 LEASE_TRIES = 3
 FULL_ID_LENGTH = 32
+#: How many of the ids an ambiguous prefix matches its error names.
+AMBIGUOUS_SHOWN = 5
 
 
 # The job columns a Job takes as they are stored; the others are decoded in ``_to_job``.
@@ -564,21 +567,39 @@ class SQLStore(Store):
             for item in order
         ]
 
-    def _find_id(self, conn: Connection, job_id: str) -> str:
-        """The full id of ``job_id`` or of the one job whose id starts with it."""
-        if len(job_id) >= FULL_ID_LENGTH:
-            return job_id
-        if not job_id or not all(c in "0123456789abcdef" for c in job_id):
-            raise NotFound(f"no job with id {job_id!r}")
+    @staticmethod
+    def _find_id(
+        conn: Connection,
+        given: str,
+        column: ColumnElement[str] = jobs.c.id,
+        what: str = "job",
+        length: int = FULL_ID_LENGTH,
+    ) -> str:
+        """The full id of ``given`` or of the one row whose ``column`` (an id ``length``
+        hex digits long) starts with it: NotFound, or AmbiguousId naming the first matches."""
+        if len(given) >= length:
+            return given
+        if not given or not all(c in "0123456789abcdef" for c in given):
+            raise NotFound(f"no {what} with id {given!r}")
         found = (
-            conn.execute(select(jobs.c.id).where(jobs.c.id.like(f"{job_id}%")).limit(2))
+            conn.execute(
+                select(column)
+                .where(column.like(f"{given}%"))
+                .order_by(column)
+                .limit(AMBIGUOUS_SHOWN + 1)
+            )
             .scalars()
             .all()
         )
         if not found:
-            raise NotFound(f"no job with id {job_id!r}")
+            raise NotFound(f"no {what} with id {given!r}")
         if len(found) > 1:
-            raise AmbiguousId(f"{job_id!r} is the start of more than one job id: give more of it")
+            shown = ", ".join(found[:AMBIGUOUS_SHOWN]) + (
+                ", ..." if len(found) > AMBIGUOUS_SHOWN else ""
+            )
+            raise AmbiguousId(
+                f"{given!r} is the start of more than one {what} id ({shown}): give more of it"
+            )
         return str(found[0])
 
     def get(self, job_id: str, *, history: bool = False) -> Job:
@@ -1442,6 +1463,7 @@ class SQLStore(Store):
             or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
         )
         with self._write() as conn:
+            token_id = self._find_id(conn, token_id, tokens.c.id, "token", TOKEN_ID_LENGTH)
             row = conn.execute(
                 self._for_update(select(tokens).where(tokens.c.id == token_id))
             ).first()
