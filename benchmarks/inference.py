@@ -109,6 +109,7 @@ class RunResult:
     streams: list[StreamRecord]
     server_cpu: float | None = None
     gateway_cpu: float | None = None
+
     def path_overhead(self) -> float | None:
         """C and D: what the gateway path adds to each stream's time to first token (queue,
         lease, relay), its median: the client's TTFT minus the engine's own for the same job
