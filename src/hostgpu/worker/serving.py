@@ -53,6 +53,14 @@ logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 Key = tuple[str, str]  # (job id, lease token)
 #: What the streamer sends: a job's stream event, or the engines' states.
 Sendable = StreamEvent | list[EngineState]
+#: A batch of stream events waits for the other streaming jobs' events of the same engine
+#: step, at most a tenth of the time between steps and at most LINGER_MAX_S: a step yields a
+#: token for each of its streams at once, and each reaches the streamer from its job's own
+#: thread a moment apart. Sent in one request, no stream's token waits a round trip to the
+#: gateway behind another's (measured at 8 streams on 2 cores: a step's tokens went out in
+#: two or three requests, 3-12 ms apart). A lone stream never waits.
+LINGER_MAX_S = 0.005
+LINGER_SHARE = 0.1
 
 
 @dataclass
@@ -74,6 +82,10 @@ class Streamer:
         self.worker_id: str | None = None
         self._thread = threading.Thread(target=self._run, name="hostgpu-streamer", daemon=True)
         self.sent_events = 0
+        #: How many jobs stream now (set by the engine pool).
+        self.streaming: Callable[[], int] = lambda: 0
+        self._step_s = 0.0  # the time between batches while jobs stream (moving average)
+        self._last_batch = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -93,11 +105,35 @@ class Streamer:
         try:
             sent: Iterator[list[Sendable]] = batches(self._queue)
             for items in sent:
+                closed = self._gather(items)
                 events = [i for i in items if isinstance(i, StreamEvent)]
                 states = [i for i in items if isinstance(i, list)]
                 self._post(client, events, states[-1] if states else None)
+                if closed:
+                    return
         finally:
             client.close()
+
+    def _gather(self, items: list[Sendable]) -> bool:
+        """Add to ``items`` what the streaming jobs that have no event in it yet send within
+        the linger (see :data:`LINGER_MAX_S`); True when the close signal came meanwhile."""
+        now = time.monotonic()
+        if self._last_batch:
+            self._step_s += 0.2 * (min(now - self._last_batch, 1.0) - self._step_s)
+        self._last_batch = now
+        deadline = now + min(LINGER_MAX_S, LINGER_SHARE * self._step_s)
+        while len({i.job_id for i in items if isinstance(i, StreamEvent)}) < self.streaming():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            items.append(item)
+        return False
 
     def _post(
         self, client: Client, events: list[StreamEvent], states: list[EngineState] | None
@@ -139,6 +175,7 @@ class EnginePool:
         self.timeout = timeout
         self._on_result = on_result
         self.streamer = streamer
+        streamer.streaming = self.streaming
         self._lock = threading.Condition()
         self._engines: dict[str, Engine] = {}
         self._load_locks = {name: threading.Lock() for name in self.specs}
@@ -184,6 +221,11 @@ class EnginePool:
     def running(self) -> list[Lease]:
         with self._lock:
             return [r.lease for r in self._running.values()]
+
+    def streaming(self) -> int:
+        """How many jobs have an engine stream now."""
+        with self._lock:
+            return sum(1 for r in self._running.values() if r.stream is not None)
 
     def cancel(self, job_id: str, lease_token: str | None = None) -> bool:
         return self._stop_jobs(
