@@ -11,6 +11,7 @@ import builtins  # noqa: F401 - a job naming tests.jobfuncs:builtins.eval must b
 import ctypes
 import os
 import subprocess  # noqa: F401 - a job naming tests.jobfuncs:subprocess.run must be refused
+import sys
 import time
 from typing import Any
 
@@ -72,6 +73,22 @@ def sleep(seconds: float) -> float:
 def sleep_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+@hostgpu.function
+def shout(nbytes: int, line: str = "") -> str:
+    """Write ``line`` (whole) then ``nbytes`` to stdout through Python and as many to fd 2 at
+    the C level (as an extension or a subprocess writes), and return normally."""
+    if line:
+        print(line, flush=True)
+    chunk = "x" * min(nbytes, 1 << 20)
+    left = nbytes
+    while left > 0:
+        sys.stdout.write(chunk[:left])
+        os.write(2, chunk[:left].encode())
+        left -= len(chunk)
+    sys.stdout.flush()
+    return "done"
 
 
 @hostgpu.function

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES
+from hostgpu.worker.output import DEFAULT_JOB_OUTPUT_BYTES
 
 DEFAULT_PORT = 8765
 
@@ -53,6 +54,8 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_max_seconds: float = Field(default=300.0, ge=0)
     log_level: str = "INFO"
+    # Bytes of each job's stdout and stderr a worker copies to its own log (the rest: a count).
+    job_output_bytes: int = Field(default=DEFAULT_JOB_OUTPUT_BYTES, ge=0)
 
     # Names shared with hand-made setups.
     device: Literal["auto", "mps", "cuda", "mlx", "cpu"] = Field(

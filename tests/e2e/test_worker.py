@@ -151,6 +151,28 @@ def test_oversized_result_fails_readably(home: Path, gateway_factory) -> None:  
         w.stop()
 
 
+def test_job_output_is_bounded_in_the_worker_log(gateway: Gateway, workers: list[Worker]) -> None:
+    w = Worker(
+        gateway, imports=("tests.jobfuncs",), env_extra={"HOSTGPU_JOB_OUTPUT_BYTES": "1000"}
+    ).start()
+    workers.append(w)
+    from hostgpu.jobs import JobSpec, Payload
+
+    spec = JobSpec(
+        function="tests.jobfuncs:shout", payload=Payload(args=[8 << 20], kwargs={"line": "hi"})
+    )
+    with gateway.client() as api:
+        job = api.submit(spec, wait=30)
+    assert job.state.value == "succeeded" and job.result == "done"
+    log = (gateway.home / f"worker-{w.name}.log").read_bytes()
+    assert len(log) < 100_000  # 16 MiB written, about 1000 bytes kept
+    assert b"hi\nxxx" in log
+    assert (
+        f"job {job.id} wrote {3 + (16 << 20):,} bytes to stdout and stderr: the first 1,000 "
+        f"are in this log, {3 + (16 << 20) - 1000:,} bytes were left out"
+    ).encode() in log
+
+
 def test_pickle_only_for_opted_in_functions(worker: Worker) -> None:
     assert f.pickled.remote({1, 2}) == {1, 2}
     with pytest.raises(TypeError, match="JSON"):

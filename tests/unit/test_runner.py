@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:  # children inherit sys.path (spawn) and import te
 
 from hostgpu.capabilities import Device  # noqa: E402
 from hostgpu.jobs import Lease, Outcome  # noqa: E402
+from hostgpu.worker.output import DEFAULT_JOB_OUTPUT_BYTES  # noqa: E402
 from hostgpu.worker.runner import ChildPool  # noqa: E402
 
 F = "tests.jobfuncs:"
@@ -311,6 +312,31 @@ def test_crash_is_reported_and_the_pool_survives(
     if function == "segfault":  # faulthandler's dump of the dying child
         assert "segfault" in r_crash.error.traceback
     assert r_after.result == 3
+
+
+def test_a_jobs_output_is_bounded_in_the_workers_log(
+    make_pool: PoolFactory, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The children write into the worker's own stdout and stderr (here, capfd's files):
+    # 32 MiB to each must not all land there, nor stall the job, nor cost it its result.
+    pool, collector = make_pool(1, preload=["tests.jobfuncs"])
+    loud, quiet = task("shout", 32 << 20, line="first line"), task("shout", 10, line="quiet")
+    started = time.monotonic()
+    assert run1((pool, collector), loud).result == "done"
+    assert time.monotonic() - started < 10
+    assert run1((pool, collector), quiet).result == "done"  # its own allowance
+    out, err = capfd.readouterr()
+    limit = DEFAULT_JOB_OUTPUT_BYTES
+    assert len(out) + len(err) <= limit + 2 + len("quiet\n") + 2 * 10
+    assert out.startswith("first line\n")  # the first bytes are kept, in order
+    assert out.endswith("quiet\n" + "x" * 10) and err.endswith("x" * 10)
+    total = len("first line\n") + 2 * (32 << 20)
+    left_out = f"{total - limit:,} bytes were left out (HOSTGPU_JOB_OUTPUT_BYTES)"
+    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert warnings == [
+        f"job {loud.job_id} wrote {total:,} bytes to stdout and stderr: "
+        f"the first {limit:,} are in this log, {left_out}"
+    ]
 
 
 def test_cancel_running_and_queued(make_pool: PoolFactory) -> None:

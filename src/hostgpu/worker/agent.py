@@ -200,9 +200,10 @@ class WorkerAgent:
         self._lock = threading.Lock()
         from hostgpu.settings import get_settings
 
+        settings = get_settings()
         #: Where a job's input blobs are fetched to (checked against their digest) before it
         #: runs; children find them through ``hostgpu.context.input_path``.
-        self.inputs_dir = get_settings().home_dir / "inputs"
+        self.inputs_dir = settings.home_dir / "inputs"
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hostgpu-fetch")
         self.pool: ChildPool | EnginePool
         if serving:
@@ -216,6 +217,7 @@ class WorkerAgent:
                     "HOSTGPU_INPUTS_DIR": str(self.inputs_dir),
                     **child_threads(config.concurrency),
                 },
+                output_limit=settings.job_output_bytes,
             )
         self.completed = 0
         self._mean_run_s: float | None = None

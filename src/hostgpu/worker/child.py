@@ -408,13 +408,26 @@ def _apply_env(env: Mapping[str, str] | None) -> None:
                 sys.path.insert(0, entry)
 
 
+def _redirect_output(fds: Sequence[int | InheritedFd]) -> None:
+    """Make fds 1 and 2 the worker's pipes (``worker/output.py``), for this process and
+    whatever it starts, so the worker bounds what each job writes."""
+    _flush()
+    for target, fd in zip((1, 2), fds, strict=True):
+        number = fd.fd if isinstance(fd, InheritedFd) else fd  # "fork" passes them as they are
+        os.dup2(number, target)
+        os.close(number)
+
+
 def main(
     conn: Connection,
     preload: Sequence[str],
     env: Mapping[str, str] | None,
     crash_fd: int | InheritedFd | None = None,
+    output_fds: Sequence[int | InheritedFd] | None = None,
 ) -> None:
     """Entry point of a child process (the target of ``multiprocessing.Process``)."""
+    if output_fds is not None:
+        _redirect_output(output_fds)
     # Ctrl-C reaches the whole process group; the parent decides how to shut down. So does a
     # service manager's SIGTERM to the whole group: the parent's warm stop lets jobs finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

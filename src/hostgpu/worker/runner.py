@@ -34,6 +34,7 @@ from typing import IO, Any
 from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES, JobError, Lease, Outcome, Payload
 from hostgpu.worker import child as child_module
 from hostgpu.worker.child import Done, Ready, Run
+from hostgpu.worker.output import DEFAULT_JOB_OUTPUT_BYTES, OutputRelay
 
 log = logging.getLogger("hostgpu.worker")
 
@@ -48,6 +49,7 @@ class _Child:
         "deadline",
         "dispatched_at",
         "kill_reason",
+        "output",
         "pid",
         "proc",
         "state",
@@ -55,10 +57,17 @@ class _Child:
         "task",
     )
 
-    def __init__(self, proc: Any, conn: Connection, crash_log: IO[bytes] | None) -> None:
+    def __init__(
+        self,
+        proc: Any,
+        conn: Connection,
+        crash_log: IO[bytes] | None,
+        output: OutputRelay | None,
+    ) -> None:
         self.proc = proc
         self.conn = conn
         self.crash_log = crash_log
+        self.output = output
         self.pid: int | None = proc.pid
         self.state = "starting"  # starting | idle | busy | broken | dead
         self.task: Lease | None = None
@@ -66,6 +75,15 @@ class _Child:
         self.dispatched_at = 0.0
         self.deadline = math.inf
         self.kill_reason: str | None = None  # "timeout" | "cancel" | "stop"
+
+    def output_belongs_to(self, what: str) -> None:
+        """Charge the child's output from now on to ``what`` (a job, or the child itself)."""
+        if self.output is not None:
+            self.output.switch(what)
+
+    @property
+    def between_jobs(self) -> str:
+        return f"worker child {self.pid}"
 
 
 def _signal_name(code: int) -> str:
@@ -86,6 +104,7 @@ class ChildPool:
         preload: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         mp_context: str = "spawn",
+        output_limit: int = DEFAULT_JOB_OUTPUT_BYTES,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -94,6 +113,8 @@ class ChildPool:
         self._preload = list(preload)
         self._env = dict(env) if env else None
         self._ctx = multiprocessing.get_context(mp_context)
+        #: Bytes of each job's stdout and stderr copied to the worker's (see worker/output.py).
+        self._output_limit = output_limit
         self._lock = threading.Lock()
         self._idle_cond = threading.Condition(self._lock)
         self._queue: deque[tuple[Lease, float]] = deque()
@@ -294,15 +315,29 @@ class ChildPool:
         with contextlib.suppress(OSError):
             crash_log = tempfile.TemporaryFile(prefix="hostgpu-child-")  # noqa: SIM115
         crash_fd = child_module.InheritedFd(crash_log.fileno()) if crash_log else None
+        # The child's stdout and stderr: pipes read here, so a job's output is bounded.
+        output: OutputRelay | None = None
+        with contextlib.suppress(OSError):  # out of file descriptors: inherit ours, as before
+            output = OutputRelay(self._output_limit)
+        output_fds = (
+            tuple(child_module.InheritedFd(fd) for fd in output.child_fds) if output else None
+        )
         proc = self._ctx.Process(  # type: ignore[attr-defined]
             target=child_module.main,
-            args=(child_conn, self._preload, self._env, crash_fd),
+            args=(child_conn, self._preload, self._env, crash_fd, output_fds),
             name="hostgpu-child",
             daemon=True,
         )
-        proc.start()
+        try:
+            proc.start()
+        except BaseException:
+            if output is not None:
+                output.abandon()
+            raise
         child_conn.close()
-        c = _Child(proc, parent_conn, crash_log)
+        c = _Child(proc, parent_conn, crash_log, output)
+        if output is not None:
+            output.start(c.between_jobs)
         self._children.append(c)
         self._by_obj[parent_conn] = c
         self._by_obj[proc.sentinel] = c
@@ -327,6 +362,7 @@ class ChildPool:
         c.proc.join(timeout=1.0)
         code = c.proc.exitcode
         crash_text = self._read_crash_log(c)
+        c.output_belongs_to(c.between_jobs)  # the end of its job's output
         with contextlib.suppress(OSError):
             c.conn.close()
         with contextlib.suppress(ValueError, AttributeError):
@@ -428,6 +464,10 @@ class ChildPool:
                 c.conn.close()
             with contextlib.suppress(ValueError, AttributeError):
                 c.proc.close()
+        deadline = time.monotonic() + 1.0
+        for c in children:
+            if c.output is not None:  # the children's last lines, before the worker exits
+                c.output.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -466,6 +506,7 @@ class ChildPool:
                     self._pending.append(report)
                     self._wake_locked()
                     continue
+                c.output_belongs_to(f"job {task.job_id}")
                 try:
                     c.conn.send_bytes(buf)
                 except OSError:
@@ -546,6 +587,7 @@ class ChildPool:
             c.task = None
             c.state = "idle"
             c.deadline = math.inf
+            c.output_belongs_to(c.between_jobs)
             return Outcome(
                 job_id=task.job_id,
                 lease_token=task.lease_token,
