@@ -75,6 +75,9 @@ def test_ingest_batch_with_bad_files_then_search(
         assert job.attempts == 1, f"{name}: bad input must not be retried"
         assert job.error is not None and needle.lower() in job.error.message.lower(), name
         assert job.error.type == "PipelineError"
+        # The file the user uploaded, not the blob the worker read (its digest).
+        assert job.error.message.startswith(f"{name}: "), job.error.message
+        assert job.payload.args[0] not in job.error.message  # type: ignore[union-attr]
     loads = sorted(
         by_file[n].result["timings"]["load_model_s"]
         for n in ("metal-vs-containers.pdf", "job-queues-and-leases.pdf", "notes.md")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ pytest.importorskip("fpdf")
 
 from hostgpu.errors import DeviceUnavailable, PipelineError
 from hostgpu.pipelines import chroma, embed
-from hostgpu.pipelines.ingest import discover, ingest_file
+from hostgpu.pipelines.ingest import discover, ingest_file, ingest_upload
 from hostgpu.pipelines.search import search
 from hostgpu.settings import get_settings
 
@@ -215,6 +216,32 @@ def test_bad_files_fail_alone_and_write_nothing(home: Path, tmp_path: Path) -> N
     assert "unsupported file type .xlsx" in outcomes["sheet.xlsx"]
     assert text_collection().count() == 1
     assert Path(search("hummingbird wings", k=1)[0]["file"]).name == "good.pdf"
+
+
+def test_an_uploads_errors_name_the_uploaded_file_not_its_digest(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = tmp_path / "inputs"  # where a worker keeps the blobs it fetched
+    monkeypatch.setenv("HOSTGPU_INPUTS_DIR", str(inputs))
+
+    def upload(data: bytes, display_path: str, *, named: bool = True) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (inputs / digest[:2]).mkdir(parents=True, exist_ok=True)
+        (inputs / digest[:2] / digest).write_bytes(data)
+        with pytest.raises(PipelineError) as info:
+            ingest_upload(digest, display_path=display_path)
+        assert (digest not in str(info.value)) is named
+        return str(info.value)
+
+    latin = "déjà vu".encode("latin-1")
+    message = upload(latin, "/home/ann/my notes/café menu.txt")
+    assert message.startswith("café menu.txt: not UTF-8 text (byte 0xE9 at offset 1)")
+    assert "`iconv -f LATIN1 -t UTF-8 'café menu.txt' > 'café menu.utf8.txt'`" in message
+    assert upload(latin, "/elsewhere/Menu.TXT").startswith("Menu.TXT: not UTF-8")  # same blob
+    assert upload(b"", "C:/docs/empty.md").startswith("empty.md: empty file")
+    assert upload(b"PK", "/home/ann/sheet.xlsx").startswith("sheet.xlsx: unsupported")
+    # A name no file system takes: the digest stands in, and the file's type still counts.
+    assert "not UTF-8" in upload(latin + b"!", "/home/ann/bad\0name.txt", named=False)
 
 
 def test_files_outside_the_readable_roots_are_refused(home: Path, tmp_path: Path) -> None:

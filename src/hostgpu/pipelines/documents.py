@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,8 +361,9 @@ def _text_pages(path: Path, *, max_text_bytes: int) -> list[Page]:
     except UnicodeDecodeError as exc:
         raise PipelineError(
             f"{path.name}: not UTF-8 text (byte 0x{data[exc.start]:02X} at offset {exc.start}); "
-            f"convert it with `iconv -f LATIN1 -t UTF-8 {path.name} > {path.stem}.utf8"
-            f"{path.suffix}` (replace LATIN1 with the file's real encoding)"
+            f"convert it with `iconv -f LATIN1 -t UTF-8 {shlex.quote(path.name)} > "
+            f"{shlex.quote(f'{path.stem}.utf8{path.suffix}')}` (replace LATIN1 with the "
+            "file's real encoding)"
         ) from None
     chunks = chunk_text(normalize_text(text))
     if not chunks:

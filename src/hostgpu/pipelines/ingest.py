@@ -17,7 +17,6 @@ be able to index ``/etc/passwd`` or the worker's own token file and search it ba
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
@@ -297,10 +296,28 @@ def ingest_upload(digest: str, *, display_path: str) -> dict[str, Any]:
     ``display_path`` is its name on the client, and its identity for replacement."""
     from hostgpu.context import input_path
 
-    blob = input_path(digest)
-    # The file's type is its suffix: a hard link beside the blob gives the content its name.
-    named = blob.with_name(blob.name + Path(display_path).suffix.lower())
-    if named != blob and not named.exists():
-        with contextlib.suppress(FileExistsError):  # another child linked it first
-            os.link(blob, named)
+    named = _named_blob(input_path(digest), display_path)
     return ingest_file(str(named), display_path=display_path)
+
+
+def _named_blob(blob: Path, display_path: str) -> Path:
+    """The blob under its owner's file name: a hard link in a folder of its own beside it
+    (``<digest>.named/latin1.txt``). The file's type is its suffix, and what the job says
+    about the file (errors, notes, the iconv command that converts it) names the file that
+    was uploaded, not the digest. A name no file system takes gets the digest and the suffix."""
+    name = Path(display_path).name
+    choices = [blob.with_name(blob.name + ".named") / name] if name not in ("", ".", "..") else []
+    choices.append(blob.with_name(blob.name + Path(display_path).suffix.lower()))
+    for named in choices:
+        if named == blob:
+            break
+        try:
+            named.parent.mkdir(exist_ok=True)
+            os.link(blob, named)
+        except FileExistsError:  # another child (or an earlier job) linked it first
+            pass
+        except (OSError, ValueError):  # too long, a NUL, a file system without hard links
+            continue
+        if named.is_file():
+            return named
+    return blob
