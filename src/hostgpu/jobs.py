@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
 import re
 from datetime import datetime
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hostgpu.capabilities import Device
+from hostgpu.jsontext import lone_surrogate
 from hostgpu.requirements import (
     DIGEST_PATTERN,
     FUNCTION_PATTERN,
@@ -153,6 +155,29 @@ def as_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def readable_json(value: str) -> str:
+    """Stored JSON text, with any lone surrogate in its strings written as its escape text
+    (:func:`as_text`). The gateway refuses them now (``jsontext.lone_surrogate``), but a
+    row stored before it did (a payload, a result, labels, a worker's capabilities) would
+    fail every response that shows it: a listing answered 500 for one such job. Looked at
+    closely only when a surrogate escape is there at all."""
+    if "\\ud" not in value and "\\uD" not in value:
+        return value
+    if not lone_surrogate(value.encode()):
+        return value
+    return json.dumps(_text_only(json.loads(value)), separators=(",", ":"))
+
+
+def _text_only(value: Any) -> Any:
+    if isinstance(value, str):
+        return as_text(value)
+    if isinstance(value, list):
+        return [_text_only(item) for item in value]
+    if isinstance(value, dict):
+        return {as_text(key): _text_only(item) for key, item in value.items()}
+    return value
 
 
 def clip(text: str, limit: int, *, keep: Literal["head", "tail"] = "head") -> str:

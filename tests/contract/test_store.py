@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.errors import (
@@ -278,6 +279,36 @@ def test_results_are_those_of_finished_jobs_only(store: Store) -> None:
     assert results[queued.id].state is JobState.cancelled
     assert results[done.id].function == done.function
     assert store.results([]) == []
+
+
+def test_rows_stored_with_lone_surrogates_read_back_as_text(store: Store) -> None:
+    # Rows stored before the gateway refused lone surrogates hold them as JSON escapes; read
+    # back as they are, every response showing them failed (UnicodeEncodeError, a 500).
+    [job] = store.enqueue([spec()])
+    worker_id = store.register_worker(caps())
+    capabilities = store.get_worker(worker_id).capabilities.model_dump_json()
+    with store.engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(
+            text("UPDATE jobs SET payload = :p, result = :r, state = 'succeeded' WHERE id = :id"),
+            {
+                "p": '{"args":["caf\\udce9"],"kwargs":{}}',
+                "r": '"\\udcff\\ud83d\\ude00"',
+                "id": job.id,
+            },
+        )
+        conn.execute(
+            text("UPDATE workers SET capabilities = :c WHERE id = :id"),
+            {"c": capabilities.replace('"name":"w"', '"name":"w\\udcff"'), "id": worker_id},
+        )
+    listed, _ = store.list_jobs()
+    for read in (listed[0], store.get(job.id, history=True)):
+        assert read.payload is not None and read.payload.args == ["caf\\udce9"]  # type: ignore[union-attr]
+        assert read.result == "\\udcff\U0001f600"  # a pair is text: kept
+        read.model_dump_json()  # raised UnicodeEncodeError
+    assert store.results([job.id])[0].result == "\\udcff\U0001f600"
+    [worker] = store.list_workers()
+    assert worker.capabilities.name == "w\\udcff"
+    worker.model_dump_json()
 
 
 def test_unknown_ids(store: Store) -> None:

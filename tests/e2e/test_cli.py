@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -248,3 +249,33 @@ def test_worker_install_mints_a_worker_token_into_a_private_file(
     with gateway.http(token=secret) as http:
         assert http.get("/v1/tokens/self").status_code == 401  # the service's token is dead
     assert json.loads(cli("status", "--json").stdout)["installed"] is False
+
+
+def test_rows_stored_with_lone_surrogates_are_listed_with_escapes(gateway: Gateway) -> None:
+    # Before the gateway refused lone surrogates (422), a payload or result with one was
+    # stored as its JSON escape; read back, it failed every listing that showed it (500).
+    with gateway.http() as http:
+        job_id = http.post(
+            "/v1/jobs", json={"function": "hostgpu.builtin:noop", "payload": {"args": ["x"]}}
+        ).json()["id"]
+    with sqlite3.connect(gateway.home / "hostgpu.db") as db:
+        db.execute(
+            "UPDATE jobs SET payload = ?, result = ?, state = 'succeeded' WHERE id = ?",
+            (
+                '{"args":["caf\\udce9"],"kwargs":{}}',
+                '{"\\udcff":["\\ud800 and \\ud83d\\ude00"]}',
+                job_id,
+            ),
+        )
+    with gateway.http() as http:
+        listed = http.get("/v1/jobs")
+        assert listed.status_code == 200, listed.text
+        [job] = listed.json()["jobs"]
+        assert job["payload"]["args"] == ["caf\\udce9"]  # the escape, as text
+        assert job["result"] == {"\\udcff": ["\\ud800 and \U0001f600"]}  # a pair is text
+        assert http.get(f"/v1/jobs/{job_id}").json()["payload"] == job["payload"]
+    cli = ("--gateway", gateway.url)
+    [shown] = json.loads(hostgpu(gateway.home, "jobs", "--json", *cli).stdout)
+    assert shown["payload"] == job["payload"]
+    assert job_id[:12] in hostgpu(gateway.home, "jobs", *cli).stdout
+    assert r'result: {"\\udcff": ' in hostgpu(gateway.home, "job", job_id, *cli).stdout

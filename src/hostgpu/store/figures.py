@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, func, literal_column, select
 
 from hostgpu.errors import InvalidInput
-from hostgpu.jobs import ACTIVE_STATES, JobState
+from hostgpu.jobs import ACTIVE_STATES, JobState, readable_json
 from hostgpu.requirements import Requirements
 from hostgpu.stats import JobFacts, QueueGroup, ThroughputBucket, WorkerLoad
 from hostgpu.store.schema import attempts, jobs
@@ -83,7 +83,7 @@ def queue_groups(conn: Connection, now: float) -> list[QueueGroup]:
                 requirements=Requirements(
                     gpu=requirement_of(row.gpu_kind, row.gpu_name),
                     min_memory_gb=row.min_memory_gb,
-                    labels=json.loads(row.labels) if row.labels else {},
+                    labels=json.loads(readable_json(row.labels)) if row.labels else {},
                 ),
                 fallback=row.fallback,
                 resolved=bool(row.resolved),

@@ -74,6 +74,7 @@ from hostgpu.jobs import (
     Outcome,
     Payload,
     ReportResult,
+    readable_json,
     sources,
     target,
 )
@@ -150,7 +151,7 @@ def _dumps(value: Any) -> str | None:
 
 
 def _loads(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+    return None if value is None else json.loads(readable_json(value))
 
 
 def _dt(ts: float) -> datetime:
@@ -1302,7 +1303,9 @@ class SQLStore(Store):
                     functions.c.function.in_(list(names))
                 )
             ).all()
-        return {r.function: FunctionOptions.model_validate_json(r.options) for r in rows}
+        return {
+            r.function: FunctionOptions.model_validate_json(readable_json(r.options)) for r in rows
+        }
 
     def pending(self, *, limit: int = 1000) -> list[Pending]:
         query = (
@@ -1314,7 +1317,9 @@ class SQLStore(Store):
         with self._read() as conn:
             rows = conn.execute(query).all()
         return [
-            Pending(r.id, r.function, Requested.model_validate_json(r.requested or "{}"))
+            Pending(
+                r.id, r.function, Requested.model_validate_json(readable_json(r.requested or "{}"))
+            )
             for r in rows
         ]
 
@@ -1385,7 +1390,7 @@ class SQLStore(Store):
         alive = row.state in ("active", "draining") and row.last_seen >= now - self.worker_ttl_s
         return WorkerInfo(
             id=row.id,
-            capabilities=Capabilities.model_validate_json(row.capabilities),
+            capabilities=Capabilities.model_validate_json(readable_json(row.capabilities)),
             registered_at=row.registered_at,
             last_seen=row.last_seen,
             state=row.state if alive or row.state not in ("active", "draining") else "lost",
