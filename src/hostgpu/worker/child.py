@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, TextIO
 
 from hostgpu import context
 from hostgpu.functions import Published, lookup, not_published_message, published
-from hostgpu.jsontext import MAX_JSON_DEPTH, json_depth, too_deep
+from hostgpu.jsontext import MAX_JSON_DEPTH, json_depth, lone_surrogate, too_deep
 
 PICKLE_REFUSED = (
     'pickled arguments are only accepted by functions declared with serializer="pickle" '
@@ -246,7 +246,7 @@ def _encode_result(function: str, result: Any, serializer: str, limit: int) -> A
                 '(or declare the function with serializer="pickle")',
                 error_type=type(exc).__name__,
             ) from None
-        if "\\ud" in text and _lone_surrogate(result):
+        if "\\ud" in text and lone_surrogate(text.encode()):
             raise _Refused(
                 "serialization",
                 f"{function} returned a string with a lone surrogate in it, which is not text "
@@ -287,14 +287,6 @@ def _describe(exc: BaseException) -> dict[str, Any]:
     except Exception:
         tb = "".join(traceback.format_tb(exc.__traceback__))
     return {"type": type(exc).__name__, "message": message, "traceback": tb, "kind": "exception"}
-
-
-def _lone_surrogate(value: Any) -> bool:
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def execute(run: Run) -> Done:
