@@ -60,6 +60,12 @@ class Resolver:
                 out[name] = declared
         return out
 
+    def known(self, names: Sequence[str]) -> bool:
+        """Whether every declaration of ``names`` is cached and fresh: then :meth:`new_jobs`
+        for specs without inputs reads nothing from the store (the event loop may call it)."""
+        now = time.monotonic()
+        return all(now - self._cache.get(n, (-1e9, None))[0] <= self.ttl for n in names)
+
     def forget(self, names: Sequence[str]) -> None:
         for name in names:
             self._cache.pop(name, None)

@@ -19,6 +19,11 @@ class WaitingExplainer:
         self._workers: list[Capabilities] = []
         self._read_at = -1e9
 
+    def cached(self) -> list[Capabilities] | None:
+        """The live workers when the cache is fresh (no store read: the event loop may ask),
+        else None."""
+        return self._workers if time.monotonic() - self._read_at <= self.ttl else None
+
     def workers(self) -> list[Capabilities]:
         now = time.monotonic()
         if now - self._read_at > self.ttl:

@@ -150,7 +150,11 @@ async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
     """Queue the request as an inference job and open its stream."""
     state = request.app.state
     store, notifier, settings = state.store, state.notifier, state.settings
-    workers = await run(state.waiting.workers)
+    # From memory when the caches are fresh, as they are under load: each thread hop lets the
+    # other requests of a burst in before this one reaches the queue (and its engine).
+    workers = state.waiting.cached()
+    if workers is None:
+        workers = await run(state.waiting.workers)
     if not _servers(workers, gen.model):
         if not await run(_declared, store, settings, gen.model):
             raise ModelNotFound(
@@ -172,7 +176,10 @@ async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
         labels={model_label(gen.model): MODEL_LABEL_VALUE},
     )
     started = time.time()
-    new = await run(state.resolver.new_jobs, [spec], workers, inference=True)
+    if state.resolver.known([INFERENCE_FUNCTION]):
+        new = state.resolver.new_jobs([spec], workers, inference=True)
+    else:
+        new = await run(state.resolver.new_jobs, [spec], workers, inference=True)
     # Requests sent at the same moment: one commit, one lease (group_commit.py).
     [job] = await state.group_commit.enqueue(new)
     state.metrics.record_submitted([job], started)
