@@ -157,13 +157,20 @@ def as_text(text: str) -> str:
     return text
 
 
+#: A surrogate escape that is not half of a pair (emoji are stored as pairs: ensure_ascii).
+_LONE_ESCAPE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
 def readable_json(value: str) -> str:
     """Stored JSON text, with any lone surrogate in its strings written as its escape text
     (:func:`as_text`). The gateway refuses them now (``jsontext.lone_surrogate``), but a
     row stored before it did (a payload, a result, labels, a worker's capabilities) would
     fail every response that shows it: a listing answered 500 for one such job. Looked at
     closely only when a surrogate escape is there at all."""
-    if "\\ud" not in value and "\\uD" not in value:
+    if ("\\ud" not in value and "\\uD" not in value) or not _LONE_ESCAPE.search(value):
         return value
     if not lone_surrogate(value.encode()):
         return value

@@ -502,10 +502,14 @@ def test_tokens_revoked_by_unique_prefix(store: Store) -> None:
         store.add_token(info, hash_token(f"secret {n}"))
     with pytest.raises(AmbiguousId, match=f"'abcd' .*{ids[0]}, {ids[1]}"):
         store.revoke_token("abcd")
-    with pytest.raises(NotFound, match="no token with id 'ffff'"):
+    with pytest.raises(NotFound, match="no active token with id 'ffff'"):
         store.revoke_token("ffff")
     assert store.revoke_token("abcd1").id == ids[1]
-    assert store.revoke_token(ids[0]).id == ids[0]  # whole, as before
+    # A prefix names active tokens only: a typo cannot hit a revoked one.
+    with pytest.raises(NotFound, match="no active token with id 'abcd1'"):
+        store.revoke_token("abcd1")
+    assert store.revoke_token("abcd").id == ids[0]  # the one active token it starts
+    assert store.revoke_token(ids[0]).id == ids[0]  # whole, as before (already revoked)
     assert all(t.revoked_at for t in store.list_tokens())
 
 

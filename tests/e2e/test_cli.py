@@ -158,7 +158,7 @@ def test_up_then_commands_then_ctrl_c(up: subprocess.Popen[str], home: Path) -> 
     revoked = hostgpu(home, "token", "revoke", created["id"][:6]).stdout
     assert f"revoked {created['id']} (submit:" in revoked
     none = hostgpu(home, "token", "revoke", "0000ffff", check=False)
-    assert none.returncode == 1 and "no token with id '0000ffff'" in none.stderr
+    assert none.returncode == 1 and "no active token with id '0000ffff'" in none.stderr
     assert "submit" in hostgpu(home, "token", "list").stdout
     unasked = hostgpu(home, "prune", "--older-than", "0s", check=False)  # no terminal to ask
     assert unasked.returncode != 0 and "--yes" in unasked.stdout + unasked.stderr

@@ -181,6 +181,21 @@ def test_bad_requests_get_4xx_in_openai_shape(
     assert job_of(gateway) == []
 
 
+def test_a_request_that_fails_on_its_server_names_its_job(
+    gateway: Gateway, server: ModelServer, infer_token: str
+) -> None:
+    # Longer than the model's context: only its engine can tell (it counts the tokens).
+    long_prompt = [{"role": "user", "content": "word " * 12_000}]
+    with gateway.http(infer_token) as http:
+        response = http.post(
+            "/v1/chat/completions", json={"model": "smollm2", "messages": long_prompt}
+        )
+    assert response.status_code == 400, response.text[:300]
+    assert "reads at most" in response.json()["error"]["message"]
+    [job] = job_of(gateway)
+    assert response.headers["x-request-id"] == job["id"] and job["state"] == "failed"
+
+
 def test_scopes_keep_inference_apart(
     gateway: Gateway, server: ModelServer, infer_token: str
 ) -> None:

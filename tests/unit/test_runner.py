@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:  # children inherit sys.path (spawn) and import te
 
 from hostgpu.capabilities import Device  # noqa: E402
 from hostgpu.jobs import Lease, Outcome  # noqa: E402
+from hostgpu.worker import output  # noqa: E402
 from hostgpu.worker.output import DEFAULT_JOB_OUTPUT_BYTES  # noqa: E402
 from hostgpu.worker.runner import ChildPool  # noqa: E402
 
@@ -325,6 +326,7 @@ def test_a_jobs_output_is_bounded_in_the_workers_log(
     assert run1((pool, collector), loud).result == "done"
     assert time.monotonic() - started < 10
     assert run1((pool, collector), quiet).result == "done"  # its own allowance
+    assert output.flush()  # the worker writes what it keeps from a thread of its own
     out, err = capfd.readouterr()
     limit = DEFAULT_JOB_OUTPUT_BYTES
     assert len(out) + len(err) <= limit + 2 + len("quiet\n") + 2 * 10

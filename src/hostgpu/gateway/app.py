@@ -301,7 +301,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         # The inference routes answer as OpenAI's API does, so its clients read the reason.
         assert isinstance(exc, InferenceError)
         retry_after = getattr(exc, "retry_after", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        headers = {"Retry-After": str(retry_after)} if retry_after else {}
+        if exc.request_id:
+            headers[inference.REQUEST_ID_HEADER] = exc.request_id
         return JSONResponse(oa.error_body(exc), status_code=exc.status_code, headers=headers)
 
     app.add_exception_handler(InferenceError, inference_error)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hostgpu.capabilities import Capabilities
 from hostgpu.errors import InputNotUploaded, InvalidInput, NotPublished, OptionsConflict
@@ -49,22 +49,32 @@ class Resolver:
     def declarations(self, names: Sequence[str]) -> dict[str, FunctionOptions]:
         now = time.monotonic()
         missing = [n for n in set(names) if now - self._cache.get(n, (-1e9, None))[0] > self.ttl]
+        found: dict[str, FunctionOptions] = {}
         if missing:
             found = self.store.declarations(missing)
             for name in missing:
                 self._cache[name] = (now, found.get(name))
         out: dict[str, FunctionOptions] = {}
         for name in names:
-            declared = self._cache[name][1]
+            entry = self._cache.get(name)  # (another thread may forget a name meanwhile)
+            declared = entry[1] if entry is not None else found.get(name)
             if declared is not None:
                 out[name] = declared
         return out
 
-    def known(self, names: Sequence[str]) -> bool:
-        """Whether every declaration of ``names`` is cached and fresh: then :meth:`new_jobs`
-        for specs without inputs reads nothing from the store (the event loop may call it)."""
+    def fresh(self, names: Sequence[str]) -> dict[str, FunctionOptions] | None:
+        """The declarations of ``names`` from the cache when every one is fresh, else None:
+        with them, :meth:`new_jobs` for specs without inputs reads nothing from the store
+        (the event loop may call it)."""
         now = time.monotonic()
-        return all(now - self._cache.get(n, (-1e9, None))[0] <= self.ttl for n in names)
+        out: dict[str, FunctionOptions] = {}
+        for name in names:
+            at, declared = self._cache.get(name, (-1e9, None))
+            if now - at > self.ttl:
+                return None
+            if declared is not None:
+                out[name] = declared
+        return out
 
     def forget(self, names: Sequence[str]) -> None:
         for name in names:
@@ -76,6 +86,7 @@ class Resolver:
         workers: Sequence[Capabilities],
         *,
         inference: bool = False,
+        declared: Mapping[str, FunctionOptions] | None = None,
     ) -> list[NewJob]:
         """Storable jobs for ``specs`` (OptionsConflict or NotPublished: a 422 for the caller).
 
@@ -86,7 +97,8 @@ class Resolver:
                 f"{INFERENCE_FUNCTION} runs only through POST /v1/chat/completions and "
                 "/v1/completions (a token of scope infer)"
             )
-        declared = self.declarations([s.function for s in specs])
+        if declared is None:  # (given: from the cache, by a caller that must not wait)
+            declared = self.declarations([s.function for s in specs])
         jobs = []
         for spec in specs:
             asked = requested(spec)

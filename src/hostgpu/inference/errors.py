@@ -28,6 +28,8 @@ class InferenceError(HostGPUError):
     status_code = 500
     #: OpenAI's error ``type`` for this class.
     error_type = "server_error"
+    #: The job the request ran as, once it was queued (the gateway's ``x-request-id``).
+    request_id: str | None = None
 
     def __init__(
         self,

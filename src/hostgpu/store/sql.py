@@ -575,9 +575,11 @@ class SQLStore(Store):
         column: ColumnElement[str] = jobs.c.id,
         what: str = "job",
         length: int = FULL_ID_LENGTH,
+        among: ColumnElement[bool] | None = None,
     ) -> str:
         """The full id of ``given`` or of the one row whose ``column`` (an id ``length``
-        hex digits long) starts with it: NotFound, or AmbiguousId naming the first matches."""
+        hex digits long) starts with it, among the rows ``among`` selects: NotFound, or
+        AmbiguousId naming the first matches."""
         if len(given) >= length:
             return given
         if not given or not all(c in "0123456789abcdef" for c in given):
@@ -585,7 +587,7 @@ class SQLStore(Store):
         found = (
             conn.execute(
                 select(column)
-                .where(column.like(f"{given}%"))
+                .where(column.like(f"{given}%"), *([] if among is None else [among]))
                 .order_by(column)
                 .limit(AMBIGUOUS_SHOWN + 1)
             )
@@ -1468,7 +1470,11 @@ class SQLStore(Store):
             or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
         )
         with self._write() as conn:
-            token_id = self._find_id(conn, token_id, tokens.c.id, "token", TOKEN_ID_LENGTH)
+            # A prefix names an active token only: a typo must not hit a revoked or expired
+            # one (or the wrong one among them); a whole id names any.
+            token_id = self._find_id(
+                conn, token_id, tokens.c.id, "active token", TOKEN_ID_LENGTH, among=active
+            )
             row = conn.execute(
                 self._for_update(select(tokens).where(tokens.c.id == token_id))
             ).first()

@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import threading
+from collections import deque
 
 log = logging.getLogger("hostgpu.worker")
 
@@ -30,6 +31,69 @@ _CHUNK = 64 * 1024
 #: Reads per drain while the pool switches periods: a thread that prints without pause must
 #: not hold the pool up. What is left is read (and charged to the next period) by the thread.
 _MAX_DRAIN_READS = 64
+#: Kept output waiting for the worker's own stdout or stderr (a stalled pipe or terminal);
+#: beyond it, more is dropped and counted rather than held in memory.
+_MAX_PENDING_BYTES = 4 * 1024 * 1024
+
+
+class _Writer:
+    """Writes the kept output to the worker's stdout and stderr from a thread of its own:
+    a stalled terminal or pipe (``hostgpu worker | less``, a paused journald) then holds
+    up only this thread, never a relay's reader or the pool that switches periods."""
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        self._dropped = 0
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def put(self, target: int, data: bytes) -> None:
+        with self._ready:
+            if self._bytes + len(data) > _MAX_PENDING_BYTES:
+                self._dropped += len(data)
+                return
+            self._pending.append((target, data))
+            self._bytes += len(data)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="hostgpu-output-writer", daemon=True
+                )
+                self._thread.start()
+            self._ready.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until what was put is written (for a child's last words); False on timeout."""
+        with self._ready:
+            return self._ready.wait_for(lambda: not self._pending, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._pending))
+                target, data = self._pending[0]
+            view = memoryview(data)
+            with contextlib.suppress(OSError):  # a worker without stdout or stderr
+                while view:
+                    view = view[os.write(target, view) :]
+            with self._ready:
+                self._pending.popleft()
+                self._bytes -= len(data)
+                dropped, self._dropped = self._dropped, 0
+                self._ready.notify_all()
+            if dropped:
+                log.warning(
+                    "the worker's output was stalled: %s bytes of job output dropped",
+                    f"{dropped:,}",
+                )
+
+
+_writer = _Writer()
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Wait until the kept output of every child is written; False on timeout."""
+    return _writer.flush(timeout)
 
 
 class OutputRelay:
@@ -38,7 +102,12 @@ class OutputRelay:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        try:
+            err_r, err_w = os.pipe()
+        except OSError:  # out of file descriptors: leave none behind
+            os.close(out_r)
+            os.close(out_w)
+            raise
         #: The write ends, for the child to make its fds 1 and 2 (closed here by ``start``).
         self.child_fds: tuple[int, int] = (out_w, err_w)
         self._targets = {out_r: 1, err_r: 2}  # read end -> the worker's own fd
@@ -66,6 +135,7 @@ class OutputRelay:
         """Wait (up to ``timeout``) for the child's last output, once it has ended."""
         if self._thread.is_alive():
             self._thread.join(timeout)
+        _writer.flush(timeout)
 
     def abandon(self) -> None:
         """The child never started: close every end."""
@@ -130,10 +200,7 @@ class OutputRelay:
         self._kept += len(kept)
         if len(kept) < len(data) and not kept.endswith(b"\n"):
             kept += b"\n"  # the line saying what was left out starts on a line of its own
-        view = memoryview(kept)
-        with contextlib.suppress(OSError):  # a worker without stdout or stderr
-            while view:
-                view = view[os.write(target, view) :]
+        _writer.put(target, kept)
 
     def _report_locked(self) -> None:
         left_out = self._total - self._kept
@@ -146,3 +213,4 @@ class OutputRelay:
                 f"{self._kept:,}",
                 f"{left_out:,}",
             )
+        self._total = self._kept = 0  # said once, even if the period ends twice (a death)

@@ -223,9 +223,13 @@ class EnginePool:
             return [r.lease for r in self._running.values()]
 
     def streaming(self) -> int:
-        """How many jobs have an engine stream now."""
+        """How many jobs produce tokens now: those with a stream on an engine that batches,
+        and one per engine that serves its requests one at a time (the rest wait)."""
         with self._lock:
-            return sum(1 for r in self._running.values() if r.stream is not None)
+            models = [r.model for r in self._running.values() if r.stream is not None]
+            engines = self._engines
+        serial = {m for m in models if m in engines and not engines[m].batching}
+        return sum(1 for m in models if m not in serial) + len(serial)
 
     def cancel(self, job_id: str, lease_token: str | None = None) -> bool:
         return self._stop_jobs(

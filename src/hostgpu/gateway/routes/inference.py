@@ -27,7 +27,7 @@ from hostgpu.gateway.routes.jobs import announce
 from hostgpu.gateway.streams import RemoteStream, StreamHub, with_keepalive
 from hostgpu.inference import openai_schema as oa
 from hostgpu.inference.engines.base import SamplingParams, check_messages
-from hostgpu.inference.errors import InvalidRequest, ModelNotFound, NoServer
+from hostgpu.inference.errors import InferenceError, InvalidRequest, ModelNotFound, NoServer
 from hostgpu.inference.jobs import (
     INFERENCE_FUNCTION,
     MODEL_LABEL_VALUE,
@@ -176,8 +176,9 @@ async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
         labels={model_label(gen.model): MODEL_LABEL_VALUE},
     )
     started = time.time()
-    if state.resolver.known([INFERENCE_FUNCTION]):
-        new = state.resolver.new_jobs([spec], workers, inference=True)
+    declared = state.resolver.fresh([INFERENCE_FUNCTION])
+    if declared is not None:
+        new = state.resolver.new_jobs([spec], workers, inference=True, declared=declared)
     else:
         new = await run(state.resolver.new_jobs, [spec], workers, inference=True)
     # Requests sent at the same moment: one commit, one lease (group_commit.py).
@@ -235,10 +236,13 @@ async def _respond(
         )
     try:
         completion = await wait_or_disconnect(request, remote)
+    except InferenceError as exc:  # it ran and failed: say which job, for `hostgpu job`
+        exc.request_id = remote.job_id
+        raise
     finally:
         quotas.release(token.id, slot)
     if completion is None:
-        return JSONResponse({}, status_code=499)
+        return JSONResponse({}, status_code=499, headers={REQUEST_ID_HEADER: remote.job_id})
     answer = whole(completion, gen.model)
     return JSONResponse(answer.model_dump(mode="json"), headers={REQUEST_ID_HEADER: remote.job_id})
 

@@ -357,13 +357,16 @@ async def streams(
         changed = False
     cancelled: set[str] = set()
     forward: list[str] = []
-    unknown = {e.job_id for e in body.events if hub.verified(e.job_id, worker_id) is None}
+    # Decided before the read below: meanwhile the hub may drop entries (recheck, close).
+    allowed = {e.job_id: hub.verified(e.job_id, worker_id) for e in body.events}
+    unknown = sorted(job_id for job_id, ok in allowed.items() if ok is None)
     if unknown:  # leased by another gateway, or before this one started: one read for all
-        running = await run(_running_on, gw.store, sorted(unknown), worker_id)
+        running = await run(_running_on, gw.store, unknown, worker_id)
         for job_id in unknown:
+            allowed[job_id] = job_id in running
             hub.verify(job_id, worker_id, job_id in running)
     for event in body.events:
-        if not hub.verified(event.job_id, worker_id):
+        if not allowed[event.job_id]:
             cancelled.add(event.job_id)
         elif gw.store.shared and not hub.local(event.job_id):
             forward += hub.forward(event)  # its reader waits on another gateway

@@ -469,6 +469,9 @@ class Engine(ABC):
 
     #: The engine's name in model specs.
     kind: ClassVar[str]
+    #: Whether it decodes its requests together (a token for each per step); False: one at
+    #: a time, the others waiting.
+    batching: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
