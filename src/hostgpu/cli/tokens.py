@@ -89,7 +89,9 @@ def list_tokens(
 def revoke(
     token_id: Annotated[
         str,
-        typer.Argument(help="Token id (from `hostgpu token list`), or a unique prefix (4+)"),
+        typer.Argument(
+            help="Token id (from `hostgpu token list`), or a unique prefix (4+) of an active one"
+        ),
     ],
     force: Annotated[
         bool,
