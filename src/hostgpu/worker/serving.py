@@ -122,7 +122,9 @@ class Streamer:
             self._step_s += 0.2 * (min(now - self._last_batch, 1.0) - self._step_s)
         self._last_batch = now
         deadline = now + min(LINGER_MAX_S, LINGER_SHARE * self._step_s)
-        while len({i.job_id for i in items if isinstance(i, StreamEvent)}) < self.streaming():
+        seen = {i.job_id for i in items if isinstance(i, StreamEvent)}
+        expected = self.streaming()
+        while len(seen) < expected:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -133,6 +135,8 @@ class Streamer:
             if item is None:
                 return True
             items.append(item)
+            if isinstance(item, StreamEvent):
+                seen.add(item.job_id)
         return False
 
     def _post(
