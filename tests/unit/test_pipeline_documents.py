@@ -16,6 +16,7 @@ pytest.importorskip("PIL")
 from hostgpu.errors import PipelineError
 from hostgpu.pipelines import documents
 from hostgpu.pipelines.documents import (
+    InputLimits,
     Page,
     chunk_text,
     iter_rendered,
@@ -76,7 +77,7 @@ def test_pdf_rendering_at_dpi(tmp_path: Path) -> None:
 
 def test_render_lowers_dpi_past_the_pixel_limit(tmp_path: Path) -> None:
     pdf = make_pdf(tmp_path / "a.pdf", ["Big render."])
-    (page,) = load_pages(pdf, dpi=600, render=True, max_pixels=100_000)
+    (page,) = load_pages(pdf, dpi=600, render=True, limits=InputLimits(max_pixels=100_000))
     assert page.image is not None
     assert page.image.size[0] * page.image.size[1] <= 101_000
 
@@ -159,7 +160,7 @@ def test_two_thousand_page_pdf_is_refused_with_the_limit_and_setting(tmp_path: P
     assert "2,000 pages" in message and "500" in message and "HOSTGPU_MAX_PAGES" in message
 
     # With the limit raised, the text of all pages is read (text only: small memory).
-    pages = load_pages(big, dpi=72, render=False, max_pages=2000)
+    pages = load_pages(big, dpi=72, render=False, limits=InputLimits(max_pages=2000))
     assert len(pages) == 2000
     assert pages[-1].text == "page 2000"
 
@@ -205,7 +206,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path: Path) -> None:
 
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (4000, 3000), (120, 30, 200)).save(path, quality=50)
-    (page,) = load_pages(path, dpi=72, render=True, max_pixels=1_000_000)
+    (page,) = load_pages(path, dpi=72, render=True, limits=InputLimits(max_pixels=1_000_000))
     assert page.image is not None
     width, height = page.image.size
     assert width * height <= 1_000_000
@@ -218,7 +219,7 @@ def test_large_png_over_the_limit_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "wide.png"
     Image.new("RGB", (2000, 1000)).save(path)
     with pytest.raises(PipelineError, match="over the limit"):
-        load_pages(path, dpi=72, render=True, max_pixels=1_000_000)
+        load_pages(path, dpi=72, render=True, limits=InputLimits(max_pixels=1_000_000))
 
 
 def test_image_is_one_page_and_not_decoded_without_rendering(tmp_path: Path) -> None:
@@ -302,7 +303,7 @@ def test_text_over_the_size_limit(tmp_path: Path) -> None:
     path = tmp_path / "big.txt"
     path.write_text("x" * 5000, encoding="utf-8")
     with pytest.raises(PipelineError, match="over the limit of 1,000 bytes"):
-        load_pages(path, dpi=72, render=False, max_text_bytes=1000)
+        load_pages(path, dpi=72, render=False, limits=InputLimits(max_text_bytes=1000))
 
 
 def test_chunk_text_splits_a_long_paragraph() -> None:

@@ -35,6 +35,9 @@ STATE_STYLE = {
     "cancelled": "magenta",
 }
 
+#: A job named on the command line: its id, or a prefix long enough to be unique.
+JobIdArg = Annotated[str, typer.Argument(help="Job id, or a unique prefix (4+ characters)")]
+
 
 def _when(value: datetime | None) -> str:
     return value.astimezone().strftime("%H:%M:%S") if value else ""
@@ -85,7 +88,7 @@ def list_jobs(
 
 
 def show_job(
-    job_id: Annotated[str, typer.Argument(help="Job id, or a unique prefix (4+ characters)")],
+    job_id: JobIdArg,
     gateway: GatewayOpt = None,
     token_file: TokenFileOpt = None,
     wait: Annotated[
@@ -170,7 +173,7 @@ def list_workers(
 
 
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id, or a unique prefix (4+ characters)")],
+    job_id: JobIdArg,
     gateway: GatewayOpt = None,
     token_file: TokenFileOpt = None,
 ) -> None:

@@ -50,6 +50,17 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_TEXT_BYTES = 20_000_000
 CHUNK_CHARS = 1000
 
+
+@dataclass(frozen=True)
+class InputLimits:
+    """How much of a document is read: pages of a PDF, pixels of a page or image, bytes of
+    a text file (HOSTGPU_MAX_PAGES, HOSTGPU_MAX_PIXELS, HOSTGPU_MAX_TEXT_BYTES)."""
+
+    max_pages: int = DEFAULT_MAX_PAGES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+
+
 PageKind = Literal["pdf", "image", "text"]
 
 
@@ -108,9 +119,7 @@ def load_pages(
     *,
     dpi: int,
     render: bool,
-    max_pages: int = DEFAULT_MAX_PAGES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+    limits: InputLimits = InputLimits(),
 ) -> list[Page]:
     """Read ``path`` into pages.
 
@@ -121,10 +130,12 @@ def load_pages(
     path = Path(path)
     kind = check_file(path)
     if kind == "pdf":
-        return _pdf_pages(path, dpi=dpi, render=render, max_pages=max_pages, max_pixels=max_pixels)
+        return _pdf_pages(
+            path, dpi=dpi, render=render, max_pages=limits.max_pages, max_pixels=limits.max_pixels
+        )
     if kind == "image":
-        return [_image_page(path, decode=render, max_pixels=max_pixels)]
-    return _text_pages(path, max_text_bytes=max_text_bytes)
+        return [_image_page(path, decode=render, max_pixels=limits.max_pixels)]
+    return _text_pages(path, max_text_bytes=limits.max_text_bytes)
 
 
 # ----------------------------------------------------------------------------- PDF
@@ -231,14 +242,14 @@ def iter_rendered(
     *,
     dpi: int,
     batch: int,
-    max_pages: int = DEFAULT_MAX_PAGES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limits: InputLimits = InputLimits(),
 ) -> Iterator[list[tuple[int, Image]]]:
     """Yield ``(page_number, image)`` lists of at most ``batch`` pages.
 
     For PDFs only ``batch`` rendered pages exist at a time; for an image file there is one
     page. Memory bound: ``batch x max_pixels x 3`` bytes of pixels.
     """
+    max_pages, max_pixels = limits.max_pages, limits.max_pixels
     path = Path(path)
     kind = check_file(path)
     if kind == "image":

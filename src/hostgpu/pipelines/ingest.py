@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hostgpu.errors import PipelineError
-from hostgpu.pipelines.documents import SUPPORTED_SUFFIXES, chunk_text
+from hostgpu.pipelines.documents import SUPPORTED_SUFFIXES, InputLimits, chunk_text
 from hostgpu.sdk import function
 from hostgpu.settings import get_settings
 
@@ -34,14 +34,10 @@ CHUNKER_VERSION = "chunk-v1"
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-def limits() -> dict[str, int]:
+def limits() -> InputLimits:
     """The input limits in force (from the settings)."""
     settings = get_settings()
-    return {
-        "max_pages": settings.max_pages,
-        "max_pixels": settings.max_pixels,
-        "max_text_bytes": settings.max_text_bytes,
-    }
+    return InputLimits(settings.max_pages, settings.max_pixels, settings.max_text_bytes)
 
 
 def readable_roots() -> list[Path]:
@@ -146,9 +142,7 @@ def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]
         source,
         dpi=settings.render_dpi,
         render=False,
-        max_pages=lim["max_pages"],
-        max_pixels=lim["max_pixels"],
-        max_text_bytes=lim["max_text_bytes"],
+        limits=lim,
     )
     for page in pages:
         notes.extend(page.notes)
@@ -180,8 +174,7 @@ def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]
             source,
             dpi=settings.render_dpi,
             batch=settings.batch_size_visual,
-            max_pages=lim["max_pages"],
-            max_pixels=lim["max_pixels"],
+            limits=lim,
         )
         t_render = time.perf_counter()
         for batch in rendered:  # at most BATCH_SIZE_VISUAL rendered pages in memory

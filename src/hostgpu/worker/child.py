@@ -99,12 +99,13 @@ class _Refused(Exception):
         return cls(kind, message, error_type=type(exc).__name__, tb=traceback.format_exc())
 
     def error(self) -> dict[str, Any]:
-        return {
-            "type": self.error_type,
-            "message": self.message,
-            "traceback": self.tb,
-            "kind": self.kind,
-        }
+        return _error(self.error_type, self.message, self.tb, self.kind)
+
+
+def _error(error_type: str, message: str, tb: str, kind: str) -> dict[str, Any]:
+    """A :class:`hostgpu.jobs.JobError` as the dict the report carries (built here, not by
+    the model: pydantic would weigh on every child's start)."""
+    return {"type": error_type, "message": message, "traceback": tb, "kind": kind}
 
 
 def _rebuild_fd(dup: Any) -> int:
@@ -286,7 +287,7 @@ def _describe(exc: BaseException) -> dict[str, Any]:
         tb = "".join(traceback.format_exception(exc))
     except Exception:
         tb = "".join(traceback.format_tb(exc.__traceback__))
-    return {"type": type(exc).__name__, "message": message, "traceback": tb, "kind": "exception"}
+    return _error(type(exc).__name__, message, tb, "exception")
 
 
 def execute(run: Run) -> Done:
