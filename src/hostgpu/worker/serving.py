@@ -9,7 +9,8 @@ re-run elsewhere, a stop finishes in-flight work within the grace, then hands th
   nothing for ``keep_alive`` seconds is unloaded (as Ollama's ``keep_alive``), and so is the
   least recently used idle one when a load would pass the memory budget.
 - Each running job has a thread that reads its engine stream; requests on one model share the
-  engine, which batches them.
+  engine, which batches them. The jobs that one lease hands over start on their engine
+  together (:meth:`EnginePool._admit`), so a burst of requests shares the engine's first step.
 - :class:`Streamer` sends the text to the gateway as it comes, in batches (one request carries
   every event that arrived while the previous one was in flight), and cancels the jobs the
   gateway says nobody reads any more.
@@ -61,6 +62,21 @@ Sendable = StreamEvent | list[EngineState]
 #: two or three requests, 3-12 ms apart). A lone stream never waits.
 LINGER_MAX_S = 0.005
 LINGER_SHARE = 0.1
+
+
+#: A job started on its engine by the admission: its request and its stream.
+_Opened = tuple[GenerateRequest, GenerationStream]
+
+
+def _request(lease: Lease) -> GenerateRequest:
+    payload = lease.payload if isinstance(lease.payload, Payload) else Payload()
+    return GenerateRequest.model_validate(payload.kwargs.get("request"))
+
+
+def _prompt_ids(engine: Engine, request: GenerateRequest) -> list[int]:
+    if request.kind == "chat":
+        return engine.chat_ids(request.messages or [])
+    return engine.prompt_ids(request.prompt or "")
 
 
 @dataclass
@@ -189,6 +205,8 @@ class EnginePool:
         self._stopping = threading.Event()  # stop() began: requests waiting for memory give up
         self._closed = threading.Event()
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="hostgpu-serve")
+        self._admissions: queue.Queue[Lease | None] = queue.Queue()
+        self._admitter = threading.Thread(target=self._admit, name="hostgpu-admit", daemon=True)
         self._janitor = threading.Thread(target=self._unload_idle, name="hostgpu-keepalive")
         self._janitor.daemon = True
         self.ready: Ready | None = None
@@ -202,6 +220,7 @@ class EnginePool:
             options = function_options(self.timeout).model_dump(mode="json")
             self.ready = Ready(os.getpid(), {}, {INFERENCE_FUNCTION: options})
             self.streamer.start()
+            self._admitter.start()
             self._janitor.start()
 
     def wait_ready(self, timeout: float) -> Ready | None:
@@ -212,7 +231,7 @@ class EnginePool:
             if not self._accepting:
                 raise RuntimeError("the engine pool is stopping and accepts no more tasks")
             self._running[(task.job_id, task.lease_token)] = _Running(task, model="")
-        self._executor.submit(self._serve, task)
+        self._admissions.put(task)
 
     def free_slots(self) -> int:
         with self._lock:
@@ -254,6 +273,9 @@ class EnginePool:
             unfinished = [r.lease for r in self._running.values()]
         self._stopping.set()
         self._stop_jobs(lambda key: True, "stop")
+        self._admissions.put(None)
+        if self._admitter.is_alive():
+            self._admitter.join()  # every admitted job has its thread before the executor closes
         self._executor.shutdown(wait=True)
         self._closed.set()
         for name in list(self._engines):
@@ -344,6 +366,52 @@ class EnginePool:
             for name in stale:
                 self._unload(name)
 
+    # -- admission ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Start the jobs that arrive together on their engines together, then give each its
+        thread. Measured on 2 cores: eight jobs started from eight threads at once made the
+        engine's first step with one of them in 3 of 5 tries (the other seven waited a whole
+        prefill, about 570 ms); started from one thread, all eight made it every time."""
+        for batch in batches(self._admissions, settle=True):
+            opened = self._open_together(batch)
+            for lease in batch:
+                key = (lease.job_id, lease.lease_token)
+                self._executor.submit(self._serve, lease, opened.get(key))
+
+    def _open_together(self, batch: list[Lease]) -> dict[Key, _Opened]:
+        """Streams for the jobs of ``batch`` whose engine is loaded: all prompts tokenized
+        first, then all submitted. A job left out (its model must load, its request is
+        bad, its engine just unloaded) opens on its own thread, which meets and reports any
+        error itself."""
+        prepared: list[tuple[Key, GenerateRequest, Engine, list[int]]] = []
+        for lease in batch:
+            key = (lease.job_id, lease.lease_token)
+            try:
+                request = _request(lease)
+                with self._lock:
+                    engine = self._engines.get(request.model)
+                    running = self._running.get(key)
+                    if engine is None or running is None or running.stopped:
+                        continue
+                    running.model = request.model  # busy: the keep-alive leaves it loaded
+                prepared.append((key, request, engine, _prompt_ids(engine, request)))
+            except Exception:
+                continue
+        opened: dict[Key, _Opened] = {}
+        for key, request, engine, ids in prepared:
+            try:
+                stream = engine.submit(ids, request.sampling)
+            except Exception:
+                continue
+            opened[key] = (request, stream)
+            with self._lock:
+                running = self._running[key]
+                running.stream = stream  # a cancel from now on reaches the engine
+                stopped = running.stopped
+            if stopped:
+                stream.cancel()
+        return opened
+
     # -- one job ------------------------------------------------------------------------------
     def _stop_jobs(self, which: Callable[[Key], bool], why: str) -> bool:
         with self._lock:
@@ -355,12 +423,12 @@ class EnginePool:
                 r.stream.cancel()
         return bool(hits)
 
-    def _serve(self, lease: Lease) -> None:
+    def _serve(self, lease: Lease, opened: _Opened | None = None) -> None:
         key = (lease.job_id, lease.lease_token)
         started = time.monotonic()
         outcome: Outcome | None
         try:
-            outcome = self._generate(lease, started)
+            outcome = self._generate(lease, started, opened)
         except Exception as exc:  # the job fails; the server carries on
             log.exception("inference job %s failed", lease.job_id)
             outcome = self._failed(lease, exc, started)
@@ -375,22 +443,20 @@ class EnginePool:
             self._on_result(outcome)
         self.streamer.engines(self.states())
 
-    def _generate(self, lease: Lease, started: float) -> Outcome | None:
+    def _generate(self, lease: Lease, started: float, opened: _Opened | None) -> Outcome | None:
         key = (lease.job_id, lease.lease_token)
-        payload = lease.payload if isinstance(lease.payload, Payload) else Payload()
-        request = GenerateRequest.model_validate(payload.kwargs.get("request"))
-        if request.model not in self.specs:
-            raise EngineError(f"model {request.model!r} is not served here")
+        if opened is not None:
+            request, stream = opened
+        else:
+            request = _request(lease)
+            if request.model not in self.specs:
+                raise EngineError(f"model {request.model!r} is not served here")
+            with self._lock:
+                self._running[key].model = request.model
+            engine = self._engine(request.model)
+            stream = engine.submit(_prompt_ids(engine, request), request.sampling)
         with self._lock:
             running = self._running[key]
-            running.model = request.model
-        engine = self._engine(request.model)
-        params = request.sampling
-        if request.kind == "chat":
-            stream = engine.chat(request.messages or [], params)
-        else:
-            stream = engine.complete(request.prompt or "", params)
-        with self._lock:
             running.stream = stream
             stopped = running.stopped
         if stopped:

@@ -535,14 +535,23 @@ class Engine(ABC):
     # -- requests -------------------------------------------------------------------------
     def chat(self, messages: Sequence[Message], params: SamplingParams) -> GenerationStream:
         """Start a chat completion: ``messages`` go through the model's chat template."""
-        check_messages(messages)
-        return self.submit(self.encode_chat(messages), params)
+        return self.submit(self.chat_ids(messages), params)
 
     def complete(self, prompt: str, params: SamplingParams) -> GenerationStream:
         """Start a plain completion of ``prompt``."""
+        return self.submit(self.prompt_ids(prompt), params)
+
+    def chat_ids(self, messages: Sequence[Message]) -> list[int]:
+        """``messages`` checked, then through the chat template: the prompt :meth:`chat`
+        submits (apart, so that a caller can prepare several before submitting any)."""
+        check_messages(messages)
+        return self.encode_chat(messages)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """``prompt`` checked and tokenized: what :meth:`complete` submits."""
         if not prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        return self.submit(self.encode_text(prompt), params)
+        return self.encode_text(prompt)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
         """Start generating after ``prompt_ids``."""
