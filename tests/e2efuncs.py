@@ -157,3 +157,9 @@ def sleepy(seconds: float) -> float:
 def declared_mps(note: str = "") -> dict[str, Any]:
     """Declared for Metal: wherever it is submitted from, it must run on mps or not at all."""
     return {"device": hostgpu.device(), "note": note}
+
+
+@hostgpu.function(gpu="cpu", retries=0)
+def input_size(digest: str) -> int:
+    """The size of one of the job's fetched inputs."""
+    return hostgpu.context.input_path(digest).stat().st_size

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES
+from hostgpu.worker.inputs import DEFAULT_INPUTS_CACHE_BYTES
 from hostgpu.worker.output import DEFAULT_JOB_OUTPUT_BYTES
 
 DEFAULT_PORT = 8765
@@ -56,6 +57,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Bytes of each job's stdout and stderr a worker copies to its own log (the rest: a count).
     job_output_bytes: int = Field(default=DEFAULT_JOB_OUTPUT_BYTES, ge=0)
+    # Bytes of fetched job inputs a worker keeps for later jobs (least recently used go first).
+    inputs_cache_bytes: int = Field(default=DEFAULT_INPUTS_CACHE_BYTES, ge=0)
 
     # Names shared with hand-made setups.
     device: Literal["auto", "mps", "cuda", "mlx", "cpu"] = Field(

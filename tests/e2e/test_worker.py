@@ -14,6 +14,7 @@ import pytest
 import hostgpu
 from hostgpu.client import Client
 from hostgpu.errors import JobCancelled, JobFailed, JobTimeout, NotFound
+from hostgpu.jobs import JobSpec, Payload
 from tests import e2efuncs as f
 from tests.conftest import Gateway, Worker
 
@@ -346,3 +347,28 @@ def worker_id(gateway: Gateway, worker: Worker) -> str:
     with gateway.http() as http:
         listed = http.get("/v1/workers").json()["workers"]
     return next(w["id"] for w in listed if w["capabilities"]["name"] == worker.name)
+
+
+def test_fetched_inputs_are_kept_within_the_cache_bound(
+    gateway: Gateway, workers: list[Worker], tmp_path: Path
+) -> None:
+    """HOSTGPU_INPUTS_CACHE_BYTES bounds the worker's fetched inputs: after each fetch the
+    least recently used go, never the file of the job that is about to run."""
+    worker = Worker(gateway, env_extra={"HOSTGPU_INPUTS_CACHE_BYTES": "1500"}).start()
+    workers.append(worker)
+    digests = []
+    with gateway.client() as api:
+        for n in range(3):
+            path = tmp_path / f"input-{n}.bin"
+            path.write_bytes(bytes([n]) * 1000)
+            digests.append(api.put_blob(path))
+        for digest in [*digests, digests[-1]]:  # the last one again: from the cache
+            spec = JobSpec(
+                function="tests.e2efuncs:input_size",
+                payload=Payload(args=[digest]),
+                inputs=[digest],
+            )
+            [done] = api.wait([api.submit(spec).id], timeout=60)
+            assert done.state.value == "succeeded" and done.result == 1000, done.error
+    cached = {p.name for p in (gateway.home / "inputs").rglob("*") if p.is_file()}
+    assert cached == {digests[-1]}

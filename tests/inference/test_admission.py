@@ -25,7 +25,7 @@ from .conftest import _require_llm, builtin
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
-JOBS = 8
+JOBS = 8  # the jobs of one lease
 
 
 class Recorder:
@@ -45,11 +45,11 @@ class Recorder:
         pass
 
 
-def lease(n: int, content: str) -> Lease:
+def lease(n: int, content: str, model: str = "smollm2") -> Lease:
     request = {
-        "model": "smollm2",
+        "model": model,
         "kind": "chat",
-        "messages": [{"role": "user", "content": content}],
+        "messages": [{"role": "user", "content": content}] if content else [],
         "sampling": {"max_tokens": 4, "temperature": 0},
     }
     return Lease(
@@ -92,14 +92,18 @@ def test_the_jobs_of_one_lease_share_the_engines_first_step() -> None:
             return submit(*args, **kwargs)
 
         engine.submit = recording_submit  # type: ignore[method-assign]
-        for n in range(1, JOBS + 1):  # as the lease loop hands a lease's jobs over
-            pool.submit(lease(n, f"Question {n}: what is {n} plus {n}?"))
+        # As the lease loop hands over one lease's jobs; two of them bad, which fail alone.
+        burst = [lease(n, f"Question {n}: what is {n} plus {n}?") for n in range(1, JOBS + 1)]
+        pool.submit_all([*burst, lease(90, ""), lease(91, "Hi", model="not-served")])
         with finished:
-            assert finished.wait_for(lambda: len(outcomes) == JOBS + 1, 300)
+            assert finished.wait_for(lambda: len(outcomes) == JOBS + 3, 300)
     finally:
         pool.stop(grace=0)
 
-    assert [o.status for o in outcomes] == ["succeeded"] * (JOBS + 1)
+    status = {o.job_id: (o.status, o.error.message if o.error else "") for o in outcomes}
+    assert all(status[f"{n:032x}"][0] == "succeeded" for n in range(JOBS + 1)), status
+    assert status[f"{90:032x}"][0] == "failed" and "messages" in status[f"{90:032x}"][1]
+    assert status[f"{91:032x}"] == ("failed", "model 'not-served' is not served here")
     assert {name for name, _ in submitted} == {"hostgpu-admit"}, "each job started itself"
     assert len(submitted) == JOBS
     firsts = sorted(recorder.first[f"{n:032x}"] for n in range(1, JOBS + 1))

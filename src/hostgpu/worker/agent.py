@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -63,6 +62,7 @@ from hostgpu.errors import (
 from hostgpu.functions import FunctionOptions
 from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES, JobError, Lease, Outcome, ReportResult
 from hostgpu.worker.batches import batches
+from hostgpu.worker.inputs import InputCache
 from hostgpu.worker.runner import ChildPool
 from hostgpu.worker.serving import EnginePool, Streamer
 
@@ -203,7 +203,8 @@ class WorkerAgent:
         settings = get_settings()
         #: Where a job's input blobs are fetched to (checked against their digest) before it
         #: runs; children find them through ``hostgpu.context.input_path``.
-        self.inputs_dir = settings.home_dir / "inputs"
+        self.inputs = InputCache(settings.home_dir / "inputs", settings.inputs_cache_bytes)
+        self.inputs_dir = self.inputs.root
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hostgpu-fetch")
         self.pool: ChildPool | EnginePool
         if serving:
@@ -807,27 +808,28 @@ class WorkerAgent:
             self._room.notify_all()
 
     def _start(self, leases: Sequence[Lease]) -> None:
+        ready: list[Lease] = []
         for lease in leases:
             if self._stop.is_set():
                 self._release([lease])
                 continue
             with self._lock:
                 self._leases[(lease.job_id, lease.lease_token)] = (lease, time.monotonic())
-            missing = [d for d in lease.inputs if not self._input_file(d).is_file()]
+            missing = self.inputs.missing(lease.inputs)
             if missing:
                 # Fetched off the lease loop; the lease is held (and heartbeated) meanwhile.
                 self._fetcher.submit(self._fetch_then_run, lease, missing)
             else:
-                self.pool.submit(lease)
-
-    def _input_file(self, digest: str) -> Path:
-        return self.inputs_dir / digest[:2] / digest
+                ready.append(lease)
+        if ready:
+            # Together: a model server starts them on its engine in one batching step.
+            self.pool.submit_all(ready)
 
     def _fetch_then_run(self, lease: Lease, digests: list[str]) -> None:
         try:
             with self._client() as client:
                 for digest in digests:
-                    client.fetch_blob(digest, self._input_file(digest))
+                    client.fetch_blob(digest, self.inputs.path(digest))
         except Exception as exc:  # a missing or damaged blob fails this attempt, retryably
             error = JobError(
                 type=type(exc).__name__,
@@ -845,10 +847,19 @@ class WorkerAgent:
                 )
             )
             return
+        try:
+            self.inputs.trim(keep=self._held_inputs())
+        except OSError as exc:  # a full or read-only disk: the job can still run
+            log.warning("could not trim the input cache in %s: %s", self.inputs.root, exc)
         if self._stop.is_set():
             self._release([lease])
         else:
             self.pool.submit(lease)
+
+    def _held_inputs(self) -> set[str]:
+        """The inputs of the jobs this worker holds (fetched, running or about to)."""
+        with self._lock:
+            return {digest for lease, _ in self._leases.values() for digest in lease.inputs}
 
     def _poll_seconds(self) -> float:
         # Long enough that an idle fleet costs the store almost nothing, short enough that

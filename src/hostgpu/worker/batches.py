@@ -10,26 +10,18 @@ ends is the last.
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def batches(
-    source: queue.Queue[T | None], most: int | None = None, *, settle: bool = False
-) -> Iterator[list[T]]:
-    """Yield lists of at most ``most`` items (no limit when None) until ``None`` arrives.
-
-    ``settle``: after the first item, let the other threads run once before taking the rest,
-    so that a producer putting a batch item by item (a lease's jobs) has put all of it."""
+def batches(source: queue.Queue[T | None], most: int | None = None) -> Iterator[list[T]]:
+    """Yield lists of at most ``most`` items (no limit when None) until ``None`` arrives."""
     while True:
         first = source.get()
         if first is None:
             return
-        if settle:
-            time.sleep(0)  # gives up the GIL: the producer, woken or running, goes on
         batch = [first]
         closed = False
         while most is None or len(batch) < most:

@@ -176,6 +176,11 @@ class ChildPool:
                 if deadline < self._wait_until:
                     self._wake_locked()
 
+    def submit_all(self, tasks: Sequence[Lease]) -> None:
+        """Queue the tasks of one lease (each starts as soon as a child is free)."""
+        for task in tasks:
+            self.submit(task)
+
     def free_slots(self) -> int:
         """How many more tasks would start right away: concurrency - (running + queued)."""
         with self._lock:

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -205,7 +205,7 @@ class EnginePool:
         self._stopping = threading.Event()  # stop() began: requests waiting for memory give up
         self._closed = threading.Event()
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="hostgpu-serve")
-        self._admissions: queue.Queue[Lease | None] = queue.Queue()
+        self._admissions: queue.Queue[list[Lease] | None] = queue.Queue()
         self._admitter = threading.Thread(target=self._admit, name="hostgpu-admit", daemon=True)
         self._janitor = threading.Thread(target=self._unload_idle, name="hostgpu-keepalive")
         self._janitor.daemon = True
@@ -227,11 +227,16 @@ class EnginePool:
         return self.ready
 
     def submit(self, task: Lease) -> None:
+        self.submit_all([task])
+
+    def submit_all(self, tasks: Sequence[Lease]) -> None:
+        """Start ``tasks`` (the jobs of one lease) on their engines together."""
         with self._lock:
             if not self._accepting:
                 raise RuntimeError("the engine pool is stopping and accepts no more tasks")
-            self._running[(task.job_id, task.lease_token)] = _Running(task, model="")
-        self._admissions.put(task)
+            for task in tasks:
+                self._running[(task.job_id, task.lease_token)] = _Running(task, model="")
+        self._admissions.put(list(tasks))
 
     def free_slots(self) -> int:
         with self._lock:
@@ -334,18 +339,25 @@ class EnginePool:
             with self._lock:
                 if used() + need <= self.memory_budget:
                     return
-                busy = {r.model for r in self._running.values() if r.stream is not None}
+                busy = self._busy_locked()
                 idle = sorted(
                     (n for n in self._engines if n not in busy), key=self._last_used.__getitem__
                 )
             if idle:
-                self._unload(idle[0])
+                self._unload(idle[0], if_idle=True)
                 continue
             if self._stopping.wait(0.2):
                 raise EngineError("the model server is stopping")
 
-    def _unload(self, name: str) -> None:
+    def _busy_locked(self) -> set[str]:
+        """The models a job uses, from the moment it names its model (the admission may be
+        about to submit it to that engine)."""
+        return {r.model for r in self._running.values() if r.model}
+
+    def _unload(self, name: str, *, if_idle: bool = False) -> None:
         with self._lock:
+            if if_idle and name in self._busy_locked():  # a job came since it was chosen
+                return
             engine = self._engines.pop(name, None)
         if engine is not None:
             engine.unload()
@@ -357,14 +369,14 @@ class EnginePool:
         while not self._closed.wait(1.0):
             now = time.monotonic()
             with self._lock:
-                busy = {r.model for r in self._running.values()}
+                busy = self._busy_locked()
                 stale = [
                     n
                     for n in self._engines
                     if n not in busy and now - self._last_used.get(n, now) > self.keep_alive
                 ]
             for name in stale:
-                self._unload(name)
+                self._unload(name, if_idle=True)
 
     # -- admission ----------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -372,17 +384,22 @@ class EnginePool:
         thread. Measured on 2 cores: eight jobs started from eight threads at once made the
         engine's first step with one of them in 3 of 5 tries (the other seven waited a whole
         prefill, about 570 ms); started from one thread, all eight made it every time."""
-        for batch in batches(self._admissions, settle=True):
-            opened = self._open_together(batch)
+        for handed in batches(self._admissions):
+            batch = [lease for leases in handed for lease in leases]
+            opened: dict[Key, _Opened] = {}
+            try:
+                self._open_together(batch, opened)
+            except Exception:  # each job is guarded; still, this thread must not die
+                log.exception("starting %d inference jobs together failed", len(batch))
             for lease in batch:
                 key = (lease.job_id, lease.lease_token)
                 self._executor.submit(self._serve, lease, opened.get(key))
 
-    def _open_together(self, batch: list[Lease]) -> dict[Key, _Opened]:
-        """Streams for the jobs of ``batch`` whose engine is loaded: all prompts tokenized
-        first, then all submitted. A job left out (its model must load, its request is
-        bad, its engine just unloaded) opens on its own thread, which meets and reports any
-        error itself."""
+    def _open_together(self, batch: list[Lease], opened: dict[Key, _Opened]) -> None:
+        """Streams, into ``opened``, for the jobs of ``batch`` whose engine is loaded: all
+        prompts tokenized first, then all submitted. A job left out (its model must load, its
+        request is bad, its engine just unloaded) opens on its own thread, which meets and
+        reports any error itself."""
         prepared: list[tuple[Key, GenerateRequest, Engine, list[int]]] = []
         for lease in batch:
             key = (lease.job_id, lease.lease_token)
@@ -397,7 +414,6 @@ class EnginePool:
                 prepared.append((key, request, engine, _prompt_ids(engine, request)))
             except Exception:
                 continue
-        opened: dict[Key, _Opened] = {}
         for key, request, engine, ids in prepared:
             try:
                 stream = engine.submit(ids, request.sampling)
@@ -405,12 +421,13 @@ class EnginePool:
                 continue
             opened[key] = (request, stream)
             with self._lock:
-                running = self._running[key]
-                running.stream = stream  # a cancel from now on reaches the engine
-                stopped = running.stopped
+                running = self._running.get(key)
+                if running is not None:
+                    running.stream = stream  # a cancel from now on reaches the engine
+                stopped = running is None or running.stopped
             if stopped:
-                stream.cancel()
-        return opened
+                with contextlib.suppress(Exception):
+                    stream.cancel()
 
     # -- one job ------------------------------------------------------------------------------
     def _stop_jobs(self, which: Callable[[Key], bool], why: str) -> bool:
@@ -452,7 +469,10 @@ class EnginePool:
             if request.model not in self.specs:
                 raise EngineError(f"model {request.model!r} is not served here")
             with self._lock:
-                self._running[key].model = request.model
+                running = self._running[key]
+                running.model = request.model
+                if running.stopped == "stop":
+                    return None  # handed back: no model loads for it while the server stops
             engine = self._engine(request.model)
             stream = engine.submit(_prompt_ids(engine, request), request.sampling)
         with self._lock:
