@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,8 @@ class Client:
     def fetch_blob(self, digest: str, target: Path) -> Path:
         """Download a blob to ``target`` (through a temporary file), checking its digest."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
+        # A name of its own: two jobs may fetch the same blob at once.
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
         sha = hashlib.sha256()
         try:
             with self._http.stream("GET", f"/v1/blobs/{digest}", timeout=300) as response:
@@ -300,12 +302,15 @@ class Client:
                     for chunk in response.iter_bytes(1024 * 1024):
                         sha.update(chunk)
                         out.write(chunk)
+            if sha.hexdigest() != digest:
+                raise GatewayError(f"blob {digest} arrived as {sha.hexdigest()}: refetch it")
+            tmp.replace(target)
         except httpx.TransportError as exc:
-            raise GatewayUnavailable(f"cannot fetch blob {digest}: {exc}") from exc
-        if sha.hexdigest() != digest:
             tmp.unlink(missing_ok=True)
-            raise GatewayError(f"blob {digest} arrived as {sha.hexdigest()}: refetch it")
-        tmp.replace(target)
+            raise GatewayUnavailable(f"cannot fetch blob {digest}: {exc}") from exc
+        except BaseException:  # a bad digest, a full disk: no half file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
         return target
 
     # -- tokens and housekeeping ---------------------------------------------------------------

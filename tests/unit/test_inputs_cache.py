@@ -24,10 +24,10 @@ def test_trim_drops_the_least_recently_used_until_the_cache_fits(tmp_path: Path)
     cache = InputCache(tmp_path / "inputs", max_bytes=2500)
     now = time.time()
     old, middle, new = (put(cache, bytes([n]) * 1000, now - 300 + n * 100) for n in range(3))
-    assert cache.trim(keep=set()) == 1000
+    assert cache.trim(set) == 1000
     assert not cache.path(old).exists()
     assert cache.path(middle).exists() and cache.path(new).exists()
-    assert cache.trim(keep=set()) == 0  # it fits now
+    assert cache.trim(set) == 0  # it fits now
 
 
 def test_a_file_used_again_is_kept_over_a_newer_unused_one(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_a_file_used_again_is_kept_over_a_newer_unused_one(tmp_path: Path) -> No
     reused = put(cache, b"a" * 1000, now - 200)
     other = put(cache, b"b" * 1000, now - 100)
     assert cache.missing([reused, "f" * 64]) == ["f" * 64]  # a lease found it: used now
-    cache.trim(keep=set())
+    cache.trim(set)
     assert cache.path(reused).exists() and not cache.path(other).exists()
 
 
@@ -45,8 +45,24 @@ def test_the_inputs_of_held_jobs_are_never_dropped(tmp_path: Path) -> None:
     now = time.time()
     held = put(cache, b"held" * 100, now - 1000)
     done = put(cache, b"done" * 100, now)
-    cache.trim(keep={held})
+    cache.trim(lambda: {held})
     assert cache.path(held).exists() and not cache.path(done).exists()
+
+
+def test_an_input_goes_with_its_named_links_and_counts_once(tmp_path: Path) -> None:
+    """The ingest pipeline links an upload under its owner's name beside the blob: dropping
+    the blob alone would free nothing."""
+    cache = InputCache(tmp_path / "inputs", max_bytes=1500)
+    now = time.time()
+    old = put(cache, b"o" * 1000, now - 100)
+    new = put(cache, b"n" * 1000, now)
+    blob = cache.path(old)
+    (blob.parent / f"{old}.named").mkdir()
+    os.link(blob, blob.parent / f"{old}.named" / "report.pdf")
+    os.link(blob, blob.parent / f"{old}.pdf")
+    assert cache.trim(set) == 1000  # three names, one file
+    assert [p.name for p in blob.parent.iterdir() if p.name.startswith(old)] == []
+    assert cache.path(new).exists()
 
 
 def test_a_dead_fetchs_part_file_goes_and_a_live_one_stays(tmp_path: Path) -> None:
@@ -58,9 +74,9 @@ def test_a_dead_fetchs_part_file_goes_and_a_live_one_stays(tmp_path: Path) -> No
         part.write_bytes(b"x" * 10)
     stale = time.time() - STALE_PART_S - 60
     os.utime(dead, (stale, stale))
-    cache.trim(keep=set())
+    cache.trim(set)
     assert not dead.exists() and live.exists()
 
 
 def test_an_empty_or_absent_cache_trims_nothing(tmp_path: Path) -> None:
-    assert InputCache(tmp_path / "none", max_bytes=0).trim(keep=set()) == 0
+    assert InputCache(tmp_path / "none", max_bytes=0).trim(set) == 0

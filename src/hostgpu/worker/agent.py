@@ -813,9 +813,12 @@ class WorkerAgent:
             if self._stop.is_set():
                 self._release([lease])
                 continue
-            with self._lock:
-                self._leases[(lease.job_id, lease.lease_token)] = (lease, time.monotonic())
-            missing = self.inputs.missing(lease.inputs)
+            # Under the cache's lock: a trim sees this lease's inputs held, or this lease
+            # sees them gone and fetches them again.
+            with self.inputs.lock:
+                with self._lock:
+                    self._leases[(lease.job_id, lease.lease_token)] = (lease, time.monotonic())
+                missing = self.inputs.missing(lease.inputs)
             if missing:
                 # Fetched off the lease loop; the lease is held (and heartbeated) meanwhile.
                 self._fetcher.submit(self._fetch_then_run, lease, missing)
@@ -823,9 +826,16 @@ class WorkerAgent:
                 ready.append(lease)
         if ready:
             # Together: a model server starts them on its engine in one batching step.
-            self.pool.submit_all(ready)
+            self._submit(ready)
+
+    def _submit(self, leases: Sequence[Lease]) -> None:
+        try:
+            self.pool.submit_all(leases)
+        except RuntimeError:  # the pool began stopping meanwhile: none was taken
+            self._release(leases)
 
     def _fetch_then_run(self, lease: Lease, digests: list[str]) -> None:
+        self._trim_inputs()  # room first: a full disk would fail every fetch
         try:
             with self._client() as client:
                 for digest in digests:
@@ -847,14 +857,17 @@ class WorkerAgent:
                 )
             )
             return
-        try:
-            self.inputs.trim(keep=self._held_inputs())
-        except OSError as exc:  # a full or read-only disk: the job can still run
-            log.warning("could not trim the input cache in %s: %s", self.inputs.root, exc)
+        self._trim_inputs()
         if self._stop.is_set():
             self._release([lease])
         else:
-            self.pool.submit(lease)
+            self._submit([lease])
+
+    def _trim_inputs(self) -> None:
+        try:
+            self.inputs.trim(self._held_inputs)
+        except OSError as exc:  # a read-only or broken folder: the jobs can still run
+            log.warning("could not trim the input cache in %s: %s", self.inputs.root, exc)
 
     def _held_inputs(self) -> set[str]:
         """The inputs of the jobs this worker holds (fetched, running or about to)."""

@@ -166,20 +166,20 @@ class ChildPool:
 
     def submit(self, task: Lease) -> None:
         """Queue a task; it runs as soon as a child is free. Never blocks."""
+        self.submit_all([task])
+
+    def submit_all(self, tasks: Sequence[Lease]) -> None:
+        """Queue the tasks of one lease, all or (stopping) none; each starts as soon as a
+        child is free. Never blocks."""
         now = time.monotonic()
         with self._lock:
             if not self._accepting:
                 raise RuntimeError("the child pool is stopping and accepts no more tasks")
-            self._queue.append((task, now))
+            self._queue.extend((task, now) for task in tasks)
             if self._started:
                 deadline = self._dispatch_locked(now)
                 if deadline < self._wait_until:
                     self._wake_locked()
-
-    def submit_all(self, tasks: Sequence[Lease]) -> None:
-        """Queue the tasks of one lease (each starts as soon as a child is free)."""
-        for task in tasks:
-            self.submit(task)
 
     def free_slots(self) -> int:
         """How many more tasks would start right away: concurrency - (running + queued)."""
