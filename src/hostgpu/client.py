@@ -305,11 +305,10 @@ class Client:
             if sha.hexdigest() != digest:
                 raise GatewayError(f"blob {digest} arrived as {sha.hexdigest()}: refetch it")
             tmp.replace(target)
-        except httpx.TransportError as exc:
-            tmp.unlink(missing_ok=True)
-            raise GatewayUnavailable(f"cannot fetch blob {digest}: {exc}") from exc
-        except BaseException:  # a bad digest, a full disk: no half file stays behind
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:  # a lost connection, a bad digest, a full disk
+            tmp.unlink(missing_ok=True)  # no half file stays behind
+            if isinstance(exc, httpx.TransportError):
+                raise GatewayUnavailable(f"cannot fetch blob {digest}: {exc}") from exc
             raise
         return target
 

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hostgpu.capabilities import Device
+from hostgpu.jsontext import lone_escape
 from hostgpu.requirements import (
     DIGEST_PATTERN,
     FUNCTION_PATTERN,
@@ -156,13 +157,6 @@ def as_text(text: str) -> str:
     return text
 
 
-#: A surrogate escape that is not half of a pair (emoji are stored as pairs: ensure_ascii).
-_LONE_ESCAPE = re.compile(
-    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-)
-
-
 def readable_json(value: str) -> str:
     """Stored JSON text, with any lone surrogate in its strings written as its escape text
     (:func:`as_text`). The gateway refuses them now (``jsontext.lone_surrogate``), but a
@@ -170,7 +164,7 @@ def readable_json(value: str) -> str:
     fail every response that shows it: a listing answered 500 for one such job. Parsed only
     when a lone surrogate escape is there (an escaped backslash before a pair's ``\\u`` can
     look like one: rewriting it changes nothing)."""
-    if ("\\ud" not in value and "\\uD" not in value) or not _LONE_ESCAPE.search(value):
+    if ("\\ud" not in value and "\\uD" not in value) or not lone_escape(value):
         return value
     return json.dumps(_text_only(json.loads(value)), separators=(",", ":"))
 

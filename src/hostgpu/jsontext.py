@@ -42,6 +42,20 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE_BYTES = re.compile(rb"\xed[\xa0-\xbf]")
 
 
+#: A surrogate escape that is not half of a pair (emoji are stored as pairs: ensure_ascii).
+_LONE_ESCAPE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def lone_escape(text: str) -> bool:
+    """Whether JSON ``text`` has a surrogate escape that is not half of a pair, read as text
+    (no parse): an escaped backslash before ``u`` can pass for one or hide one, so this
+    finds stored rows worth a look, while :func:`lone_surrogate` decides for a request."""
+    return _LONE_ESCAPE.search(text) is not None
+
+
 def lone_surrogate(body: bytes) -> bool:
     """Whether this JSON body holds a string with a lone UTF-16 surrogate: JSON allows the
     escape, Python decodes it, but it is not text; stored, it would fail every response that

@@ -48,7 +48,7 @@ class Resolver:
 
     def declarations(self, names: Sequence[str]) -> dict[str, FunctionOptions]:
         now = time.monotonic()
-        missing = [n for n in set(names) if now - self._cache.get(n, (-1e9, None))[0] > self.ttl]
+        missing = [n for n in set(names) if self._stale(n, now)]
         found: dict[str, FunctionOptions] = {}
         if missing:
             found = self.store.declarations(missing)
@@ -67,14 +67,13 @@ class Resolver:
         with them, :meth:`new_jobs` for specs without inputs reads nothing from the store
         (the event loop may call it)."""
         now = time.monotonic()
-        out: dict[str, FunctionOptions] = {}
-        for name in names:
-            at, declared = self._cache.get(name, (-1e9, None))
-            if now - at > self.ttl:
-                return None
-            if declared is not None:
-                out[name] = declared
-        return out
+        if any(self._stale(name, now) for name in names):
+            return None
+        # (.get: another thread may forget a name meanwhile)
+        return {n: d for n in names if (d := self._cache.get(n, (0.0, None))[1]) is not None}
+
+    def _stale(self, name: str, now: float) -> bool:
+        return now - self._cache.get(name, (-1e9, None))[0] > self.ttl
 
     def forget(self, names: Sequence[str]) -> None:
         for name in names:

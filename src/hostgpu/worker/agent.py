@@ -835,12 +835,12 @@ class WorkerAgent:
             self._release(leases)
 
     def _fetch_then_run(self, lease: Lease, digests: list[str]) -> None:
-        self._trim_inputs()  # room first: a full disk would fail every fetch
         try:
             with self._client() as client:
                 for digest in digests:
                     client.fetch_blob(digest, self.inputs.path(digest))
         except Exception as exc:  # a missing or damaged blob fails this attempt, retryably
+            self._trim_inputs()  # a full disk: room for the retry
             error = JobError(
                 type=type(exc).__name__,
                 message=f"could not fetch the job's inputs: {exc}",
