@@ -4,9 +4,9 @@ same file, and trimmed to a size, least recently used first.
 Files live at ``<HOSTGPU_HOME>/inputs/<digest[:2]>/<digest>``. A file is named by its
 SHA-256, and a fetch writes a hidden ``.part`` file and renames it once checked, so a present
 file is whole. A job that finds its file present marks it used (its modification time).
-Before and after each fetch the cache drops the least recently used inputs until it fits
-``HOSTGPU_INPUTS_CACHE_BYTES``, never one that a job this worker holds needs. Without a
-bound the folder grew with every distinct input for as long as the machine served jobs.
+After each fetch, and after a failed one, the cache drops the least recently used inputs
+until it fits ``HOSTGPU_INPUTS_CACHE_BYTES``, never one that a job this worker holds needs.
+Without a bound the folder grew with every distinct input for as long as the machine served jobs.
 The bound is per worker: workers that share a ``HOSTGPU_HOME`` do not know each other's
 jobs, so give each worker a home of its own.
 """
