@@ -3,6 +3,7 @@ through connections the server dropped (it pings only connections that sat idle)
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -137,11 +138,10 @@ def test_a_failed_second_read_keeps_the_leases_already_taken(
     assert [lease.job_id for lease in leases] == [second.id] and reads == 2
 
 
-def test_an_enqueue_tells_other_gateways_what_it_queued(store: Store) -> None:
-    """The ``runnable`` event of an enqueue describes its kinds of job (so other gateways wake
-    one fitting worker per job); many kinds, or only unresolved jobs, are a bare ``runnable``."""
-    import json
-
+@contextlib.contextmanager
+def listening(store: Store, prefix: str) -> Iterator[list[str]]:
+    """The topics starting with ``prefix`` that a second store on the database hears (as
+    another gateway would), from once its listener is connected."""
     other = open_store(store.url)  # type: ignore[attr-defined]
     heard: list[str] = []
     ready = threading.Event()
@@ -149,12 +149,24 @@ def test_an_enqueue_tells_other_gateways_what_it_queued(store: Store) -> None:
     def hear(topic: str) -> None:
         if topic == "resync":
             ready.set()
-        elif topic.startswith("runnable"):
+        elif topic.startswith(prefix):
             heard.append(topic)
 
     stop = other.subscribe(hear)
     try:
         assert ready.wait(10), "the listener did not connect"
+        yield heard
+    finally:
+        stop()
+        other.close()
+
+
+def test_an_enqueue_tells_other_gateways_what_it_queued(store: Store) -> None:
+    """The ``runnable`` event of an enqueue describes its kinds of job (so other gateways wake
+    one fitting worker per job); many kinds, or only unresolved jobs, are a bare ``runnable``."""
+    import json
+
+    with listening(store, "runnable") as heard:
         store.enqueue([spec(gpu="cuda", priority=1), spec(gpu="cuda"), spec(labels={"a": "b"})])
         store.enqueue([spec(f"m:f{i}") for i in range(20)])  # 20 kinds: no details
         store.enqueue([spec(resolved=False)])
@@ -168,6 +180,17 @@ def test_an_enqueue_tells_other_gateways_what_it_queued(store: Store) -> None:
             ("m:f", "cuda", {}, 2),
         ]
         assert many == unresolved == "runnable"
-    finally:
-        stop()
-        other.close()
+
+
+def test_a_worker_registering_again_tells_other_gateways(store: Store) -> None:
+    """They cache its capabilities for their lease polls: ``worker:<id>`` makes them read
+    the new ones. A first registration has nothing to replace and says nothing."""
+    with listening(store, "worker:") as heard:
+        wid = store.register_worker(caps())
+        store.register_worker(caps(), wid)
+        store.register_worker(caps(), "0" * 32)  # an id the store does not know: a first
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything else would have come by now
+        assert heard == [f"worker:{wid}"]

@@ -87,7 +87,7 @@ def _empty(app: Any, *, keep_token: str) -> None:
         ):
             conn.execute(table.delete())
         conn.execute(tables.tokens.delete().where(tables.tokens.c.id != keep_token))
-    app.state.worker_caps.clear()
+    app.state.notifier.worker_caps.clear()
     app.state.touched.clear()
     app.state.tokens.clear()
 

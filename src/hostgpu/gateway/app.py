@@ -223,7 +223,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store
     app.state.group_commit = GroupCommit(store)
     app.state.notifier = Notifier()
-    app.state.worker_caps = {}
     app.state.waiting = WaitingExplainer(store)
     app.state.resolver = Resolver(store)
     app.state.tokens = TokenCache()

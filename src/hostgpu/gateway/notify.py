@@ -86,6 +86,10 @@ class Notifier:
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
         #: Workers that said they are stopping (on this gateway or another).
         self.draining: set[str] = set()
+        #: Workers' capabilities as this gateway last read them, for its lease polls. A
+        #: worker that registers again (here or on another gateway) drops its entry, and a
+        #: resync (events may have been missed) drops them all.
+        self.worker_caps: dict[str, Capabilities] = {}
         #: For a job: a key that orders the fitting waiters (lowest first; None: arrival
         #: order), and whether a better worker than any waiting one is between two long polls.
         #: Such a job is held for ``hold_s``: that worker's next poll reads the store first and
@@ -175,6 +179,16 @@ class Notifier:
         self.draining.add(worker_id)
         self.wake(worker_id)
 
+    def registered(self, worker_id: str, caps: Capabilities | None = None) -> None:
+        """The worker registered again, with ``caps`` (None: on another gateway; read them
+        from the store when next needed). Its long polls here end now: they wait with the
+        capabilities they started with, and the worker's next poll brings the new ones."""
+        if caps is None:
+            self.worker_caps.pop(worker_id, None)
+        else:
+            self.worker_caps[worker_id] = caps
+        self.wake(worker_id)
+
     def wake(self, worker_id: str) -> None:
         """End the worker's long polls' waits now (they read the store again, or see that
         their caller left)."""
@@ -220,6 +234,10 @@ class Notifier:
             self.notify("finished")
         if topic.startswith("drain:"):
             self.drain(topic.partition(":")[2])
+        if topic.startswith("worker:"):
+            self.registered(topic.partition(":")[2])
+        elif topic == "resync":
+            self.worker_caps.clear()
         self.notify(f"store:{topic.partition(':')[0]}")
 
 

@@ -260,7 +260,8 @@ class Store(abc.ABC):
         """Call ``callback(topic)`` (from another thread) when another store on the same
         database reports ``runnable`` (after an enqueue of a few kinds of job,
         ``runnable:<JSON [[function, requirements, fallback, count], …]>``), ``finished``,
-        ``tokens``, ``drain:<worker>`` or ``resync``; returns a function that stops
+        ``tokens``, ``drain:<worker>``, ``worker:<worker>`` (registered again, perhaps with
+        other capabilities) or ``resync``; returns a function that stops
         listening. None by default: one gateway per database (SQLite) hears everything in
         process."""
         return lambda: None

@@ -1371,6 +1371,8 @@ class SQLStore(Store):
                 )
                 if done.rowcount == 1:
                     new_id = worker_id
+                    # Other gateways cache its capabilities for their lease polls.
+                    self._emit(conn, f"worker:{worker_id}")
             if new_id is None:
                 new_id = worker_id or uuid.uuid4().hex
                 conn.execute(insert(workers).values(id=new_id, registered_at=now, **values))

@@ -85,7 +85,7 @@ async def worker_capabilities(
     request: HTTPConnection, store: Store, worker_id: str
 ) -> Capabilities:
     """The worker's capabilities, from this gateway's cache (the store only on a miss)."""
-    cache: dict[str, Capabilities] = request.app.state.worker_caps
+    cache: dict[str, Capabilities] = request.app.state.notifier.worker_caps
     caps = cache.get(worker_id)
     if caps is None:
         caps = (await run(store.get_worker, worker_id)).capabilities
@@ -121,7 +121,7 @@ async def register(
     if worker_id is not None and not (len(worker_id) == 32 and worker_id.isalnum()):
         worker_id = None  # not one of ours: a fresh id
     new_id = await run(gw.store.register_worker, caps, worker_id)
-    request.app.state.worker_caps[new_id] = caps
+    gw.notifier.registered(new_id, caps)
     gw.notifier.draining.discard(new_id)
     gw.waiting.invalidate()
     gw.resolver.forget(list(caps.functions))
@@ -223,6 +223,8 @@ async def lease_jobs(
                 return []
             if worker_id in gw.notifier.draining or gw.notifier.closing:
                 return []
+            if gw.notifier.worker_caps.get(worker_id) is not caps:
+                return []  # registered again: the next poll leases by the new capabilities
             if not woken and time.monotonic() >= deadline:
                 return []  # nothing woke it: the store has nothing new for it either
     finally:
@@ -334,7 +336,7 @@ async def deregister(
 ) -> None:
     """The worker is stopping cleanly."""
     await run(gw.store.deregister_worker, worker_id)
-    request.app.state.worker_caps.pop(worker_id, None)
+    gw.notifier.worker_caps.pop(worker_id, None)
     await _forget_server(request, gw, worker_id)
     gw.waiting.invalidate()
 
