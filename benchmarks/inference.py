@@ -25,12 +25,25 @@ Arms:
 
 Targets (issue 12): C adds at most 15 ms to B's time to first token (p50), and C's total
 tokens/s at concurrency 8 is at least 0.95 of B's. The table's "TTFT − B" and "vs B" columns
-say it. On a CPU the prefill's noise hides 15 ms, so C and D also show "TTFT − engine": the
-client's TTFT minus the server engine's own for the same request (from the request reaching
-the engine to its first token, read from the result of the job the response's x-request-id
-names), the median over streams: what the HTTP hops, the queue, the lease and the relay add
-together. Each run's streams leave together (a barrier), so with several streams the engine
+say it. On a CPU the prefill's noise hides 15 ms (a long prompt at 8 streams takes 18 s to
+its median first token, give or take a second from run to run), so B, C and D also show
+"TTFT − engine": the client's TTFT minus the server engine's own for the same request (from
+the request reaching the engine to its first token; C and D read it from the result of the job
+the response's x-request-id names, B from its server's ``/v1/requests/{id}``), the median
+over streams: what the path adds. "path − B" is C's or D's minus B's: what the gateway, the
+queue, the lease and the relay add over one HTTP hop, free of the prefill's noise. Each run's
+streams leave together (a barrier), so with several streams the engine
 sees them as close together as the path lets them arrive.
+
+Every stream's prompt is unique: it starts with a tag of its own (``[000042] ``, the same
+length for all). The engines cache prompt prefixes: transformers shares KV pages of 256 tokens
+between requests whose prompts start alike, and keeps them after a request ends. With the same
+long prompt in all eight streams of a run, and again in the next round, a stream's prefill
+then depended on which pages other streams had finished a moment before: first tokens came in
+pairs, in waves a second apart, and a few milliseconds of arrival order moved a run's median by
+a whole wave (measured in-process, 8 streams of the long prompt: 14–18 s to the last first
+token with shared prompts, 35–38 s with unique ones). That measured the cache's luck, not the
+path. ``--shared-prompts`` sends the same prompt to every stream, as before.
 
 Also measured: load time, and cancellation latency in-process (from ``stream.cancel()`` to
 the engine having dropped the request: ``stream.wait_released()``, which for the
@@ -40,6 +53,7 @@ transformers engine means the batching loop removed it from its scheduler).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -74,6 +88,13 @@ _PASSAGE = (
 # About 1,000 tokens for SmolLM2's tokenizer: a long prompt that makes prefill matter.
 LONG = _PASSAGE * 14 + "\nSummarise the text above in a few sentences."
 PROMPTS = {"short": SHORT, "long": LONG}
+_tags = itertools.count()
+_shared_prompts = False
+
+
+def tagged(prompt: str) -> str:
+    """``prompt`` behind a tag no other stream of this benchmark has: no prefix cache hits."""
+    return prompt if _shared_prompts else f"[{next(_tags):06d}] {prompt}"
 
 
 @dataclass
@@ -83,8 +104,8 @@ class StreamRecord:
     started: float
     arrivals: list[float] = field(default_factory=list)
     tokens: int = 0
-    #: C and D: the job behind the stream (the response's x-request-id), and the engine's own
-    #: time to first token for it (from its result).
+    #: B, C and D: the request behind the stream (the response's x-request-id: B's engine
+    #: request, C's and D's job), and the engine's own time to first token for it.
     job_id: str | None = None
     engine_ttft: float | None = None
 
@@ -111,9 +132,10 @@ class RunResult:
     gateway_cpu: float | None = None
 
     def path_overhead(self) -> float | None:
-        """C and D: what the gateway path adds to each stream's time to first token (queue,
-        lease, relay), its median: the client's TTFT minus the engine's own for the same job
-        (from the request reaching the server's engine to its first token)."""
+        """What the path adds to each stream's time to first token, its median: the client's
+        TTFT minus the engine's own for the same request (from the request reaching the
+        server's engine to its first token). For B that is one HTTP hop and the SSE framing;
+        for C and D also the gateway's queue, the lease and the relay."""
         paired = [s.ttft - s.engine_ttft for s in self.streams if s.engine_ttft is not None]
         return statistics.median(paired) if paired else None
 
@@ -136,7 +158,7 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def _run_concurrently(
-    concurrency: int, one: Callable[[Callable[[], None]], StreamRecord]
+    concurrency: int, one: Callable[[Callable[[], object]], StreamRecord]
 ) -> tuple[float, list[StreamRecord]]:
     """Run ``one`` on ``concurrency`` threads; each calls the function it is given (a barrier)
     once it is ready to send, so the requests leave together: "8 at once" means the same
@@ -175,10 +197,11 @@ def arm_in_process(engine: Engine, prompt: str, concurrency: int, tokens: int) -
     """A: the engine in this process."""
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
 
-    def one(ready: Callable[[], None]) -> StreamRecord:
+    def one(ready: Callable[[], object]) -> StreamRecord:
+        messages = [{"role": "user", "content": tagged(prompt)}]
         ready()
         record = StreamRecord(started=time.perf_counter())
-        stream = engine.chat([{"role": "user", "content": prompt}], params)
+        stream = engine.chat(messages, params)
         for _ in stream:
             record.arrivals.append(time.perf_counter())
         record.tokens = stream.completion().usage.completion_tokens
@@ -206,7 +229,6 @@ def arm_http(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -214,17 +236,18 @@ def arm_http(
         "stream_options": {"include_usage": True},
     }
 
-    def one(ready: Callable[[], None]) -> StreamRecord:
+    def one(ready: Callable[[], object]) -> StreamRecord:
+        own = {**body, "messages": [{"role": "user", "content": tagged(prompt)}]}
         with httpx.Client(timeout=600, headers=headers) as client:
             ready()
             record = StreamRecord(started=time.perf_counter())
-            read(client, record)
+            read(client, own, record)
         if record.tokens != tokens:
             raise RuntimeError(f"got {record.tokens} tokens, wanted exactly {tokens}")
         return record
 
-    def read(client: httpx.Client, record: StreamRecord) -> None:
-        with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+    def read(client: httpx.Client, own: dict[str, object], record: StreamRecord) -> None:
+        with client.stream("POST", f"{base_url}/chat/completions", json=own) as response:
             record.job_id = response.headers.get("x-request-id")
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {response.read().decode()[:300]}")
@@ -391,9 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel-samples", type=int, default=5)
     parser.add_argument("--arms", default="A,B,C,D")
     parser.add_argument(
+        "--shared-prompts",
+        action="store_true",
+        help="the same prompt in every stream (prefix caches then hit; see the docstring)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="engine CPU threads in both arms (1 is steadier on a busy CPU)"
     )
     args = parser.parse_args(argv)
+    global _shared_prompts
+    _shared_prompts = args.shared_prompts
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # A wide table even when the output is a file or a pipe (rich assumes 80 columns there).
     console = Console(width=max(140, Console().width))
@@ -446,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                                 args.tokens,
                                 server_pid=server.pid,
                             )
+                            with httpx.Client(base_url=base_url, timeout=30) as http:
+                                for stream in result.streams:
+                                    figures = http.get(f"/requests/{stream.job_id}").json()
+                                    stream.engine_ttft = figures.get("time_to_first_token")
                         result.prompt = prompt
                         results.append(result)
                         row = result.row()
@@ -480,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "vs B",
         "TTFT − B ms",
         "TTFT − engine ms",
+        "path − B ms",
         "server CPU s",
         "gateway CPU s",
     ):
@@ -487,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for prompt in prompts:
         for concurrency in concurrencies:
-            base_total = b_total = b_ttft = None
+            base_total = b_total = b_ttft = b_path = None
             for arm_name in dict.fromkeys(r.arm for r in results):
                 runs = [
                     r
@@ -510,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                 if base_total is None:
                     base_total = row["total_tok_s"]
                 if arm_name.startswith("B"):
-                    b_total, b_ttft = row["total_tok_s"], row["ttft_p50"]
+                    b_total, b_ttft, b_path = row["total_tok_s"], row["ttft_p50"], overhead
                 summary.append(
                     {
                         "prompt": prompt,
@@ -535,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['total_tok_s'] / b_total:.2f}" if b_total else "",
                     f"{(row['ttft_p50'] - b_ttft) * 1000:+.0f}" if b_ttft is not None else "",
                     f"{statistics.median(added) * 1000:+.1f}" if added else "",
+                    f"{(overhead - b_path) * 1000:+.1f}"
+                    if overhead is not None and b_path is not None
+                    else "",
                     f"{statistics.mean(cpu):.1f}" if cpu else "",
                     f"{statistics.mean(gw_cpu):.2f}" if gw_cpu else "",
                 )

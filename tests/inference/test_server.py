@@ -138,3 +138,28 @@ def test_client_disconnect_cancels_generation(base_url: str, smollm2: Engine) ->
     while smollm2.stats().active_requests:
         assert time.monotonic() < deadline, "generation went on after the client left"
         time.sleep(0.05)
+
+
+def test_a_finished_request_s_engine_figures_are_kept_by_its_id(base_url: str) -> None:
+    """The benchmark's B arm tells the engine's time from the path's with these figures."""
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 6, "stream": True}
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+            request_id = response.headers["x-request-id"]
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        figures = http.get(f"{base_url}/requests/{request_id}").json()
+        assert figures["id"] == request_id
+        assert figures["usage"]["completion_tokens"] == 6
+        assert 0 < figures["time_to_first_token"] <= figures["duration"]
+
+        whole = http.post(f"{base_url}/chat/completions", json={**body, "stream": False})
+        kept = http.get(f"{base_url}/requests/{whole.headers['x-request-id']}").json()
+        assert kept["usage"] == {
+            "prompt_tokens": whole.json()["usage"]["prompt_tokens"],
+            "completion_tokens": whole.json()["usage"]["completion_tokens"],
+        }
+
+        unknown = http.get(f"{base_url}/requests/nope")
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "not_found"

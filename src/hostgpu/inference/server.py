@@ -1,15 +1,22 @@
 """One engine behind a minimal OpenAI-compatible HTTP server (no auth, no queue, no routing).
 
 This is the inference benchmark's arm B (the engine behind the thinnest HTTP layer that
-streams SSE), and the reference for the gateway's ``/v1`` inference routes (planned, not
-built yet): the same request parsing, error shape, SSE framing and disconnect handling.
+streams SSE). It shares its request parsing, error shape and SSE framing
+(:mod:`hostgpu.inference.openai_schema`) with the gateway's ``/v1`` routes
+(:mod:`hostgpu.gateway.routes.inference`), so the benchmark's B and C differ only in the path
+between the client and the engine.
 
     python -m hostgpu.inference.server --model smollm2 --device cpu --port 8100
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /healthz``. A client that disconnects cancels its generation: a stream's generator is
-closed by the server (``chat_sse`` cancels in its ``finally``), and a non-streaming request
-watches ``request.is_disconnected()`` while it waits.
+``GET /healthz``, and ``GET /v1/requests/{id}``: a finished request's engine figures (time to
+first token from the request reaching the engine, duration, usage), by the id in its
+response's ``x-request-id`` header. The benchmark reads them to tell the engine's time from
+the path's, as it does for the gateway's jobs.
+
+A client that disconnects cancels its generation: a stream's generator is closed by the
+server (``chat_sse`` cancels in its ``finally``), and a non-streaming request watches
+``request.is_disconnected()`` while it waits.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -26,12 +34,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hostgpu.inference import openai_schema as oa
-from hostgpu.inference.engines.base import Completion, Engine, TokenStream
+from hostgpu.inference.engines.base import Completion, Engine, GenerationStream, TokenStream
 from hostgpu.inference.errors import InferenceError, InvalidRequest, ModelNotFound
 
 log = logging.getLogger("hostgpu.inference")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: How many requests ``GET /v1/requests/{id}`` remembers (the oldest are forgotten first).
+RECENT_REQUESTS = 4096
 
 
 def error_response(exc: InferenceError) -> JSONResponse:
@@ -58,6 +68,13 @@ async def wait_or_disconnect(request: Request, stream: TokenStream) -> Completio
 def create_app(engines: Mapping[str, Engine]) -> FastAPI:
     """An app serving ``engines`` (loaded) by model name."""
     app = FastAPI(title="hostgpu inference (single engine)")
+    recent: OrderedDict[str, GenerationStream] = OrderedDict()
+
+    def remember(stream: GenerationStream) -> dict[str, str]:
+        recent[stream.id] = stream
+        while len(recent) > RECENT_REQUESTS:
+            recent.popitem(last=False)
+        return {"x-request-id": stream.id}
 
     def engine_for(name: str) -> Engine:
         engine = engines.get(name)
@@ -91,6 +108,27 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
             ]
         )
 
+    @app.get("/v1/requests/{request_id}", response_model=None)
+    async def request_figures(request_id: str) -> dict[str, Any] | JSONResponse:
+        stream = recent.get(request_id)
+        if stream is None or not stream.done:
+            detail = oa.ErrorDetail(
+                message=f"no finished request {request_id!r} here (running, or forgotten)",
+                type="invalid_request_error",
+                code="not_found",
+            )
+            return JSONResponse(oa.ErrorResponse(error=detail).model_dump(), status_code=404)
+        completion = await stream.acompletion()
+        return {
+            "id": completion.id,
+            "time_to_first_token": completion.time_to_first_token,
+            "duration": completion.duration,
+            "usage": {
+                "prompt_tokens": completion.usage.prompt_tokens,
+                "completion_tokens": completion.usage.completion_tokens,
+            },
+        }
+
     async def _body(request: Request) -> Any:
         try:
             return await request.json()
@@ -117,13 +155,17 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
             sse = oa.chat_sse if chat else oa.completion_sse
             lines = sse(stream, body.model, include_usage=body.include_usage)
             return StreamingResponse(
-                closing(lines), media_type="text/event-stream", headers=SSE_HEADERS
+                closing(lines),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **remember(stream)},
             )
         completion = await wait_or_disconnect(request, stream)
         if completion is None:
             return JSONResponse({}, status_code=499)
         respond = oa.chat_response if chat else oa.completion_response
-        return respond(completion, body.model)
+        return JSONResponse(
+            respond(completion, body.model).model_dump(mode="json"), headers=remember(stream)
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
