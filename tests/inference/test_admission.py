@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -64,49 +65,92 @@ def lease(n: int, content: str, model: str = "smollm2") -> Lease:
     )
 
 
-def test_the_jobs_of_one_lease_share_the_engines_first_step() -> None:
+class Served:
+    """A running pool with SmolLM2 warm, and what its jobs did."""
+
+    def __init__(self) -> None:
+        self.recorder = Recorder()
+        self.outcomes: list[Outcome] = []
+        self.finished = threading.Condition()
+        #: (what, thread name, when): the engine's tokenizing and submitting calls.
+        self.calls: list[tuple[str, str, float]] = []
+        streamer = Streamer(lambda: self.recorder, on_cancel=lambda _: None)  # type: ignore[arg-type,return-value]
+        streamer.worker_id = "w"
+        self.pool = EnginePool(
+            {"smollm2": builtin("smollm2")}, "cpu", self.on_result, streamer, concurrency=JOBS
+        )
+
+    def on_result(self, outcome: Outcome) -> None:
+        with self.finished:
+            self.outcomes.append(outcome)
+            self.finished.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self.finished:
+            assert self.finished.wait_for(lambda: len(self.outcomes) == count, 300)
+
+    def warm(self) -> Engine:
+        """Load the model (on the warm-up job's own thread), then record the engine's calls."""
+        self.pool.submit(lease(0, "Warm up."))
+        self.wait_for(1)
+        engine: Engine = self.pool._engines["smollm2"]
+        for name in ("chat_ids", "submit"):
+            original = getattr(engine, name)
+
+            def recording(*args: Any, _name: str = name, _call: Any = original) -> Any:
+                self.calls.append((_name, threading.current_thread().name, time.monotonic()))
+                return _call(*args)
+
+            setattr(engine, name, recording)
+        return engine
+
+    def submitted(self) -> list[tuple[str, float]]:
+        return [(thread, at) for what, thread, at in self.calls if what == "submit"]
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
     _require_llm()
-    recorder = Recorder()
-    outcomes: list[Outcome] = []
-    finished = threading.Condition()
-
-    def on_result(outcome: Outcome) -> None:
-        with finished:
-            outcomes.append(outcome)
-            finished.notify_all()
-
-    streamer = Streamer(lambda: recorder, on_cancel=lambda _: None)  # type: ignore[arg-type,return-value]
-    streamer.worker_id = "w"
-    pool = EnginePool({"smollm2": builtin("smollm2")}, "cpu", on_result, streamer, concurrency=JOBS)
-    pool.start()
+    served = Served()
+    served.pool.start()
     try:
-        pool.submit(lease(0, "Warm up."))  # loads the model on this job's own thread
-        with finished:
-            assert finished.wait_for(lambda: len(outcomes) == 1, 300)
-        engine: Engine = pool._engines["smollm2"]
-        submitted: list[tuple[str, float]] = []
-        submit = engine.submit
-
-        def recording_submit(*args: Any, **kwargs: Any) -> Any:
-            submitted.append((threading.current_thread().name, time.monotonic()))
-            return submit(*args, **kwargs)
-
-        engine.submit = recording_submit  # type: ignore[method-assign]
-        # As the lease loop hands over one lease's jobs; two of them bad, which fail alone.
-        burst = [lease(n, f"Question {n}: what is {n} plus {n}?") for n in range(1, JOBS + 1)]
-        pool.submit_all([*burst, lease(90, ""), lease(91, "Hi", model="not-served")])
-        with finished:
-            assert finished.wait_for(lambda: len(outcomes) == JOBS + 3, 300)
+        yield served
     finally:
-        pool.stop(grace=0)
+        served.pool.stop(grace=0)
 
-    status = {o.job_id: (o.status, o.error.message if o.error else "") for o in outcomes}
+
+def test_the_jobs_of_one_lease_share_the_engines_first_step(served: Served) -> None:
+    served.warm()
+    # As the lease loop hands over one lease's jobs; two of them bad, which fail alone.
+    burst = [lease(n, f"Question {n}: what is {n} plus {n}?") for n in range(1, JOBS + 1)]
+    served.pool.submit_all([*burst, lease(90, ""), lease(91, "Hi", model="not-served")])
+    served.wait_for(JOBS + 3)
+
+    status = {o.job_id: (o.status, o.error.message if o.error else "") for o in served.outcomes}
     assert all(status[f"{n:032x}"][0] == "succeeded" for n in range(JOBS + 1)), status
     assert status[f"{90:032x}"][0] == "failed" and "messages" in status[f"{90:032x}"][1]
     assert status[f"{91:032x}"] == ("failed", "model 'not-served' is not served here")
+    submitted = served.submitted()
     assert {name for name, _ in submitted} == {"hostgpu-admit"}, "each job started itself"
     assert len(submitted) == JOBS
-    firsts = sorted(recorder.first[f"{n:032x}"] for n in range(1, JOBS + 1))
+    # Eight short prompts fill no step (512 tokens): all were tokenized before any went.
+    order = [what for what, thread, _ in served.calls if thread == "hostgpu-admit"]
+    assert order.index("submit") > max(i for i, w in enumerate(order) if w == "chat_ids")
+    firsts = sorted(served.recorder.first[f"{n:032x}"] for n in range(1, JOBS + 1))
     step = firsts[0] - max(at for _, at in submitted)  # the first step: all eight prompts
     # A job that missed the first step gets its first token a whole step later.
     assert firsts[-1] - firsts[0] < step / 2, (firsts, step)
+
+
+def test_prompts_that_fill_a_step_go_before_the_rest_is_tokenized(served: Served) -> None:
+    """The step is full either way: those jobs need not wait for the tokenizer."""
+    engine = served.warm()
+    one = len(engine.chat_ids([{"role": "user", "content": "Question 1: what is 1 plus 1?"}]))
+    served.calls.clear()
+    engine.step_tokens = 2 * one  # two of these prompts fill a step
+    served.pool.submit_all([lease(n, f"Question {n}: what is {n} plus {n}?") for n in range(1, 6)])
+    served.wait_for(6)
+    assert all(o.status == "succeeded" for o in served.outcomes), served.outcomes
+    order = [what for what, thread, _ in served.calls if thread == "hostgpu-admit"]
+    # Two tokenized, two submitted; again; the fifth alone at the end.
+    assert order == ["chat_ids", "chat_ids", "submit", "submit"] * 2 + ["chat_ids", "submit"]

@@ -396,11 +396,17 @@ class EnginePool:
                 self._executor.submit(self._serve, lease, opened.get(key))
 
     def _open_together(self, batch: list[Lease], opened: dict[Key, _Opened]) -> None:
-        """Streams, into ``opened``, for the jobs of ``batch`` whose engine is loaded: all
-        prompts tokenized first, then all submitted. A job left out (its model must load, its
+        """Streams, into ``opened``, for the jobs of ``batch`` whose engine is loaded: their
+        prompts tokenized, then submitted together. A job left out (its model must load, its
         request is bad, its engine just unloaded) opens on its own thread, which meets and
-        reports any error itself."""
+        reports any error itself.
+
+        The ones tokenized so far go at once when their prompts fill one step of an engine's
+        batching (:attr:`Engine.step_tokens`): that step is full whatever comes after them,
+        and the rest would only wait for the tokenizer (13 ms for eight prompts of 1,000
+        tokens here, longer than the gateway's whole path)."""
         prepared: list[tuple[Key, GenerateRequest, Engine, list[int]]] = []
+        filled: dict[int, int] = {}  # id(engine) → prompt tokens prepared for it
         for lease in batch:
             key = (lease.job_id, lease.lease_token)
             try:
@@ -411,9 +417,22 @@ class EnginePool:
                     if engine is None or running is None or running.stopped:
                         continue
                     running.model = request.model  # busy: the keep-alive leaves it loaded
-                prepared.append((key, request, engine, _prompt_ids(engine, request)))
+                ids = _prompt_ids(engine, request)
             except Exception:
                 continue
+            prepared.append((key, request, engine, ids))
+            filled[id(engine)] = filled.get(id(engine), 0) + len(ids)
+            step = engine.step_tokens
+            if step is not None and filled[id(engine)] >= step:
+                self._submit_prepared(prepared, opened)
+                prepared, filled = [], {}
+        self._submit_prepared(prepared, opened)
+
+    def _submit_prepared(
+        self,
+        prepared: list[tuple[Key, GenerateRequest, Engine, list[int]]],
+        opened: dict[Key, _Opened],
+    ) -> None:
         for key, request, engine, ids in prepared:
             try:
                 stream = engine.submit(ids, request.sampling)

@@ -484,6 +484,10 @@ class Engine(ABC):
         #: Set by ``_load``: the most tokens one request may hold, and the ending token ids.
         self._context = 0
         self._eos: frozenset[int] = frozenset()
+        #: The most tokens one step of its batching computes, prefill included (None: it
+        #: does not say). Requests whose prompts fill a step need not wait for more to be
+        #: tokenized before they are submitted: the step is full either way.
+        self.step_tokens: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     @property

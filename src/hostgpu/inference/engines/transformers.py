@@ -158,10 +158,11 @@ class TransformersEngine(Engine):
             eos_token_id=sorted(self._eos) or None,
             pad_token_id=self._tokenizer.pad_token_id,
         )
+        self.step_tokens = int(options.get("max_batch_tokens", 512))
         batching = ContinuousBatchingConfig(
             page_size=page_size,
             num_blocks=max(1, math.ceil(kv_tokens / page_size)),
-            max_batch_tokens=int(options.get("max_batch_tokens", 512)),
+            max_batch_tokens=self.step_tokens,
             max_requests_per_batch=int(options.get("max_batch", 16)),
             per_request_processors=True,
             use_async_batching=False,
