@@ -54,8 +54,7 @@ def test_a_worker_registered_again_through_the_other_gateway_gets_its_new_functi
     worker_id = a.post("/v1/workers", json=CAPS).json()["worker_id"]
     assert poll(a, worker_id, 0) == []  # the first gateway has read its capabilities
 
-    # A long poll in flight on the first gateway while the worker registers again through
-    # the second, now publishing a function.
+    # The worker registers again through the second gateway, now publishing a function.
     again = b.post(
         "/v1/workers",
         params={"worker_id": worker_id},

@@ -87,9 +87,13 @@ class Notifier:
         #: Workers that said they are stopping (on this gateway or another).
         self.draining: set[str] = set()
         #: Workers' capabilities as this gateway last read them, for its lease polls. A
-        #: worker that registers again (here or on another gateway) drops its entry, and a
-        #: resync (events may have been missed) drops them all.
+        #: worker that registers again replaces its entry (here) or drops it (on another
+        #: gateway), and a resync (events may have been missed) drops them all.
         self.worker_caps: dict[str, Capabilities] = {}
+        #: Bumped at each of those: a read of the store that began before one must not
+        #: fill the cache with what it read (see :meth:`caps_version`).
+        self._caps_versions: dict[str, int] = {}
+        self._caps_epoch = 0
         #: For a job: a key that orders the fitting waiters (lowest first; None: arrival
         #: order), and whether a better worker than any waiting one is between two long polls.
         #: Such a job is held for ``hold_s``: that worker's next poll reads the store first and
@@ -182,12 +186,20 @@ class Notifier:
     def registered(self, worker_id: str, caps: Capabilities | None = None) -> None:
         """The worker registered again, with ``caps`` (None: on another gateway; read them
         from the store when next needed). Its long polls here end now: they wait with the
-        capabilities they started with, and the worker's next poll brings the new ones."""
+        capabilities they started with, and the worker's next poll brings the new ones.
+        A worker that registers is no longer draining, wherever it said it was."""
+        self._caps_versions[worker_id] = self._caps_versions.get(worker_id, 0) + 1
         if caps is None:
             self.worker_caps.pop(worker_id, None)
         else:
             self.worker_caps[worker_id] = caps
+        self.draining.discard(worker_id)
         self.wake(worker_id)
+
+    def caps_version(self, worker_id: str) -> tuple[int, int]:
+        """Changes whenever the worker's cached capabilities may have gone stale: compare it
+        before and after reading them from the store."""
+        return self._caps_epoch, self._caps_versions.get(worker_id, 0)
 
     def wake(self, worker_id: str) -> None:
         """End the worker's long polls' waits now (they read the store again, or see that
@@ -238,6 +250,7 @@ class Notifier:
             self.registered(topic.partition(":")[2])
         elif topic == "resync":
             self.worker_caps.clear()
+            self._caps_epoch += 1
         self.notify(f"store:{topic.partition(':')[0]}")
 
 

@@ -26,6 +26,7 @@ from hostgpu.api import (
 from hostgpu.capabilities import Capabilities
 from hostgpu.errors import NotFound
 from hostgpu.gateway.deps import Gateway, GatewayDep, ReaderOrWorker, WorkerId, WorkerOrShare, run
+from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.routes.jobs import REPOLL_S
 from hostgpu.gateway.streams import StreamHub, tell_engines
 from hostgpu.inference.jobs import INFERENCE_FUNCTION, LENDER_LABEL, MODEL_LABEL_PREFIX
@@ -85,11 +86,15 @@ async def worker_capabilities(
     request: HTTPConnection, store: Store, worker_id: str
 ) -> Capabilities:
     """The worker's capabilities, from this gateway's cache (the store only on a miss)."""
-    cache: dict[str, Capabilities] = request.app.state.notifier.worker_caps
-    caps = cache.get(worker_id)
+    notifier: Notifier = request.app.state.notifier
+    caps = notifier.worker_caps.get(worker_id)
     if caps is None:
+        before = notifier.caps_version(worker_id)
         caps = (await run(store.get_worker, worker_id)).capabilities
-        cache[worker_id] = caps
+        # A registration heard while the read ran may be newer than what it read: then this
+        # poll uses it once, uncached, and the next one reads again.
+        if notifier.caps_version(worker_id) == before:
+            notifier.worker_caps[worker_id] = caps
     return caps
 
 
@@ -122,7 +127,6 @@ async def register(
         worker_id = None  # not one of ours: a fresh id
     new_id = await run(gw.store.register_worker, caps, worker_id)
     gw.notifier.registered(new_id, caps)
-    gw.notifier.draining.discard(new_id)
     gw.waiting.invalidate()
     gw.resolver.forget(list(caps.functions))
     await run(gw.resolver.settle_pending, await run(gw.waiting.workers))
