@@ -68,17 +68,16 @@ def lease(n: int, content: str, model: str = "smollm2") -> Lease:
 class Served:
     """A running pool with SmolLM2 warm, and what its jobs did."""
 
-    def __init__(self) -> None:
+    def __init__(self, models: tuple[str, ...] = ("smollm2",)) -> None:
         self.recorder = Recorder()
         self.outcomes: list[Outcome] = []
         self.finished = threading.Condition()
-        #: (what, thread name, when): the engine's tokenizing and submitting calls.
-        self.calls: list[tuple[str, str, float]] = []
+        #: (what, thread name, when, model): the engines' tokenizing and submitting calls.
+        self.calls: list[tuple[str, str, float, str]] = []
         streamer = Streamer(lambda: self.recorder, on_cancel=lambda _: None)  # type: ignore[arg-type,return-value]
         streamer.worker_id = "w"
-        self.pool = EnginePool(
-            {"smollm2": builtin("smollm2")}, "cpu", self.on_result, streamer, concurrency=JOBS
-        )
+        specs = {m: builtin("smollm2").model_copy(update={"name": m}) for m in models}
+        self.pool = EnginePool(specs, "cpu", self.on_result, streamer, concurrency=JOBS)
 
     def on_result(self, outcome: Outcome) -> None:
         with self.finished:
@@ -89,29 +88,34 @@ class Served:
         with self.finished:
             assert self.finished.wait_for(lambda: len(self.outcomes) == count, 300)
 
-    def warm(self) -> Engine:
+    def warm(self, model: str = "smollm2", n: int = 0) -> Engine:
         """Load the model (on the warm-up job's own thread), then record the engine's calls."""
-        self.pool.submit(lease(0, "Warm up."))
-        self.wait_for(1)
-        engine: Engine = self.pool._engines["smollm2"]
+        self.pool.submit(lease(n, "Warm up.", model=model))
+        self.wait_for(n + 1)
+        engine: Engine = self.pool._engines[model]
         for name in ("chat_ids", "submit"):
             original = getattr(engine, name)
 
             def recording(*args: Any, _name: str = name, _call: Any = original) -> Any:
-                self.calls.append((_name, threading.current_thread().name, time.monotonic()))
+                thread = threading.current_thread().name
+                self.calls.append((_name, thread, time.monotonic(), model))
                 return _call(*args)
 
             setattr(engine, name, recording)
         return engine
 
     def submitted(self) -> list[tuple[str, float]]:
-        return [(thread, at) for what, thread, at in self.calls if what == "submit"]
+        return [(thread, at) for what, thread, at, _ in self.calls if what == "submit"]
+
+    def admitted(self) -> list[str]:
+        """The admission thread's calls, in order: ``chat_ids`` or ``submit``, and the model."""
+        return [f"{w} {m}" for w, thread, _, m in self.calls if thread == "hostgpu-admit"]
 
 
 @pytest.fixture
-def served() -> Iterator[Served]:
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
     _require_llm()
-    served = Served()
+    served = Served(getattr(request, "param", ("smollm2",)))
     served.pool.start()
     try:
         yield served
@@ -133,9 +137,10 @@ def test_the_jobs_of_one_lease_share_the_engines_first_step(served: Served) -> N
     submitted = served.submitted()
     assert {name for name, _ in submitted} == {"hostgpu-admit"}, "each job started itself"
     assert len(submitted) == JOBS
-    # Eight short prompts fill no step (512 tokens): all were tokenized before any went.
-    order = [what for what, thread, _ in served.calls if thread == "hostgpu-admit"]
-    assert order.index("submit") > max(i for i, w in enumerate(order) if w == "chat_ids")
+    # Eight short prompts fill no step (512 tokens): all were tokenized (and the empty one
+    # refused) before any went.
+    order = served.admitted()
+    assert order == ["chat_ids smollm2"] * (JOBS + 1) + ["submit smollm2"] * JOBS
     firsts = sorted(served.recorder.first[f"{n:032x}"] for n in range(1, JOBS + 1))
     step = firsts[0] - max(at for _, at in submitted)  # the first step: all eight prompts
     # A job that missed the first step gets its first token a whole step later.
@@ -151,6 +156,37 @@ def test_prompts_that_fill_a_step_go_before_the_rest_is_tokenized(served: Served
     served.pool.submit_all([lease(n, f"Question {n}: what is {n} plus {n}?") for n in range(1, 6)])
     served.wait_for(6)
     assert all(o.status == "succeeded" for o in served.outcomes), served.outcomes
-    order = [what for what, thread, _ in served.calls if thread == "hostgpu-admit"]
     # Two tokenized, two submitted; again; the fifth alone at the end.
-    assert order == ["chat_ids", "chat_ids", "submit", "submit"] * 2 + ["chat_ids", "submit"]
+    pair = ["chat_ids smollm2"] * 2 + ["submit smollm2"] * 2
+    assert served.admitted() == pair * 2 + ["chat_ids smollm2", "submit smollm2"]
+
+
+@pytest.mark.parametrize("served", [("a", "b")], indirect=True)
+def test_a_step_filled_on_one_engine_sends_only_that_engines_jobs(served: Served) -> None:
+    """The other engine's jobs still go together: one of them alone would take its engine's
+    first step by itself."""
+    engine = served.warm("a", 0)
+    served.warm("b", 1)
+    one = len(engine.chat_ids([{"role": "user", "content": "Question 1: what is 1 plus 1?"}]))
+    served.calls.clear()
+    engine.step_tokens = 2 * one
+    served.pool.submit_all(
+        [
+            lease(n, f"Question {n}: what is {n} plus {n}?", model=model)
+            for n, model in ((2, "b"), (3, "a"), (4, "b"), (5, "a"), (6, "b"))
+        ]
+    )
+    served.wait_for(7)
+    assert all(o.status == "succeeded" for o in served.outcomes), served.outcomes
+    assert served.admitted() == [
+        "chat_ids b",
+        "chat_ids a",
+        "chat_ids b",
+        "chat_ids a",
+        "submit a",  # a's step is full: a's two go, b's wait for the rest of b
+        "submit a",
+        "chat_ids b",
+        "submit b",
+        "submit b",
+        "submit b",
+    ]

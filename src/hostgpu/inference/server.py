@@ -68,13 +68,31 @@ async def wait_or_disconnect(request: Request, stream: TokenStream) -> Completio
 def create_app(engines: Mapping[str, Engine]) -> FastAPI:
     """An app serving ``engines`` (loaded) by model name."""
     app = FastAPI(title="hostgpu inference (single engine)")
-    recent: OrderedDict[str, GenerationStream] = OrderedDict()
+    #: Finished requests' engine figures, by id (only the figures: a prompt can be long).
+    recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
-    def remember(stream: GenerationStream) -> dict[str, str]:
-        recent[stream.id] = stream
+    def keep(completion: Completion | None) -> None:
+        if completion is None:  # cancelled before the engine finished it
+            return
+        recent[completion.id] = {
+            "id": completion.id,
+            "time_to_first_token": completion.time_to_first_token,
+            "duration": completion.duration,
+            "usage": {
+                "prompt_tokens": completion.usage.prompt_tokens,
+                "completion_tokens": completion.usage.completion_tokens,
+            },
+        }
         while len(recent) > RECENT_REQUESTS:
             recent.popitem(last=False)
-        return {"x-request-id": stream.id}
+
+    async def kept(lines: AsyncIterator[str], stream: GenerationStream) -> AsyncIterator[str]:
+        """``lines``, then the stream's figures kept once its last line went out."""
+        try:
+            async for line in lines:
+                yield line
+        finally:
+            keep(stream.result())
 
     def engine_for(name: str) -> Engine:
         engine = engines.get(name)
@@ -110,24 +128,15 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
 
     @app.get("/v1/requests/{request_id}", response_model=None)
     async def request_figures(request_id: str) -> dict[str, Any] | JSONResponse:
-        stream = recent.get(request_id)
-        if stream is None or not stream.done:
+        figures = recent.get(request_id)
+        if figures is None:
             detail = oa.ErrorDetail(
                 message=f"no finished request {request_id!r} here (running, or forgotten)",
                 type="invalid_request_error",
                 code="not_found",
             )
             return JSONResponse(oa.ErrorResponse(error=detail).model_dump(), status_code=404)
-        completion = await stream.acompletion()
-        return {
-            "id": completion.id,
-            "time_to_first_token": completion.time_to_first_token,
-            "duration": completion.duration,
-            "usage": {
-                "prompt_tokens": completion.usage.prompt_tokens,
-                "completion_tokens": completion.usage.completion_tokens,
-            },
-        }
+        return figures
 
     async def _body(request: Request) -> Any:
         try:
@@ -155,16 +164,18 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
             sse = oa.chat_sse if chat else oa.completion_sse
             lines = sse(stream, body.model, include_usage=body.include_usage)
             return StreamingResponse(
-                closing(lines),
+                kept(closing(lines), stream),
                 media_type="text/event-stream",
-                headers={**SSE_HEADERS, **remember(stream)},
+                headers={**SSE_HEADERS, "x-request-id": stream.id},
             )
         completion = await wait_or_disconnect(request, stream)
         if completion is None:
             return JSONResponse({}, status_code=499)
+        keep(completion)
         respond = oa.chat_response if chat else oa.completion_response
         return JSONResponse(
-            respond(completion, body.model).model_dump(mode="json"), headers=remember(stream)
+            respond(completion, body.model).model_dump(mode="json"),
+            headers={"x-request-id": stream.id},
         )
 
     @app.post("/v1/chat/completions", response_model=None)

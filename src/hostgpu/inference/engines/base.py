@@ -437,6 +437,13 @@ class GenerationStream:
         """Wait until the engine has stopped computing this request."""
         return self._request.released.wait(timeout)
 
+    def result(self) -> Completion | None:
+        """The whole completion once the engine has finished it, else None. It reads nothing
+        from the stream, so whoever iterates the stream still gets every delta."""
+        if self._request.finished_at is None or self._request.error is not None:
+            return None
+        return self._request.completion()
+
     def completion(self) -> Completion:
         """Wait for the end and return the whole completion (raises EngineError on failure)."""
         for _ in self:
