@@ -40,10 +40,11 @@ length for all). The engines cache prompt prefixes: transformers shares KV pages
 between requests whose prompts start alike, and keeps them after a request ends. With the same
 long prompt in all eight streams of a run, and again in the next round, a stream's prefill
 then depended on which pages other streams had finished a moment before: first tokens came in
-pairs, in waves a second apart, and a few milliseconds of arrival order moved a run's median by
-a whole wave (measured in-process, 8 streams of the long prompt: 14–18 s to the last first
-token with shared prompts, 35–38 s with unique ones). That measured the cache's luck, not the
-path. ``--shared-prompts`` sends the same prompt to every stream, as before.
+pairs, in waves a second apart, and the order the streams arrived in decided which paired
+(measured in-process, 8 streams of the long prompt: 14–18 s to the last first token with
+shared prompts, 35–38 s with unique ones). A run's median then moved by whole waves from
+round to round: it measured the cache's luck, not the path. ``--shared-prompts`` sends the
+same prompt to every stream, as before.
 
 Also measured: load time, and cancellation latency in-process (from ``stream.cancel()`` to
 the engine having dropped the request: ``stream.wait_released()``, which for the
