@@ -63,7 +63,7 @@ def test_a_resync_drops_every_entry_and_a_registration_ends_draining() -> None:
         notifier.heard_from_store("resync")
         await asyncio.sleep(0.05)
         assert notifier.worker_caps == {}
-        notifier.registered("a", NEW)  # it came back after draining
+        notifier.worker_changed("a", NEW)  # it came back after draining
         assert notifier.worker_caps == {"a": NEW}
         assert "a" not in notifier.draining
         assert notifier.caps_version("b") != before

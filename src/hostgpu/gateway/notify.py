@@ -183,11 +183,11 @@ class Notifier:
         self.draining.add(worker_id)
         self.wake(worker_id)
 
-    def registered(self, worker_id: str, caps: Capabilities | None = None) -> None:
-        """The worker registered again, with ``caps`` (None: on another gateway; read them
-        from the store when next needed). Its long polls here end now: they wait with the
-        capabilities they started with, and the worker's next poll brings the new ones.
-        A worker that registers is no longer draining, wherever it said it was."""
+    def worker_changed(self, worker_id: str, caps: Capabilities | None = None) -> None:
+        """The worker registered again, with ``caps`` (None: on another gateway, or it left;
+        read them from the store when next needed). Its long polls here end now: they wait
+        with the capabilities they started with, and the worker's next poll brings the new
+        ones. A worker that registers is no longer draining, wherever it said it was."""
         self._caps_versions[worker_id] = self._caps_versions.get(worker_id, 0) + 1
         if caps is None:
             self.worker_caps.pop(worker_id, None)
@@ -247,7 +247,7 @@ class Notifier:
         if topic.startswith("drain:"):
             self.drain(topic.partition(":")[2])
         if topic.startswith("worker:"):
-            self.registered(topic.partition(":")[2])
+            self.worker_changed(topic.partition(":")[2])
         elif topic == "resync":
             self.worker_caps.clear()
             self._caps_epoch += 1

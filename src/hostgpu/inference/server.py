@@ -10,7 +10,7 @@ between the client and the engine.
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /healthz``, and ``GET /v1/requests/{id}``: a finished request's engine figures (time to
-first token from the request reaching the engine, duration, usage), by the id in its
+first token from the request reaching the engine, duration, usage, finish reason), by the id in its
 response's ``x-request-id`` header. The benchmark reads them to tell the engine's time from
 the path's, as it does for the gateway's jobs.
 
@@ -27,6 +27,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -74,15 +75,7 @@ def create_app(engines: Mapping[str, Engine]) -> FastAPI:
     def keep(completion: Completion | None) -> None:
         if completion is None:  # cancelled before the engine finished it
             return
-        recent[completion.id] = {
-            "id": completion.id,
-            "time_to_first_token": completion.time_to_first_token,
-            "duration": completion.duration,
-            "usage": {
-                "prompt_tokens": completion.usage.prompt_tokens,
-                "completion_tokens": completion.usage.completion_tokens,
-            },
-        }
+        recent[completion.id] = {k: v for k, v in asdict(completion).items() if k != "text"}
         while len(recent) > RECENT_REQUESTS:
             recent.popitem(last=False)
 

@@ -126,7 +126,7 @@ async def register(
     if worker_id is not None and not (len(worker_id) == 32 and worker_id.isalnum()):
         worker_id = None  # not one of ours: a fresh id
     new_id = await run(gw.store.register_worker, caps, worker_id)
-    gw.notifier.registered(new_id, caps)
+    gw.notifier.worker_changed(new_id, caps)
     gw.waiting.invalidate()
     gw.resolver.forget(list(caps.functions))
     await run(gw.resolver.settle_pending, await run(gw.waiting.workers))
@@ -340,7 +340,7 @@ async def deregister(
 ) -> None:
     """The worker is stopping cleanly."""
     await run(gw.store.deregister_worker, worker_id)
-    gw.notifier.worker_caps.pop(worker_id, None)
+    gw.notifier.worker_changed(worker_id)  # a read in flight must not cache it again
     await _forget_server(request, gw, worker_id)
     gw.waiting.invalidate()
 
