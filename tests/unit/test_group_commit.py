@@ -47,6 +47,33 @@ def test_a_burst_shares_transactions_and_keeps_arrival_order(store: Store) -> No
     assert store.count_by_state()["queued"] == 8
 
 
+def test_the_workers_hear_of_a_burst_before_any_submission_resumes(store: Store) -> None:
+    """Announced first, the lease starts while the submissions answer their clients."""
+    heard: list[list[str]] = []
+    resumed: list[tuple[str, int]] = []
+
+    def announce(jobs: list[Any]) -> None:
+        heard.append([j.id for j in jobs])
+        raise RuntimeError("a broken announcement must not leave a submission waiting")
+
+    group = GroupCommit(store, on_stored=announce)
+
+    async def one(n: int) -> None:
+        [stored] = await group.enqueue([job(n)])
+        resumed.append((stored.id, len(heard)))
+
+    async def burst() -> None:
+        await asyncio.gather(*(one(n) for n in range(8)))
+
+    asyncio.run(burst())
+    assert len(resumed) == 8
+    announced = [job_id for ids in heard for job_id in ids]
+    assert sorted(announced) == sorted(job_id for job_id, _ in resumed)
+    # Each submission resumed after the announcement that held its job.
+    for job_id, heard_then in resumed:
+        assert any(job_id in ids for ids in heard[:heard_then])
+
+
 def test_a_lone_submission_commits_at_once(store: Store) -> None:
     group = GroupCommit(store)
     [stored] = asyncio.run(group.enqueue([job(1)]))

@@ -221,8 +221,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     install_docs(app)
     app.state.settings = settings
     app.state.store = store
-    app.state.group_commit = GroupCommit(store)
     app.state.notifier = Notifier()
+    app.state.group_commit = GroupCommit(
+        store, on_stored=lambda new: jobs.announce(app.state.notifier, settings, new)
+    )
     app.state.waiting = WaitingExplainer(store)
     app.state.resolver = Resolver(store)
     app.state.tokens = TokenCache()

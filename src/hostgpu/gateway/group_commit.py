@@ -9,6 +9,11 @@ token at 8 streams). Here the submissions that arrive while a commit is in fligh
 next one, and none is answered until the burst has drained (or has lasted ``max_hold_s``), so
 the server's first lease finds them all. A lone submission commits at once, as before.
 
+The stored jobs are announced to the workers (``on_stored``) before any submission resumes:
+the lease then starts while the submissions answer their clients, instead of queueing behind
+them on the event loop (measured at 8 requests on 2 cores: 3-5 ms from the last answer to
+the lease read, which now overlaps the answers).
+
 One submission's failure (a conflict, a bad row) fails only that submission: a batch that
 raises is retried one submission at a time.
 """
@@ -16,13 +21,16 @@ raises is retried one submission at a time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hostgpu.gateway.deps import run
 from hostgpu.jobs import Job
 from hostgpu.store.interface import NewJob, Store
+
+log = logging.getLogger("hostgpu.gateway")
 
 #: How long a burst may hold the answers it has stored (a steady stream never drains).
 MAX_HOLD_S = 0.02
@@ -48,8 +56,15 @@ class _Waiting:
 class GroupCommit:
     """``await enqueue(jobs)``: the store's ``enqueue``, grouped with concurrent callers."""
 
-    def __init__(self, store: Store, *, max_hold_s: float = MAX_HOLD_S) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_hold_s: float = MAX_HOLD_S,
+        on_stored: Callable[[list[Job]], None] = lambda jobs: None,
+    ) -> None:
         self._store = store
+        self._on_stored = on_stored
         self._max_hold_s = max_hold_s
         self._queue: list[_Waiting] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -111,8 +126,13 @@ class GroupCommit:
             waiting.stored = jobs[at : at + len(waiting.jobs)]
             at += len(waiting.jobs)
 
-    @staticmethod
-    def _answer(done: list[_Waiting]) -> None:
+    def _answer(self, done: list[_Waiting]) -> None:
+        stored = [job for waiting in done for job in waiting.stored or ()]
+        if stored:
+            try:
+                self._on_stored(stored)
+            except Exception:  # they are stored: the workers' next polls find them
+                log.exception("announcing %d stored jobs failed", len(stored))
         for waiting in done:
             waiting.answer()
 

@@ -69,8 +69,12 @@ class LeaseWaiter:
     async def wait(self, timeout: float) -> bool:
         if timeout <= 0:
             return self.event.is_set()
+        # asyncio.timeout, not wait_for: wait_for runs the wait as a task of its own, and
+        # that task's end is one more turn of the event loop before this poll leases (a turn
+        # that, under a burst of requests, runs each of them first).
         try:
-            await asyncio.wait_for(self.event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.event.wait()
         except TimeoutError:
             return False
         return True

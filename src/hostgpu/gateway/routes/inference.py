@@ -23,7 +23,6 @@ from hostgpu.errors import ConfigError
 from hostgpu.gateway.auth import require
 from hostgpu.gateway.deps import run
 from hostgpu.gateway.quotas import Slot, TokenQuotas
-from hostgpu.gateway.routes.jobs import announce
 from hostgpu.gateway.streams import RemoteStream, StreamHub, with_keepalive
 from hostgpu.inference import openai_schema as oa
 from hostgpu.inference.engines.base import SamplingParams, check_messages
@@ -181,10 +180,10 @@ async def _start(request: Request, gen: GenerateRequest) -> RemoteStream:
         new = state.resolver.new_jobs([spec], workers, inference=True, declared=declared)
     else:
         new = await run(state.resolver.new_jobs, [spec], workers, inference=True)
-    # Requests sent at the same moment: one commit, one lease (group_commit.py).
+    # Requests sent at the same moment: one commit, one lease (group_commit.py, which
+    # announces the jobs to the workers).
     [job] = await state.group_commit.enqueue(new)
     state.metrics.record_submitted([job], started)
-    announce(notifier, settings, [job])
 
     async def fetch() -> Any:
         return await run(store.get, job.id)

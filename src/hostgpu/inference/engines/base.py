@@ -395,6 +395,11 @@ class GenerationStream:
     def done(self) -> bool:
         return self._request.done
 
+    @property
+    def decoding(self) -> bool:
+        """Past its first token and not finished: it yields a token at each engine step."""
+        return self._request.first_token_at is not None and not self._request.done
+
     def _check(self, item: Any) -> StreamDelta | None:
         if item is _END:
             self._ended = True
@@ -476,9 +481,6 @@ class Engine(ABC):
 
     #: The engine's name in model specs.
     kind: ClassVar[str]
-    #: Whether it decodes its requests together (a token for each per step); False: one at
-    #: a time, the others waiting.
-    batching: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

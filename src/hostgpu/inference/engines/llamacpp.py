@@ -74,7 +74,6 @@ def _model_params(llama_cpp: Any, extra_bufts: bool) -> Iterator[None]:
 
 class LlamaCppEngine(ThreadedEngine):
     kind = "llama.cpp"
-    batching = False  # llama-cpp-python's high-level API generates one sequence at a time
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
