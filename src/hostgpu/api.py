@@ -115,6 +115,9 @@ class Registered(BaseModel):
     channel_revoke: bool = Field(
         default=False, description="the worker channel takes ChannelUp.revoke"
     )
+    channel_streams: bool = Field(
+        default=False, description="the worker channel takes ChannelUp.stream"
+    )
 
 
 class LeaseRequest(_Request):
@@ -161,33 +164,6 @@ class ReportResponse(BaseModel):
     leases: list[Lease] = Field(default_factory=list, description="jobs leased by `lease`")
 
 
-class ChannelUp(_Request):
-    """A worker's message on its channel (``/v1/workers/{id}/channel``, a WebSocket).
-
-    ``grant`` adds job slots the gateway may fill (leases it pushes use them up: credits, so a
-    lease in flight is never counted twice); ``revoke`` takes back every slot granted and not
-    used yet (before this message's ``grant`` adds any); ``outcomes``, with a ``seq`` the
-    answer repeats, are recorded like ``POST …/report``."""
-
-    seq: Annotated[int, Field(ge=0), NOT_BOOL] = 0
-    outcomes: list[Outcome] = Field(default_factory=list, max_length=MAX_BATCH)
-    grant: Annotated[int, Field(ge=0, le=MAX_LEASE), NOT_BOOL] = 0
-    revoke: bool = False
-
-
-class ChannelDown(BaseModel):
-    """The gateway's message on a worker channel: leased jobs, or the results of the report
-    numbered ``seq``."""
-
-    leases: list[Lease] = Field(default_factory=list)
-    seq: int | None = None
-    results: list[ReportResult] = Field(default_factory=list)
-
-
-class WorkerList(BaseModel):
-    workers: list[WorkerInfo]
-
-
 class StreamBatch(_Request):
     """A model server's news: text of its running inference jobs, and its engines' state."""
 
@@ -201,6 +177,40 @@ class StreamReply(BaseModel):
     cancelled: list[str] = Field(
         description="jobs whose client went away (or that were cancelled): stop generating"
     )
+
+
+class ChannelUp(_Request):
+    """A worker's message on its channel (``/v1/workers/{id}/channel``, a WebSocket).
+
+    ``grant`` adds job slots the gateway may fill (leases it pushes use them up: credits, so a
+    lease in flight is never counted twice); ``revoke`` takes back every slot granted and not
+    used yet (before this message's ``grant`` adds any); ``outcomes``, with a ``seq`` the
+    answer repeats, are recorded like ``POST …/report``; ``stream``, a model server's text and
+    engine states, is relayed like ``POST …/streams`` (the jobs to stop come back in
+    ``ChannelDown.cancelled``)."""
+
+    seq: Annotated[int, Field(ge=0), NOT_BOOL] = 0
+    outcomes: list[Outcome] = Field(default_factory=list, max_length=MAX_BATCH)
+    grant: Annotated[int, Field(ge=0, le=MAX_LEASE), NOT_BOOL] = 0
+    revoke: bool = False
+    stream: StreamBatch | None = None
+
+
+class ChannelDown(BaseModel):
+    """The gateway's message on a worker channel: leased jobs, the results of the report
+    numbered ``seq``, or the streaming jobs to stop."""
+
+    leases: list[Lease] = Field(default_factory=list)
+    seq: int | None = None
+    results: list[ReportResult] = Field(default_factory=list)
+    cancelled: list[str] = Field(
+        default_factory=list,
+        description="jobs whose client went away (or that were cancelled): stop generating",
+    )
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]
 
 
 # -- tokens and housekeeping --------------------------------------------------------------------

@@ -48,7 +48,6 @@ from hostgpu.errors import (
     InvalidTransition,
     NotFound,
 )
-from hostgpu.inference.jobs import EngineState, StreamEvent
 from hostgpu.inference.openai_schema import ModelList
 from hostgpu.jobs import Job, JobResult, JobSpec, JobState, Lease, Outcome
 from hostgpu.settings import Settings, get_settings
@@ -371,17 +370,10 @@ class Client:
         data = self.request("POST", f"/v1/workers/{worker_id}/report", json=body, timeout=wait + 30)
         return ReportResponse.model_validate(data)
 
-    def stream(
-        self,
-        worker_id: str,
-        events: Sequence[StreamEvent],
-        engines: Sequence[EngineState] | None = None,
-    ) -> list[str]:
+    def stream(self, worker_id: str, batch: StreamBatch) -> list[str]:
         """Send a model server's stream events (and engine states); returns the ids of the
         jobs to stop generating."""
-        body = StreamBatch(
-            events=list(events), engines=None if engines is None else list(engines)
-        ).model_dump(mode="json", exclude_none=True)
+        body = batch.model_dump(mode="json", exclude_none=True)
         data = self.request("POST", f"/v1/workers/{worker_id}/streams", json=body)
         return StreamReply.model_validate(data).cancelled
 

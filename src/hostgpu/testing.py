@@ -97,6 +97,16 @@ class Gateway:
             timeout=30,
         )
 
+    def requests_to(self, route: str) -> float:
+        """How many HTTP requests the gateway has served on ``route`` (from its metrics)."""
+        with self.http() as http:
+            text = http.get("/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("hostgpu_http_requests_total{") and f'route="{route}"' in line
+        )
+
 
 @dataclass
 class Worker:

@@ -88,6 +88,24 @@ def test_pushed_leases_never_exceed_the_granted_slots(gateway: Gateway, api: htt
     assert job["state"] == "succeeded" and job["result"] == 2
 
 
+def test_stream_text_of_a_job_not_its_own_is_refused_on_the_channel(
+    gateway: Gateway, api: httpx.Client
+) -> None:
+    """A model server's text goes on its channel; the gateway relays only the text of jobs
+    leased to that server, and answers the others with the jobs to stop."""
+    wid = register(api)
+    [job_id] = submit(api, 1)  # queued, leased to nobody
+    event = {"job_id": job_id, "lease_token": "ab", "text": "not yours", "offset": 0}
+    with open_channel(gateway, wid, gateway.token) as ws:
+        ws.send(json.dumps({"stream": {"events": [event]}}))
+        answer = json.loads(ws.recv(timeout=10))
+        assert answer["cancelled"] == [job_id] and answer["leases"] == []
+        # The channel stays: the worker still takes jobs on it.
+        ws.send(json.dumps({"grant": 1}))
+        assert [lease["job_id"] for lease in leases_within(ws, 3)] == [job_id]
+    assert gateway.requests_to("/v1/workers/{worker_id}/streams") == 0
+
+
 def test_a_closed_channel_loses_no_job(gateway: Gateway, api: httpx.Client) -> None:
     wid = register(api)
     with open_channel(gateway, wid, gateway.token) as ws:
@@ -165,32 +183,21 @@ def test_the_channel_refuses_with_a_reason(gateway: Gateway, api: httpx.Client) 
         assert [lease["job_id"] for lease in leases_within(ws, 3)] == [job_id]
 
 
-def _requests(gateway: Gateway, route: str) -> float:
-    text = httpx.get(
-        f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {gateway.token}"}
-    ).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("hostgpu_http_requests_total{") and f'route="{route}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_a_worker_takes_jobs_over_its_channel(gateway: Gateway, workers: list[Worker]) -> None:
     workers.append(Worker(gateway, concurrency=2).start())
     hostgpu.connect(gateway.url, gateway.token)
     assert [f.add.remote(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
     assert f.add.map(range(200), [1] * 200) == [i + 1 for i in range(200)]
     # Leases and reports went over the WebSocket: no long poll, no report request.
-    assert _requests(gateway, "/v1/workers/{worker_id}/lease") == 0
-    assert _requests(gateway, "/v1/workers/{worker_id}/report") == 0
+    assert gateway.requests_to("/v1/workers/{worker_id}/lease") == 0
+    assert gateway.requests_to("/v1/workers/{worker_id}/report") == 0
 
 
 def test_without_the_channel_the_worker_long_polls(gateway: Gateway, workers: list[Worker]) -> None:
     workers.append(Worker(gateway, concurrency=2, extra_args=("--no-channel",)).start())
     hostgpu.connect(gateway.url, gateway.token)
     assert [f.add.remote(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]
-    assert _requests(gateway, "/v1/workers/{worker_id}/lease") > 0
+    assert gateway.requests_to("/v1/workers/{worker_id}/lease") > 0
 
 
 def test_a_worker_opens_its_channel_again_after_a_gateway_restart(
@@ -202,7 +209,7 @@ def test_a_worker_opens_its_channel_again_after_a_gateway_restart(
     gateway.stop()
     gateway.start()
     assert f.add.remote(2, 2) == 4
-    assert _requests(gateway, "/v1/workers/{worker_id}/lease") == 0
+    assert gateway.requests_to("/v1/workers/{worker_id}/lease") == 0
 
 
 def test_a_lent_machine_answers_only_to_the_share_token_that_registered_it(

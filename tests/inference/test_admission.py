@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from hostgpu.api import StreamBatch
 from hostgpu.capabilities import Device
 from hostgpu.inference.engines import Engine
-from hostgpu.inference.jobs import INFERENCE_FUNCTION, StreamEvent
+from hostgpu.inference.jobs import INFERENCE_FUNCTION
 from hostgpu.jobs import Lease, Outcome, Payload
 from hostgpu.worker.serving import EnginePool, Streamer
 
@@ -35,7 +36,8 @@ class Recorder:
     def __init__(self) -> None:
         self.first: dict[str, float] = {}
 
-    def stream(self, worker_id: str, events: list[StreamEvent], states: Any) -> list[str]:
+    def stream(self, worker_id: str, batch: StreamBatch) -> list[str]:
+        events = batch.events
         now = time.monotonic()
         for event in events:
             if event.text:

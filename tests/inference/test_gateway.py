@@ -122,6 +122,9 @@ def test_openai_client_streams_and_completes(
     with pytest.raises(openai.NotFoundError, match="hostgpu models"):
         client.models.retrieve("nope")
 
+    # The text came over the server's channel, not in requests of its own.
+    assert gateway.requests_to("/v1/workers/{worker_id}/streams") == 0
+
     # The CLI: one JSON object, whatever the terminal.
     env = child_env(gateway.home, HOSTGPU_GATEWAY=gateway.url, HOSTGPU_TOKEN=infer_token)
     out = subprocess.run(
@@ -134,6 +137,21 @@ def test_openai_client_streams_and_completes(
     )
     answer = json.loads(out.stdout)
     assert answer["text"] == text and answer["usage"]["completion_tokens"] == 12
+
+
+def test_without_its_channel_a_server_streams_over_http(
+    gateway: Gateway, workers: list[Worker], infer_token: str
+) -> None:
+    start_server(gateway, workers, extra_args=("--no-channel",))
+    chunks = oai(gateway, infer_token).chat.completions.create(
+        model="smollm2",
+        messages=HELLO,
+        stream=True,
+        **GREEDY,  # type: ignore[arg-type]
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert gateway.requests_to("/v1/workers/{worker_id}/streams") > 0
+    assert gateway.requests_to("/v1/workers/{worker_id}/lease") > 0
 
 
 DEEP = b"[" * 150 + b"]" * 150

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
+from hostgpu.api import StreamBatch
 from hostgpu.inference.jobs import StreamEvent
 from hostgpu.worker.serving import LINGER_MAX_S, Streamer
 
@@ -19,7 +19,8 @@ class Recorder:
         self.batches: list[tuple[float, list[str]]] = []
         self.posted = threading.Event()
 
-    def stream(self, worker_id: str, events: list[StreamEvent], states: Any) -> list[str]:
+    def stream(self, worker_id: str, batch: StreamBatch) -> list[str]:
+        events = batch.events
         self.batches.append((time.monotonic(), [e.job_id for e in events]))
         self.posted.set()
         return []

@@ -24,6 +24,13 @@ GatewayOpt = Annotated[
         "--gateway", envvar="HOSTGPU_GATEWAY", help="Gateway URL (default: the local one)"
     ),
 ]
+ChannelOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Take jobs over a WebSocket to the gateway (--no-channel: HTTP long polls, "
+        "for a proxy that does not pass WebSockets; used anyway when the gateway has none)"
+    ),
+]
 # Never a --token flag: a command line is visible to every user in `ps`.
 TokenFileOpt = Annotated[
     Path | None,

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from hostgpu.cli.common import (
+    ChannelOpt,
     GatewayOpt,
     JsonOpt,
     TokenFileOpt,
@@ -69,6 +70,7 @@ class _Server:
     until: float | None = None  # `share`'s time limit
     only_when_idle: bool = False
     status: bool = False  # the live status line
+    channel: bool = True
 
 
 def _run_server(server: _Server) -> int:
@@ -89,6 +91,7 @@ def _run_server(server: _Server) -> int:
             keep_alive=server.keep_alive,
             memory_budget=None if server.max_memory is None else int(server.max_memory * GB),
             may_lease=gate.may_lease if gate else None,
+            channel=server.channel,
         )
     )
     agent.install_signal_handlers()
@@ -173,6 +176,7 @@ def serve(
     grace: GraceOpt = 30.0,
     name: Annotated[str, typer.Option(help="Server name (default: host-pid)")] = "",
     allow_container: AllowContainerOpt = False,
+    channel: ChannelOpt = True,
 ) -> None:
     """Serve models to the gateway's inference API from this machine's best device.
 
@@ -181,7 +185,7 @@ def serve(
     """
     server = _Server(
         models, gateway, token_file, concurrency, keep_alive, max_memory, grace, name,
-        allow_container,
+        allow_container, channel=channel,
     )  # fmt: skip
     raise typer.Exit(_run_server(server))
 
@@ -231,6 +235,7 @@ def share(
     grace: GraceOpt = 60.0,
     name: Annotated[str, typer.Option(help="This machine's name (default: host-pid)")] = "",
     allow_container: AllowContainerOpt = False,
+    channel: ChannelOpt = True,
     install: Annotated[
         bool,
         typer.Option(
@@ -265,11 +270,14 @@ def share(
             args.append("--only-when-idle")
         if name:
             args += ["--name", name]
+        if not channel:
+            args.append("--no-channel")
         _install_share(gateway, token_file, args, print_only)
         return
     server = _Server(
         names, gateway, token_file, concurrency, keep_alive, max_memory, grace, name,
         allow_container, until=deadline, only_when_idle=only_when_idle, status=True,
+        channel=channel,
     )  # fmt: skip
     raise typer.Exit(_run_server(server))
 

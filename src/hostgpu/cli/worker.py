@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from hostgpu.cli.common import GatewayOpt, TokenFileOpt, console, err, native_report, token_from
+from hostgpu.cli.common import (
+    ChannelOpt,
+    GatewayOpt,
+    TokenFileOpt,
+    console,
+    err,
+    native_report,
+    token_from,
+)
 from hostgpu.errors import HostGPUError
 
 app = typer.Typer(help="Run a native worker, or install it as a service.")
@@ -52,13 +60,7 @@ def run(
             "--allow-container", help="Run even inside a container on a Mac's VM (no Metal)"
         ),
     ] = False,
-    channel: Annotated[
-        bool,
-        typer.Option(
-            help="Take jobs over a WebSocket to the gateway (--no-channel: HTTP long polls, "
-            "for a proxy that does not pass WebSockets; used anyway when the gateway has none)"
-        ),
-    ] = True,
+    channel: ChannelOpt = True,
 ) -> None:
     """Probe the accelerators, register with the gateway and run matching jobs.
 

@@ -89,7 +89,8 @@ class Channel:
         return cls(connection, url, max_message)
 
     def send(self, message: ChannelUp) -> None:
-        data = message.model_dump_json()
+        # Without the fields left unset (None): a gateway older than one of them refuses it.
+        data = message.model_dump_json(exclude_none=True)
         limit = self.max_message
         if limit is not None and len(data) * 4 > limit and len(data.encode()) > limit:
             # Refused here rather than by the gateway, which would close the channel: the

@@ -11,9 +11,9 @@ re-run elsewhere, a stop finishes in-flight work within the grace, then hands th
 - Each running job has a thread that reads its engine stream; requests on one model share the
   engine, which batches them. The jobs that one lease hands over start on their engine
   together (:meth:`EnginePool._admit`), so a burst of requests shares the engine's first step.
-- :class:`Streamer` sends the text to the gateway as it comes, in batches (one request carries
-  every event that arrived while the previous one was in flight), and cancels the jobs the
-  gateway says nobody reads any more.
+- :class:`Streamer` sends the text to the gateway as it comes, in batches (one message carries
+  every event that arrived while the previous one was in flight), on the worker's channel or
+  else in HTTP requests, and cancels the jobs the gateway says nobody reads any more.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from hostgpu.api import StreamBatch
 from hostgpu.client import Client
 from hostgpu.errors import HostGPUError
 from hostgpu.inference import openai_schema as oa
@@ -96,6 +97,9 @@ class Streamer:
         self._on_cancel = on_cancel
         self._queue: queue.Queue[Sendable | None] = queue.Queue()
         self.worker_id: str | None = None
+        #: Sends a batch on the worker's channel (set by the agent); False when it did not
+        #: (no channel, or one that is closing, or a batch over its message limit): then HTTP.
+        self.on_channel: Callable[[StreamBatch], bool] = lambda batch: False
         self._thread = threading.Thread(target=self._run, name="hostgpu-streamer", daemon=True)
         self.sent_events = 0
         #: The jobs whose streams yield a token at each engine step now (set by the engine
@@ -174,8 +178,12 @@ class Streamer:
     ) -> None:
         if self.worker_id is None:
             return
+        batch = StreamBatch(events=events, engines=states)
+        if self.on_channel(batch):  # the jobs to stop come back on the channel
+            self.sent_events += len(events)
+            return
         try:
-            cancelled = client.stream(self.worker_id, events, states)
+            cancelled = client.stream(self.worker_id, batch)
         except HostGPUError as exc:
             # The text is lost for live readers, not for the job: its result goes in the
             # report, and the gateway answers from that.

@@ -29,7 +29,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, WebSocket, WebSocketDisco
 from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
-from hostgpu.api import MAX_LEASE, WORKER_ID_PATTERN, ChannelDown, ChannelUp
+from hostgpu.api import MAX_LEASE, WORKER_ID_PATTERN, ChannelDown, ChannelUp, StreamBatch
 from hostgpu.errors import NotFound, StoreUnavailable
 from hostgpu.gateway.auth import authorize, verify
 from hostgpu.gateway.deps import Gateway
@@ -37,6 +37,7 @@ from hostgpu.gateway.routes.workers import (
     check_access,
     lease_jobs,
     record_outcomes,
+    relay_stream,
     worker_capabilities,
 )
 from hostgpu.jobs import Lease, Outcome
@@ -199,6 +200,8 @@ class _Channel:
                 where = ".".join(str(p) for p in error["loc"]) or "message"
                 await self._close(CLOSE_INVALID, f"invalid ChannelUp: {where}: {error['msg']}")
                 return
+            if up.stream is not None and not await self._relay(up.stream):
+                return
             if up.outcomes:
                 try:
                     results = await record_outcomes(self.gw, up.outcomes)
@@ -218,6 +221,25 @@ class _Channel:
             if up.grant:
                 self.credit += up.grant
                 self.granted.set()
+
+    async def _relay(self, batch: StreamBatch) -> bool:
+        """Relay a model server's stream batch, and tell it the jobs to stop; False when the
+        channel is gone. A batch that fails is lost to live readers, not to its jobs (their
+        results come in the report), as over HTTP: the channel stays."""
+        try:
+            cancelled = await relay_stream(self.ws, self.gw, self.worker_id, batch)
+        except StoreUnavailable as exc:
+            log.warning("worker %s: a stream batch was not relayed: %s", self.worker_id, exc)
+            return True
+        except Exception:
+            log.exception("worker %s: relaying a stream batch failed", self.worker_id)
+            return True
+        if cancelled:
+            try:
+                await self._send(ChannelDown(cancelled=cancelled))
+            except Exception:
+                return False
+        return True
 
     async def _push(self) -> None:
         try:

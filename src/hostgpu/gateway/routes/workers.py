@@ -140,6 +140,7 @@ async def register(
         max_body_bytes=gw.settings.max_body_bytes,
         max_result_bytes=gw.settings.max_result_bytes,
         channel_revoke=True,
+        channel_streams=True,
     )
 
 
@@ -354,7 +355,16 @@ async def streams(
     _: WorkerAccess,
 ) -> StreamReply:
     """A model server's token stream: the text of its running inference jobs, relayed to
-    their readers on this gateway. ``cancelled``: jobs nobody reads any more, to stop."""
+    their readers on this gateway. ``cancelled``: jobs nobody reads any more, to stop.
+    (A model server with a channel sends it there: ``ChannelUp.stream``.)"""
+    return StreamReply(cancelled=await relay_stream(request, gw, worker_id, body))
+
+
+async def relay_stream(
+    request: HTTPConnection, gw: Gateway, worker_id: str, body: StreamBatch
+) -> list[str]:
+    """Relay a model server's stream batch to its readers (here, or on the gateway that has
+    them); returns the jobs it must stop: nobody reads them, or they are not its own."""
     hub: StreamHub = request.app.state.streams
     if body.engines is not None and worker_id not in request.app.state.notifier.draining:
         caps = await worker_capabilities(request, gw.store, worker_id)
@@ -383,7 +393,7 @@ async def streams(
         await run(gw.store.broadcast, "stream", forward)
     if changed and gw.store.shared:  # after the text: it is what a reader waits for
         await tell_engines(gw.store, hub, [worker_id])
-    return StreamReply(cancelled=sorted(cancelled))
+    return sorted(cancelled)
 
 
 async def _forget_server(request: Request, gw: Gateway, worker_id: str) -> None:
