@@ -164,10 +164,14 @@ class ReportResponse(BaseModel):
     leases: list[Lease] = Field(default_factory=list, description="jobs leased by `lease`")
 
 
+#: The most events one stream batch carries (a server that has more sends several).
+MAX_STREAM_EVENTS = 10_000
+
+
 class StreamBatch(_Request):
     """A model server's news: text of its running inference jobs, and its engines' state."""
 
-    events: list[StreamEvent] = Field(default_factory=list, max_length=10_000)
+    events: list[StreamEvent] = Field(default_factory=list, max_length=MAX_STREAM_EVENTS)
     engines: list[EngineState] | None = Field(
         default=None, max_length=64, description="set when an engine loaded, unloaded or changed"
     )

@@ -100,7 +100,7 @@ class Gateway:
     def requests_to(self, route: str) -> float:
         """How many HTTP requests the gateway has served on ``route`` (from its metrics)."""
         with self.http() as http:
-            text = http.get("/metrics").text
+            text = http.get("/metrics").raise_for_status().text
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()

@@ -226,6 +226,25 @@ def test_a_lost_forwarded_event_ends_from_the_stored_result() -> None:
     assert deltas[0] == "Hello "
 
 
+def test_a_gap_mends_when_the_server_sends_its_text_again_from_the_start() -> None:
+    """Events lost with a channel: the server's catch-up (its text from offset 0) lets the
+    reader go on live, with only what it lacks, and the store is not needed."""
+
+    async def scenario() -> None:
+        hub = StreamHub()
+        reader = asyncio.ensure_future(_read(hub))
+        await asyncio.sleep(0)
+        hub.publish(event("11", "Hello ", offset=0))
+        hub.publish(event("11", "ld", offset=9))  # "wor" went down with the channel
+        hub.publish(event("11", "Hello world", offset=0))  # the catch-up
+        hub.publish(event("11", "!", offset=11))
+        hub.publish(event("11", result=result("Hello world!"), offset=12))
+        deltas, text = await reader
+        assert deltas == ["Hello ", "world", "!"] and text == "Hello world!"
+
+    asyncio.run(scenario())
+
+
 def test_a_recheck_forgets_only_the_forwarded_jobs_verifications() -> None:
     """A job finished on another gateway (``recheck``): the forwarded streams' servers are
     checked against the store again; other jobs' checks stand, and an ended stream's go."""

@@ -107,3 +107,49 @@ def test_the_linger_awaits_only_streams_past_their_first_token() -> None:
         pool._running[(str(n), "1")] = _Running(lease=None, model="m", stream=stream(produced))  # type: ignore[arg-type]
     pool._running[("4", "1")] = _Running(lease=None, model="m")  # type: ignore[arg-type]
     assert sender.decoding() == {"2"}
+
+
+def test_a_backlog_over_a_batchs_limit_goes_in_several() -> None:
+    """A gateway slow to answer leaves more events than one batch may carry: all still go."""
+    from hostgpu.api import MAX_STREAM_EVENTS
+
+    recorder = Recorder()
+    sender = Streamer(lambda: recorder, on_cancel=lambda _: None)  # type: ignore[arg-type,return-value]
+    sender.worker_id = "w"
+    events = [token("a")] * (MAX_STREAM_EVENTS + 2)
+    sender._post(recorder, events, None)  # type: ignore[arg-type]
+    assert [len(jobs) for _, jobs in recorder.batches] == [MAX_STREAM_EVENTS, 2]
+    assert sender.sent_events == MAX_STREAM_EVENTS + 2
+
+
+def test_after_its_channel_is_gone_each_stream_is_sent_again_from_its_start() -> None:
+    """Batches written to a channel the gateway was closing may be lost: once the batches go
+    another way, every stream's text from its start follows (readers take what they lack)."""
+    sent: list[list[StreamEvent]] = []
+
+    class Http(Recorder):
+        def stream(self, worker_id: str, batch: StreamBatch) -> list[str]:
+            sent.append(batch.events)
+            return []
+
+    http = Http()
+    sender = Streamer(lambda: http, on_cancel=lambda _: None)  # type: ignore[arg-type,return-value]
+    sender.worker_id = "w"
+    channels = iter([1, None, None, 2])  # channel 1, then HTTP (twice), then a new channel
+    on_channel: list[StreamBatch] = []
+
+    def send_on_channel(batch: StreamBatch) -> int | None:
+        number = next(channels)
+        if number is not None:
+            on_channel.append(batch)
+        return number
+
+    whole = StreamEvent(job_id="a" * 32, lease_token="1", text="xxx", offset=0)
+    sender.on_channel = send_on_channel
+    sender.catch_up = lambda: [whole]
+    sender._post(http, [token("a")], None)  # type: ignore[arg-type]
+    assert sent == [] and len(on_channel) == 1
+    sender._post(http, [token("a")], None)  # type: ignore[arg-type]  # the channel is gone
+    assert sent == [[token("a")], [whole]]
+    sender._post(http, [token("a")], None)  # type: ignore[arg-type]  # from HTTP: nothing lost
+    assert len(sent) == 2 and len(on_channel) == 2

@@ -1,8 +1,8 @@
 """Relay model servers' token streams to the clients waiting on this gateway.
 
-A model server posts :class:`~hostgpu.inference.jobs.StreamEvent` batches; the
-:class:`StreamHub` puts each event in its job's :class:`Relay`, and the client's
-:class:`RemoteStream` reads them. A ``RemoteStream`` behaves like an engine's
+A model server sends :class:`~hostgpu.inference.jobs.StreamEvent` batches (on its channel,
+or in HTTP requests); the :class:`StreamHub` puts each event in its job's :class:`Relay`, and
+the client's :class:`RemoteStream` reads them. A ``RemoteStream`` behaves like an engine's
 ``GenerationStream`` (``async for`` deltas, ``acompletion()``, ``cancel()``), so the gateway
 formats responses and SSE with the same code as the single-engine server.
 
@@ -15,7 +15,7 @@ its forwarded jobs again and tells the server to stop.
 
 Which server has which model loaded (for ``GET /v1/models`` and for sending a request to the
 server that has its model warm) is the fleet's, not one gateway's: a gateway tells the others
-when a server that posts to it changes (:class:`ServerEngines`, broadcast), and again every few
+when a server that streams to it changes (:class:`ServerEngines`, broadcast), and again every few
 seconds for gateways that started since.
 
 What the relay does not see, the store has: every inference job's result is reported like any
@@ -249,7 +249,7 @@ class StreamHub:
     def note_engines(
         self, worker_id: str, name: str, capacity: int, engines: list[EngineState]
     ) -> bool:
-        """A server that posts here said its engines: True when that changes what the other
+        """A server that streams here said its engines: True when that changes what the other
         gateways were told (then they are told again)."""
         changed = (
             self.engines.get(worker_id) != engines
@@ -291,7 +291,7 @@ class StreamHub:
         self.names[said.worker] = said.name
         self.capacity[said.worker] = said.capacity
         self._said_at[said.worker] = said.said_at
-        self._local.discard(said.worker)  # it posts to another gateway now
+        self._local.discard(said.worker)  # it sends to another gateway now
 
     def preference(self, job: Runnable, idle: list[LeaseWaiter]) -> Preference | None:
         """For an inference job: offer it first to servers that have its model loaded, the
@@ -425,7 +425,7 @@ class RemoteStream:
         self.slot: object | None = None
         # A stream nobody ever read (the client left before its response started) still
         # stops its job: its server is told at its next event here, and the job is
-        # cancelled in the store for a server that posts its events to another gateway.
+        # cancelled in the store for a server that sends its events to another gateway.
         self._abandon = weakref.finalize(self, _abandoned, self.relay, cancel_job, _loop())
         self._abandon.atexit = False  # a process that is exiting cancels nothing
 
@@ -436,14 +436,15 @@ class RemoteStream:
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
         lease: str | None = None
         attempt_chars = 0
-        gap = False  # an event of this attempt went missing: the store has the rest
+        # An event of this attempt went missing: the text goes on from an event that starts
+        # at or before what was read (the server's catch-up after it lost its channel, or a
+        # re-run); until then, or if none comes, the store has the rest.
+        gap = False
         while not self.done:
             event: StreamEvent | None = None
-            if gap:
-                await asyncio.sleep(QUIET_S / 4)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    event = await asyncio.wait_for(self.relay.queue.get(), QUIET_S)
+            with contextlib.suppress(TimeoutError):
+                wait = QUIET_S / 4 if gap else QUIET_S
+                event = await asyncio.wait_for(self.relay.queue.get(), wait)
             if event is None:  # quiet, or a gap: does the store have the end?
                 job = await self._fetch_job()
                 if job.state.terminal:
@@ -457,6 +458,7 @@ class RemoteStream:
             if event.offset is not None and event.offset > attempt_chars:
                 gap = True  # text before this event never arrived (a lost broadcast)
                 continue
+            gap = False
             if event.error is not None:
                 self._fail(error_from_body(event.error))
                 break

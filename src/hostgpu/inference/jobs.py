@@ -7,8 +7,9 @@ payload is a :class:`GenerateRequest` and whose labels name the model
 function, and each carries one such label per model it may load, so the queue's ordinary
 routing (function, device, labels, priority) sends the request to a machine that can serve
 it, and lease expiry re-runs it elsewhere when that machine dies. The job's result is a
-:class:`GenerateResult`; while it runs, the server sends :class:`StreamEvent` batches to
-``POST /v1/workers/{id}/streams`` and the gateway relays them to the waiting client.
+:class:`GenerateResult`; while it runs, the server sends :class:`StreamEvent` batches on its
+worker channel (``ChannelUp.stream``; over HTTP, ``POST /v1/workers/{id}/streams``) and the
+gateway relays them to the waiting client.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from hostgpu.api import StreamBatch
+from pydantic import ValidationError
+
+from hostgpu.api import MAX_STREAM_EVENTS, StreamBatch
 from hostgpu.client import Client
 from hostgpu.errors import HostGPUError
 from hostgpu.inference import openai_schema as oa
@@ -97,9 +99,13 @@ class Streamer:
         self._on_cancel = on_cancel
         self._queue: queue.Queue[Sendable | None] = queue.Queue()
         self.worker_id: str | None = None
-        #: Sends a batch on the worker's channel (set by the agent); False when it did not
-        #: (no channel, or one that is closing, or a batch over its message limit): then HTTP.
-        self.on_channel: Callable[[StreamBatch], bool] = lambda batch: False
+        #: Sends a batch on the worker's channel (set by the agent) and returns that channel's
+        #: number; None when it did not (no channel, one that is closing, a batch over its
+        #: message limit): then HTTP.
+        self.on_channel: Callable[[StreamBatch], int | None] = lambda batch: None
+        #: Every streaming job's text so far, from its start (set by the engine pool).
+        self.catch_up: Callable[[], list[StreamEvent]] = list
+        self._via: int | None = None  # the channel the last batch went on (None: HTTP)
         self._thread = threading.Thread(target=self._run, name="hostgpu-streamer", daemon=True)
         self.sent_events = 0
         #: The jobs whose streams yield a token at each engine step now (set by the engine
@@ -178,20 +184,28 @@ class Streamer:
     ) -> None:
         if self.worker_id is None:
             return
+        while len(events) > MAX_STREAM_EVENTS:  # a gateway that was slow to answer
+            self._post(client, events[:MAX_STREAM_EVENTS], None)
+            events = events[MAX_STREAM_EVENTS:]
         batch = StreamBatch(events=events, engines=states)
-        if self.on_channel(batch):  # the jobs to stop come back on the channel
-            self.sent_events += len(events)
-            return
-        try:
-            cancelled = client.stream(self.worker_id, batch)
-        except HostGPUError as exc:
-            # The text is lost for live readers, not for the job: its result goes in the
-            # report, and the gateway answers from that.
-            log.warning("could not send %d stream event(s): %s", len(events), exc)
-            return
+        via = self.on_channel(batch)  # the jobs to stop come back on the channel
+        if via is None:
+            try:
+                cancelled = client.stream(self.worker_id, batch)
+            except HostGPUError as exc:
+                # The text is lost for live readers, not for the job: its result goes in
+                # the report, and the gateway answers from that.
+                log.warning("could not send %d stream event(s): %s", len(events), exc)
+                return
+            for job_id in cancelled:
+                self._on_cancel(job_id)
         self.sent_events += len(events)
-        for job_id in cancelled:
-            self._on_cancel(job_id)
+        left, self._via = self._via is not None and via != self._via, via
+        # The batches sent last on that channel may be lost with it (the gateway closing it
+        # unread): readers would see a gap and wait for the stored result. Each stream's
+        # text from its start mends the gap; a reader takes only what it lacks.
+        if left and (whole := self.catch_up()):
+            self._post(client, whole, None)
 
 
 class EnginePool:
@@ -218,6 +232,7 @@ class EnginePool:
         self._on_result = on_result
         self.streamer = streamer
         streamer.decoding = self.decoding
+        streamer.catch_up = self.catch_up
         self._lock = threading.Condition()
         self._engines: dict[str, Engine] = {}
         self._load_locks = {name: threading.Lock() for name in self.specs}
@@ -284,6 +299,24 @@ class EnginePool:
                 for key, r in self._running.items()
                 if r.stream is not None and r.stream.decoding
             }
+
+    def catch_up(self) -> list[StreamEvent]:
+        """Each streaming job's text so far, as one event from its start (offset 0)."""
+        with self._lock:
+            streams = [(key, r.stream) for key, r in self._running.items() if r.stream]
+        events = []
+        for (job_id, lease_token), stream in streams:
+            text = stream.text()
+            if not text:
+                continue
+            try:
+                event = StreamEvent(
+                    job_id=job_id, lease_token=lease_token, text=text, offset=0, device=self.device
+                )
+            except ValidationError:  # over an event's size: its reader takes the stored result
+                continue
+            events.append(event)
+        return events
 
     def cancel(self, job_id: str, lease_token: str | None = None) -> bool:
         return self._stop_jobs(

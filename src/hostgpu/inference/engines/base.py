@@ -400,6 +400,11 @@ class GenerationStream:
         """Past its first token and not finished: it yields a token at each engine step."""
         return self._request.first_token_at is not None and not self._request.done
 
+    def text(self) -> str:
+        """The text it has produced so far (without reading the stream)."""
+        with self._request._lock:
+            return "".join(self._request._text)
+
     def _check(self, item: Any) -> StreamDelta | None:
         if item is _END:
             self._ended = True

@@ -73,12 +73,12 @@ def _model_params(llama_cpp: Any, extra_bufts: bool) -> Iterator[None]:
 
 
 class LlamaCppEngine(ThreadedEngine):
-    kind = "llama.cpp"
+    """llama-cpp-python's high-level API: one sequence at a time, the others waiting."""
 
-    def __init__(self, spec: Any) -> None:
-        super().__init__(spec)
-        self._llm: Any = None
-        self._formatter: Any = None
+    kind = "llama.cpp"
+    #: The loaded ``Llama`` and its chat formatter (None while unloaded).
+    _llm: Any = None
+    _formatter: Any = None
 
     def _load(self, device: str) -> None:
         llama_cpp = _import()
