@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -35,8 +35,9 @@ from hostgpu.errors import (
 from hostgpu.gateway.apidocs import install_docs
 from hostgpu.gateway.auth import TokenCache
 from hostgpu.gateway.dashboard import mount_dashboard
-from hostgpu.gateway.deps import ReadToken
+from hostgpu.gateway.deps import Gateway, ReadToken
 from hostgpu.gateway.group_commit import GroupCommit
+from hostgpu.gateway.handoff import Handoff
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
@@ -223,7 +224,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store
     app.state.notifier = Notifier()
     app.state.group_commit = GroupCommit(
-        store, on_stored=lambda new: jobs.announce(app.state.notifier, settings, new)
+        store,
+        on_stored=lambda new: jobs.announce(app.state.notifier, settings, new),
+        handoff=Handoff(cast(Gateway, app.state)),
     )
     app.state.waiting = WaitingExplainer(store)
     app.state.resolver = Resolver(store)

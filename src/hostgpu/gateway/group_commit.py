@@ -14,6 +14,9 @@ the lease then starts while the submissions answer their clients, instead of que
 them on the event loop (measured at 8 requests on 2 cores: 3-5 ms from the last answer to
 the lease read, which now overlaps the answers).
 
+The jobs are leased in the commit's thread, right after it, for the long polls already
+waiting for them (``handoff``, see ``gateway/handoff.py``); only the others are announced.
+
 One submission's failure (a conflict, a bad row) fails only that submission: a batch that
 raises is retried one submission at a time.
 """
@@ -27,7 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hostgpu.gateway.deps import run
-from hostgpu.jobs import Job
+from hostgpu.gateway.handoff import Handoff
+from hostgpu.jobs import Job, Lease
 from hostgpu.store.interface import NewJob, Store
 
 log = logging.getLogger("hostgpu.gateway")
@@ -62,8 +66,10 @@ class GroupCommit:
         *,
         max_hold_s: float = MAX_HOLD_S,
         on_stored: Callable[[list[Job]], None] = lambda jobs: None,
+        handoff: Handoff | None = None,
     ) -> None:
         self._store = store
+        self._handoff = handoff
         self._on_stored = on_stored
         self._max_hold_s = max_hold_s
         self._queue: list[_Waiting] = []
@@ -87,17 +93,18 @@ class GroupCommit:
 
     async def _drain(self) -> None:
         stored: list[_Waiting] = []  # committed, not yet answered
+        leased: set[str] = set()  # ids of those jobs leased in the commit
         batch: list[_Waiting] = []
         burst = time.monotonic()
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
-                await self._commit(batch)
+                leased |= await self._commit(batch)
                 stored += batch
                 batch = []
                 if time.monotonic() - burst > self._max_hold_s:
-                    self._answer(stored)
-                    stored, burst = [], time.monotonic()
+                    self._answer(stored, leased)
+                    stored, leased, burst = [], set(), time.monotonic()
         except BaseException as exc:  # cancelled at shutdown: nobody waits forever
             for waiting in batch + self._queue:
                 waiting.error = exc
@@ -107,27 +114,45 @@ class GroupCommit:
         finally:
             if self._drainer is asyncio.current_task():
                 self._drainer = None
-            self._answer(stored)
+            self._answer(stored, leased)
 
-    async def _commit(self, batch: list[_Waiting]) -> None:
+    async def _commit(self, batch: list[_Waiting]) -> set[str]:
+        """Store the batch; returns the ids of its jobs leased in the commit."""
+        new = [j for w in batch for j in w.jobs]
+        handoff = self._handoff
+        claimed = handoff.claim(new) if handoff is not None else []
+        leases: list[list[Lease]] = []
+
+        def commit() -> list[Job]:
+            jobs = self._store.enqueue(new)
+            if handoff is not None and claimed:  # after the commit: durable before leased
+                leases.extend(handoff.lease(claimed))
+            return jobs
+
+        jobs: list[Job] | None = None
         try:
-            jobs = await run(self._store.enqueue, [j for w in batch for j in w.jobs])
+            jobs = await run(commit)
             self.transactions += 1
         except Exception:
+            pass  # each submission on its own, below
+        finally:  # cancelled too: no claimed poll waits for ever
+            leased = handoff.hand(claimed, leases) if handoff is not None else set()
+        if jobs is None:
             for waiting in batch:  # one submission's fault fails only that submission
                 try:
                     waiting.stored = await run(self._store.enqueue, waiting.jobs)
                     self.transactions += 1
                 except Exception as exc:
                     waiting.error = exc
-            return
+            return leased
         at = 0
         for waiting in batch:
             waiting.stored = jobs[at : at + len(waiting.jobs)]
             at += len(waiting.jobs)
+        return leased
 
-    def _answer(self, done: list[_Waiting]) -> None:
-        stored = [job for waiting in done for job in waiting.stored or ()]
+    def _answer(self, done: list[_Waiting], leased: set[str]) -> None:
+        stored = [job for waiting in done for job in waiting.stored or () if job.id not in leased]
         if stored:
             try:
                 self._on_stored(stored)

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter
 
 from hostgpu.capabilities import Capabilities
+from hostgpu.jobs import Lease
 from hostgpu.requirements import Requirements
 from hostgpu.routing import pick_device
 
@@ -62,9 +63,23 @@ class Preference:
 
 @dataclass(eq=False)
 class LeaseWaiter:
+    """A long poll for leases: the worker's capabilities, and the most jobs it may take."""
+
     worker_id: str
     caps: Capabilities
+    max_jobs: int = 1
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set by :meth:`Notifier.claim`: a commit leases for this poll in its own thread, and
+    #: hands it the leases (see ``gateway/handoff.py``).
+    claim: asyncio.Future[list[Lease]] | None = None
+    #: Inside :meth:`wait` (not between its reads of the store): only then may a commit lease
+    #: for it, or the poll's own read could take jobs too, more than ``max_jobs`` in all.
+    waiting: bool = False
+    _left: bool = False
+
+    def idle(self, *, waiting: bool = False) -> bool:
+        """Nobody has woken it or leases for it (``waiting``: and it is waiting now)."""
+        return not self.event.is_set() and self.claim is None and (self.waiting or not waiting)
 
     async def wait(self, timeout: float) -> bool:
         if timeout <= 0:
@@ -72,12 +87,39 @@ class LeaseWaiter:
         # asyncio.timeout, not wait_for: wait_for runs the wait as a task of its own, and
         # that task's end is one more turn of the event loop before this poll leases (a turn
         # that, under a burst of requests, runs each of them first).
+        self.waiting = True
         try:
             async with asyncio.timeout(timeout):
                 await self.event.wait()
         except TimeoutError:
             return False
+        finally:
+            self.waiting = False
         return True
+
+    async def claimed(self) -> list[Lease]:
+        """The leases the commit that claimed this poll took for it ([]: none)."""
+        assert self.claim is not None
+        leases = await asyncio.shield(self.claim)
+        self.claim = None
+        return leases
+
+    def hand(self, leases: list[Lease]) -> list[Lease]:
+        """The claiming commit gives the poll its leases; returns those nobody will take (the
+        poll has ended), for the caller to hand back."""
+        if self._left or self.claim is None or self.claim.done():
+            return leases
+        self.claim.set_result(leases)
+        self.event.set()
+        return []
+
+    def leave(self) -> list[Lease]:
+        """The poll ends; returns the leases a commit gave it that it did not take."""
+        self._left = True
+        claim, self.claim = self.claim, None
+        if claim is not None and claim.done() and not claim.cancelled():
+            return claim.result()
+        return []
 
 
 class Notifier:
@@ -145,8 +187,8 @@ class Notifier:
         return True
 
     # -- lease waiters -------------------------------------------------------------------------
-    def lease_waiter(self, worker_id: str, caps: Capabilities) -> LeaseWaiter:
-        waiter = LeaseWaiter(worker_id, caps)
+    def lease_waiter(self, worker_id: str, caps: Capabilities, max_jobs: int = 1) -> LeaseWaiter:
+        waiter = LeaseWaiter(worker_id, caps, max_jobs)
         self._lease_waiters.append(waiter)
         return waiter
 
@@ -160,27 +202,53 @@ class Notifier:
         how many waiters were woken."""
         self.generation += 1
         self.notify("enqueued")
-        idle = [w for w in self._lease_waiters if not w.event.is_set()]
         if jobs is None:
+            idle = [w for w in self._lease_waiters if w.idle()]
             for waiter in idle:
                 waiter.event.set()
             return len(idle)
-        woken = 0
+        chosen, held = self._choose(jobs, waiting=False)
+        for waiter in chosen:
+            waiter.event.set()
+        for job in held:
+            self.later(self.hold_s, [job])
+        return len(chosen)
+
+    def claim(self, jobs: Iterable[Runnable]) -> list[LeaseWaiter]:
+        """A commit is about to store ``jobs`` and to lease for the waiters that
+        :meth:`runnable` would wake for them (``gateway/handoff.py``): mark those claimed.
+        The commit hands each its leases, none included. Jobs held for a better worker are
+        left to the announcement that follows the commit, as are waiters not waiting now."""
+        if self.closing:
+            return []
+        chosen, _ = self._choose(jobs, waiting=True)
+        loop = asyncio.get_running_loop()
+        for waiter in chosen:
+            waiter.claim = loop.create_future()
+        return chosen
+
+    def _choose(
+        self, jobs: Iterable[Runnable], *, waiting: bool
+    ) -> tuple[list[LeaseWaiter], list[Runnable]]:
+        """One idle fitting waiter per job, the preferred first; and the jobs to hold a
+        moment for a better worker that is between two polls (see ``preference``)."""
+        idle = [w for w in self._lease_waiters if w.idle(waiting=waiting)]
+        chosen: list[LeaseWaiter] = []
+        held: list[Runnable] = []
         for job in jobs:
             preference = self.preference(job, idle) if self.preference is not None else None
             if preference is not None and preference.hold and not job.held:
-                self.later(self.hold_s, [dataclasses.replace(job, held=True)])
+                held.append(dataclasses.replace(job, held=True))
                 continue
             for waiter in sorted(idle, key=preference.key) if preference is not None else idle:
-                if not waiter.event.is_set() and job.fits(waiter.caps):
-                    waiter.event.set()
-                    woken += 1
+                if job.fits(waiter.caps):
+                    chosen.append(waiter)
+                    # Rotate, so that one quick worker does not get every wake-up.
+                    idle.remove(waiter)
                     break
-            # Rotate, so that one quick worker does not get every wake-up.
-            idle = [w for w in idle if not w.event.is_set()]
             if not idle:
                 break
-        return woken
+        return chosen, held
 
     def drain(self, worker_id: str) -> None:
         """The worker is stopping: end its long polls now and lease it nothing more."""

@@ -35,12 +35,12 @@ from hostgpu.gateway.auth import authorize, verify
 from hostgpu.gateway.deps import Gateway
 from hostgpu.gateway.routes.workers import (
     check_access,
+    hand_back,
     lease_jobs,
     record_outcomes,
     relay_stream,
     worker_capabilities,
 )
-from hostgpu.jobs import Lease, Outcome
 
 log = logging.getLogger("hostgpu.gateway")
 
@@ -287,19 +287,8 @@ class _Channel:
                     raise ConnectionError("the channel closed")
                 await self._send(ChannelDown(leases=leases))
             except Exception:
-                await self._hand_back(leases)
+                hand_back(self.gw, leases)
                 return
 
     async def _gone(self) -> bool:
         return self.closed
-
-    async def _hand_back(self, leases: list[Lease]) -> None:
-        """Leases taken for a worker that can no longer hear of them: runnable again now."""
-        outcomes = [
-            Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="released")
-            for lease in leases
-        ]
-        try:
-            await record_outcomes(self.gw, outcomes)
-        except Exception as exc:  # they expire with their lease instead
-            log.warning("could not hand back %d undelivered lease(s): %s", len(leases), exc)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -186,14 +188,19 @@ async def lease_jobs(
     if time.monotonic() - touched.get(worker_id, -1e9) >= period:
         touch = period
     deadline = time.monotonic() + wait
-    waiter = gw.notifier.lease_waiter(worker_id, caps)
+    waiter = gw.notifier.lease_waiter(worker_id, caps, max_jobs)
     woken = waited = False
     try:
         while True:
             waiter.event.clear()
             generation = gw.notifier.generation
-            if touch is None and not waited and drained.get(worker_id) == generation:
-                leases: list[Lease] = []  # read already, and nothing is new since
+            # A commit that stored jobs for this poll may have leased them in its thread
+            # (gateway/handoff.py): those are this poll's read.
+            leases = await waiter.claimed() if waiter.claim is not None else []
+            if leases:
+                drained.pop(worker_id, None)
+            elif touch is None and not waited and drained.get(worker_id) == generation:
+                pass  # read already, and nothing is new since
             else:
                 leases = await run(
                     gw.store.lease,
@@ -230,10 +237,39 @@ async def lease_jobs(
                 return []
             if gw.notifier.worker_caps.get(worker_id) is not caps:
                 return []  # registered again: the next poll leases by the new capabilities
-            if not woken and time.monotonic() >= deadline:
+            if not woken and waiter.claim is None and time.monotonic() >= deadline:
                 return []  # nothing woke it: the store has nothing new for it either
     finally:
         gw.notifier.remove(waiter)
+        # Leases a commit took for this poll after all, once it has ended: runnable again.
+        hand_back(gw, waiter.leave())
+
+
+#: Hand-backs under way (asyncio keeps only weak references to tasks).
+_handing_back: set[asyncio.Task[None]] = set()
+
+
+def hand_back(gw: Gateway, leases: list[Lease]) -> None:
+    """Leases taken for a worker that will not hear of them (its channel closed, its poll
+    ended): make their jobs runnable again now rather than when the leases expire."""
+    if not leases:
+        return
+    task = asyncio.get_running_loop().create_task(_release(gw, leases))
+    _handing_back.add(task)
+    task.add_done_callback(_handing_back.discard)
+
+
+async def _release(gw: Gateway, leases: list[Lease]) -> None:
+    outcomes = [
+        Outcome(job_id=lease.job_id, lease_token=lease.lease_token, status="released")
+        for lease in leases
+    ]
+    try:
+        await record_outcomes(gw, outcomes)
+    except Exception as exc:  # they expire with their lease instead
+        logging.getLogger("hostgpu.gateway").warning(
+            "could not hand back %d undelivered lease(s): %s", len(leases), exc
+        )
 
 
 @router.post("/{worker_id}/lease", response_model=LeaseResponse)

@@ -1,0 +1,74 @@
+"""Leasing in the commit: the jobs a commit stores are leased in the same thread, right
+after it, for the long polls already waiting for such jobs.
+
+Why: announced, a stored job wakes a waiting poll, which then reads the store in a thread of
+its own. Under a burst that read waited for the interpreter's lock while the event loop
+answered the burst's requests: 3-6 ms for about 1 ms of work, at 8 chat requests on 2 cores
+(issue 12's trace), before a model server had any of them. Leased in the commit's thread,
+the jobs go out on the channel before the requests are answered.
+
+Which polls: those that ``Notifier.runnable`` would wake for the jobs (one fitting poll per
+job, the warm model server first), among the polls that are waiting at that moment; a poll
+busy reading the store is not claimed, or it could take more than ``max_jobs`` in all. A
+job held for a better server that is between two polls is left to the announcement, as are
+jobs no claimed poll took (the store leases by priority, so a poll may take older jobs).
+The leases are taken after the commit, so a job is durable before any worker hears of it;
+a poll that ended meanwhile hands its leases back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from hostgpu.gateway.deps import Gateway
+from hostgpu.gateway.notify import LeaseWaiter, Runnable
+from hostgpu.gateway.routes.workers import hand_back
+from hostgpu.jobs import Lease
+from hostgpu.store.interface import NewJob
+
+log = logging.getLogger("hostgpu.gateway")
+
+
+class Handoff:
+    """``claim`` on the event loop before the commit, ``lease`` in its thread after it,
+    ``hand`` on the event loop once it returns (always, even when the commit failed)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+
+    def claim(self, jobs: Sequence[NewJob]) -> list[LeaseWaiter]:
+        # As asked: a CPU fallback opens only after its grace (see routes/jobs.announce).
+        runnable = [Runnable(j.function, j.options.requirements) for j in jobs if j.resolved]
+        return self._gw.notifier.claim(runnable) if runnable else []
+
+    def lease(self, claimed: Sequence[LeaseWaiter]) -> list[list[Lease]]:
+        leases: list[list[Lease]] = []
+        for waiter in claimed:
+            try:
+                leases.append(
+                    self._gw.store.lease(
+                        waiter.worker_id,
+                        waiter.caps,
+                        max_jobs=waiter.max_jobs,
+                        lease_seconds=self._gw.settings.lease_seconds,
+                        probe=False,
+                    )
+                )
+            except Exception as exc:  # the poll reads the store itself, as when woken
+                log.warning("leasing for worker %s in a commit failed: %s", waiter.worker_id, exc)
+                leases.append([])
+        return leases
+
+    def hand(self, claimed: Sequence[LeaseWaiter], leases: Sequence[list[Lease]]) -> set[str]:
+        """Give each claimed poll its leases (none where the commit failed); returns the
+        ids of the jobs leased (those handed back are announced as they are released)."""
+        leased: set[str] = set()
+        for at, waiter in enumerate(claimed):
+            taken = leases[at] if at < len(leases) else []
+            hand_back(self._gw, waiter.hand(taken))
+            leased.update(lease.job_id for lease in taken)
+        return leased
+
+
+__all__ = ["Handoff"]
