@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -19,6 +19,14 @@ from hostgpu.functions import FunctionOptions, Requested, resolve
 from hostgpu.gateway import create_app
 from hostgpu.gateway.notify import LeaseWaiter, Notifier, Runnable
 from hostgpu.gateway.routes.workers import lease_jobs
+from hostgpu.gateway.streams import StreamHub
+from hostgpu.inference.jobs import (
+    INFERENCE_FUNCTION,
+    MODEL_LABEL_VALUE,
+    EngineState,
+    function_options,
+    model_label,
+)
 from hostgpu.jobs import JobState, Lease, Payload
 from hostgpu.requirements import Requirements
 from hostgpu.settings import Settings
@@ -72,7 +80,7 @@ class Poll:
 
     async def waiting(self) -> None:
         """Until the poll waits (after its first read of the store)."""
-        for _ in range(500):
+        for _ in range(2500):
             if any(w.waiting for w in self.app.state.notifier._lease_waiters):
                 return
             await asyncio.sleep(0.002)
@@ -118,7 +126,7 @@ def test_a_poll_that_ends_before_its_leases_arrive_hands_them_back(app: Any) -> 
         claimed = handoff.claim([job(0), job(1)])
         assert [w.worker_id for w in claimed] == [poll.worker_id]
         stored = app.state.store.enqueue([job(0), job(1)])
-        leases = handoff.lease(claimed)
+        leases = handoff.lease(claimed, 2)
         assert len(leases[0]) == 2
         # The worker's connection closed meanwhile: the poll ends with nothing.
         poll.left = True
@@ -152,6 +160,14 @@ def test_a_failed_commit_leaves_the_poll_to_read_the_store(
 
     monkeypatch.setattr(store, "enqueue", enqueue)
     group = app.state.group_commit
+    claims: list[list[LeaseWaiter]] = []
+    claim = group._handoff.claim
+
+    def claiming(jobs: Any) -> list[LeaseWaiter]:
+        claims.append(claim(jobs))
+        return claims[-1]
+
+    monkeypatch.setattr(group._handoff, "claim", claiming)
 
     async def scenario() -> list[Lease]:
         poll = Poll(app, max_jobs=4)
@@ -160,6 +176,7 @@ def test_a_failed_commit_leaves_the_poll_to_read_the_store(
         return await asyncio.wait_for(poll.task, 5)
 
     leases = asyncio.run(scenario())
+    assert [len(c) for c in claims] == [1]  # the poll was claimed by the commit that failed
     assert calls == [2, 1, 1]
     taken = [lease.payload.args for lease in leases if lease.payload]
     assert taken in ([[0]], [[0], [1]]), taken
@@ -167,21 +184,65 @@ def test_a_failed_commit_leaves_the_poll_to_read_the_store(
 
 
 def test_only_a_waiting_poll_is_claimed_and_once() -> None:
-    """A poll between two reads of the store could take jobs itself: it is woken, not
-    claimed, so it never holds more than its ``max_jobs``."""
+    """A poll between two reads of the store could take jobs itself: it is woken (by the
+    announcement after the commit), not claimed, so it never holds more than its
+    ``max_jobs``."""
 
     async def scenario() -> None:
         notifier = Notifier()
         waiter = LeaseWaiter("w", CAPS, max_jobs=2)
         notifier._lease_waiters.append(waiter)
         runnable = Runnable(FUNCTION, Requirements(gpu="cpu"))
-        assert notifier.claim([runnable]) == []
+        assert notifier.claim([runnable]) == []  # reading the store
+        assert notifier.runnable([runnable]) == 1 and waiter.event.is_set()
+        waiter.event.clear()
         waiter.waiting = True
         assert notifier.claim([runnable, runnable]) == [waiter]
         assert notifier.claim([runnable]) == []  # claimed already
         assert notifier.runnable([runnable]) == 0  # nor woken: its commit hands it leases
         assert waiter.hand([]) == [] and waiter.event.is_set()
         assert await waiter.claimed() == [] and waiter.claim is None
-        assert waiter.leave() == []
+        # Handed leases, the poll ends before it takes them: they come back to be released.
+        waiter.event.clear()
+        assert notifier.claim([runnable]) == [waiter]
+        leases = [cast(Lease, "a lease")]
+        assert waiter.hand(leases) == []
+        assert waiter.leave() == leases
+        assert waiter.hand(leases) == leases  # and a late hand to an ended poll, the same
+
+    asyncio.run(scenario())
+
+
+def test_a_commit_claims_the_poll_the_announcement_would_wake() -> None:
+    """The warm model server, full by its last engine report, is reading the store while a
+    cold one waits: the request is not leased to the cold one in the commit (which would
+    load the model); the announcement wakes the warm one, as it would have anyway."""
+
+    async def scenario() -> None:
+        hub, notifier = StreamHub(), Notifier()
+        notifier.preference = hub.preference
+        hub.engines["warm"] = [EngineState(model="smollm2", loaded=True, device="cpu", active=2)]
+        hub.names["warm"], hub.capacity["warm"] = "warm", 2
+        caps = Capabilities(
+            name="server",
+            devices=[Device(kind="cpu", name="cpu")],
+            labels={model_label("smollm2"): MODEL_LABEL_VALUE},
+            functions={INFERENCE_FUNCTION: function_options(600)},
+            serves="models",
+            concurrency=2,
+        )
+        warm, cold = LeaseWaiter("warm", caps, 2), LeaseWaiter("cold", caps, 2)
+        notifier._lease_waiters += [cold, warm]
+        cold.waiting = True
+        request = Runnable(
+            INFERENCE_FUNCTION, Requirements(labels={model_label("smollm2"): MODEL_LABEL_VALUE})
+        )
+        assert notifier.claim([request]) == []
+        assert notifier.runnable([request]) == 1 and warm.event.is_set()
+        assert not cold.event.is_set() and cold.claim is None
+        # Once the warm one waits too, the commit leases for it, not for the cold one.
+        warm.event.clear()
+        warm.waiting = True
+        assert notifier.claim([request]) == [warm]
 
     asyncio.run(scenario())

@@ -126,7 +126,7 @@ class GroupCommit:
         def commit() -> list[Job]:
             jobs = self._store.enqueue(new)
             if handoff is not None and claimed:  # after the commit: durable before leased
-                leases.extend(handoff.lease(claimed))
+                leases.extend(handoff.lease(claimed, len(new)))
             return jobs
 
         jobs: list[Job] | None = None

@@ -40,11 +40,22 @@ class Handoff:
     def claim(self, jobs: Sequence[NewJob]) -> list[LeaseWaiter]:
         # As asked: a CPU fallback opens only after its grace (see routes/jobs.announce).
         runnable = [Runnable(j.function, j.options.requirements) for j in jobs if j.resolved]
-        return self._gw.notifier.claim(runnable) if runnable else []
+        if not runnable:
+            return []
+        try:
+            return self._gw.notifier.claim(runnable)
+        except Exception:  # the announcement after the commit wakes the polls instead
+            log.exception("choosing the polls to lease %d new jobs for failed", len(runnable))
+            return []
 
-    def lease(self, claimed: Sequence[LeaseWaiter]) -> list[list[Lease]]:
+    def lease(self, claimed: Sequence[LeaseWaiter], jobs: int) -> list[list[Lease]]:
+        """Lease for the claimed polls in turn, until ``jobs`` leases are taken (the first
+        poll usually takes the lot; the rest are handed nothing and read the store)."""
         leases: list[list[Lease]] = []
         for waiter in claimed:
+            if sum(map(len, leases)) >= jobs:
+                leases.append([])
+                continue
             try:
                 leases.append(
                     self._gw.store.lease(
@@ -62,12 +73,15 @@ class Handoff:
 
     def hand(self, claimed: Sequence[LeaseWaiter], leases: Sequence[list[Lease]]) -> set[str]:
         """Give each claimed poll its leases (none where the commit failed); returns the
-        ids of the jobs leased (those handed back are announced as they are released)."""
+        ids of the jobs leased. Leases whose poll has ended are handed back; as they are
+        released, their jobs are announced."""
         leased: set[str] = set()
         for at, waiter in enumerate(claimed):
             taken = leases[at] if at < len(leases) else []
             hand_back(self._gw, waiter.hand(taken))
             leased.update(lease.job_id for lease in taken)
+        if leased:  # for whoever follows new jobs (the dashboard): none is announced
+            self._gw.notifier.notify("enqueued")
         return leased
 
 

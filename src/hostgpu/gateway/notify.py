@@ -72,14 +72,14 @@ class LeaseWaiter:
     #: Set by :meth:`Notifier.claim`: a commit leases for this poll in its own thread, and
     #: hands it the leases (see ``gateway/handoff.py``).
     claim: asyncio.Future[list[Lease]] | None = None
-    #: Inside :meth:`wait` (not between its reads of the store): only then may a commit lease
-    #: for it, or the poll's own read could take jobs too, more than ``max_jobs`` in all.
+    #: Inside :meth:`wait` (not reading the store): only then may a commit lease for it, or
+    #: the poll's own read could take jobs too, more than ``max_jobs`` in all.
     waiting: bool = False
-    _left: bool = False
+    _left: bool = field(default=False, init=False, repr=False)
 
-    def idle(self, *, waiting: bool = False) -> bool:
-        """Nobody has woken it or leases for it (``waiting``: and it is waiting now)."""
-        return not self.event.is_set() and self.claim is None and (self.waiting or not waiting)
+    def idle(self) -> bool:
+        """Nobody has woken it, nor leases for it."""
+        return not self.event.is_set() and self.claim is None
 
     async def wait(self, timeout: float) -> bool:
         if timeout <= 0:
@@ -207,7 +207,7 @@ class Notifier:
             for waiter in idle:
                 waiter.event.set()
             return len(idle)
-        chosen, held = self._choose(jobs, waiting=False)
+        chosen, held = self._choose(jobs)
         for waiter in chosen:
             waiter.event.set()
         for job in held:
@@ -215,24 +215,24 @@ class Notifier:
         return len(chosen)
 
     def claim(self, jobs: Iterable[Runnable]) -> list[LeaseWaiter]:
-        """A commit is about to store ``jobs`` and to lease for the waiters that
-        :meth:`runnable` would wake for them (``gateway/handoff.py``): mark those claimed.
-        The commit hands each its leases, none included. Jobs held for a better worker are
-        left to the announcement that follows the commit, as are waiters not waiting now."""
+        """A commit is about to store ``jobs`` and to lease them itself for the waiters that
+        :meth:`runnable` would wake for them (``gateway/handoff.py``): mark those claimed,
+        but only those that are waiting now. The commit hands each its leases, none
+        included. The other jobs are left to the announcement that follows the commit,
+        which wakes the waiters chosen here that were reading the store, as before."""
         if self.closing:
             return []
-        chosen, _ = self._choose(jobs, waiting=True)
+        chosen, _ = self._choose(jobs)
+        claimed = [waiter for waiter in chosen if waiter.waiting]
         loop = asyncio.get_running_loop()
-        for waiter in chosen:
+        for waiter in claimed:
             waiter.claim = loop.create_future()
-        return chosen
+        return claimed
 
-    def _choose(
-        self, jobs: Iterable[Runnable], *, waiting: bool
-    ) -> tuple[list[LeaseWaiter], list[Runnable]]:
+    def _choose(self, jobs: Iterable[Runnable]) -> tuple[list[LeaseWaiter], list[Runnable]]:
         """One idle fitting waiter per job, the preferred first; and the jobs to hold a
         moment for a better worker that is between two polls (see ``preference``)."""
-        idle = [w for w in self._lease_waiters if w.idle(waiting=waiting)]
+        idle = [w for w in self._lease_waiters if w.idle()]
         chosen: list[LeaseWaiter] = []
         held: list[Runnable] = []
         for job in jobs:

@@ -287,7 +287,9 @@ class _Channel:
                     raise ConnectionError("the channel closed")
                 await self._send(ChannelDown(leases=leases))
             except Exception:
-                hand_back(self.gw, leases)
+                handing_back = hand_back(self.gw, leases)
+                if handing_back is not None:
+                    await handing_back
                 return
 
     async def _gone(self) -> bool:

@@ -192,11 +192,12 @@ async def lease_jobs(
     woken = waited = False
     try:
         while True:
-            waiter.event.clear()
             generation = gw.notifier.generation
             # A commit that stored jobs for this poll may have leased them in its thread
-            # (gateway/handoff.py): those are this poll's read.
+            # (gateway/handoff.py): those are this poll's read. (Nothing else wakes a
+            # claimed poll, so its event is cleared after, not before.)
             leases = await waiter.claimed() if waiter.claim is not None else []
+            waiter.event.clear()
             if leases:
                 drained.pop(worker_id, None)
             elif touch is None and not waited and drained.get(worker_id) == generation:
@@ -249,14 +250,16 @@ async def lease_jobs(
 _handing_back: set[asyncio.Task[None]] = set()
 
 
-def hand_back(gw: Gateway, leases: list[Lease]) -> None:
+def hand_back(gw: Gateway, leases: list[Lease]) -> asyncio.Task[None] | None:
     """Leases taken for a worker that will not hear of them (its channel closed, its poll
-    ended): make their jobs runnable again now rather than when the leases expire."""
+    ended): make their jobs runnable again now rather than when the leases expire. Await
+    the task where the caller can (a stopping gateway may cancel it otherwise)."""
     if not leases:
-        return
+        return None
     task = asyncio.get_running_loop().create_task(_release(gw, leases))
     _handing_back.add(task)
     task.add_done_callback(_handing_back.discard)
+    return task
 
 
 async def _release(gw: Gateway, leases: list[Lease]) -> None:
