@@ -8,10 +8,11 @@ answered the burst's requests: 3-6 ms for about 1 ms of work, at 8 chat requests
 the jobs go out on the channel before the requests are answered.
 
 Which polls: those that ``Notifier.runnable`` would wake for the jobs (one fitting poll per
-job, the warm model server first), among the polls that are waiting at that moment; a poll
-busy reading the store is not claimed, or it could take more than ``max_jobs`` in all. A
-job held for a better server that is between two polls is left to the announcement, as are
-jobs no claimed poll took (the store leases by priority, so a poll may take older jobs).
+job, the warm model server first), if they are waiting at that moment. One busy reading the
+store is woken by the announcement instead, as before: leased for here, it could take more
+than its ``max_jobs`` in all. A job held for a better server that is between two polls is
+left to the announcement, as are jobs no claimed poll took (the store leases by priority, so
+a poll may take older jobs).
 The leases are taken after the commit, so a job is durable before any worker hears of it;
 a poll that ended meanwhile hands its leases back at once.
 """
