@@ -116,7 +116,11 @@ def test_a_waiting_poll_takes_a_burst_from_its_commit_within_max_jobs(app: Any) 
     assert all(app.state.store.get(i).state is JobState.leased for i in leased)
 
 
-def test_a_poll_that_ends_before_its_leases_arrive_hands_them_back(app: Any) -> None:
+@pytest.mark.parametrize("ends", ["before the hand", "after the hand"])
+def test_a_poll_that_ends_without_its_leases_hands_them_back(app: Any, ends: str) -> None:
+    """The worker's connection closes while a commit leases for its poll: whether the poll
+    ends before the commit hands it the leases or before it takes them, they are released
+    at once (not left to expire), and not counted as leased."""
     group = app.state.group_commit
     handoff = group._handoff
 
@@ -128,12 +132,15 @@ def test_a_poll_that_ends_before_its_leases_arrive_hands_them_back(app: Any) -> 
         stored = app.state.store.enqueue([job(0), job(1)])
         leases = handoff.lease(claimed, 2)
         assert len(leases[0]) == 2
-        # The worker's connection closed meanwhile: the poll ends with nothing.
-        poll.left = True
-        app.state.notifier.wake(poll.worker_id)
-        assert await asyncio.wait_for(poll.task, 5) == []
-        handoff.hand(claimed, leases)
-        for _ in range(500):  # handed back as released: runnable again at once
+        poll.left = True  # its gone() says so from now on
+        if ends == "before the hand":
+            app.state.notifier.wake(poll.worker_id)
+            assert await asyncio.wait_for(poll.task, 5) == []
+            assert handoff.hand(claimed, leases) == set()
+        else:  # handed, it wakes, sees that its caller left, and gives them back
+            assert handoff.hand(claimed, leases) == {lease.job_id for lease in leases[0]}
+            assert await asyncio.wait_for(poll.task, 5) == []
+        for _ in range(500):  # released: runnable again at once
             if all(app.state.store.get(j.id).state.value == "queued" for j in stored):
                 return
             await asyncio.sleep(0.01)

@@ -74,13 +74,16 @@ class Handoff:
 
     def hand(self, claimed: Sequence[LeaseWaiter], leases: Sequence[list[Lease]]) -> set[str]:
         """Give each claimed poll its leases (none where the commit failed); returns the
-        ids of the jobs leased. Leases whose poll has ended are handed back; as they are
-        released, their jobs are announced."""
+        ids of the jobs a poll took. Leases whose poll has ended are handed back (and their
+        jobs announced as they are released); if that fails, the announcement still wakes
+        a poll for them."""
         leased: set[str] = set()
         for at, waiter in enumerate(claimed):
             taken = leases[at] if at < len(leases) else []
-            hand_back(self._gw, waiter.hand(taken))
-            leased.update(lease.job_id for lease in taken)
+            if waiter.hand(taken):  # the poll has ended
+                hand_back(self._gw, taken)
+            else:
+                leased.update(lease.job_id for lease in taken)
         if leased:  # for whoever follows new jobs (the dashboard): none is announced
             self._gw.notifier.notify("enqueued")
         return leased
