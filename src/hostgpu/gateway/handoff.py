@@ -74,9 +74,8 @@ class Handoff:
 
     def hand(self, claimed: Sequence[LeaseWaiter], leases: Sequence[list[Lease]]) -> set[str]:
         """Give each claimed poll its leases (none where the commit failed); returns the
-        ids of the jobs a poll took. Leases whose poll has ended are handed back (and their
-        jobs announced as they are released); if that fails, the announcement still wakes
-        a poll for them."""
+        ids of the jobs a poll took. Leases whose poll has ended are handed back: released,
+        their jobs wake the waiting polls again."""
         leased: set[str] = set()
         for at, waiter in enumerate(claimed):
             taken = leases[at] if at < len(leases) else []
