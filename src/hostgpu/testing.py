@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from hostgpu.client import Client
 from hostgpu.processes import free_port, healthy, hostgpu_command, stop_process, worker_command
@@ -102,9 +103,11 @@ class Gateway:
         with self.http() as http:
             text = http.get("/metrics").raise_for_status().text
         return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("hostgpu_http_requests_total{") and f'route="{route}"' in line
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "hostgpu_http_requests"
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels.get("route") == route
         )
 
 

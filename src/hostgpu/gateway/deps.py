@@ -12,6 +12,7 @@ from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.resolver import Resolver
 from hostgpu.gateway.threads import run as run  # the routes call the store through it
+from hostgpu.gateway.threads import spawn as spawn
 from hostgpu.gateway.waiting import WaitingExplainer
 from hostgpu.settings import Settings
 from hostgpu.store import Store

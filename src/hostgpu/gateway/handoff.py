@@ -53,23 +53,22 @@ class Handoff:
         """Lease for the claimed polls in turn, until ``jobs`` leases are taken (the first
         poll usually takes the lot; the rest are handed nothing and read the store)."""
         leases: list[list[Lease]] = []
+        taken = 0
         for waiter in claimed:
-            if sum(map(len, leases)) >= jobs:
-                leases.append([])
-                continue
+            got: list[Lease] = []
             try:
-                leases.append(
-                    self._gw.store.lease(
+                if taken < jobs:
+                    got = self._gw.store.lease(
                         waiter.worker_id,
                         waiter.caps,
                         max_jobs=waiter.max_jobs,
                         lease_seconds=self._gw.settings.lease_seconds,
                         probe=False,
                     )
-                )
             except Exception as exc:  # the poll reads the store itself, as when woken
                 log.warning("leasing for worker %s in a commit failed: %s", waiter.worker_id, exc)
-                leases.append([])
+            leases.append(got)
+            taken += len(got)
         return leases
 
     def hand(self, claimed: Sequence[LeaseWaiter], leases: Sequence[list[Lease]]) -> set[str]:

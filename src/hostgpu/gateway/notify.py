@@ -75,7 +75,6 @@ class LeaseWaiter:
     #: Inside :meth:`wait` (not reading the store): only then may a commit lease for it, or
     #: the poll's own read could take jobs too, more than ``max_jobs`` in all.
     waiting: bool = False
-    _left: bool = field(default=False, init=False, repr=False)
 
     def idle(self) -> bool:
         """Nobody has woken it, nor leases for it."""
@@ -106,8 +105,8 @@ class LeaseWaiter:
 
     def hand(self, leases: list[Lease]) -> list[Lease]:
         """The claiming commit gives the poll its leases; returns those nobody will take (the
-        poll has ended), for the caller to hand back."""
-        if self._left or self.claim is None or self.claim.done():
+        poll has ended: :meth:`leave` dropped the claim), for the caller to hand back."""
+        if self.claim is None or self.claim.done():
             return leases
         self.claim.set_result(leases)
         self.event.set()
@@ -115,7 +114,6 @@ class LeaseWaiter:
 
     def leave(self) -> list[Lease]:
         """The poll ends; returns the leases a commit gave it that it did not take."""
-        self._left = True
         claim, self.claim = self.claim, None
         if claim is not None and claim.done() and not claim.cancelled():
             return claim.result()

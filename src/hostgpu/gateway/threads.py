@@ -1,11 +1,12 @@
-"""The one way the gateway calls the synchronous store from the event loop."""
+"""The one way the gateway calls the synchronous store from the event loop (``run``), and
+starts tasks that nobody awaits (``spawn``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -32,3 +33,15 @@ async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with contextlib.suppress(Exception):
             await future
         raise
+
+
+#: Tasks started without an owner that awaits them (asyncio keeps only weak references).
+_background: set[asyncio.Task[None]] = set()
+
+
+def spawn(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``coroutine`` as a task of its own, kept alive until it ends."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task

@@ -22,8 +22,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Coroutine
-from typing import Any, cast
+from typing import cast
 
 from fastapi import APIRouter, FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -32,7 +31,7 @@ from starlette.websockets import WebSocketState
 from hostgpu.api import MAX_LEASE, WORKER_ID_PATTERN, ChannelDown, ChannelUp, StreamBatch
 from hostgpu.errors import NotFound, StoreUnavailable
 from hostgpu.gateway.auth import authorize, verify
-from hostgpu.gateway.deps import Gateway
+from hostgpu.gateway.deps import Gateway, spawn
 from hostgpu.gateway.routes.workers import (
     check_access,
     hand_back,
@@ -98,22 +97,12 @@ async def _refusal(
     return None
 
 
-#: Tasks started without an owner that waits for them (asyncio keeps only weak references).
-_background: set[asyncio.Task[None]] = set()
-
-
-def _spawn(coroutine: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.create_task(coroutine)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
-
 def recheck_tokens(app: FastAPI) -> None:
     """Tokens were revoked (here or on another gateway): channels opened with a token that
     no longer verifies close now (4401), not when their connection next drops."""
     channels: dict[str, _Channel] = app.state.channels
     for channel in list(channels.values()):
-        _spawn(channel.recheck())
+        spawn(channel.recheck())
 
 
 def _reason(text: str) -> str:
@@ -144,7 +133,7 @@ class _Channel:
         channels[self.worker_id] = self
         if old is not None:  # stopped now; its close handshake may wait on a dead link
             old._stop()
-            _spawn(old._close(CLOSE_REPLACED, "replaced by a newer channel of this worker"))
+            spawn(old._close(CLOSE_REPLACED, "replaced by a newer channel of this worker"))
         pusher = asyncio.create_task(self._push())
         try:
             await self._receive()

@@ -27,7 +27,15 @@ from hostgpu.api import (
 )
 from hostgpu.capabilities import Capabilities
 from hostgpu.errors import NotFound
-from hostgpu.gateway.deps import Gateway, GatewayDep, ReaderOrWorker, WorkerId, WorkerOrShare, run
+from hostgpu.gateway.deps import (
+    Gateway,
+    GatewayDep,
+    ReaderOrWorker,
+    WorkerId,
+    WorkerOrShare,
+    run,
+    spawn,
+)
 from hostgpu.gateway.notify import Notifier
 from hostgpu.gateway.routes.jobs import REPOLL_S
 from hostgpu.gateway.streams import StreamHub, tell_engines
@@ -246,20 +254,11 @@ async def lease_jobs(
         hand_back(gw, waiter.leave())
 
 
-#: Hand-backs under way (asyncio keeps only weak references to tasks).
-_handing_back: set[asyncio.Task[None]] = set()
-
-
 def hand_back(gw: Gateway, leases: list[Lease]) -> asyncio.Task[None] | None:
     """Leases taken for a worker that will not hear of them (its channel closed, its poll
     ended): make their jobs runnable again now rather than when the leases expire. Await
     the task where the caller can (a stopping gateway may cancel it otherwise)."""
-    if not leases:
-        return None
-    task = asyncio.get_running_loop().create_task(_release(gw, leases))
-    _handing_back.add(task)
-    task.add_done_callback(_handing_back.discard)
-    return task
+    return spawn(_release(gw, leases)) if leases else None
 
 
 async def _release(gw: Gateway, leases: list[Lease]) -> None:
