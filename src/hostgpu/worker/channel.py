@@ -13,7 +13,13 @@ import threading
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+    InvalidURI,
+)
 from websockets.sync.client import ClientConnection, connect
 
 from hostgpu.api import ChannelDown, ChannelUp
@@ -82,8 +88,16 @@ class Channel:
                 raise GatewayUnavailable(f"{url}: HTTP {status}") from exc
             # 404 (a gateway without channels), 400/426 (a proxy that does not upgrade)…
             raise ChannelUnsupported(f"{url}: HTTP {status} instead of a WebSocket") from exc
+        except InvalidMessage as exc:
+            # No HTTP answer at all: the gateway closed the connection (it is stopping, or
+            # died) rather than refused the upgrade.
+            if isinstance(exc.__cause__, EOFError | OSError):
+                raise GatewayUnavailable(f"cannot open {url}: {exc.__cause__}") from exc
+            raise ChannelUnsupported(f"{url}: {exc}") from exc
         except (InvalidHandshake, InvalidURI) as exc:
             raise ChannelUnsupported(f"{url}: {exc}") from exc
+        except ConnectionClosed as exc:  # reset before the request went out: the same
+            raise GatewayUnavailable(f"cannot open {url}: {exc}") from exc
         except (OSError, TimeoutError) as exc:
             raise GatewayUnavailable(f"cannot open {url}: {exc}") from exc
         return cls(connection, url, max_message)
