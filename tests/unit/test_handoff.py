@@ -18,7 +18,7 @@ from hostgpu.errors import StoreUnavailable
 from hostgpu.functions import FunctionOptions, Requested, resolve
 from hostgpu.gateway import create_app
 from hostgpu.gateway.notify import LeaseWaiter, Notifier, Runnable
-from hostgpu.gateway.routes.workers import lease_jobs
+from hostgpu.gateway.protocol import lease_jobs
 from hostgpu.gateway.streams import StreamHub
 from hostgpu.inference.jobs import (
     INFERENCE_FUNCTION,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from hostgpu.capabilities import Capabilities, Device
 from hostgpu.gateway.notify import Notifier
-from hostgpu.gateway.routes.workers import worker_capabilities
+from hostgpu.gateway.protocol import worker_capabilities
 
 OLD = Capabilities(name="old", devices=[Device(kind="cpu", name="cpu")])
 NEW = Capabilities(name="new", devices=[Device(kind="cpu", name="cpu")])

@@ -106,9 +106,9 @@ def up(
         )
     )
     console.print(f"[green]gateway[/]  {state.gateway_url}   dashboard {state.gateway_url}/")
-    console.print(f"[green]chroma[/]   http://127.0.0.1:{state.ports['chroma']}")
+    console.print(f"[green]chroma[/]   {state.url('chroma')}")
     console.print(
-        f"[green]uploads[/]  {state.uploads_url}  (user hostgpu, password in "
+        f"[green]uploads[/]  {state.url('uploads')}  (user hostgpu, password in "
         f"{stack.home / 'uploads-password'}) → {state.uploads}"
     )
     worker = state.worker

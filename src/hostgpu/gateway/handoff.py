@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from hostgpu.gateway.deps import Gateway
 from hostgpu.gateway.notify import LeaseWaiter, Runnable
-from hostgpu.gateway.routes.workers import hand_back
+from hostgpu.gateway.protocol import hand_back
 from hostgpu.jobs import Lease
 from hostgpu.store.interface import NewJob
 

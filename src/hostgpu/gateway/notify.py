@@ -33,6 +33,10 @@ from hostgpu.jobs import Lease
 from hostgpu.requirements import Requirements
 from hostgpu.routing import pick_device
 
+#: Long polls wake on events (this gateway's, and other gateways' through the store's
+#: LISTEN/NOTIFY); re-reading the store after this long is only a safety net.
+REPOLL_S = 30.0
+
 
 @dataclass(frozen=True)
 class Runnable:

@@ -191,13 +191,13 @@ class StackState(BaseModel):
     token_ids: list[str] = Field(default_factory=list)
     started_at: float = 0.0
 
-    @property
-    def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['gateway']}"
+    def url(self, service: str) -> str:
+        """Where this host reaches ``service``: its port, published on loopback only."""
+        return f"http://127.0.0.1:{self.ports[service]}"
 
     @property
-    def uploads_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['uploads']}"
+    def gateway_url(self) -> str:
+        return self.url("gateway")
 
     @property
     def services(self) -> list[str]:
@@ -924,9 +924,9 @@ class HybridStack:
             "project": state.project,
             "healthy": healthy,
             "gateway": state.gateway_url,
-            "chroma": f"http://127.0.0.1:{state.ports['chroma']}",
+            "chroma": state.url("chroma"),
             "uploads": {
-                "url": state.uploads_url,
+                "url": state.url("uploads"),
                 "folder": state.uploads,
                 "user": UPLOADS_USER,
                 "password_file": str(self.home / "uploads-password"),

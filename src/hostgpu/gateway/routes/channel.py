@@ -32,7 +32,7 @@ from hostgpu.api import MAX_LEASE, WORKER_ID_PATTERN, ChannelDown, ChannelUp, St
 from hostgpu.errors import NotFound, StoreUnavailable
 from hostgpu.gateway.auth import authorize, verify
 from hostgpu.gateway.deps import Gateway, spawn
-from hostgpu.gateway.routes.workers import (
+from hostgpu.gateway.protocol import (
     check_access,
     hand_back,
     lease_jobs,

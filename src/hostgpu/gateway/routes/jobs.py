@@ -13,16 +13,13 @@ from fastapi import APIRouter, Query, Response
 from hostgpu.api import MAX_WAIT_S, JobBatch, JobIds, JobList, JobResults, Summary, WaitRequest
 from hostgpu.errors import NotFound
 from hostgpu.gateway.deps import AdminToken, Gateway, GatewayDep, JobId, ReadToken, SubmitToken, run
-from hostgpu.gateway.notify import Notifier, Runnable
+from hostgpu.gateway.notify import REPOLL_S, Notifier, Runnable
 from hostgpu.jobs import Job, JobSpec, JobState
 from hostgpu.settings import Settings
 from hostgpu.store import JobFilter
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 COALESCE_S = 0.02
-#: Long polls wake on events (this gateway's, and other gateways' through the store's
-#: LISTEN/NOTIFY); this re-read is only a safety net.
-REPOLL_S = 30.0
 T = TypeVar("T")
 
 

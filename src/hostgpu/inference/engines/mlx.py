@@ -65,14 +65,14 @@ def mlx_device(mx: Any, device: str) -> Any:
 
 
 class MlxEngine(ThreadedEngine):
-    kind = "mlx_lm"
+    """mlx_lm's continuous batching, driven by the engine thread (see the module's text)."""
 
-    def __init__(self, spec: Any) -> None:
-        super().__init__(spec)
-        self._mx: Any = None
-        self._model: Any = None
-        self._tokenizer: Any = None
-        self._target: Any = None
+    kind = "mlx_lm"
+    #: ``mlx.core``, the loaded model, its tokenizer and the device (None while unloaded).
+    _mx: Any = None
+    _model: Any = None
+    _tokenizer: Any = None
+    _target: Any = None
 
     def _load(self, device: str) -> None:
         mx, mlx_lm = _import()
