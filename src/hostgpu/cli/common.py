@@ -6,7 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from hostgpu.client import Client
 from hostgpu.settings import read_secret
+
+if TYPE_CHECKING:
+    from hostgpu.worker.service import ServiceFile
 
 console = Console()
 err = Console(stderr=True)
@@ -113,3 +116,15 @@ def native_report(allow_container: bool, what: str) -> Any:
         )
         raise typer.Exit(2)
     return report
+
+
+def install_service(service: ServiceFile, print_only: bool) -> None:
+    """``--print``: the service file on stdout, nothing written; else write it and say how
+    to start it."""
+    from hostgpu.worker.service import write
+
+    if print_only:
+        sys.stdout.write(service.content)
+        return
+    write(service)
+    console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")

@@ -22,6 +22,7 @@ from hostgpu.cli.common import (
     client,
     console,
     err,
+    install_service,
     native_report,
     print_json,
     print_table,
@@ -287,7 +288,7 @@ def _install_share(
 ) -> None:
     from hostgpu.processes import hostgpu_command
     from hostgpu.settings import get_settings, read_secret
-    from hostgpu.worker.service import command_service, write
+    from hostgpu.worker.service import command_service
 
     if token_file is None:
         raise typer.BadParameter(
@@ -300,11 +301,7 @@ def _install_share(
     service = command_service(
         sys.platform, command, token_file, Path.home(), get_settings().home_dir, kind="share"
     )
-    if print_only:
-        sys.stdout.write(service.content)
-        return
-    write(service)
-    console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")
+    install_service(service, print_only)
 
 
 def list_models(

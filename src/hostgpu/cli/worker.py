@@ -13,6 +13,7 @@ from hostgpu.cli.common import (
     TokenFileOpt,
     console,
     err,
+    install_service,
     native_report,
     token_from,
 )
@@ -126,7 +127,7 @@ def install(
 
     from hostgpu.client import Client
     from hostgpu.settings import get_settings, read_secret, write_secret
-    from hostgpu.worker.service import service_file, write
+    from hostgpu.worker.service import service_file
 
     settings = get_settings()
     url = gateway or settings.resolved_gateway()
@@ -156,11 +157,7 @@ def install(
         home=Path.home(),
         hostgpu_home=settings.home_dir,
     )
-    if print_only:
-        sys.stdout.write(service.content)
-        return
-    write(service)
-    console.print(f"wrote {service.path}\nstart it with:\n  {service.start_hint}")
+    install_service(service, print_only)
 
 
 @app.command()

@@ -127,11 +127,7 @@ class RayHandle(Generic[R]):
     def status(self) -> str:
         """``queued`` (no node can run it: see :attr:`waiting`), ``submitted`` (Ray has it:
         queued or running), ``succeeded``, ``failed`` or ``cancelled``."""
-        ray = _ray()
-        if self._done is None:
-            ready, _ = ray.wait([self.ref], timeout=0)
-            if ready:
-                self._settle(ready[0])
+        self._look()
         if self._done is not None:
             kind, value = self._done
             if kind == "ok":
@@ -142,11 +138,7 @@ class RayHandle(Generic[R]):
     def cancel(self) -> None:
         """Cancel the call: a queued one never starts, a running task's worker is stopped;
         a finished call keeps its outcome."""
-        ray = _ray()
-        if self._done is None:
-            ready, _ = ray.wait([self.ref], timeout=0)
-            if ready:
-                self._settle(ready[0])
+        self._look()
         with self._lock:
             if self._done is not None:
                 return  # finished first: its outcome stands
@@ -155,7 +147,14 @@ class RayHandle(Generic[R]):
         self._backend._forget(self)
         # force=True ends a running task's worker (Ray's polite cancel cannot interrupt a
         # function blocked in a sleep or native call); actor calls cannot be forced.
-        ray.cancel(ref, force=not self._actor)
+        _ray().cancel(ref, force=not self._actor)
+
+    def _look(self) -> None:
+        """Settle the call now if Ray already has its outcome (without waiting for it)."""
+        if self._done is None:
+            ready, _ = _ray().wait([self.ref], timeout=0)
+            if ready:
+                self._settle(ready[0])
 
     def result(self, timeout: float | None = None) -> R:
         """Wait for the result; raises JobFailed (with the remote traceback), JobCancelled,

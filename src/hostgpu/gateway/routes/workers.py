@@ -1,6 +1,6 @@
 """The worker protocol over HTTP: register, lease, heartbeat, report, stream and leave
-(scope: worker, or share for a lent machine). What each verb does is ``gateway/protocol.py``'s,
-shared with the worker channel."""
+(scope: worker, or share for a lent machine). Leasing, reporting and streaming are
+``gateway/protocol.py``'s, shared with the worker channel."""
 
 from __future__ import annotations
 
