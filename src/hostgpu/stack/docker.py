@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from hostgpu.devices import HostFacts, detect_container, detect_macos_vm
+from hostgpu.devices.facts import assume_container
 
 EngineKind = Literal[
     "Docker Desktop",
@@ -302,8 +303,7 @@ def _where_am_i(root: Path = Path("/")) -> tuple[str | None, str | None]:
         containerenv=(root / "run/.containerenv").exists(),
         cgroup=read(root / "proc/1/cgroup"),
         mounts=read(root / "proc/mounts"),
-        assume_container=os.environ.get("HOSTGPU_ASSUME_CONTAINER", "").lower()
-        in ("1", "true", "yes"),
+        assume_container=assume_container(),
     )
     container, vm = detect_container(facts), detect_macos_vm(facts)
     if vm and container is None:

@@ -121,14 +121,13 @@ def private_dir(path: Path) -> Path:
 
 
 def find_compose_file(explicit: Path | None = None) -> Path:
-    """deploy/hybrid/compose.yaml: given, from HOSTGPU_STACK_COMPOSE_FILE, this checkout, or ./"""
+    """deploy/hybrid/compose.yaml: given (``--compose-file``, HOSTGPU_STACK_COMPOSE_FILE), else
+    this checkout's, else ./'s."""
     import hostgpu
 
     candidates: list[Path] = []
     if explicit is not None:
         candidates.append(explicit)
-    elif os.environ.get("HOSTGPU_STACK_COMPOSE_FILE"):
-        candidates.append(Path(os.environ["HOSTGPU_STACK_COMPOSE_FILE"]))
     else:
         # src/hostgpu/__init__.py → the repository root of an editable install or a clone.
         candidates.append(
@@ -236,8 +235,8 @@ class HybridStack:
         self.home = settings.home_dir
         self.dir = self.home / "stack"
         self.state_path = self.dir / "state.json"
-        self._compose_file = compose_file
-        self._project = project or os.environ.get("HOSTGPU_STACK_PROJECT") or None
+        self._compose_file = compose_file or settings.stack_compose_file
+        self._project = project or settings.stack_project
         self.say: Say = say or (lambda _message: None)
 
     # -- files ----------------------------------------------------------------------------
@@ -531,7 +530,7 @@ class HybridStack:
     # -- the native worker ----------------------------------------------------------------
     def worker_settings(self, state: StackState) -> dict[str, str]:
         """What points the worker at the stack (no secret: a service file holds these)."""
-        roots = [r for r in os.environ.get("HOSTGPU_INGEST_ROOTS", "").split(os.pathsep) if r]
+        roots = [r for r in self.settings.ingest_roots.split(os.pathsep) if r]
         if state.uploads not in roots:
             roots.append(state.uploads)
         return {

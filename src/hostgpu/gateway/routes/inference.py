@@ -140,7 +140,7 @@ def _declared(store: Store, settings: Settings, model: str) -> bool:
     registry knows it (the built-ins, its models file), or a server declared it once (one
     that is down, draining or stopped). Read only when no live server serves it."""
     with contextlib.suppress(ConfigError):  # a broken models file: the servers' word only
-        if model in load_registry(settings.home_dir):
+        if model in load_registry(settings.home_dir, settings.models):
             return True
     return any(model in served_models(w.capabilities.labels) for w in store.list_workers())
 
