@@ -38,6 +38,7 @@ from hostgpu.gateway.dashboard import mount_dashboard
 from hostgpu.gateway.deps import Gateway, ReadToken
 from hostgpu.gateway.group_commit import GroupCommit
 from hostgpu.gateway.handoff import Handoff
+from hostgpu.gateway.intake import announce
 from hostgpu.gateway.limits import BodyLimitMiddleware
 from hostgpu.gateway.metrics import Metrics
 from hostgpu.gateway.notify import Notifier
@@ -225,7 +226,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.notifier = Notifier()
     app.state.group_commit = GroupCommit(
         store,
-        on_stored=lambda new: jobs.announce(app.state.notifier, settings, new),
+        on_stored=lambda new: announce(app.state.notifier, settings, new),
         handoff=Handoff(cast(Gateway, app.state)),
     )
     app.state.waiting = WaitingExplainer(store)

@@ -39,7 +39,7 @@ class Handoff:
         self._gw = gw
 
     def claim(self, jobs: Sequence[NewJob]) -> list[LeaseWaiter]:
-        # As asked: a CPU fallback opens only after its grace (see routes/jobs.announce).
+        # As asked: a CPU fallback opens only after its grace (see intake.announce).
         runnable = [Runnable(j.function, j.options.requirements) for j in jobs if j.resolved]
         if not runnable:
             return []

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from hostgpu.gateway.deps import GatewayDep, SubmitToken
-from hostgpu.gateway.routes.jobs import announce, store_jobs
+from hostgpu.gateway.intake import announce, store_jobs
 from hostgpu.jobs import JobSpec, Payload, digest_key
 
 router = APIRouter(prefix="/v1/hooks", tags=["hooks"])
