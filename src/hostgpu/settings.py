@@ -28,8 +28,11 @@ def _alias(*names: str) -> AliasChoices:
 
 class Settings(BaseSettings):
     # A field reads HOSTGPU_<FIELD NAME>, unless it names its variables itself (an alias:
-    # then the prefix does not apply).
-    model_config = SettingsConfigDict(env_prefix="HOSTGPU_", extra="ignore", populate_by_name=True)
+    # then the prefix does not apply). An empty variable counts as unset: `HOSTGPU_X=` would
+    # otherwise be the path "." or fail a choice (DEVICE=).
+    model_config = SettingsConfigDict(
+        env_prefix="HOSTGPU_", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     home: Path = Path("~/.hostgpu")
     gateway: str | None = None

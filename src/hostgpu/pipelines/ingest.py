@@ -17,17 +17,26 @@ be able to index ``/etc/passwd`` or the worker's own token file and search it ba
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hostgpu.errors import PipelineError
-from hostgpu.pipelines.documents import SUPPORTED_SUFFIXES, InputLimits, chunk_text
+from hostgpu.pipelines.documents import (
+    SUPPORTED_SUFFIXES,
+    InputLimits,
+    Page,
+    chunk_text,
+    iter_rendered,
+    load_pages,
+)
 from hostgpu.sdk import function
-from hostgpu.settings import get_settings
+from hostgpu.settings import Settings, get_settings
 
 CHUNKER_VERSION = "chunk-v1"
 #: Documents shipped with hostgpu (the demo's); always readable.
@@ -110,6 +119,32 @@ def discover(paths: Iterable[str | Path], recursive: bool = False) -> list[Path]
     return found
 
 
+@dataclass
+class _Timings:
+    """Seconds each stage took (``load_model_s`` is 0.0 when the models were warm)."""
+
+    load_model_s: float = 0.0
+    read_s: float = 0.0
+    embed_s: float = 0.0
+    store_s: float = 0.0
+
+    def summary(self, started: float) -> dict[str, float]:
+        stages = {name: round(value, 4) for name, value in dataclasses.asdict(self).items()}
+        return {**stages, "total_s": round(time.perf_counter() - started, 4)}
+
+
+@dataclass
+class _Document:
+    """What reading a file gave: its pages, their text in chunks, its digest."""
+
+    source: Path
+    kind: str
+    pages: list[Page]
+    content_sha: str
+    chunks: list[tuple[int, int, str]]  # (page, chunk index, text)
+    notes: list[str]
+
+
 @function(gpu=get_settings().ingest_gpu, timeout=3600, retries=1, warm=True)
 def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]:
     """Ingest one file (inside the worker's readable roots); return a JSON-able summary.
@@ -120,94 +155,156 @@ def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]
     replacement); by default the absolute path. Re-ingesting the same path replaces its
     records: unchanged content rewrites identical records, changed content replaces them.
     """
-    from hostgpu.pipelines import chroma, documents, embed
+    from hostgpu.pipelines import embed
 
     started = time.perf_counter()
     settings = get_settings()
     source = checked_source(path)
     shown = display_path or str(source.resolve())
-    notes: list[str] = []
-    lim = limits()
-
     device = embed.resolve_device()
     precision, note = embed.resolve_precision(device, settings.model_precision)
-    if note:
-        notes.append(note)
-    visual_name = settings.model_name
     text_label = embed.text_model_label(settings.text_model)
+    timings = _Timings()
 
-    # Read (and refuse bad input) before loading models or touching Chroma.
-    t0 = time.perf_counter()
-    pages = documents.load_pages(
-        source,
-        dpi=settings.render_dpi,
-        render=False,
-        limits=lim,
+    document = _read(source, settings, timings)  # bad input is refused here, before models
+    text_vectors = _embed_text(document, settings, device, precision, timings)
+    visual = _embed_page_images(document, settings, device, precision, timings)
+    key, generation = _store(
+        document, shown, text_label, text_vectors, visual, settings, device, timings
     )
-    for page in pages:
-        notes.extend(page.notes)
-    content_sha = _sha256_file(source)
-    kind = pages[0].kind
-    chunks: list[tuple[int, int, str]] = []  # (page, chunk index, text)
-    for page in pages:
-        for index, text in enumerate(chunk_text(page.text) if page.text else []):
-            chunks.append((page.number, index, text))
-    read_s = time.perf_counter() - t0
+    return {
+        "file": shown,
+        "file_id": key,
+        "content_sha256": document.content_sha,
+        "generation": generation,
+        "kind": document.kind,
+        "pages": len(document.pages),
+        "chunks": len(document.chunks),
+        "visual_pages": len(visual),
+        "model": text_label,
+        "visual_model": settings.model_name,
+        "device": device,
+        "precision": precision,
+        "timings": timings.summary(started),
+        "notes": [
+            *([note] if note else []),
+            *document.notes,
+            *_unindexed(document, visual, settings.model_name),
+        ],
+    }
 
-    load_s = 0.0
-    embed_s = 0.0
-    text_vectors: list[list[float]] = []
-    if chunks:
-        model, loaded = embed.get_text_model(settings.text_model, device, precision)
-        load_s += loaded
-        t0 = time.perf_counter()
-        text_vectors = embed.embed_texts(
-            [c[2] for c in chunks], model=model, batch_size=settings.batch_size_text
-        )
-        embed_s += time.perf_counter() - t0
 
+def _read(source: Path, settings: Settings, timings: _Timings) -> _Document:
+    """The file's pages (text only: pages are rendered later, a few at a time), their text
+    in chunks and the file's digest."""
+    t0 = time.perf_counter()
+    pages = load_pages(source, dpi=settings.render_dpi, render=False, limits=limits())
+    document = _Document(
+        source=source,
+        kind=pages[0].kind,
+        pages=pages,
+        content_sha=_sha256_file(source),
+        chunks=[
+            (page.number, index, text)
+            for page in pages
+            for index, text in enumerate(chunk_text(page.text) if page.text else [])
+        ],
+        notes=[note for page in pages for note in page.notes],
+    )
+    timings.read_s += time.perf_counter() - t0
+    return document
+
+
+def _embed_text(
+    document: _Document, settings: Settings, device: str, precision: str, timings: _Timings
+) -> list[list[float]]:
+    """The chunks' vectors (a file without text loads no model)."""
+    from hostgpu.pipelines import embed
+
+    if not document.chunks:
+        return []
+    model, loaded = embed.get_text_model(settings.text_model, device, precision)
+    timings.load_model_s += loaded
+    t0 = time.perf_counter()
+    vectors = embed.embed_texts(
+        [text for _, _, text in document.chunks], model=model, batch_size=settings.batch_size_text
+    )
+    timings.embed_s += time.perf_counter() - t0
+    return vectors
+
+
+def _embed_page_images(
+    document: _Document, settings: Settings, device: str, precision: str, timings: _Timings
+) -> list[tuple[int, list[float]]]:
+    """(page number, vector) for each page image of a PDF or an image, with a visual model
+    (MODEL_NAME); none without one."""
+    from hostgpu.pipelines import embed
+
+    if not settings.model_name or document.kind not in {"pdf", "image"}:
+        return []
+    model, loaded = embed.get_visual_model(settings.model_name, device, precision)
+    timings.load_model_s += loaded
+    batch_size = settings.batch_size_visual
+    rendered = iter_rendered(
+        document.source, dpi=settings.render_dpi, batch=batch_size, limits=limits()
+    )
     visual: list[tuple[int, list[float]]] = []
-    if visual_name and kind in {"pdf", "image"}:
-        vmodel, loaded = embed.get_visual_model(visual_name, device, precision)
-        load_s += loaded
-        rendered = documents.iter_rendered(
-            source,
-            dpi=settings.render_dpi,
-            batch=settings.batch_size_visual,
-            limits=lim,
+    t_render = time.perf_counter()
+    for batch in rendered:  # at most BATCH_SIZE_VISUAL rendered pages in memory
+        timings.read_s += time.perf_counter() - t_render
+        t0 = time.perf_counter()
+        vectors = embed.embed_images(
+            [image for _, image in batch], model=model, batch_size=batch_size
         )
+        timings.embed_s += time.perf_counter() - t0
+        visual.extend((number, vec) for (number, _), vec in zip(batch, vectors, strict=True))
+        for _, image in batch:
+            image.close()
         t_render = time.perf_counter()
-        for batch in rendered:  # at most BATCH_SIZE_VISUAL rendered pages in memory
-            read_s += time.perf_counter() - t_render
-            t0 = time.perf_counter()
-            vectors = embed.embed_images(
-                [image for _, image in batch], model=vmodel, batch_size=settings.batch_size_visual
-            )
-            embed_s += time.perf_counter() - t0
-            visual.extend((number, vec) for (number, _), vec in zip(batch, vectors, strict=True))
-            for _, image in batch:
-                image.close()
-            t_render = time.perf_counter()
-    if not chunks and not visual:
-        if kind == "image":
-            notes.append(
-                f"{source.name}: an image has no text and no visual model is configured "
+    return visual
+
+
+def _unindexed(
+    document: _Document, visual: list[tuple[int, list[float]]], visual_name: str | None
+) -> list[str]:
+    """Notes on what of the file no search will find."""
+    name = document.source.name
+    if not document.chunks and not visual:
+        if document.kind == "image":
+            return [
+                f"{name}: an image has no text and no visual model is configured "
                 "(MODEL_NAME): nothing was indexed for it"
-            )
-        else:
-            notes.append(f"{source.name}: no extractable text (scanned?): nothing was indexed")
-    elif visual_name is None and kind == "pdf":
-        empty = [p.number for p in pages if not p.text]
-        if empty:
-            notes.append(
-                f"{source.name}: {len(empty)} page(s) without text were not indexed "
-                "(set MODEL_NAME to a CLIP model to index page images)"
-            )
+            ]
+        return [f"{name}: no extractable text (scanned?): nothing was indexed"]
+    empty = [p.number for p in document.pages if not p.text]
+    if visual_name is None and document.kind == "pdf" and empty:
+        return [
+            f"{name}: {len(empty)} page(s) without text were not indexed "
+            "(set MODEL_NAME to a CLIP model to index page images)"
+        ]
+    return []
+
+
+def _store(
+    document: _Document,
+    shown: str,
+    text_label: str,
+    text_vectors: list[list[float]],
+    visual: list[tuple[int, list[float]]],
+    settings: Settings,
+    device: str,
+    timings: _Timings,
+) -> tuple[str, str]:
+    """Replace the file's records in Chroma, text and page images in one generation (an
+    earlier run's visual records go when no visual model is set now); returns the file's
+    key and that generation."""
+    from hostgpu.pipelines import chroma
 
     t0 = time.perf_counter()
+    visual_name = settings.model_name
     key = chroma.file_key(shown)
     generation = chroma.generation_of(
-        content_sha,
+        document.content_sha,
         text_label,
         visual_name or "",
         settings.render_dpi if visual_name else "",
@@ -215,10 +312,11 @@ def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]
     )
     base = {
         "path": shown,
-        "kind": kind,
+        "kind": document.kind,
         "device": device,
-        "content_sha256": content_sha,
+        "content_sha256": document.content_sha,
     }
+    chunks = document.chunks
     ids = [chroma.record_id(key, generation, p, c, "text") for p, c, _ in chunks]
     metadatas = [
         {**base, "page": p, "chunk": c, "embedding": "text", "model": text_label}
@@ -246,10 +344,10 @@ def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]
         key,
         ids,
         text_vectors,
-        [c[2] for c in chunks],
+        [text for _, _, text in chunks],
         metadatas,
         generation=generation,
-        info={"path": shown, "pages": len(pages), "chunks": len(chunks)},
+        info={"path": shown, "pages": len(document.pages), "chunks": len(chunks)},
         extra=extra,
     )
     if visual_collection is None:
@@ -257,30 +355,8 @@ def ingest_file(path: str, *, display_path: str | None = None) -> dict[str, Any]
         old = chroma.get_collection(visual_collection_name, create=False)
         if old is not None:
             chroma.delete_stale(old, key, generation)
-    store_s = time.perf_counter() - t0
-
-    return {
-        "file": shown,
-        "file_id": key,
-        "content_sha256": content_sha,
-        "generation": generation,
-        "kind": kind,
-        "pages": len(pages),
-        "chunks": len(chunks),
-        "visual_pages": len(visual),
-        "model": text_label,
-        "visual_model": visual_name,
-        "device": device,
-        "precision": precision,
-        "timings": {
-            "load_model_s": round(load_s, 4),
-            "read_s": round(read_s, 4),
-            "embed_s": round(embed_s, 4),
-            "store_s": round(store_s, 4),
-            "total_s": round(time.perf_counter() - started, 4),
-        },
-        "notes": notes,
-    }
+    timings.store_s += time.perf_counter() - t0
+    return key, generation
 
 
 @function(gpu=get_settings().ingest_gpu, timeout=3600, retries=1)

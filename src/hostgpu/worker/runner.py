@@ -625,79 +625,24 @@ class ChildPool:
         return None
 
     def _supervise(self) -> None:
-        reports: list[Outcome] = []
+        """The supervisor thread: wait for a message, a death, a deadline, a respawn or a
+        wake-up; take in what happened; start what is due; deliver the reports."""
         while True:
             with self._lock:
                 if self._closing and not self._children_alive_with_task_locked():
                     break
-                if self._objs_dirty:
-                    self._wait_objs = [self._wake_r, *self._by_obj]
-                    self._objs_dirty = False
-                objs = self._wait_objs
-                now = time.monotonic()
-                until = min(
-                    (c.deadline for c in self._children if c.kill_reason is None),
-                    default=math.inf,
-                )
-                if self._respawn_due:
-                    until = min(until, *self._respawn_due)
-                self._wait_until = until
-                timeout = None if until == math.inf else max(0.0, until - now)
+                objs, timeout = self._next_wait_locked()
             ready = wait(objs, timeout)
             now = time.monotonic()
-            dead: list[_Child] = []
             with self._lock:
-                for obj in ready:
-                    if obj == self._wake_r:
-                        with contextlib.suppress(BlockingIOError, OSError):
-                            while os.read(self._wake_r, 4096):
-                                pass
-                        self._wake_pending = False
-                        continue
-                    c = self._by_obj.get(obj)
-                    if c is None or c.state == "dead":
-                        continue
-                    if obj is c.conn:
-                        try:
-                            msg = c.conn.recv()
-                        except (EOFError, OSError):
-                            if c not in dead:
-                                dead.append(c)
-                            continue
-                        report = self._handle_message(c, msg, now)
-                        if report is not None:
-                            reports.append(report)
-                    elif c not in dead:
-                        dead.append(c)
-                for c in dead:
-                    # A result may sit in the pipe ahead of the death: take it first.
-                    with contextlib.suppress(EOFError, OSError):
-                        while c.task is not None and c.conn.poll():
-                            report = self._handle_message(c, c.conn.recv(), now)
-                            if report is not None:
-                                reports.append(report)
-                    report = self._bury_locked(c, now)
-                    if report is not None:
-                        reports.append(report)
-                if self._pending:
-                    reports.extend(self._pending)
-                    self._pending.clear()
-                self._check_deadlines_locked(now, reports)
-                if self._respawn_due and not self._closing:
-                    due = [t for t in self._respawn_due if t <= now]
-                    if due:
-                        self._respawn_due = [t for t in self._respawn_due if t > now]
-                        for _ in due:
-                            self._spawn_locked()
-                if not self._closing:
-                    self._dispatch_locked(now)
+                reports = self._take_in_locked(ready, now)
+                self._start_due_locked(now)
                 self._undelivered = len(reports)
                 if not reports:
                     self._notify_idle_locked()
             if reports:
                 for report in reports:
                     self._deliver(report)
-                reports.clear()
                 with self._lock:
                     self._undelivered = 0
                     self._notify_idle_locked()
@@ -705,6 +650,73 @@ class ChildPool:
             leftover, self._pending = self._pending, []
         for report in leftover:
             self._deliver(report)
+
+    def _next_wait_locked(self) -> tuple[list[Any], float | None]:
+        """What to wait on (the wake-up pipe, each child's pipe and sentinel) and for how
+        long: until the next deadline or respawn, or for ever."""
+        if self._objs_dirty:
+            self._wait_objs = [self._wake_r, *self._by_obj]
+            self._objs_dirty = False
+        until = min((c.deadline for c in self._children if c.kill_reason is None), default=math.inf)
+        if self._respawn_due:
+            until = min(until, *self._respawn_due)
+        self._wait_until = until
+        timeout = None if until == math.inf else max(0.0, until - time.monotonic())
+        return self._wait_objs, timeout
+
+    def _take_in_locked(self, ready: list[Any], now: float) -> list[Outcome]:
+        """The reports of what woke the wait: children's messages and deaths (a dead child's
+        last messages first), reports queued meanwhile, and deadlines that passed."""
+        reports: list[Outcome] = []
+        dead: list[_Child] = []
+        for obj in ready:
+            if obj == self._wake_r:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+                self._wake_pending = False
+                continue
+            c = self._by_obj.get(obj)
+            if c is None or c.state == "dead":
+                continue
+            if obj is c.conn:
+                try:
+                    msg = c.conn.recv()
+                except (EOFError, OSError):
+                    if c not in dead:
+                        dead.append(c)
+                    continue
+                report = self._handle_message(c, msg, now)
+                if report is not None:
+                    reports.append(report)
+            elif c not in dead:
+                dead.append(c)
+        for c in dead:
+            # A result may sit in the pipe ahead of the death: take it first.
+            with contextlib.suppress(EOFError, OSError):
+                while c.task is not None and c.conn.poll():
+                    report = self._handle_message(c, c.conn.recv(), now)
+                    if report is not None:
+                        reports.append(report)
+            report = self._bury_locked(c, now)
+            if report is not None:
+                reports.append(report)
+        if self._pending:
+            reports.extend(self._pending)
+            self._pending.clear()
+        self._check_deadlines_locked(now, reports)
+        return reports
+
+    def _start_due_locked(self, now: float) -> None:
+        """Respawn the children whose backoff ended, and hand queued tasks to idle ones."""
+        if self._closing:
+            return
+        due = [t for t in self._respawn_due if t <= now]
+        if due:
+            self._respawn_due = [t for t in self._respawn_due if t > now]
+            for _ in due:
+                self._spawn_locked()
+        self._dispatch_locked(now)
 
     def _children_alive_with_task_locked(self) -> bool:
         # While closing, keep reaping children that stop() killed so their state settles.
