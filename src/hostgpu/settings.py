@@ -12,9 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hostgpu.errors import ConfigError
 from hostgpu.jobs import DEFAULT_MAX_RESULT_BYTES
 from hostgpu.worker.inputs import DEFAULT_INPUTS_CACHE_BYTES
 from hostgpu.worker.output import DEFAULT_JOB_OUTPUT_BYTES
@@ -152,8 +153,6 @@ class Settings(BaseSettings):
 
 def read_secret(path: Path) -> str:
     """A token from a file that only its owner can read (like ssh, refuse anything looser)."""
-    from hostgpu.errors import ConfigError
-
     path = path.expanduser()
     try:
         mode = path.stat().st_mode
@@ -186,7 +185,21 @@ def write_secret(path: Path, secret: str) -> Path:
 
 @lru_cache(maxsize=1)
 def _cached(env_key: str) -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:  # say which variable, not a pydantic traceback
+        problems = "; ".join(
+            f"{_variable(error['loc'])}={error['input']!r}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigError(f"{problems} (fix or unset the variable)") from None
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The environment variable behind a validation error's location: an alias is its own
+    name (DEVICE), a field is HOSTGPU_<FIELD>."""
+    name = str(loc[0]) if loc else "?"
+    return name if name.isupper() else f"HOSTGPU_{name.upper()}"
 
 
 def get_settings() -> Settings:

@@ -119,6 +119,17 @@ def test_a_busy_port_given_is_an_error(home: Path) -> None:
     assert out.returncode != 0 and f"port {port} is in use" in out.stdout + out.stderr
 
 
+def test_a_bad_setting_is_one_error_line_naming_the_variable(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEVICE", "bogus")
+    out = hostgpu(home, "jobs", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: DEVICE='bogus'"), out.stderr
+    record = json.loads(hostgpu(home, "jobs", "--json", check=False).stdout)
+    assert record["error"]["type"] == "ConfigError" and "DEVICE" in record["error"]["message"]
+
+
 def test_doctor_json_and_require(home: Path) -> None:
     report = json.loads(hostgpu(home, "doctor", "--json").stdout)
     assert report["devices"][-1]["kind"] == "cpu"

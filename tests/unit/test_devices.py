@@ -388,8 +388,8 @@ def test_device_outside_a_job_follows_the_device_setting(monkeypatch: pytest.Mon
     # The module, not the function that hostgpu.devices re-exports under the same name.
     probe_module = importlib.import_module("hostgpu.devices.probe")
     monkeypatch.setattr(probe_module, "host_report", lambda: probe(facts=mac()))
-    monkeypatch.delenv("DEVICE", raising=False)
-    monkeypatch.delenv("HOSTGPU_JOB_DEVICE", raising=False)
+    for name in ("DEVICE", "HOSTGPU_DEVICE", "HOSTGPU_JOB_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
     assert hostgpu.device() == "mps"
     monkeypatch.setenv("HOSTGPU_DEVICE", "cpu")
     assert hostgpu.device() == "cpu"

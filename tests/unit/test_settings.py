@@ -22,3 +22,14 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch, tmp_
     assert model_cache_dir() == tmp_path / "models"  # not "." (the current folder)
     monkeypatch.setenv("HOSTGPU_MODEL_CACHE", str(tmp_path / "cache"))
     assert model_cache_dir() == tmp_path / "cache"
+
+
+def test_a_bad_variable_is_a_config_error_that_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hostgpu.errors import ConfigError
+    from hostgpu.settings import get_settings
+
+    monkeypatch.setenv("DEVICE", "bogus")
+    monkeypatch.setenv("HOSTGPU_PORT", "abc")
+    with pytest.raises(ConfigError) as raised:
+        get_settings()
+    assert "DEVICE='bogus'" in str(raised.value) and "HOSTGPU_PORT='abc'" in str(raised.value)

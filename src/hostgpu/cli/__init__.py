@@ -74,14 +74,14 @@ except ImportError:  # pragma: no cover
 def main() -> None:
     from hostgpu.settings import get_settings
 
-    logging.basicConfig(
-        level=get_settings().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per HTTP request is noise at INFO; hostgpu logs what matters itself.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        logging.basicConfig(
+            level=get_settings().log_level.upper(),  # a bad setting is an error line too
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        # One line per HTTP request is noise at INFO; hostgpu logs what matters itself.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         app()
     except ValidationError as exc:  # an option the client's request models refuse
         first = exc.errors()[0]
